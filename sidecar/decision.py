@@ -1,0 +1,60 @@
+"""The outcome of a check, as a plain value, and the stable codes that explain it.
+
+A code is stable: it names the cause in logs, metrics, the activity log and the
+``x-safous-denial-reason`` header. The reason is for humans and may change wording.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    # Allowed.
+    RULES_PASSED = "rules_passed"
+    INTEGRATION_OFF = "integration_off"
+    NO_RULES = "no_rules"
+    DEFAULT_ALLOW = "default_allow"
+    # Denied by policy.
+    NO_MATCHING_POLICY = "no_matching_policy"
+    # Denied because a rule could not be evaluated or did not hold.
+    RULE_UNAVAILABLE = "rule_unavailable"
+    WEBHOOK_TIMEOUT = "webhook_timeout"
+    WEBHOOK_UNREACHABLE = "webhook_unreachable"
+    WEBHOOK_STATUS = "webhook_status"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    RESPONSE_INVALID = "response_invalid"
+    KEY_MISSING = "key_missing"
+    VALUE_MISMATCH = "value_mismatch"
+    REGEX_MISMATCH = "regex_mismatch"
+    OAUTH_FAILED = "oauth_failed"
+    UNSAFE_PARAMETER = "unsafe_parameter"
+    RULE_INVALID = "rule_invalid"
+    # Denied because the sidecar itself failed (fail closed).
+    NOT_READY = "not_ready"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Allow or deny, why, and what to pass on.
+
+    ``upstream_headers`` are set on the request to the upstream when allowed (e.g. values kept
+    by ``store`` response actions); they are ignored on a deny.
+    """
+
+    allowed: bool
+    code: Code
+    reason: str
+    policy: str | None = None
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def allow(cls, code: Code, reason: str, policy: str | None = None,
+              upstream_headers: tuple[tuple[str, str], ...] = ()) -> Decision:
+        return cls(True, code, reason, policy, upstream_headers)
+
+    @classmethod
+    def deny(cls, code: Code, reason: str, policy: str | None = None) -> Decision:
+        return cls(False, code, reason, policy)
