@@ -1,0 +1,58 @@
+"""``safous-sidecar serve``: the server's command line (a contract; see the README).
+
+Every flag is generated from the Settings model, so flags, environment variables and the
+documentation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from . import logs
+from .settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safous-sidecar",
+        description="Safous ZTNA webhook rules as an Envoy ext_authz (gRPC) authorization sidecar.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the ext_authz gRPC server",
+        description="Run the ext_authz gRPC server. Every flag also reads SAFOUS_<FLAG> from the environment.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "SAFOUS_" + name.upper()
+        serve.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                           help=f"{field.description} [env {env}, default {field.default}]".replace("%", "%%"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "settings"
+            print(f"safous-sidecar: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    from .server import serve  # imported late: loading grpc is not needed for --help or errors
+
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

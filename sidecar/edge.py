@@ -1,0 +1,135 @@
+"""The gRPC edge: CheckRequest → RequestAttributes, and Decision → CheckResponse.
+
+Protobuf is read and built only here. Everything Envoy sends is treated as untrusted input:
+odd values are normalised, never trusted to be well formed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format
+
+from ._pb.envoy.config.core.v3 import base_pb2
+from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from ._pb.envoy.type.v3 import http_status_pb2
+from ._pb.google.rpc import status_pb2
+from .attributes import Peer, RequestAttributes
+from .decision import Decision
+
+# gRPC status codes (google.rpc.Code); written out to avoid depending on grpc-status protos.
+OK = 0
+PERMISSION_DENIED = 7
+
+REASON_HEADER = "x-safous-denial-reason"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REASON_LENGTH = 256
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _peer(peer: Any) -> Peer:
+    address = peer.address
+    ip, port, text = "", 0, ""
+    kind = address.WhichOneof("address")
+    if kind == "socket_address":
+        ip = address.socket_address.address
+        port = address.socket_address.port_value
+        text = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    elif kind == "pipe":
+        text = address.pipe.path
+    elif kind == "envoy_internal_address":
+        text = address.envoy_internal_address.server_listener_name
+    return Peer(ip=ip, port=port, address=text, principal=peer.principal, certificate=peer.certificate)
+
+
+def _headers(http: Any) -> dict[str, str]:
+    if http.header_map.headers:
+        # encode_raw_headers: values are bytes and may not be UTF-8; repeated names are joined
+        # the way Envoy joins them in the plain map.
+        merged: dict[str, str] = {}
+        for header in http.header_map.headers:
+            value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+            key = header.key.lower()
+            merged[key] = f"{merged[key]},{value}" if key in merged else value
+        return merged
+    return {k.lower(): v for k, v in http.headers.items()}
+
+
+def _jwt_payload(request: pb.CheckRequest, namespace: str, key: str) -> Mapping[str, Any]:
+    metadata = request.attributes.metadata_context.filter_metadata
+    if namespace not in metadata:
+        return {}
+    payload = json_format.MessageToDict(metadata[namespace]).get(key)
+    return payload if isinstance(payload, dict) else {}
+
+
+def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filters.http.jwt_authn",
+                 jwt_payload_key: str = "jwt_payload") -> RequestAttributes:
+    """The attributes of a CheckRequest as plain values. Absent fields become empty values."""
+    attrs = request.attributes
+    http = attrs.request.http
+    headers = _headers(http)
+    path, _, query = (http.path or headers.get(":path", "/")).partition("?")
+    # x-request-id (set by Envoy, traceable in its access log and the app) rather than http.id,
+    # which is only Envoy's internal stream id.
+    request_id = headers.get(REQUEST_ID_HEADER) or http.id or uuid.uuid4().hex
+    return RequestAttributes(
+        request_id=request_id,
+        method=http.method or headers.get(":method", ""),
+        host=http.host or headers.get(":authority", ""),
+        path=path.split("#", 1)[0] or "/",
+        query=query or http.query,
+        scheme=http.scheme,
+        protocol=http.protocol,
+        headers=headers,
+        source=_peer(attrs.source),
+        destination=_peer(attrs.destination),
+        sni=attrs.tls_session.sni,
+        jwt_payload=_jwt_payload(request, jwt_namespace, jwt_payload_key),
+    )
+
+
+def sanitize_reason(reason: str) -> str:
+    """A header-safe reason: printable ASCII on one line, at most MAX_REASON_LENGTH chars."""
+    text = _NOT_PRINTABLE_ASCII.sub(" ", reason).strip()
+    if len(text) > MAX_REASON_LENGTH:
+        text = text[: MAX_REASON_LENGTH - 3] + "..."
+    return text or "access denied"
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def build_response(decision: Decision, request_id: str) -> pb.CheckResponse:
+    """The CheckResponse for a decision. The status is always set explicitly: Envoy reads an
+    unset status as OK."""
+    if decision.allowed:
+        return pb.CheckResponse(
+            status=status_pb2.Status(code=OK),
+            ok_response=pb.OkHttpResponse(
+                headers=[_header(k, v) for k, v in decision.upstream_headers]
+            ),
+        )
+    reason = sanitize_reason(decision.reason)
+    body = json.dumps(
+        {"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": request_id}
+    )
+    return pb.CheckResponse(
+        status=status_pb2.Status(code=PERMISSION_DENIED, message=f"{decision.code}: {reason}"),
+        denied_response=pb.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+            headers=[
+                _header(REASON_HEADER, reason),
+                _header("content-type", "application/json"),
+            ],
+            body=body,
+        ),
+    )

@@ -1,0 +1,267 @@
+"""The map stage: one request's attributes as Safous parameters (``%name%`` in a rule).
+
+Pure and without I/O: ``map_parameters`` turns ``RequestAttributes`` into ``Parameters``;
+``check_parameter_name`` is what a rule is validated with before it is saved. Semantics:
+../shared/PRODUCT.md, "Parameters".
+
+Three kinds of names:
+
+- the fixed names of ``PARAMETERS`` (``username``, ``cert_thumbprint`` ...);
+- ``headers.XYZ`` (``HEADER_PREFIX``): the request header ``XYZ``, matched case-insensitively;
+- ``stored.NAME`` (``STORED_PREFIX``): a value kept by a ``store`` response action of an
+  earlier rule of the same policy. It only exists while the rule evaluator runs a policy, so
+  ``Parameters.lookup`` does not know it; the evaluator resolves it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from sidecar.attributes import RequestAttributes
+from sidecar.certificates import certificate_info
+
+PARAMETERS: Mapping[str, str] = MappingProxyType({
+    "username": "JWT claim (default sub) if the request has one, else identity header (default x-safous-username)",
+    "internal_addr": "destination address Envoy saw, ip:port ([v6]:port)",
+    "user_agent": "the user-agent request header",
+    "remote_ip": "source IP address Envoy saw",
+    "cert_thumbprint": "SHA-1 of the client certificate's DER, lower-case hex",
+    "cert_thumbprint_upper": "SHA-1 of the client certificate's DER, upper-case hex",
+    "cert_thumbprint_256": "SHA-256 of the client certificate's DER, lower-case hex",
+    "cert_thumbprint_256_upper": "SHA-256 of the client certificate's DER, upper-case hex",
+    "cert_name": "common name (CN) of the client certificate's subject",
+    "cert_alt_name": "client certificate's subject alternative names (DNS, IP, URI, e-mail), comma-separated",
+    "device_id": "device header (default x-safous-device-id)",
+    "groups": "group ids, comma-separated: JWT claim (default groups), else header (default x-safous-groups)",
+    "group_names": "group names, comma-separated: JWT claim (default group_names), else header (default x-safous-group-names)",
+})
+"""Every fixed parameter name, with where its value comes from (the admin script's ``params``)."""
+
+HEADER_PREFIX = "headers."
+"""``%headers.XYZ%``: the value of request header ``XYZ`` (case-insensitive), "" if absent."""
+
+STORED_PREFIX = "stored."
+"""``%stored.NAME%``: a value kept by a ``store`` response action of an earlier rule of the
+same policy; resolved by the rule evaluator, not by ``Parameters.lookup``."""
+
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_STORED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # as a store action's value
+
+# Integers above this do not survive a trip through a double (protobuf Struct numbers).
+_EXACT_FLOAT_INT = 2**53
+
+
+class UnknownParameter(ValueError):
+    """A rule names a parameter that does not exist.
+
+    ``name`` is the name as written (without ``%``); ``suggestion`` the closest known name, or
+    None when nothing is close.
+    """
+
+    def __init__(self, name: str, suggestion: str | None = None, detail: str | None = None) -> None:
+        self.name = name
+        self.suggestion = suggestion
+        message = f"unknown parameter %{name}%"
+        if detail:
+            message += f" — {detail}"
+        if suggestion:
+            message += f" — did you mean %{suggestion}%?"
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """Where the identity parameters come from.
+
+    Header names are compared lower-case (they are stored lower-cased). A claim is a JWT
+    payload key or a dot path into nested objects and lists (``realm_access.roles``,
+    ``groups.0``); a key that itself holds dots (``https://example.com/roles``) is matched
+    literally first. An empty header or claim name turns that source off.
+    """
+
+    username_header: str = "x-safous-username"
+    device_id_header: str = "x-safous-device-id"
+    groups_header: str = "x-safous-groups"
+    group_names_header: str = "x-safous-group-names"
+    jwt_username_claim: str = "sub"
+    jwt_groups_claim: str = "groups"
+    jwt_group_names_claim: str = "group_names"
+
+    def __post_init__(self) -> None:
+        for name in ("username_header", "device_id_header", "groups_header", "group_names_header"):
+            object.__setattr__(self, name, getattr(self, name).strip().lower())
+
+
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """The parameter values of one request.
+
+    ``values`` holds every name of ``PARAMETERS`` (``""`` when the request has no value);
+    ``headers`` the request headers, lower-case names.
+    """
+
+    values: Mapping[str, str]
+    headers: Mapping[str, str]
+
+    def lookup(self, name: str) -> str:
+        """The value of parameter ``name``: a name of ``PARAMETERS``, or ``headers.XYZ`` (the
+        header ``XYZ``, case-insensitive, ``""`` if absent).
+
+        Raises ``KeyError`` for anything else, ``stored.NAME`` included (the rule evaluator
+        owns those).
+        """
+        value = self.values.get(name)
+        if value is not None:
+            return value
+        if name.startswith(HEADER_PREFIX):
+            return self.headers.get(name[len(HEADER_PREFIX):].lower(), "")
+        raise KeyError(name)
+
+
+def map_parameters(attrs: RequestAttributes, identity: IdentityConfig) -> Parameters:
+    """The parameters of the request ``attrs`` (PRODUCT.md, "Parameters").
+
+    ``username``, ``groups`` and ``group_names`` come from the JWT claim when
+    ``attrs.jwt_payload`` holds it (not null), else from the identity header. A list claim is
+    joined with ``,``; numbers and booleans take their JSON spelling (a whole number that went
+    through a double, as protobuf Struct numbers do, loses its ``.0``); an object claim is
+    compact JSON. Anything missing is ``""``. Never raises on odd input: an unreadable
+    certificate yields empty certificate parameters.
+    """
+    headers = _lower_case_names(attrs.headers)
+    jwt = attrs.jwt_payload
+
+    def from_identity(claim: str, header: str) -> str:
+        value = _claim_text(_claim(jwt, claim)) if claim and jwt else None
+        if value is not None:
+            return value
+        return headers.get(header, "") if header else ""
+
+    cert = certificate_info(attrs.source.certificate)
+    thumbprint = cert.thumbprint
+    thumbprint_256 = cert.thumbprint_256
+    values = {
+        "username": from_identity(identity.jwt_username_claim, identity.username_header),
+        "internal_addr": attrs.destination.address,
+        "user_agent": headers.get("user-agent", ""),
+        "remote_ip": attrs.source.ip,
+        "cert_thumbprint": thumbprint,
+        "cert_thumbprint_upper": thumbprint.upper(),
+        "cert_thumbprint_256": thumbprint_256,
+        "cert_thumbprint_256_upper": thumbprint_256.upper(),
+        "cert_name": cert.common_name,
+        "cert_alt_name": ",".join(cert.alt_names),
+        "device_id": headers.get(identity.device_id_header, "") if identity.device_id_header else "",
+        "groups": from_identity(identity.jwt_groups_claim, identity.groups_header),
+        "group_names": from_identity(identity.jwt_group_names_claim, identity.group_names_header),
+    }
+    return Parameters(values=MappingProxyType(values), headers=headers)
+
+
+def check_parameter_name(name: str) -> None:
+    """Accept ``name`` (written ``%name%`` in a rule) or raise ``UnknownParameter``.
+
+    Known: the names of ``PARAMETERS``, ``headers.<HTTP header token>`` and
+    ``stored.<1-64 letters, digits, '_' or '-', not starting with '_' or '-'>``. The error
+    carries the closest known name when one is close enough to be a likely typo.
+    """
+    if name in PARAMETERS:
+        return
+    if name.startswith(HEADER_PREFIX):
+        header = name[len(HEADER_PREFIX):]
+        if _HEADER_TOKEN.fullmatch(header):
+            return
+        detail = (f"{header!r} is not a valid HTTP header name" if header
+                  else "the header name is missing")
+        raise UnknownParameter(name, detail=detail)
+    if name.startswith(STORED_PREFIX):
+        stored = name[len(STORED_PREFIX):]
+        if _STORED_NAME.fullmatch(stored):
+            return
+        raise UnknownParameter(name, detail=(
+            f"{stored!r} is not a stored value name "
+            "(1-64 letters, digits, '_' or '-', starting with a letter or digit)"
+        ))
+    raise UnknownParameter(name, suggestion=_closest_name(name))
+
+
+def _closest_name(name: str) -> str | None:
+    # Candidates keyed lower-case so that case slips (%UserName%) still find their match.
+    candidates = {known: known for known in PARAMETERS}
+    _, dot, rest = name.partition(".")
+    if dot and rest:  # a misspelt family: %header.accept%, %store.token%
+        if _HEADER_TOKEN.fullmatch(rest):
+            candidates[(HEADER_PREFIX + rest).lower()] = HEADER_PREFIX + rest
+        if _STORED_NAME.fullmatch(rest):
+            candidates[(STORED_PREFIX + rest).lower()] = STORED_PREFIX + rest
+    matches = difflib.get_close_matches(name.lower(), list(candidates), n=1, cutoff=0.6)
+    return candidates[matches[0]] if matches else None
+
+
+def _lower_case_names(headers: Mapping[str, str]) -> Mapping[str, str]:
+    if all(key == key.lower() for key in headers):
+        return headers
+    # Not what Envoy sends, but cheap to make right: same-name headers join as Envoy joins them.
+    lowered: dict[str, str] = {}
+    for key, value in headers.items():
+        lower = key.lower()
+        lowered[lower] = f"{lowered[lower]},{value}" if lower in lowered else value
+    return MappingProxyType(lowered)
+
+
+def _claim(payload: Mapping[str, Any], path: str) -> Any:
+    """The value at claim ``path`` of ``payload``, or None."""
+    if not isinstance(payload, Mapping):
+        return None
+    if path in payload:
+        return payload[path]
+    node: Any = payload
+    for part in path.split("."):
+        if isinstance(node, Mapping):
+            if part not in node:
+                return None
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isascii() and part.isdigit():
+            index = int(part)
+            if index >= len(node):
+                return None
+            node = node[index]
+        else:
+            return None
+    return node
+
+
+def _claim_text(value: Any) -> str | None:
+    """A claim value as parameter text; None when there is no value (absent or null)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ",".join(_scalar_text(item) for item in value if item is not None)
+    return _scalar_text(value)
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        try:
+            return str(value)
+        except ValueError:  # past Python's int-to-text digit limit: no JWT holds such a claim
+            return ""
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
+            return str(int(value))
+        return json.dumps(value)
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # non-string keys, cycles: odd input, still some text
+        return str(value)

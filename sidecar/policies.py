@@ -1,0 +1,157 @@
+"""Policies and the "match" stage: which policy, if any, governs a request.
+
+A policy matches on host (exact, or ``*.suffix`` for any name below the suffix; the port is
+ignored; no hosts means any host), a path prefix (on whole segments: ``/api`` matches ``/api``
+and ``/api/x`` but not ``/apix``) and methods (none means any). Among several matches the
+lowest ``priority`` number wins; ties go to the most specific (exact host, then the longest
+wildcard suffix, then any host; then the longest path prefix), then to the name, so the
+outcome never depends on storage order.
+
+Matching is by index, not a scan: exact hosts in a dict, wildcard suffixes in a dict walked
+label by label, so its cost grows with the labels of the host, not with the number of policies.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_HOST_LABELS = re.compile(r"^(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])$")
+_METHOD = re.compile(r"^[A-Z]+$")
+
+
+class Policy(BaseModel):
+    """A policy: what it matches, whether its rules run (the integration switch), and which
+    rules, in order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    enabled: bool = True
+    hosts: tuple[str, ...] = ()
+    path_prefix: str = "/"
+    methods: tuple[str, ...] = ()
+    integration: bool = True
+    priority: int = 100
+    rules: tuple[str, ...] = ()
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        hosts = []
+        for host in value:
+            host = host.strip().lower()
+            if not _HOST_LABELS.match(host):
+                raise ValueError(f"host {host!r} must be a name (app.example.com), "
+                                 "a wildcard (*.example.com) or an IP literal, without port")
+            hosts.append(host)
+        return tuple(hosts)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _path_prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"path prefix {value!r} must start with /")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        methods = tuple(m.strip().upper() for m in value)
+        for method in methods:
+            if not _METHOD.match(method):
+                raise ValueError(f"method {method!r} is not an HTTP method")
+        return methods
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("a rule may appear only once in a policy")
+        return value
+
+
+def split_host(authority: str) -> str:
+    """The host of an authority, lower-cased, without port (``[v6]`` keeps its brackets)."""
+    host = authority.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def path_matches(prefix: str, path: str) -> bool:
+    if prefix == "/" or path == prefix:
+        return True
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or path[len(prefix)] == "/"
+
+
+# Specificity of how a policy matched the host: lower sorts first.
+_EXACT, _WILDCARD, _ANY = 0, 1, 2
+
+
+class PolicyIndex:
+    """An immutable index of the enabled policies, built once per rules.db snapshot."""
+
+    __slots__ = ("_exact", "_wildcard", "_any", "size")
+
+    def __init__(self, policies: Iterable[Policy]) -> None:
+        exact: dict[str, list[Policy]] = defaultdict(list)
+        wildcard: dict[str, list[Policy]] = defaultdict(list)
+        any_host: list[Policy] = []
+        size = 0
+        for policy in policies:
+            if not policy.enabled:
+                continue
+            size += 1
+            if not policy.hosts:
+                any_host.append(policy)
+            for host in policy.hosts:
+                if host.startswith("*."):
+                    wildcard[host[2:]].append(policy)
+                else:
+                    exact[host].append(policy)
+        # Each bucket is sorted so the first candidate that matches path and method is the best
+        # one of its bucket.
+        def order(bucket: list[Policy]) -> tuple[Policy, ...]:
+            return tuple(sorted(bucket, key=lambda p: (p.priority, -len(p.path_prefix), p.name)))
+
+        self._exact = {h: order(b) for h, b in exact.items()}
+        self._wildcard = {h: order(b) for h, b in wildcard.items()}
+        self._any = order(any_host)
+        self.size = size
+
+    def match(self, authority: str, path: str, method: str) -> Policy | None:
+        """The policy governing a request, or None. ``path`` must exclude the query string."""
+        host = split_host(authority)
+        method = method.upper()
+        best: tuple[tuple[int, int, int, int, str], Policy] | None = None
+
+        def consider(bucket: tuple[Policy, ...], kind: int, suffix_len: int) -> None:
+            nonlocal best
+            for policy in bucket:
+                if path_matches(policy.path_prefix, path) and (
+                    not policy.methods or method in policy.methods
+                ):
+                    key = (policy.priority, kind, -suffix_len, -len(policy.path_prefix), policy.name)
+                    if best is None or key < best[0]:
+                        best = (key, policy)
+                    return
+
+        consider(self._exact.get(host, ()), _EXACT, len(host))
+        if self._wildcard:
+            suffix = host
+            while "." in suffix:
+                suffix = suffix.split(".", 1)[1]
+                bucket = self._wildcard.get(suffix)
+                if bucket:
+                    consider(bucket, _WILDCARD, len(suffix))
+        consider(self._any, _ANY, 0)
+        return best[1] if best else None

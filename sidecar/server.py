@@ -1,0 +1,171 @@
+"""The gRPC server: Envoy's ``Authorization/Check`` service, gRPC health, lifecycle.
+
+Lifecycle: NOT_SERVING until rules.db is loaded, then SERVING. On SIGTERM or SIGINT:
+NOT_SERVING, stop accepting, let in-flight checks finish within the grace period, flush the
+activity log, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import edge, store
+from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from .activity import ActivityLog
+from .attributes import RequestAttributes
+from .check import Checker
+from .decision import Code, Decision
+from .evaluation import RuleEvaluator, UnavailableEvaluator
+from .parameters import Parameters
+from .settings import Settings
+from .snapshot import RulesWatcher, Snapshot
+from .store import ActivityRecord
+
+log = logging.getLogger(__name__)
+decision_log = logging.getLogger("sidecar.decision")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
+_INTERNAL = Decision.deny(Code.INTERNAL_ERROR, "internal error in the authorization sidecar")
+# Built once at import so the last-resort answer cannot itself fail.
+_INTERNAL_RESPONSE = edge.build_response(_INTERNAL, "")
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class AuthorizationService(pb_grpc.AuthorizationServicer):
+    def __init__(self, checker: Checker, activity: ActivityLog, settings: Settings) -> None:
+        self._checker = checker
+        self._activity = activity
+        self._jwt_namespace = settings.jwt_metadata_namespace
+        self._jwt_key = settings.jwt_payload_key
+
+    async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:  # noqa: N802
+        started = time.perf_counter()
+        attrs: RequestAttributes | None = None
+        params: Parameters | None = None
+        try:
+            attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
+            decision, params = await self._checker.check(attrs)
+            response = edge.build_response(decision, attrs.request_id)
+        except Exception:
+            # Fail closed: never a gRPC error (Envoy's failure_mode decides those) nor an unset status.
+            log.exception("check failed at the edge")
+            decision, response = _INTERNAL, _INTERNAL_RESPONSE
+        latency_ms = (time.perf_counter() - started) * 1000
+        try:
+            self._record(attrs, params, decision, latency_ms)
+        except Exception:
+            log.exception("could not record a decision")
+        return response
+
+    def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
+                decision: Decision, latency_ms: float) -> None:
+        request_id = attrs.request_id if attrs else ""
+        decision_log.info(
+            "allow" if decision.allowed else "deny",
+            extra={"request_id": request_id, "policy": decision.policy, "code": str(decision.code),
+                   "latency_ms": round(latency_ms, 3)},
+        )
+        self._activity.record(ActivityRecord(
+            at=_now_iso(),
+            request_id=request_id,
+            username=params.values["username"] if params else "",
+            source_ip=attrs.source.ip if attrs else "",
+            host=attrs.host if attrs else "",
+            path=attrs.path if attrs else "",
+            method=attrs.method if attrs else "",
+            policy=decision.policy,
+            allowed=decision.allowed,
+            code=str(decision.code),
+            status=decision.reason,
+            latency_ms=latency_ms,
+        ))
+
+
+class Sidecar:
+    """The running service: gRPC server, rules watcher and activity log, started and stopped
+    together. ``port`` is the bound gRPC port (useful with port 0)."""
+
+    def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None) -> None:
+        self.settings = settings
+        self.evaluator = evaluator or UnavailableEvaluator()
+        self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
+        self.activity = ActivityLog(settings.db, settings.activity_queue)
+        self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.port = 0
+        self._ready = asyncio.Event()
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        self.checker.snapshot = snapshot
+        if not self._ready.is_set():
+            self._ready.set()
+            asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def start(self) -> int:
+        """Create/migrate rules.db, bind, load the rules. Raises StoreError or RuntimeError."""
+        applied = await asyncio.to_thread(store.ensure_database, self.settings.db)
+        if applied:
+            log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
+        pb_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationService(self.checker, self.activity, self.settings), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen on {self.settings.listen}: {exc}") from exc
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {self.settings.listen}")
+        self.activity.start()
+        try:
+            await self.watcher.load(force=True)
+        except store.StoreError:
+            pass  # NOT_SERVING until the watcher manages a load; checks deny with not_ready.
+        self.watcher.start()
+        await self.server.start()
+        log.info("listening", extra={"listen": self.settings.listen, "port": self.port, "db": str(self.settings.db)})
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, finish in-flight checks within ``grace``, flush the activity log."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_period if grace is None else grace)
+        await self.watcher.stop()
+        await self.activity.close()
+        log.info("stopped", extra={"activity_written": self.activity.written,
+                                   "activity_dropped": self.activity.dropped})
+
+
+async def serve(settings: Settings, evaluator: RuleEvaluator | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code."""
+    sidecar = Sidecar(settings, evaluator)
+    try:
+        await sidecar.start()
+    except (store.StoreError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_period": settings.grace_period})
+    await sidecar.stop()
+    return 0

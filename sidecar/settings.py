@@ -1,0 +1,71 @@
+"""The server's settings: flags of ``safous-sidecar serve`` or ``SAFOUS_*`` environment variables.
+
+One model defines both: each field is a flag (``--default-action``) and an environment
+variable (``SAFOUS_DEFAULT_ACTION``); a flag wins over the variable, which wins over the
+default. Values are validated at start and a bad one stops the server with a clear message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .parameters import IdentityConfig
+
+_IDENTITY = IdentityConfig()
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAFOUS_", extra="forbid", frozen=True)
+
+    db: Path = Field(Path("rules.db"), description="the rules database (created if absent)")
+    listen: str = Field("127.0.0.1:9191", description="gRPC address Envoy calls, HOST:PORT")
+    default_action: Literal["allow", "deny"] = Field(
+        "deny", description="decision when no policy matches (zero trust: deny)")
+    http: str | None = Field(None, description="HOST:PORT for /healthz, /readyz and /metrics (off when unset)")
+    workers: int = Field(1, ge=1, le=1, description="server processes sharing the port (only 1 for now)")
+    log_format: Literal["json", "text"] = Field("json", description="log lines on stderr")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
+    grace_period: float = Field(5.0, ge=0, description="seconds in-flight checks get on SIGTERM")
+    reload_interval: float = Field(1.0, gt=0, description="seconds between checks of rules.db for changes")
+    activity_queue: int = Field(10_000, ge=1, description="decisions buffered for the activity log before dropping")
+    username_header: str = Field(_IDENTITY.username_header, description="header carrying %username%")
+    device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")
+    groups_header: str = Field(_IDENTITY.groups_header, description="header carrying %groups%")
+    group_names_header: str = Field(_IDENTITY.group_names_header, description="header carrying %group_names%")
+    jwt_metadata_namespace: str = Field(
+        "envoy.filters.http.jwt_authn", description="metadata namespace holding the verified JWT payload")
+    jwt_payload_key: str = Field("jwt_payload", description="key of the payload in that namespace (payload_in_metadata)")
+    jwt_username_claim: str = Field(_IDENTITY.jwt_username_claim, description="JWT claim for %username% (dot path)")
+    jwt_groups_claim: str = Field(_IDENTITY.jwt_groups_claim, description="JWT claim for %groups%")
+    jwt_group_names_claim: str = Field(_IDENTITY.jwt_group_names_claim, description="JWT claim for %group_names%")
+
+    @field_validator("listen", "http")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
+    @property
+    def identity(self) -> IdentityConfig:
+        return IdentityConfig(
+            username_header=self.username_header.lower(),
+            device_id_header=self.device_id_header.lower(),
+            groups_header=self.groups_header.lower(),
+            group_names_header=self.group_names_header.lower(),
+            jwt_username_claim=self.jwt_username_claim,
+            jwt_groups_claim=self.jwt_groups_claim,
+            jwt_group_names_claim=self.jwt_group_names_claim,
+        )

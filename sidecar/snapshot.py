@@ -1,0 +1,172 @@
+"""The rules snapshot the request path reads, and the watcher that reloads it.
+
+A snapshot is immutable and swapped whole: a check uses the one it started with, so a reload
+never shows a half-applied change. Loading (SQLite reads, validation, compiling templates and
+regexes) happens in a worker thread; the event loop only swaps a reference.
+
+When a reload fails (database locked past the busy timeout, deleted, unreadable) the last good
+snapshot keeps serving and ``last_error`` says why, for health and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import store
+from .evaluation import RuleEvaluator
+from .policies import Policy, PolicyIndex
+from .store import InvalidRow, RuleSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    index: PolicyIndex
+    # Per policy name: its enabled rules in order, compiled, or the reason one is unusable.
+    policy_rules: Mapping[str, tuple[Any | InvalidRow, ...]]
+    problems: tuple[InvalidRow, ...] = ()
+    loaded_at: float = field(default_factory=time.time)
+
+
+def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int) -> Snapshot:
+    """Compile a rule set. Never raises for a bad rule: it becomes an InvalidRow."""
+    compiled: dict[str, Any | InvalidRow] = {}
+    problems: list[InvalidRow] = list(rule_set.invalid_policies)
+    for name, rule in rule_set.rules.items():
+        if isinstance(rule, InvalidRow):
+            compiled[name] = rule
+            problems.append(rule)
+            continue
+        if not rule.enabled:
+            continue
+        try:
+            compiled[name] = evaluator.compile(rule)
+        except ValueError as exc:
+            compiled[name] = InvalidRow("rule", name, str(exc))
+            problems.append(compiled[name])
+
+    def enabled_rules(policy: Policy) -> tuple[Any | InvalidRow, ...]:
+        out = []
+        for name in policy.rules:
+            entry = compiled.get(name)
+            if entry is not None:
+                out.append(entry)
+            elif name not in rule_set.rules:
+                out.append(InvalidRow("rule", name, "does not exist"))
+            # else: the rule is disabled, and a disabled rule is skipped everywhere.
+        return tuple(out)
+
+    # A policy row that fails validation cannot be matched, and so cannot allow anything.
+    policies = [p for p in rule_set.policies if p.enabled]
+    return Snapshot(
+        version=version,
+        index=PolicyIndex(policies),
+        policy_rules={p.name: enabled_rules(p) for p in policies},
+        problems=tuple(problems),
+    )
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class RulesWatcher:
+    """Loads rules.db and reloads it when it changes (commits by any process, or the file
+    being replaced), polling cheaply with ``PRAGMA data_version``."""
+
+    def __init__(self, db_path: Path, evaluator: RuleEvaluator, interval: float,
+                 on_change: Callable[[Snapshot], None]) -> None:
+        self._path = db_path
+        self._evaluator = evaluator
+        self._interval = interval
+        self._on_change = on_change
+        self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._seen_data: int | None = None
+        self._seen_rules: int | None = None
+        self._version = 0
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _load_blocking(self, force: bool) -> Snapshot | None:
+        identity = _file_identity(self._path)
+        if identity is None:
+            raise store.StoreError(f"{self._path} does not exist")
+        if self._conn is None or identity != self._identity:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = store.connect(self._path, readonly=True)
+            self._identity = identity
+            self._seen_data = self._seen_rules = None
+        # data_version is the cheap test (no query on a table); rules_version tells whether the
+        # commit touched rules at all, as most commits are the activity log's.
+        seen_data = store.data_version(self._conn)
+        if not force and seen_data == self._seen_data:
+            return None
+        seen_rules = store.rules_version(self._conn)
+        self._seen_data = seen_data
+        if not force and seen_rules == self._seen_rules:
+            return None
+        rule_set = store.load_rule_set(self._conn)
+        self._seen_rules = seen_rules
+        self._version += 1
+        return build_snapshot(rule_set, self._evaluator, self._version)
+
+    async def load(self, *, force: bool = False) -> Snapshot | None:
+        """Load now if changed (or ``force``); raises StoreError when rules.db is unreadable."""
+        try:
+            snapshot = await asyncio.to_thread(self._load_blocking, force)
+        except store.StoreError as exc:
+            self._drop_connection()
+            if self.last_error != str(exc):
+                log.error("rules.db reload failed, serving the last good rules", extra={"error": str(exc)})
+            self.last_error = str(exc)
+            raise
+        if self.last_error is not None:
+            log.info("rules.db readable again")
+        self.last_error = None
+        if snapshot is not None:
+            for problem in snapshot.problems:
+                log.warning("unusable %s %r: %s", problem.kind, problem.name, problem.error)
+            log.info("rules loaded", extra={"version": snapshot.version, "policies": snapshot.index.size})
+            self._on_change(snapshot)
+        return snapshot
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.load()
+            except store.StoreError:
+                pass  # logged in load(); keep the last good snapshot and retry next tick.
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="rules-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self._drop_connection)

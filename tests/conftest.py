@@ -1,0 +1,108 @@
+"""Shared fixtures: real rules.db files, a real sidecar on port 0, a real gRPC client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from sidecar import store
+from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from sidecar.policies import Policy
+from sidecar.rules import Rule
+from sidecar.server import Sidecar
+from sidecar.settings import Settings
+
+
+def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) -> None:
+    """Write rules and policies into rules.db (creating it), in one transaction."""
+    store.ensure_database(db)
+    conn = store.connect(db)
+    try:
+        with store.transaction(conn, immediate=True):
+            for rule in rules:
+                store.save_rule(conn, rule)
+            for policy in policies:
+                store.save_policy(conn, policy)
+    finally:
+        conn.close()
+
+
+def check_request(path: str = "/", *, host: str = "app.example.com", method: str = "GET",
+                  headers: dict[str, str] | None = None, source_ip: str = "203.0.113.7",
+                  certificate: str = "") -> pb.CheckRequest:
+    """A CheckRequest shaped like the ones Envoy sends."""
+    request = pb.CheckRequest()
+    attrs = request.attributes
+    attrs.source.address.socket_address.address = source_ip
+    attrs.source.address.socket_address.port_value = 51000
+    attrs.source.certificate = certificate
+    attrs.destination.address.socket_address.address = "10.0.0.5"
+    attrs.destination.address.socket_address.port_value = 8080
+    http = attrs.request.http
+    http.id = "1234"
+    http.method = method
+    http.host = host
+    http.path = path
+    http.scheme = "http"
+    http.protocol = "HTTP/1.1"
+    all_headers = {":authority": host, ":path": path, ":method": method,
+                   "x-request-id": "req-" + path.strip("/").replace("/", "-")}
+    all_headers.update({k.lower(): v for k, v in (headers or {}).items()})
+    http.headers.update(all_headers)
+    return request
+
+
+def denial_reason(response: pb.CheckResponse) -> str | None:
+    for option in response.denied_response.headers:
+        if option.header.key == "x-safous-denial-reason":
+            return option.header.value
+    return None
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "rules.db"
+    store.ensure_database(path)
+    return path
+
+
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def start_sidecar(db: Path) -> AsyncIterator[StartSidecar]:
+    """Start a real sidecar on a free port; stopped at teardown."""
+    started: list[Sidecar] = []
+
+    async def start(evaluator: Any = None, **settings: Any) -> Sidecar:
+        settings.setdefault("db", db)
+        settings.setdefault("listen", "127.0.0.1:0")
+        settings.setdefault("reload_interval", 0.05)
+        sidecar = Sidecar(Settings(**settings), evaluator)
+        await sidecar.start()
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        await sidecar.stop(grace=0)
+
+
+@pytest.fixture
+async def authz() -> AsyncIterator[Callable[[int], pb_grpc.AuthorizationStub]]:
+    """gRPC client stubs for the Authorization service on a port; channels closed at teardown."""
+    channels: list[grpc.aio.Channel] = []
+
+    def connect(port: int) -> pb_grpc.AuthorizationStub:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        return pb_grpc.AuthorizationStub(channel)
+
+    yield connect
+    for channel in channels:
+        await channel.close()
