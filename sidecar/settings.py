@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     listen: str = Field("127.0.0.1:9191", description="gRPC address Envoy calls, HOST:PORT")
     default_action: Literal["allow", "deny"] = Field(
         "deny", description="decision when no policy matches (zero trust: deny)")
-    http: str | None = Field(None, description="HOST:PORT for /healthz, /readyz and /metrics (off when unset)")
     workers: int = Field(1, ge=1, le=1, description="server processes sharing the port (only 1 for now)")
     log_format: Literal["json", "text"] = Field("json", description="log lines on stderr")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
@@ -51,7 +50,7 @@ class Settings(BaseSettings):
     jwt_groups_claim: str = Field(_IDENTITY.jwt_groups_claim, description="JWT claim for %groups%")
     jwt_group_names_claim: str = Field(_IDENTITY.jwt_group_names_claim, description="JWT claim for %group_names%")
 
-    @field_validator("listen", "http")
+    @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
@@ -69,3 +68,12 @@ class Settings(BaseSettings):
             jwt_groups_claim=self.jwt_groups_claim,
             jwt_group_names_claim=self.jwt_group_names_claim,
         )
+
+
+def settings_reference() -> str:
+    """The README's settings table, generated from this model (a test keeps them equal)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        rows.append(f"| `--{name.replace('_', '-')}` | `SAFOUS_{name.upper()}` | `{field.default}` "
+                    f"| {field.description} |")
+    return "\n".join(rows) + "\n"

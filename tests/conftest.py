@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 
 from sidecar import store
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -16,6 +18,7 @@ from sidecar.policies import Policy
 from sidecar.rules import Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
+from tests.certs import TlsDir, make_tls_dir
 
 
 def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) -> None:
@@ -106,3 +109,44 @@ async def authz() -> AsyncIterator[Callable[[int], pb_grpc.AuthorizationStub]]:
     yield connect
     for channel in channels:
         await channel.close()
+
+
+@dataclass
+class Upstream:
+    """The protected app: echoes what reached it (method, path, headers) as JSON."""
+
+    port: int
+    requests: list[dict] = field(default_factory=list)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    seen: list[dict] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        record = {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": [[k.lower(), v] for k, v in request.headers.items()],
+        }
+        seen.append(record)
+        return web.json_response(record)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield Upstream(port, seen)
+    finally:
+        await runner.cleanup()
+
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> TlsDir:
+    """A CA and a server certificate for 127.0.0.1/localhost, as envoy-mtls.yaml expects."""
+    return make_tls_dir(tmp_path / "tls")

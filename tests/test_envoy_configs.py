@@ -18,12 +18,11 @@ import socket
 import ssl
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import grpc
 import pytest
-from aiohttp import web
 
 from sidecar._pb.envoy.config.core.v3 import base_pb2
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -33,7 +32,6 @@ from tests.certs import (
     client_ssl_context,
     make_client_cert,
     make_foreign_client_cert,
-    make_tls_dir,
 )
 from tests.envoy_harness import (
     ENVOY_MTLS_YAML,
@@ -105,14 +103,9 @@ class Authz:
     port: int
 
 
-@dataclass
-class Upstream:
-    port: int
-    requests: list[dict] = field(default_factory=list)
-
-
 @pytest.fixture
 async def authz():
+    """Overrides conftest's client factory: here the servicer is the test double."""
     servicer = RecordingAuthz()
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
@@ -125,41 +118,10 @@ async def authz():
 
 
 @pytest.fixture
-async def upstream():
-    seen: list[dict] = []
-
-    async def echo(request: web.Request) -> web.Response:
-        record = {
-            "method": request.method,
-            "path": request.raw_path,
-            "headers": [[k.lower(), v] for k, v in request.headers.items()],
-        }
-        seen.append(record)
-        return web.json_response(record)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        yield Upstream(port, seen)
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
 async def envoy(authz, upstream, tmp_path):
     text = render_config(ENVOY_YAML, sidecar_port=authz.port, upstream_port=upstream.port)
     async with run_envoy(text, tmp_path) as proc:
         yield proc
-
-
-@pytest.fixture
-def tls(tmp_path):
-    return make_tls_dir(tmp_path / "tls")
 
 
 @pytest.fixture

@@ -105,6 +105,12 @@ def test_help_lists_every_setting() -> None:
     result = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    for flag in ("--db", "--listen", "--default-action", "--http", "--workers", "--log-format", "--log-level"):
+    for flag in ("--db", "--listen", "--default-action", "--workers", "--log-format", "--log-level"):
         assert flag in result.stdout
     assert "SAFOUS_DEFAULT_ACTION" in result.stdout
+
+
+def test_readme_settings_table_is_generated_from_the_model() -> None:
+    from sidecar.settings import settings_reference
+
+    assert settings_reference() in (ROOT / "README.md").read_text()
