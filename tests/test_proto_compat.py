@@ -13,6 +13,7 @@ as an unknown field, and the cases together must set every field Envoy defines.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -436,3 +437,55 @@ def test_status_codes_reach_envoy(envoy_read_responses: tuple[Path, dict[str, An
     assert dumps["denied"]["denied_response"]["headers"][0]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
     assert dumps["ok"]["status"] == {}  # code 0, OK
     assert dumps["error"]["status"]["code"] == 13
+
+
+# --- a live client built from Envoy's published protos ---------------------------------------
+
+_LIVE_CLIENT = r'''
+import json
+import sys
+
+sys.modules["sidecar"] = None
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+port = int(sys.argv[1])
+answers = {}
+with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    for path in ("/public/x", "/private/x"):
+        request = external_auth_pb2.CheckRequest()
+        http = request.attributes.request.http
+        http.method, http.host, http.path = "GET", "app.example.com", path
+        http.headers["x-request-id"] = "live" + path.replace("/", "-")
+        request.attributes.source.address.socket_address.address = "192.0.2.1"
+        response = stub.Check(request, timeout=10)
+        answers[path] = {
+            "status": response.status.code,
+            "kind": response.WhichOneof("http_response"),
+            "http_status": response.denied_response.status.code,
+            "headers": {h.header.key: h.header.value for h in response.denied_response.headers},
+            "body": response.denied_response.body,
+        }
+print(json.dumps(answers))
+'''
+
+
+async def test_a_client_built_from_envoys_protos_gets_correct_answers(db: Path, start_sidecar) -> None:
+    from sidecar.policies import Policy
+    from tests.conftest import seed
+
+    seed(db, [], [Policy(name="public", path_prefix="/public", integration=False)])
+    sidecar = await start_sidecar()
+    env = {**os.environ, "PYTHONPATH": str(XDS), "PYTHONNOUSERSITE": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LIVE_CLIENT, str(sidecar.port), cwd=db.parent, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    answers = json.loads(out)
+    assert answers["/public/x"] == {"status": 0, "kind": "ok_response", "http_status": 0, "headers": {}, "body": ""}
+    denied = answers["/private/x"]
+    assert (denied["status"], denied["kind"], denied["http_status"]) == (7, "denied_response", 403)
+    assert denied["headers"]["x-safous-denial-reason"] == "no policy matches this request"
+    assert json.loads(denied["body"])["request_id"] == "live-private-x"
