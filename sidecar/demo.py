@@ -3,7 +3,7 @@
 Creates rules.db with a small demo policy set if it is absent, starts the three processes,
 prints the curl lines that show an allow and a deny, and stops everything on Ctrl-C.
 
-    Envoy :8080  ──Check──▶  sidecar :9191  (rules.db)
+    Envoy :8080  ──Check──▶  sidecar :9191  (rules.db) ──webhook──▶ demo "third-party API" :8082
          └──allowed──▶ demo upstream :8081
 """
 
@@ -27,13 +27,18 @@ ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"
 ENVOY_URL = "http://127.0.0.1:8080"
 ENVOY_ADMIN = "http://127.0.0.1:9901"
 UPSTREAM_PORT = 8081
+WEBHOOK_PORT = 8082
+COMPLIANT_DEVICES = {"laptop-42": "gold"}
 
 DEMO_RULES = (
     Rule(
         name="device-posture",
         method="GET",
         url="http://127.0.0.1:8082/posture?device=%headers.x-device%",
-        actions=(ResponseAction(type=ActionType.STRING, key="status", value="compliant"),),
+        actions=(
+            ResponseAction(type=ActionType.STRING, key="status", value="compliant"),
+            ResponseAction(type=ActionType.STORE, key="tier", value="tier"),
+        ),
     ),
 )
 DEMO_POLICIES = (
@@ -63,6 +68,12 @@ def seed_demo(db: Path) -> bool:
 async def _upstream(request: web.Request) -> web.Response:
     passed = {k: v for k, v in request.headers.items() if k.lower().startswith("x-safous-")}
     return web.json_response({"upstream": "demo app", "path": request.path, "safous_headers": passed})
+
+
+async def _posture_api(request: web.Request) -> web.Response:
+    """The demo's third-party API: a device posture service."""
+    tier = COMPLIANT_DEVICES.get(request.query.get("device", ""))
+    return web.json_response({"status": "compliant" if tier else "unknown", "tier": tier or "none"})
 
 
 def envoy_binary() -> str:
@@ -95,6 +106,11 @@ async def run(db: Path) -> int:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", UPSTREAM_PORT).start()
+    api = web.Application()
+    api.router.add_get("/posture", _posture_api)
+    api_runner = web.AppRunner(api, access_log=None)
+    await api_runner.setup()
+    await web.TCPSite(api_runner, "127.0.0.1", WEBHOOK_PORT).start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         sidecar = subprocess.Popen(
@@ -113,17 +129,21 @@ async def run(db: Path) -> int:
             await _wait_ready(session, f"{ENVOY_URL}/public/", "the sidecar", sidecar)
         print(f"""
 The stack is up: Envoy {ENVOY_URL} -> sidecar 127.0.0.1:9191 -> demo upstream 127.0.0.1:{UPSTREAM_PORT}
+(rule "device-posture" asks the demo posture API on 127.0.0.1:{WEBHOOK_PORT} about the x-device header)
 
   # allowed: policy "public" has the integration off
   curl -i {ENVOY_URL}/public/hello
 
-  # denied: policy "app" needs rule "device-posture" (see the x-safous-denial-reason header)
-  curl -i {ENVOY_URL}/app/
+  # allowed by the webhook: the device is compliant (the app gets x-safous-tier: gold)
+  curl -i -H 'x-device: laptop-42' {ENVOY_URL}/app/
+
+  # denied by the webhook: see the x-safous-denial-reason header
+  curl -i -H 'x-device: phone-1' {ENVOY_URL}/app/
 
   # denied: no policy matches, and the default action is deny
   curl -i {ENVOY_URL}/admin
 
-Ctrl-C stops all three.
+Ctrl-C stops them all.
 """, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -147,7 +167,8 @@ Ctrl-C stops all three.
             except subprocess.TimeoutExpired:
                 proc.kill()
         await runner.cleanup()
-        print("stopped: envoy, sidecar, demo upstream")
+        await api_runner.cleanup()
+        print("stopped: envoy, sidecar, demo upstream, demo posture API")
 
 
 def main() -> int:

@@ -25,8 +25,13 @@ class RuleEvaluator(Protocol):
     ``rule_invalid``). ``evaluate`` runs per check; it gets the policy's enabled rules in order,
     as compiled values or as the InvalidRow that explains why one is unusable, and must return a
     Decision: never raise for a rule's failure (the caller still turns an unexpected exception
-    into ``internal_error``).
+    into ``internal_error``). ``start`` and ``close`` bracket the server's life (e.g. to open
+    and close pooled connections).
     """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
     def compile(self, rule: Rule) -> Any: ...
 
@@ -37,6 +42,12 @@ class RuleEvaluator(Protocol):
 
 class UnavailableEvaluator:
     """Fails closed: any policy that needs a rule is denied with ``rule_unavailable``."""
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     def compile(self, rule: Rule) -> Rule:
         return rule

@@ -24,11 +24,13 @@ from .activity import ActivityLog
 from .attributes import RequestAttributes
 from .check import Checker
 from .decision import Code, Decision
-from .evaluation import RuleEvaluator, UnavailableEvaluator
+from .evaluation import RuleEvaluator
 from .parameters import Parameters
 from .settings import Settings
 from .snapshot import RulesWatcher, Snapshot
 from .store import ActivityRecord
+from .webhook import WebhookClient
+from .webhook_rules import WebhookEvaluator
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("sidecar.decision")
@@ -99,7 +101,8 @@ class Sidecar:
 
     def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None) -> None:
         self.settings = settings
-        self.evaluator = evaluator or UnavailableEvaluator()
+        ca_bundle = str(settings.webhook_ca_bundle) if settings.webhook_ca_bundle else None
+        self.evaluator = evaluator or WebhookEvaluator(WebhookClient(ca_bundle=ca_bundle))
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
         self.activity = ActivityLog(settings.db, settings.activity_queue)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot)
@@ -134,6 +137,7 @@ class Sidecar:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
         self.activity.start()
+        await self.evaluator.start()
         try:
             await self.watcher.load(force=True)
         except store.StoreError:
@@ -148,6 +152,7 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period if grace is None else grace)
         await self.watcher.stop()
+        await self.evaluator.close()
         await self.activity.close()
         log.info("stopped", extra={"activity_written": self.activity.written,
                                    "activity_dropped": self.activity.dropped})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .parameters import IdentityConfig
@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
     grace_period: float = Field(5.0, ge=0, description="seconds in-flight checks get on SIGTERM")
     reload_interval: float = Field(1.0, gt=0, description="seconds between checks of rules.db for changes")
+    webhook_ca_bundle: FilePath | None = Field(
+        None, description="PEM file of extra CAs trusted for https webhooks (private CAs); the system store is always trusted")
     activity_queue: int = Field(10_000, ge=1, description="decisions buffered for the activity log before dropping")
     username_header: str = Field(_IDENTITY.username_header, description="header carrying %username%")
     device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")

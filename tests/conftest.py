@@ -150,3 +150,63 @@ async def upstream() -> AsyncIterator[Upstream]:
 def tls(tmp_path: Path) -> TlsDir:
     """A CA and a server certificate for 127.0.0.1/localhost, as envoy-mtls.yaml expects."""
     return make_tls_dir(tmp_path / "tls")
+
+
+@dataclass
+class Webhook:
+    """A third-party API on loopback. ``routes`` maps a path to a handler; every request is
+    recorded (method, raw path with query, headers, body) in ``requests``."""
+
+    url: str
+    requests: list[dict] = field(default_factory=list)
+    routes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = field(default_factory=dict)
+
+    def seen(self, path: str) -> list[dict]:
+        return [r for r in self.requests if r["path"].split("?")[0] == path]
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[Webhook]:
+    hook = Webhook(url="")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        hook.requests.append({
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "body": await request.read(),
+        })
+        handler = hook.routes.get(request.path)
+        if handler is None:
+            return web.json_response({"error": "no such route"}, status=404)
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        yield hook
+    finally:
+        await runner.cleanup()
+
+
+def answer(payload: object, status: int = 200, *, delay: float = 0, jsonp: str | None = None
+           ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A webhook handler answering ``payload`` as JSON (or JSONP with callback ``jsonp``)."""
+    import asyncio
+    import json as _json
+
+    async def handler(request: web.Request) -> web.Response:
+        if delay:
+            await asyncio.sleep(delay)
+        text = _json.dumps(payload)
+        if jsonp:
+            return web.Response(text=f"/**/ {jsonp}({text});", status=status,
+                                content_type="application/javascript")
+        return web.Response(text=text, status=status, content_type="application/json")
+
+    return handler

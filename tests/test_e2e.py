@@ -12,21 +12,35 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.decision import Code, Decision
-from sidecar.evaluation import UnavailableEvaluator
+from aiohttp import web
+
+from sidecar.parameters import PARAMETERS
 from sidecar.policies import Policy
-from sidecar.rules import Rule
+from sidecar.rules import ActionType, ResponseAction, Rule
 from tests.certs import client_ssl_context, make_client_cert, make_foreign_client_cert
-from tests.conftest import seed
+from tests.conftest import answer, seed
 from tests.envoy_harness import ENVOY_MTLS_YAML, ENVOY_YAML, render_config, run_envoy
 
 pytestmark = pytest.mark.timeout(60)
 
-RULE = Rule(name="posture", url="http://127.0.0.1:9/posture")
 POLICIES = [
     Policy(name="public", path_prefix="/public", integration=False),
-    Policy(name="app", path_prefix="/app", rules=("posture",)),
+    Policy(name="app", path_prefix="/app", rules=("device-posture",)),
 ]
+
+
+def posture_rule(webhook_url: str) -> Rule:
+    return Rule(
+        name="device-posture",
+        url=webhook_url + "/posture?device=%headers.x-device%&ip=%remote_ip%",
+        actions=(ResponseAction(type=ActionType.STRING, key="status", value="compliant"),
+                 ResponseAction(type=ActionType.STORE, key="tier", value="tier")),
+    )
+
+
+async def posture(request: web.Request) -> web.Response:
+    compliant = request.query.get("device") == "laptop-42"
+    return web.json_response({"status": "compliant" if compliant else "unknown", "tier": "gold"})
 
 
 async def get(url: str, **kwargs) -> tuple[int, dict[str, str], bytes]:
@@ -35,8 +49,9 @@ async def get(url: str, **kwargs) -> tuple[int, dict[str, str], bytes]:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
 
 
-async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, tmp_path: Path) -> None:
-    seed(db, [RULE], POLICIES)
+async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, webhook, tmp_path: Path) -> None:
+    webhook.routes["/posture"] = posture
+    seed(db, [posture_rule(webhook.url)], POLICIES)
     sidecar = await start_sidecar()
     config = render_config(ENVOY_YAML, sidecar_port=sidecar.port, upstream_port=upstream.port)
     async with run_envoy(config, tmp_path) as envoy:
@@ -44,13 +59,22 @@ async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, t
         assert status == 200
         assert json.loads(body)["path"] == "/public/page?x=1"
 
+        # The webhook's criteria are met: the app gets the request, with the stored value,
+        # and not the client's forged copy of it.
+        status, _, body = await get(f"{envoy.url}/app/home",
+                                    headers={"x-device": "laptop-42", "x-safous-tier": "forged"})
+        assert status == 200
+        assert ["x-safous-tier", "gold"] in json.loads(body)["headers"]
+        assert ["x-safous-tier", "forged"] not in json.loads(body)["headers"]
+
         status, headers, body = await get(f"{envoy.url}/app/home",
-                                          headers={"x-safous-username": "mallory"})
+                                          headers={"x-device": "phone-1", "x-safous-username": "mallory"})
         assert status == 403
-        assert headers["x-safous-denial-reason"] == 'policy "app" needs rule evaluation, which is unavailable'
+        assert headers["x-safous-denial-reason"] == (
+            'rule "device-posture": status is "unknown", expected "compliant"')
         assert headers["content-type"] == "application/json"
         denial = json.loads(body)
-        assert denial["code"] == "rule_unavailable" and denial["error"] == "access_denied"
+        assert denial["code"] == "value_mismatch" and denial["error"] == "access_denied"
 
         status, headers, _ = await get(f"{envoy.url}/admin")
         assert status == 403
@@ -59,19 +83,21 @@ async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, t
         # Envoy normalises the path before the sidecar matches it.
         status, _, _ = await get(f"{envoy.url}/public/../app/home", allow_redirects=False)
         assert status == 403
-    assert len(upstream.requests) == 1
+    assert len(upstream.requests) == 2
+    assert webhook.seen("/posture")[0]["path"] == "/posture?device=laptop-42&ip=127.0.0.1"
     await sidecar.stop(grace=1)
     rows = sqlite3.connect(db).execute(
         "SELECT request_id, username, source_ip, path, allowed, code FROM activity_log ORDER BY id").fetchall()
     assert [(r[3], r[4], r[5]) for r in rows] == [
         ("/public/page", 1, "integration_off"),
-        ("/app/home", 0, "rule_unavailable"),
+        ("/app/home", 1, "rules_passed"),
+        ("/app/home", 0, "value_mismatch"),
         ("/admin", 0, "no_matching_policy"),
-        ("/app/home", 0, "rule_unavailable"),
+        ("/app/home", 0, "value_mismatch"),
     ]
     # The client's identity header was stripped by Envoy; the request id is Envoy's x-request-id.
-    assert rows[1][1] == "" and rows[1][2] == "127.0.0.1"
-    assert rows[1][0] == denial["request_id"] and len(rows[1][0]) == 36
+    assert rows[2][1] == "" and rows[2][2] == "127.0.0.1"
+    assert rows[2][0] == denial["request_id"] and len(rows[2][0]) == 36
 
 
 async def test_sidecar_down_is_a_fast_403(upstream, tmp_path: Path) -> None:
@@ -89,50 +115,44 @@ async def test_sidecar_down_is_a_fast_403(upstream, tmp_path: Path) -> None:
     assert upstream.requests == []
 
 
-class RecordingEvaluator(UnavailableEvaluator):
-    """Stands in for webhook rules here: allows, and keeps the parameters it was given."""
-
-    def __init__(self) -> None:
-        self.seen = []
-
-    async def evaluate(self, policy, rules, params) -> Decision:
-        self.seen.append(params)
-        return Decision.allow(Code.RULES_PASSED, "ok", policy.name)
-
-
 def openssl_fingerprint(cert_path: Path, digest: str) -> str:
     out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", f"-{digest}", "-in", str(cert_path)],
                          capture_output=True, text=True, check=True).stdout
     return out.strip().split("=", 1)[1].replace(":", "")
 
 
-async def test_mtls_client_certificate_reaches_the_parameters(db: Path, start_sidecar, upstream, tls,
-                                                              tmp_path: Path) -> None:
-    seed(db, [RULE], POLICIES)
-    evaluator = RecordingEvaluator()
-    sidecar = await start_sidecar(evaluator)
+ALL_PARAMETERS = {name: f"%{name}%" for name in PARAMETERS}
+
+
+async def test_mtls_certificate_parameters_reach_the_webhook(db: Path, start_sidecar, upstream, webhook, tls,
+                                                             tmp_path: Path) -> None:
+    webhook.routes["/params"] = answer({"ok": "yes"})
+    rule = Rule(name="echo", method="POST", url=webhook.url + "/params", body=json.dumps(ALL_PARAMETERS),
+                actions=(ResponseAction(type=ActionType.STRING, key="ok", value="yes"),))
+    seed(db, [rule], [Policy(name="app", rules=("echo",))])
+    sidecar = await start_sidecar()
     client = make_client_cert(tmp_path, tls.ca, "bob", dns_names=("bob.example.com",),
                               uris=("spiffe://example.com/bob",))
     config = render_config(ENVOY_MTLS_YAML, sidecar_port=sidecar.port, upstream_port=upstream.port,
                            tls_dir=tls.directory)
     async with run_envoy(config, tmp_path) as envoy:
         url = f"https://localhost:{envoy.port}"
-        status, _, _ = await get(f"{url}/app/x", ssl=client_ssl_context(tls.ca.cert_path, client))
-        assert status == 200
-        # Same certificate again: parsed once, same parameters.
-        status, _, _ = await get(f"{url}/app/y", ssl=client_ssl_context(tls.ca.cert_path, client))
-        assert status == 200
+        for path in ("/app/x", "/app/y"):
+            status, _, _ = await get(f"{url}{path}", ssl=client_ssl_context(tls.ca.cert_path, client),
+                                     headers={"user-agent": "e2e-agent"})
+            assert status == 200
         foreign = make_foreign_client_cert(tmp_path)
         with pytest.raises(aiohttp.ClientError):
             await get(f"{url}/app/z", ssl=client_ssl_context(tls.ca.cert_path, foreign))
-    params = evaluator.seen[0].values
-    assert params["cert_thumbprint"] == openssl_fingerprint(client.cert_path, "sha1").lower()
-    assert params["cert_thumbprint_upper"] == openssl_fingerprint(client.cert_path, "sha1").upper()
-    assert params["cert_thumbprint_256"] == openssl_fingerprint(client.cert_path, "sha256").lower()
-    assert params["cert_thumbprint_256_upper"] == openssl_fingerprint(client.cert_path, "sha256").upper()
-    assert params["cert_name"] == "bob"
-    assert params["cert_alt_name"] == "bob.example.com,spiffe://example.com/bob"
-    assert params["remote_ip"] == "127.0.0.1"
-    assert params["internal_addr"] == f"127.0.0.1:{envoy.port}"
-    assert evaluator.seen[1].values == params
-    assert len(evaluator.seen) == 2
+    first, second = (json.loads(r["body"]) for r in webhook.seen("/params"))
+    sha1 = openssl_fingerprint(client.cert_path, "sha1")
+    sha256 = openssl_fingerprint(client.cert_path, "sha256")
+    assert first == {
+        "username": "", "internal_addr": f"127.0.0.1:{envoy.port}", "user_agent": "e2e-agent",
+        "remote_ip": "127.0.0.1",
+        "cert_thumbprint": sha1.lower(), "cert_thumbprint_upper": sha1.upper(),
+        "cert_thumbprint_256": sha256.lower(), "cert_thumbprint_256_upper": sha256.upper(),
+        "cert_name": "bob", "cert_alt_name": "bob.example.com,spiffe://example.com/bob",
+        "device_id": "", "groups": "", "group_names": "",
+    }
+    assert second == first

@@ -29,7 +29,7 @@ POLICIES = [
 
 async def test_decisions_for_each_kind_of_policy(db: Path, start_sidecar, authz) -> None:
     seed(db, [RULE], POLICIES)
-    stub = authz((await start_sidecar()).port)
+    stub = authz((await start_sidecar(UnavailableEvaluator())).port)
 
     allowed = await stub.Check(check_request("/public/page"))
     assert allowed.status.code == OK
@@ -149,7 +149,7 @@ async def test_rule_changes_are_picked_up_without_restart(db: Path, start_sideca
 
 async def test_every_decision_reaches_the_activity_log(db: Path, start_sidecar, authz) -> None:
     seed(db, [RULE], POLICIES)
-    sidecar = await start_sidecar()
+    sidecar = await start_sidecar(UnavailableEvaluator())
     stub = authz(sidecar.port)
     await stub.Check(check_request("/public/a", headers={"x-safous-username": "alice"}))
     await stub.Check(check_request("/app/b", source_ip="2001:db8::1"))

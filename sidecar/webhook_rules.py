@@ -1,0 +1,189 @@
+"""The "evaluate" stage for Rules (Custom): render each rule's webhook request, call it, judge
+the answer, combine the rules of a policy into one decision.
+
+Order and concurrency: a rule that uses ``%stored.X%`` waits for the earlier rule of the policy
+that stores X; every other rule starts at once. All rules must hold. The reason reported is the
+first failing rule's *in policy order*, so it never depends on which webhook answered first:
+when rule k fails, the rules after k are cancelled (they cannot change the outcome), and the
+rules before k are awaited (one of them may be the first failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .decision import Code, Decision
+from .parameters import STORED_PREFIX, Parameters
+from .policies import Policy
+from .responses import CompiledActions, compile_actions, evaluate_response
+from .rules import AuthType, Rule
+from .secrets import resolve_secret
+from .store import InvalidRow
+from .templates import CompiledRequest, UnsafeParameter, compile_rule_request
+from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure
+
+UPSTREAM_HEADER_PREFIX = "x-safous-"
+_UNSAFE_IN_HEADER = ("\r", "\n", "\0")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledRule:
+    """A rule ready to run: templates parsed, regexes compiled, secrets resolved."""
+
+    rule: Rule
+    request: CompiledRequest
+    actions: CompiledActions
+    auth: NoAuth | BasicAuth | OAuthAuth
+    timeout: float
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+
+@dataclass(frozen=True, slots=True)
+class RuleOutcome:
+    failure: tuple[Code, str] | None
+    stored: dict[str, str]
+
+
+def _auth(rule: Rule) -> NoAuth | BasicAuth | OAuthAuth:
+    if rule.auth is AuthType.BASIC:
+        return BasicAuth(rule.username or "", resolve_secret(rule.password) or "")
+    if rule.auth is AuthType.OAUTH:
+        return OAuthAuth(rule.token_url or "", rule.client_id or "", resolve_secret(rule.client_secret) or "")
+    return NoAuth()
+
+
+def _dependencies(rules: Sequence[CompiledRule]) -> list[list[int]] | tuple[str, str]:
+    """For each rule, the indexes of the earlier rules whose stored values it uses; or the
+    (rule name, stored name) of a use that no earlier rule provides."""
+    producers: dict[str, int] = {}
+    deps: list[list[int]] = []
+    for index, rule in enumerate(rules):
+        needed = []
+        for name in rule.request.stored_names:
+            if name not in producers:
+                return rule.name, name
+            needed.append(producers[name])
+        deps.append(sorted(set(needed)))
+        for name in rule.actions.stored_names:
+            producers[name] = index
+    return deps
+
+
+class WebhookEvaluator:
+    """Implements ``evaluation.RuleEvaluator`` with real webhook calls through one shared
+    HTTP client (pooled keep-alive connections)."""
+
+    def __init__(self, client: WebhookClient) -> None:
+        self.client = client
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def compile(self, rule: Rule) -> CompiledRule:
+        """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run."""
+        return CompiledRule(
+            rule=rule,
+            request=compile_rule_request(rule),
+            actions=compile_actions(rule.actions),
+            auth=_auth(rule),
+            timeout=rule.timeout_ms / 1000,
+        )
+
+    async def evaluate(self, policy: Policy, rules: Sequence[Any | InvalidRow], params: Parameters) -> Decision:
+        compiled = [r for r in rules if isinstance(r, CompiledRule)]
+        if len(compiled) != len(rules):  # Checker reports InvalidRow before calling us.
+            return Decision.deny(Code.RULE_INVALID, f'policy "{policy.name}" has an unusable rule', policy.name)
+        deps = _dependencies(compiled)
+        if isinstance(deps, tuple):
+            rule_name, stored = deps
+            return Decision.deny(
+                Code.RULE_INVALID,
+                f'rule "{rule_name}" uses %stored.{stored}%, which no earlier rule of policy '
+                f'"{policy.name}" stores',
+                policy.name,
+            )
+        outcomes = await self._run_all(compiled, deps, params)
+        for outcome in outcomes:
+            if outcome is not None and outcome.failure is not None:
+                code, reason = outcome.failure
+                return Decision.deny(code, reason, policy.name)
+        stored: dict[str, str] = {}
+        for outcome in outcomes:
+            assert outcome is not None  # every rule ran, since none failed
+            stored.update(outcome.stored)
+        return Decision.allow(
+            Code.RULES_PASSED,
+            f'policy "{policy.name}": all {len(compiled)} rules met',
+            policy.name,
+            tuple((UPSTREAM_HEADER_PREFIX + name.lower(), value) for name, value in stored.items()),
+        )
+
+    async def _run_all(self, rules: list[CompiledRule], deps: list[list[int]],
+                       params: Parameters) -> list[RuleOutcome | None]:
+        if len(rules) == 1:  # the common case: no tasks needed
+            return [await self._run_rule(rules[0], params.lookup)]
+        tasks: list[asyncio.Task[RuleOutcome | None]] = []
+
+        async def run(index: int) -> RuleOutcome | None:
+            stored: dict[str, str] = {}
+            for dep in deps[index]:
+                outcome = await tasks[dep]
+                if outcome is None or outcome.failure is not None:
+                    return None  # a rule it depends on failed: that failure is the reason
+                stored.update(outcome.stored)
+            return await self._run_rule(rules[index], _lookup_with(params, stored))
+
+        tasks.extend(asyncio.create_task(run(i)) for i in range(len(rules)))
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failed = [tasks.index(t) for t in done if (o := t.result()) is not None and o.failure]
+                if failed:
+                    first = min(failed)
+                    for task in tasks[first + 1:]:
+                        task.cancel()
+                    pending = {t for t in pending if tasks.index(t) < first}
+            return [t.result() if t.done() and not t.cancelled() else None for t in tasks]
+        finally:
+            # Also on our own cancellation (Envoy gave up): no webhook call outlives its check.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_rule(self, rule: CompiledRule, lookup: Callable[[str], str]) -> RuleOutcome:
+        name = rule.name
+        try:
+            request = rule.request.render(lookup)
+        except UnsafeParameter as exc:
+            return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{name}": {exc}'), {})
+        try:
+            response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
+        except WebhookFailure as exc:
+            return RuleOutcome((exc.code, f'rule "{name}": {exc.reason}'), {})
+        result = evaluate_response(name, response.status, response.body, rule.rule.verification, rule.actions)
+        if result.failure is not None:
+            return RuleOutcome(result.failure, {})
+        for key, value in result.stored.items():
+            if any(c in value for c in _UNSAFE_IN_HEADER):
+                return RuleOutcome((Code.UNSAFE_PARAMETER,
+                                    f'rule "{name}": the value stored as "{key}" holds CR, LF or NUL'), {})
+        return RuleOutcome(None, result.stored)
+
+
+def _lookup_with(params: Parameters, stored: dict[str, str]) -> Callable[[str], str]:
+    def lookup(name: str) -> str:
+        if name.startswith(STORED_PREFIX):
+            return stored[name[len(STORED_PREFIX):]]
+        return params.lookup(name)
+
+    return lookup
