@@ -163,8 +163,10 @@ async def serve(settings: Settings, evaluator: RuleEvaluator | None = None) -> i
     sidecar = Sidecar(settings, evaluator)
     try:
         await sidecar.start()
-    except (store.StoreError, RuntimeError) as exc:
+    except (store.StoreError, RuntimeError, ValueError) as exc:
+        # ValueError: e.g. a --webhook-ca-bundle that holds no certificate.
         log.error("cannot start: %s", exc)
+        await sidecar.stop(grace=0)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
