@@ -102,7 +102,9 @@ class Sidecar:
     def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None) -> None:
         self.settings = settings
         ca_bundle = str(settings.webhook_ca_bundle) if settings.webhook_ca_bundle else None
-        self.evaluator = evaluator or WebhookEvaluator(WebhookClient(ca_bundle=ca_bundle))
+        self.evaluator = evaluator or WebhookEvaluator(
+            WebhookClient(ca_bundle=ca_bundle), cache_size=settings.cache_size,
+            failure_ttl=settings.cache_failure_ttl)
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
         self.activity = ActivityLog(settings.db, settings.activity_queue)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot)

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     reload_interval: float = Field(1.0, gt=0, description="seconds between checks of rules.db for changes")
     webhook_ca_bundle: FilePath | None = Field(
         None, description="PEM file of extra CAs trusted for https webhooks (private CAs); the system store is always trusted")
+    cache_size: int = Field(10_000, ge=0, description="decisions kept by the per-rule decision cache (LRU; rules opt in with cache_ttl)")
+    cache_failure_ttl: float = Field(
+        2.0, ge=0, description="seconds a failed webhook call (timeout, 5xx, unreachable…) stays cached, at most the rule's TTL")
     activity_queue: int = Field(10_000, ge=1, description="decisions buffered for the activity log before dropping")
     username_header: str = Field(_IDENTITY.username_header, description="header carrying %username%")
     device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")

@@ -19,14 +19,19 @@ from .decision import Code, Decision
 from .parameters import STORED_PREFIX, Parameters
 from .policies import Policy
 from .responses import CompiledActions, compile_actions, evaluate_response
+from .rule_cache import DecisionCache, SingleFlight
 from .rules import AuthType, Rule
 from .secrets import resolve_secret
 from .store import InvalidRow
-from .templates import CompiledRequest, UnsafeParameter, compile_rule_request
+from .templates import CompiledRequest, UnsafeParameter, WebhookRequest, compile_rule_request
 from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure
 
 UPSTREAM_HEADER_PREFIX = "x-safous-"
 _UNSAFE_IN_HEADER = ("\r", "\n", "\0")
+# The webhook answered and the answer was judged: a real decision, cached for the rule's TTL.
+# Any other failure means the call itself failed, cached only for the shorter failure TTL.
+_JUDGED = frozenset({Code.VALUE_MISMATCH, Code.REGEX_MISMATCH, Code.KEY_MISSING})
+DEFAULT_FAILURE_TTL = 2.0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -38,6 +43,9 @@ class CompiledRule:
     actions: CompiledActions
     auth: NoAuth | BasicAuth | OAuthAuth
     timeout: float
+    # Equal for equal rule definitions across reloads, so cached decisions survive a reload
+    # of unchanged rules and never outlive a change.
+    fingerprint: int
 
     @property
     def name(self) -> str:
@@ -79,23 +87,39 @@ class WebhookEvaluator:
     """Implements ``evaluation.RuleEvaluator`` with real webhook calls through one shared
     HTTP client (pooled keep-alive connections)."""
 
-    def __init__(self, client: WebhookClient) -> None:
+    def __init__(self, client: WebhookClient, *, cache_size: int = 10_000,
+                 failure_ttl: float = DEFAULT_FAILURE_TTL) -> None:
         self.client = client
+        self.cache: DecisionCache[RuleOutcome] = DecisionCache(cache_size)
+        self.flights: SingleFlight[RuleOutcome] = SingleFlight()
+        self.failure_ttl = failure_ttl
+        self._fingerprints: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.client.start()
 
     async def close(self) -> None:
         await self.client.close()
 
     def compile(self, rule: Rule) -> CompiledRule:
-        """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run."""
+        """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run.
+
+        Runs in the loader's thread; a changed rule's cached decisions are dropped on the
+        event loop, which owns the cache."""
+        fingerprint = hash(rule.model_dump_json())
+        previous = self._fingerprints.get(rule.name)
+        self._fingerprints[rule.name] = fingerprint
+        if previous is not None and previous != fingerprint and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.cache.forget_rule, rule.name)
         return CompiledRule(
             rule=rule,
             request=compile_rule_request(rule),
             actions=compile_actions(rule.actions),
             auth=_auth(rule),
             timeout=rule.timeout_ms / 1000,
+            fingerprint=fingerprint,
         )
 
     async def evaluate(self, policy: Policy, rules: Sequence[Any | InvalidRow], params: Parameters) -> Decision:
@@ -166,6 +190,23 @@ class WebhookEvaluator:
             request = rule.request.render(lookup)
         except UnsafeParameter as exc:
             return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{name}": {exc}'), {})
+        key = (rule.fingerprint, request.method, request.url, request.headers, request.body)
+        if rule.rule.cache_ttl > 0:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+        return await self.flights.do(key, lambda: self._call(rule, request, key))
+
+    async def _call(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:
+        outcome = await self._call_and_judge(rule, request)
+        ttl = rule.rule.cache_ttl
+        if outcome.failure is not None and outcome.failure[0] not in _JUDGED:
+            ttl = min(ttl, self.failure_ttl)
+        self.cache.put(rule.name, key, outcome, ttl)
+        return outcome
+
+    async def _call_and_judge(self, rule: CompiledRule, request: WebhookRequest) -> RuleOutcome:
+        name = rule.name
         try:
             response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
         except WebhookFailure as exc:
@@ -173,10 +214,10 @@ class WebhookEvaluator:
         result = evaluate_response(name, response.status, response.body, rule.rule.verification, rule.actions)
         if result.failure is not None:
             return RuleOutcome(result.failure, {})
-        for key, value in result.stored.items():
+        for stored_name, value in result.stored.items():
             if any(c in value for c in _UNSAFE_IN_HEADER):
                 return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                    f'rule "{name}": the value stored as "{key}" holds CR, LF or NUL'), {})
+                                    f'rule "{name}": the value stored as "{stored_name}" holds CR, LF or NUL'), {})
         return RuleOutcome(None, result.stored)
 
 
