@@ -46,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"safous-sidecar: {where}: {error['msg']}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    from .server import serve  # imported late: loading grpc is not needed for --help or errors
+    from .server import run_workers, serve  # late: grpc is not needed for --help or errors
 
+    if settings.workers > 1:
+        return run_workers(settings)
     try:
         return asyncio.run(serve(settings))
     except KeyboardInterrupt:

@@ -45,9 +45,22 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(fmt: str, level: str) -> None:
+class _WorkerFilter(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def configure(fmt: str, level: str, worker: int | None = None) -> None:
+    """Log to stderr; with ``--workers``, each line says which worker wrote it."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerFilter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -10,7 +10,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import socket
+import sys
 import time
 from typing import Any
 
@@ -26,7 +31,7 @@ from .check import Checker
 from .decision import Code, Decision
 from .evaluation import RuleEvaluator
 from .parameters import Parameters
-from .settings import Settings
+from .settings import Settings, split_host_port
 from .snapshot import RulesWatcher, Snapshot
 from .store import ActivityRecord
 from .webhook import WebhookClient
@@ -99,7 +104,8 @@ class Sidecar:
     """The running service: gRPC server, rules watcher and activity log, started and stopped
     together. ``port`` is the bound gRPC port (useful with port 0)."""
 
-    def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None) -> None:
+    def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None, *,
+                 reuse_port: bool = False) -> None:
         self.settings = settings
         ca_bundle = str(settings.webhook_ca_bundle) if settings.webhook_ca_bundle else None
         self.evaluator = evaluator or WebhookEvaluator(
@@ -109,7 +115,9 @@ class Sidecar:
         self.activity = ActivityLog(settings.db, settings.activity_queue)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # SO_REUSEPORT only for --workers: otherwise a second sidecar on the same port would
+        # silently share it instead of failing to start.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
         self.port = 0
         self._ready = asyncio.Event()
 
@@ -160,9 +168,9 @@ class Sidecar:
                                    "activity_dropped": self.activity.dropped})
 
 
-async def serve(settings: Settings, evaluator: RuleEvaluator | None = None) -> int:
+async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, reuse_port: bool = False) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
-    sidecar = Sidecar(settings, evaluator)
+    sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port)
     try:
         await sidecar.start()
     except (store.StoreError, RuntimeError, ValueError) as exc:
@@ -178,3 +186,70 @@ async def serve(settings: Settings, evaluator: RuleEvaluator | None = None) -> i
     log.info("shutting down", extra={"grace_period": settings.grace_period})
     await sidecar.stop()
     return 0
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _worker(settings: Settings, index: int) -> None:
+    from . import logs
+
+    logs.configure(settings.log_format, settings.log_level, worker=index)
+    sys.exit(asyncio.run(serve(settings, reuse_port=True)))
+
+
+def _port_is_free(listen: str) -> bool:
+    host, port = split_host_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_workers(settings: Settings) -> int:
+    """``--workers N``: N server processes sharing the port (SO_REUSEPORT), each with its own
+    event loop, rules snapshot and watcher. SIGTERM/SIGINT are passed on and the workers drain
+    as a single server would; if one worker dies, the others are stopped too and the exit status
+    is 1, so a supervisor restarts the whole sidecar rather than run it half-sized."""
+    if split_host_port(settings.listen)[1] == 0:
+        log.error("cannot start: --workers needs a fixed port, not 0")
+        return 2
+    if not _port_is_free(settings.listen):
+        log.error("cannot start: cannot listen on %s: address in use", settings.listen)
+        return 1
+    try:
+        store.ensure_database(settings.db)  # once, before the workers race to migrate
+    except store.StoreError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(settings, i), name=f"sidecar-worker-{i}")
+               for i in range(settings.workers)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.start()
+    log.info("workers started", extra={"workers": settings.workers, "pids": [w.pid for w in workers]})
+    failed = False
+    while any(w.is_alive() for w in workers):
+        multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1)
+        if not stopping and any(not w.is_alive() and w.exitcode != 0 for w in workers):
+            log.error("a worker exited unexpectedly; stopping the others",
+                      extra={"exit_codes": [w.exitcode for w in workers]})
+            failed = True
+            forward(signal.SIGTERM, None)
+    for worker in workers:
+        worker.join()
+    return 1 if failed or any(w.exitcode != 0 for w in workers) else 0

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     listen: str = Field("127.0.0.1:9191", description="gRPC address Envoy calls, HOST:PORT")
     default_action: Literal["allow", "deny"] = Field(
         "deny", description="decision when no policy matches (zero trust: deny)")
-    workers: int = Field(1, ge=1, le=1, description="server processes sharing the port (only 1 for now)")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), each with its own event loop")
     log_format: Literal["json", "text"] = Field("json", description="log lines on stderr")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
     grace_period: float = Field(5.0, ge=0, description="seconds in-flight checks get on SIGTERM")

@@ -114,3 +114,42 @@ def test_readme_settings_table_is_generated_from_the_model() -> None:
     from sidecar.settings import settings_reference
 
     assert settings_reference() in (ROOT / "README.md").read_text()
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "rules.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen", f"127.0.0.1:{port}",
+         "--workers", "2", "--default-action", "allow"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        listening: set[int] = set()
+        while len(listening) < 2:
+            entry = json.loads(proc.stderr.readline())
+            if entry["message"] == "listening":
+                listening.add(entry["worker"])
+        # Each new connection lands on one worker; with enough of them both get some.
+        for i in range(40):
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                assert pb_grpc.AuthorizationStub(ch).Check(check_request(f"/c{i}")).status.code == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        entries = [json.loads(line) for line in proc.stderr.read().splitlines()]
+        served = {e["worker"] for e in entries if e["logger"] == "sidecar.decision"}
+        assert served == {0, 1}
+    finally:
+        reap(proc)
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM activity_log").fetchone()[0] == 40
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--db", str(tmp_path / "r.db"),
+                             "--listen", "127.0.0.1:0", "--workers", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--workers needs a fixed port" in result.stderr
