@@ -1,8 +1,11 @@
-"""The "record" stage: the activity log, written off the request path.
+"""The "record" stage: the activity log and the decision log lines, both off the request path.
 
-``record`` only appends to a bounded in-memory queue; a background task drains it in batches
-into rules.db through a worker thread, so a slow disk never slows a check. When the queue is
-full the record is dropped and counted (never blocking a check); shutdown flushes what is queued.
+A check only appends one tuple to an in-memory list (bounded: past ``max_queue`` pending
+decisions a record is dropped and counted, never blocking a check). A background task flushes
+the list every ``flush_interval`` seconds: one decision log line per decision, written in one
+go, and one batched insert into rules.db in a worker thread. Batching keeps the per-check cost
+to an append, and the worker thread's contention for the interpreter to a few short bursts a
+second. Shutdown flushes what is pending.
 """
 
 from __future__ import annotations
@@ -10,82 +13,107 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from . import store
+from .logs import iso_time
 from .store import ActivityRecord
 
 log = logging.getLogger(__name__)
 
-BATCH = 500
+
+class Decided(NamedTuple):
+    """One decision as recorded on the request path (``at`` is epoch seconds)."""
+
+    at: float
+    request_id: str
+    username: str
+    source_ip: str
+    host: str
+    path: str
+    method: str
+    policy: str | None
+    allowed: bool
+    code: str
+    status: str
+    latency_ms: float
 
 
 class ActivityLog:
-    def __init__(self, db_path: Path, max_queue: int = 10_000) -> None:
+    def __init__(self, db_path: Path, max_queue: int = 10_000, *, flush_interval: float = 0.2,
+                 on_batch: Callable[[list[Decided]], None] | None = None) -> None:
         self._path = db_path
-        self._queue: asyncio.Queue[ActivityRecord | None] = asyncio.Queue(max_queue)
-        self._closing = False
+        self._max = max_queue
+        self._interval = flush_interval
+        self._on_batch = on_batch
+        self._pending: list[Decided] = []
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
         self._conn: sqlite3.Connection | None = None
         self.written = 0
         self.dropped = 0
 
-    def record(self, record: ActivityRecord) -> None:
-        if self._closing:
+    def record(self, decided: Decided) -> None:
+        if self._closing or len(self._pending) >= self._max:
             self.dropped += 1
             return
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
-            self.dropped += 1
+        self._pending.append(decided)
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="activity-log")
 
-    def _write(self, batch: list[ActivityRecord]) -> None:
+    def _write(self, batch: list[Decided]) -> None:
         if self._conn is None:
             self._conn = store.connect(self._path)
         try:
-            store.insert_activity(self._conn, batch)
+            store.insert_activity(self._conn, [ActivityRecord(iso_time(d.at), *d[1:]) for d in batch])
         except store.StoreError:
             self._conn.close()
             self._conn = None  # reopen next time: the file may have been replaced
             raise
 
-    async def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch: list[ActivityRecord] = []
-            item = await self._queue.get()
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= BATCH or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            stopping = item is None
-            if not batch:
-                continue
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        if self._on_batch is not None:
             try:
-                await asyncio.to_thread(self._write, batch)
-                self.written += len(batch)
-            except store.StoreError as exc:
-                self.dropped += len(batch)
-                log.error("activity log write failed; %d decisions dropped", len(batch),
-                          extra={"error": str(exc)})
+                self._on_batch(batch)
+            except Exception:
+                log.exception("could not write decision log lines")
+        try:
+            await asyncio.to_thread(self._write, batch)
+            self.written += len(batch)
+        except store.StoreError as exc:
+            self.dropped += len(batch)
+            log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+            await self._flush()
 
     async def close(self) -> None:
-        """Flush everything queued, then stop the writer. Records arriving after this are dropped."""
-        self._closing = True
+        """Flush everything pending, then stop the writer. Records arriving after this are dropped."""
         if self._task is not None:
-            # The sentinel queues behind every pending record, so they are all written first;
-            # the writer, not this coroutine, owns the connection until it returns.
-            await self._queue.put(None)
+            self._closing = True
+            self._wake.set()
+            # The writer finishes its current flush, then flushes what is left, and returns;
+            # it alone uses the connection until then.
             await self._task
             self._task = None
+        self._closing = True
+        await self._flush()
         if self._conn is not None:
             await asyncio.to_thread(self._conn.close)
             self._conn = None

@@ -46,12 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"safous-sidecar: {where}: {error['msg']}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    from .server import run_workers, serve  # late: grpc is not needed for --help or errors
+    from .server import run_loop, run_workers, serve  # late: grpc is not needed for --help or errors
 
     if settings.workers > 1:
         return run_workers(settings)
     try:
-        return asyncio.run(serve(settings))
+        return run_loop(settings, serve(settings))
     except KeyboardInterrupt:
         return 0
 

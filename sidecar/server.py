@@ -8,7 +8,6 @@ activity log, exit 0.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -17,15 +16,16 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import edge, store
+from . import edge, logs, store
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from .activity import ActivityLog
+from .activity import ActivityLog, Decided
 from .attributes import RequestAttributes
 from .check import Checker
 from .decision import Code, Decision
@@ -33,21 +33,15 @@ from .evaluation import RuleEvaluator
 from .parameters import Parameters
 from .settings import Settings, split_host_port
 from .snapshot import RulesWatcher, Snapshot
-from .store import ActivityRecord
 from .webhook import WebhookClient
 from .webhook_rules import WebhookEvaluator
 
 log = logging.getLogger(__name__)
-decision_log = logging.getLogger("sidecar.decision")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
 _INTERNAL = Decision.deny(Code.INTERNAL_ERROR, "internal error in the authorization sidecar")
 # Built once at import so the last-resort answer cannot itself fail.
 _INTERNAL_RESPONSE = edge.build_response(_INTERNAL, "")
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):
@@ -78,25 +72,14 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
 
     def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
                 decision: Decision, latency_ms: float) -> None:
-        request_id = attrs.request_id if attrs else ""
-        decision_log.info(
-            "allow" if decision.allowed else "deny",
-            extra={"request_id": request_id, "policy": decision.policy, "code": str(decision.code),
-                   "latency_ms": round(latency_ms, 3)},
-        )
-        self._activity.record(ActivityRecord(
-            at=_now_iso(),
-            request_id=request_id,
-            username=params.values["username"] if params else "",
-            source_ip=attrs.source.ip if attrs else "",
-            host=attrs.host if attrs else "",
-            path=attrs.path if attrs else "",
-            method=attrs.method if attrs else "",
-            policy=decision.policy,
-            allowed=decision.allowed,
-            code=str(decision.code),
-            status=decision.reason,
-            latency_ms=latency_ms,
+        if attrs is None:
+            self._activity.record(Decided(time.time(), "", "", "", "", "", "", decision.policy,
+                                          decision.allowed, decision.code, decision.reason, latency_ms))
+            return
+        self._activity.record(Decided(
+            time.time(), attrs.request_id, params.values["username"] if params else "", attrs.source.ip,
+            attrs.host, attrs.path, attrs.method, decision.policy, decision.allowed, decision.code,
+            decision.reason, latency_ms,
         ))
 
 
@@ -112,7 +95,7 @@ class Sidecar:
             WebhookClient(ca_bundle=ca_bundle), cache_size=settings.cache_size,
             failure_ttl=settings.cache_failure_ttl)
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
-        self.activity = ActivityLog(settings.db, settings.activity_queue)
+        self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=logs.write_decisions)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot)
         self.health = health.aio.HealthServicer()
         # SO_REUSEPORT only for --workers: otherwise a second sidecar on the same port would
@@ -188,6 +171,15 @@ async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, r
     return 0
 
 
+def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
+    """Run the server's coroutine on the configured event loop."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
 # ----------------------------------------------------------------------------- workers
 
 
@@ -195,7 +187,7 @@ def _worker(settings: Settings, index: int) -> None:
     from . import logs
 
     logs.configure(settings.log_format, settings.log_level, worker=index)
-    sys.exit(asyncio.run(serve(settings, reuse_port=True)))
+    sys.exit(run_loop(settings, serve(settings, reuse_port=True)))
 
 
 def _port_is_free(listen: str) -> bool:
