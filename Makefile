@@ -9,7 +9,7 @@ XDS := $(VENV)/xds-protos
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: install proto run test clean
+.PHONY: install proto run test bench clean
 
 install: $(STAMP) proto
 
@@ -29,6 +29,12 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Load generators from Debian (h2load: nghttp2-client; wrk), installed when missing.
+bench: install
+	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq nghttp2-client wrk; }
+	$(PY) -m tests.benchmark --markdown BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) sidecar/_pb

@@ -58,6 +58,10 @@ class RuleOutcome:
     stored: dict[str, str]
 
 
+# A rule ready to be called: the rendered request and its cache (and single-flight) key.
+_Call = tuple[WebhookRequest, tuple[Any, ...]]
+
+
 def _auth(rule: Rule) -> NoAuth | BasicAuth | OAuthAuth:
     if rule.auth is AuthType.BASIC:
         return BasicAuth(rule.username or "", resolve_secret(rule.password) or "")
@@ -153,48 +157,76 @@ class WebhookEvaluator:
 
     async def _run_all(self, rules: list[CompiledRule], deps: list[list[int]],
                        params: Parameters) -> list[RuleOutcome | None]:
-        if len(rules) == 1:  # the common case: no tasks needed
-            return [await self._run_rule(rules[0], params.lookup)]
-        tasks: list[asyncio.Task[RuleOutcome | None]] = []
+        # Rules that need no stored value are rendered and looked up in the cache at once, with
+        # no task: a fully cached policy is decided without scheduling anything.
+        ready: list[RuleOutcome | _Call | None] = [
+            None if deps[i] else self._prepare(rule, params.lookup) for i, rule in enumerate(rules)
+        ]
+        known = next((i for i, r in enumerate(ready) if isinstance(r, RuleOutcome) and r.failure), len(rules))
+        # Rules after a known failure cannot change the outcome; rules before it might fail first.
+        todo = [i for i in range(known) if not isinstance(ready[i], RuleOutcome)]
+        outcomes: list[RuleOutcome | None] = [r if isinstance(r, RuleOutcome) else None for r in ready]
+        if not todo:
+            return outcomes
+        if len(todo) == 1 and not deps[todo[0]]:
+            call = ready[todo[0]]
+            assert isinstance(call, tuple)
+            outcomes[todo[0]] = await self._execute(rules[todo[0]], *call)
+            return outcomes
+        tasks: dict[int, asyncio.Task[RuleOutcome | None]] = {}
 
         async def run(index: int) -> RuleOutcome | None:
-            stored: dict[str, str] = {}
-            for dep in deps[index]:
-                outcome = await tasks[dep]
-                if outcome is None or outcome.failure is not None:
-                    return None  # a rule it depends on failed: that failure is the reason
-                stored.update(outcome.stored)
-            return await self._run_rule(rules[index], _lookup_with(params, stored))
+            call = ready[index]
+            if call is None:
+                stored: dict[str, str] = {}
+                for dep in deps[index]:
+                    outcome = outcomes[dep] if dep not in tasks else await tasks[dep]
+                    if outcome is None or outcome.failure is not None:
+                        return None  # a rule it depends on failed: that failure is the reason
+                    stored.update(outcome.stored)
+                call = self._prepare(rules[index], _lookup_with(params, stored))
+                if isinstance(call, RuleOutcome):
+                    return call
+            assert isinstance(call, tuple)
+            return await self._execute(rules[index], *call)
 
-        tasks.extend(asyncio.create_task(run(i)) for i in range(len(rules)))
+        for index in todo:
+            tasks[index] = asyncio.create_task(run(index))
         try:
-            pending = set(tasks)
+            pending = set(tasks.values())
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                failed = [tasks.index(t) for t in done if (o := t.result()) is not None and o.failure]
+                failed = [i for i, t in tasks.items() if t in done and (o := t.result()) is not None and o.failure]
                 if failed:
                     first = min(failed)
-                    for task in tasks[first + 1:]:
-                        task.cancel()
-                    pending = {t for t in pending if tasks.index(t) < first}
-            return [t.result() if t.done() and not t.cancelled() else None for t in tasks]
+                    pending = {t for i, t in tasks.items() if t in pending and i < first}
+                    for i, task in tasks.items():
+                        if i > first:
+                            task.cancel()
+            for index, task in tasks.items():
+                outcomes[index] = task.result() if task.done() and not task.cancelled() else None
+            return outcomes
         finally:
             # Also on our own cancellation (Envoy gave up): no webhook call outlives its check.
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
 
-    async def _run_rule(self, rule: CompiledRule, lookup: Callable[[str], str]) -> RuleOutcome:
-        name = rule.name
+    def _prepare(self, rule: CompiledRule, lookup: Callable[[str], str]) -> RuleOutcome | _Call:
+        """The rule's outcome if known without calling (unsafe parameter, cache hit), else the
+        request to send and its cache key."""
         try:
             request = rule.request.render(lookup)
         except UnsafeParameter as exc:
-            return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{name}": {exc}'), {})
+            return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
         key = (rule.fingerprint, request.method, request.url, request.headers, request.body)
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
                 return cached
+        return request, key
+
+    async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:
         return await self.flights.do(key, lambda: self._call(rule, request, key))
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:

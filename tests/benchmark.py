@@ -1,0 +1,463 @@
+"""`make bench`: what a check costs on top of gRPC itself, measured side by side with a bare
+always-OK Check servicer built from the same generated code, in the same run.
+
+Everything runs on loopback and is bounded in time (about three minutes in all). Load comes
+from h2load (gRPC: a length-prefixed serialized CheckRequest posted with
+``content-type: application/grpc``) and wrk (HTTP through Envoy), except where every request
+must differ (the 100 ms webhook: single flight would merge identical ones), which uses a small
+grpc.aio driver. Results are ratios to the baseline because these machines are shared and noisy.
+
+    python -m tests.benchmark [--duration SECONDS] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
+START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
+
+
+# ----------------------------------------------------------------- helper processes
+
+def _baseline_main(port: int) -> None:
+    """A bare grpc.aio Check servicer that always answers OK: the floor we measure against."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from sidecar._pb.google.rpc import status_pb2
+
+    class Bare(pb_grpc.AuthorizationServicer):
+        async def Check(self, request, context):  # noqa: N802
+            return pb.CheckResponse(status=status_pb2.Status(code=0), ok_response=pb.OkHttpResponse())
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_AuthorizationServicer_to_server(Bare(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _webhook_main(port: int) -> None:
+    """The third-party API: answers at once, or after 100 ms."""
+    from aiohttp import web
+
+    async def instant(request: web.Request) -> web.Response:
+        return web.json_response({"status": "active", "tier": "gold"})
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.1)
+        return web.json_response({"status": "active", "tier": "gold"})
+
+    app = web.Application()
+    app.router.add_get("/instant", instant)
+    app.router.add_get("/slow", slow)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# ----------------------------------------------------------------------- plumbing
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def process(args: list[str], port: int | None = None, **kwargs) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    try:
+        if port:
+            wait_port(port)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sidecar(db: Path, port: int, *extra: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    return process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
+                    f"127.0.0.1:{port}", *extra], port)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def grpc_payload(path: Path, host: str = "app.example.com", url_path: str = "/app") -> Path:
+    from tests.conftest import check_request
+
+    body = check_request(url_path, host=host, headers={"x-safous-username": "alice"}).SerializeToString()
+    path.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)
+    return path
+
+
+@dataclass
+class Result:
+    scenario: str
+    rate: float
+    p50: float
+    p99: float
+    ratio_to: str = ""
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def h2load(port: int, payload: Path, duration: float, clients: int = 4, streams: int = 16,
+           workdir: Path | None = None) -> tuple[float, float, float]:
+    """checks/s, p50 ms, p99 ms of gRPC Check calls driven by h2load."""
+    log = Path(tempfile.mktemp(suffix=".tsv", dir=workdir))
+    out = subprocess.run(
+        ["h2load", "-D", f"{duration:g}", "--warm-up-time", "1", "-c", str(clients), "-m", str(streams),
+         "-t", "1", "-d", str(payload), "-H", "content-type: application/grpc", "-H", "te: trailers",
+         "--log-file", str(log), f"http://127.0.0.1:{port}{CHECK_PATH}"],
+        capture_output=True, text=True, timeout=duration + 60)
+    match = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out.stdout)
+    failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out.stdout)
+    if not match or not failed or int(failed.group(2)):
+        raise RuntimeError(f"h2load failed:\n{out.stdout}\n{out.stderr}")
+    latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2]
+    log.unlink()
+    return float(match.group(1)), percentile(latencies, 0.5), percentile(latencies, 0.99)
+
+
+def wrk(url: str, duration: float) -> tuple[float, float, float]:
+    out = subprocess.run(["wrk", "-t", "1", "-c", "16", "-d", f"{int(duration)}s", "--latency",
+                          "-H", "Host: app.example.com", url],
+                         capture_output=True, text=True, timeout=duration + 60).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"wrk saw {non2xx.group(1)} non-2xx answers:\n{out}")
+    return rate, ms("50"), ms("99")
+
+
+async def _drive_unique(port: int, duration: float, concurrency: int) -> tuple[float, float, float]:
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    latencies: list[float] = []
+    allowed = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.AuthorizationStub(channel)
+        stop = time.monotonic() + duration
+
+        async def client(n: int) -> None:
+            nonlocal allowed
+            i = 0
+            while time.monotonic() < stop:
+                request = check_request("/app", headers={"x-unique": f"{n}-{i}"})
+                started = time.perf_counter()
+                response = await stub.Check(request)
+                latencies.append((time.perf_counter() - started) * 1000)
+                allowed += response.status.code == 0
+                i += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(client(n) for n in range(concurrency)))
+        elapsed = time.monotonic() - started
+    if allowed != len(latencies):
+        raise RuntimeError(f"{len(latencies) - allowed} checks were denied")
+    return len(latencies) / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99)
+
+
+# --------------------------------------------------------------------- rules.db
+
+def make_db(path: Path, webhook: str, *, policies: int = 1, rules_per_policy: int = 0, integration: bool = True,
+            cache_ttl: float = 0, endpoint: str = "instant", url_param: str = "%username%") -> Path:
+    from sidecar import store
+    from sidecar.policies import Policy
+    from sidecar.rules import ActionType, ResponseAction, Rule
+
+    store.ensure_database(path)
+    conn = store.connect(path)
+    with store.transaction(conn, immediate=True):
+        for p in range(policies):
+            names = []
+            for r in range(rules_per_policy):
+                rule = Rule(name=f"r{p}-{r}", url=f"{webhook}/{endpoint}?u={url_param}&n={r}", cache_ttl=cache_ttl,
+                            actions=(ResponseAction(type=ActionType.STRING, key="status", value="active"),
+                                     ResponseAction(type=ActionType.STORE, key="tier", value=f"tier{r}")))
+                store.save_rule(conn, rule)
+                names.append(rule.name)
+            host = "app.example.com" if p == policies // 2 else f"h{p}.example.com"
+            store.save_policy(conn, Policy(name=f"p{p}", hosts=(host,), integration=integration,
+                                           rules=tuple(names)))
+    conn.close()
+    return path
+
+
+def expect_decision(port: int, payload_host: str = "app.example.com", allowed: bool = True) -> None:
+    """One check before the load: the scenario really takes the path it claims to measure."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = pb_grpc.AuthorizationStub(channel).Check(check_request("/app", host=payload_host), timeout=10)
+    if (response.status.code == 0) != allowed:
+        raise RuntimeError(f"scenario sanity check failed: {response}")
+
+
+# ------------------------------------------------------------------------ the run
+
+def run(duration: float) -> list[Result]:
+    results: list[Result] = []
+    work = Path(tempfile.mkdtemp(prefix="safous-bench-"))
+    payload = grpc_payload(work / "check.bin")
+    hook_port = free_port()
+    webhook = f"http://127.0.0.1:{hook_port}"
+
+    def measure(name: str, db: Path | None, *, allowed: bool = True, extra: tuple[str, ...] = (),
+                clients: int = 4, streams: int = 16, target: float | None = None) -> Result:
+        """One scenario; with a ``target``, the baseline is measured right before it with the
+        same load, and the ratio is to that paired run (the machine's speed drifts)."""
+        base = _measure("baseline", None, clients=clients, streams=streams, keep=False) if target else None
+        return _measure(name, db, allowed=allowed, extra=extra, clients=clients, streams=streams,
+                        base=base, target=target)
+
+    def _measure(name: str, db: Path | None, *, allowed: bool = True, extra: tuple[str, ...] = (),
+                 clients: int = 4, streams: int = 16, base: Result | None = None,
+                 target: float | None = None, keep: bool = True) -> Result:
+        port = free_port()
+        if db is None:
+            ctx = process([sys.executable, "-m", "tests.benchmark", "baseline", str(port)], port)
+        else:
+            ctx = sidecar(db, port, *extra)
+        with ctx as proc:
+            expect_decision(port, allowed=allowed)
+            rate, p50, p99 = h2load(port, payload, duration, clients, streams, work)
+            result = Result(name, rate, p50, p99, extra={"rss_mb": rss_mb(proc.pid)})
+        print(f"  {name}: {rate:.0f} checks/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+        if base is not None and target is not None:
+            result.ratio_to, result.ratio = f"baseline ({base.rate:,.0f}/s)", rate / base.rate
+            result.target, result.met = f"≥ {target} × baseline", result.ratio >= target
+        if keep:
+            results.append(result)
+        return result
+
+    with process([sys.executable, "-m", "tests.benchmark", "webhook", str(hook_port)], hook_port):
+        _measure("baseline: bare always-OK servicer (h2load -c4 -m16)", None)
+
+        empty = make_db(work / "empty.db", webhook)
+        with sqlite3.connect(empty) as conn:
+            conn.execute("DELETE FROM policies")
+        measure("no matching policy (default action deny)", empty, allowed=False, target=0.9)
+        measure("policy with integration off", make_db(work / "off.db", webhook, integration=False), target=0.9)
+        cached = make_db(work / "cached.db", webhook, rules_per_policy=3, cache_ttl=60)
+        measure("3 rules, decisions cached", cached, target=0.85)
+        base1 = _measure("baseline, concurrency 1", None, clients=1, streams=1)
+        r = _measure("3 rules cached, concurrency 1", cached, clients=1, streams=1)
+        r.ratio_to, r.ratio = "baseline c1", r.rate / base1.rate
+        r.target, r.met = "p50 ≤ baseline + 0.1 ms", r.p50 <= base1.p50 + 0.1
+        r.note = f"p50 {r.p50 - base1.p50:+.2f} ms vs baseline"
+        r = measure("3 rules uncached, instant webhook", make_db(work / "uncached.db", webhook, rules_per_policy=3),
+                    target=0.4)
+        r.note = "h2load repeats one request: single flight merges calls in flight at once"
+
+        slow_db = make_db(work / "slow.db", webhook, rules_per_policy=1, endpoint="slow",
+                          url_param="%headers.x-unique%")
+        port = free_port()
+        with sidecar(slow_db, port):
+            rate, p50, p99 = asyncio.run(_drive_unique(port, duration, 64))
+        r = Result("100 ms webhook, 64 concurrent checks (unique)", rate, p50, p99)
+        r.target, r.met = "≥ 400 checks/s", rate >= 400
+        print(f"  {r.scenario}: {rate:.0f} checks/s, p50 {p50:.1f} ms", flush=True)
+        results.append(r)
+
+        small = _measure("10 policies (1 cached rule each)",
+                        make_db(work / "p10.db", webhook, policies=10, rules_per_policy=1, cache_ttl=60))
+        big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
+        big = _measure("10,000 policies and rules", big_db)
+        big.ratio_to, big.ratio = "10 policies", big.rate / small.rate
+        big.target, big.met = "≥ 0.95 × 10 policies; RSS < 150 MB", big.ratio >= 0.95 and big.extra["rss_mb"] < 150
+        big.note = f"sidecar RSS {big.extra['rss_mb']:.0f} MB"
+        results.append(reload_stall(big_db, payload, duration, work))
+
+        one = _measure("integration off, --workers 1 (h2load -c8 -m8)", work / "off.db", clients=8, streams=8)
+        two = _measure("integration off, --workers 2 (h2load -c8 -m8)", work / "off.db", extra=("--workers", "2"),
+                       clients=8, streams=8)
+        two.ratio_to, two.ratio = "--workers 1", two.rate / one.rate
+        two.target, two.met = "≥ 1.5 × one worker", two.ratio >= 1.5
+        two.note = "h2load shares the 2 cores with both workers"
+
+        results.extend(through_envoy(work / "off.db", duration, work))
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def reload_stall(db: Path, payload: Path, duration: float, work: Path) -> Result:
+    """p99 of checks while 10,000 rules are reloaded about every second."""
+    port = free_port()
+    with sidecar(db, port, "--reload-interval", "0.2"):
+        expect_decision(port)
+        stop = time.monotonic() + duration + 1
+        reloads = 0
+
+        def bump() -> None:
+            nonlocal reloads
+            with sqlite3.connect(db) as conn:
+                while time.monotonic() < stop:
+                    # A no-op edit still bumps rules_version: a full reload of every rule.
+                    conn.execute("UPDATE rules SET timeout_ms = timeout_ms WHERE id = 1")
+                    conn.commit()
+                    reloads += 1
+                    time.sleep(1)
+
+        import threading
+
+        bumper = threading.Thread(target=bump)
+        bumper.start()
+        rate, p50, p99 = h2load(port, payload, duration, 4, 16, work)
+        bumper.join()
+    result = Result("10,000 rules, reloaded every second", rate, p50, p99)
+    result.target, result.met = "p99 < 50 ms", p99 < 50
+    result.note = f"{reloads} reloads during the run"
+    print(f"  {result.scenario}: p99 {p99:.1f} ms", flush=True)
+    return result
+
+
+def through_envoy(db: Path, duration: float, work: Path) -> list[Result]:
+    from tests.envoy_harness import ENVOY_YAML, render_config
+
+    side_port, envoy_port, admin_port = free_port(), free_port(), free_port()
+    direct = 'direct_response: { status: 200, body: { inline_string: "ok" } }'
+    config = render_config(ENVOY_YAML, sidecar_port=side_port, upstream_port=free_port(),
+                           listener_port=envoy_port, admin_port=admin_port,
+                           extra={"route: { cluster: app }": direct})
+    no_authz = config.replace(direct, direct + "\n                typed_per_filter_config:\n"
+                              "                  envoy.filters.http.ext_authz:\n"
+                              '                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute\n'
+                              "                    disabled: true")
+    results = []
+    from tests.envoy_harness import envoy_binary
+
+    for name, text in (("Envoy alone (ext_authz off)", no_authz), ("Envoy + sidecar (integration off)", config)):
+        path = work / f"envoy-{len(results)}.yaml"
+        path.write_text(text)
+        with sidecar(db, side_port), process([envoy_binary(), "-c", str(path), "--disable-hot-restart",
+                                              "-l", "error"], envoy_port):
+            rate, p50, p99 = wrk(f"http://127.0.0.1:{envoy_port}/app", duration)
+        results.append(Result(name, rate, p50, p99))
+        print(f"  {name}: {rate:.0f} requests/s", flush=True)
+    results[1].ratio_to, results[1].ratio = "Envoy alone", results[1].rate / results[0].rate
+    results[1].note = "requests/s through Envoy (wrk -c16); the Python gRPC servicer is the bottleneck"
+    return results
+
+
+# ------------------------------------------------------------------------ report
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def table(results: list[Result]) -> str:
+    rows = ["| scenario | checks/s | p50 ms | p99 ms | ratio | target | met | note |",
+            "|---|---:|---:|---:|---:|---|---|---|"]
+    for r in results:
+        ratio = f"{r.ratio:.2f} × {r.ratio_to}" if r.ratio is not None else ""
+        met = "" if r.met is None else ("yes" if r.met else "**no**")
+        rows.append(f"| {r.scenario} | {r.rate:,.0f} | {r.p50:.2f} | {r.p99:.2f} | {ratio} | {r.target} | {met} "
+                    f"| {r.note} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", nargs="?", default="bench", choices=["bench", "baseline", "webhook"])
+    parser.add_argument("port", nargs="?", type=int)
+    parser.add_argument("--duration", type=float, default=5, help="seconds of load per scenario")
+    parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
+    args = parser.parse_args()
+    if args.role == "baseline":
+        _baseline_main(args.port)
+        return 0
+    if args.role == "webhook":
+        _webhook_main(args.port)
+        return 0
+    for tool in ("h2load", "wrk"):
+        if not shutil.which(tool):
+            print(f"{tool} not found: `make bench` installs it (Debian nghttp2-client, wrk)", file=sys.stderr)
+            return 2
+    print(f"machine: {machine()}\n", flush=True)
+    started = time.monotonic()
+    results = run(args.duration)
+    text = table(results)
+    print("\n" + text)
+    print(f"\n({time.monotonic() - started:.0f} s)")
+    if args.markdown:
+        block = (f"{START}\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
+                 f"Command: `make bench` ({args.duration:g} s of load per scenario)\n\n{text}\n{END}")
+        old = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+        if START in old and END in old:
+            new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + block + "\n"
+        args.markdown.write_text(new)
+        print(f"table written to {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
