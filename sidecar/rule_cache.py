@@ -1,9 +1,9 @@
 """Per-rule decision cache and single flight for webhook calls.
 
-Both are keyed by the fully rendered webhook request (method, URL, headers, body) of one rule:
-equal parameters give equal requests, so they share an entry, while anything the webhook could
-see differently gets its own. Secrets are not part of the key (authentication is added by the
-HTTP client after rendering).
+Both are keyed by one rule and the values of the parameters it uses, which determine its
+rendered webhook request (method, URL, headers, body) exactly: equal parameters give equal
+requests and share an entry, while anything the webhook could see differently gets its own.
+Secrets are not part of the key (authentication is added by the HTTP client after rendering).
 
 The cache is one LRU over all rules, bounded in entries. A rule's entries live ``cache_ttl``
 seconds when the webhook gave a real answer (criteria met or not), and at most

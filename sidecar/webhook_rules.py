@@ -70,21 +70,28 @@ def _auth(rule: Rule) -> NoAuth | BasicAuth | OAuthAuth:
     return NoAuth()
 
 
-def _dependencies(rules: Sequence[CompiledRule]) -> list[list[int]] | tuple[str, str]:
-    """For each rule, the indexes of the earlier rules whose stored values it uses; or the
-    (rule name, stored name) of a use that no earlier rule provides."""
+_Plan = tuple[list[CompiledRule], list[list[int]]]
+
+
+def _make_plan(rules: tuple[Any | InvalidRow, ...]) -> _Plan | str:
+    """The rules and, for each, the indexes of the earlier rules whose stored values it uses;
+    or why they cannot run (a template for the reason, ``{policy}`` to be filled in)."""
+    compiled = [r for r in rules if isinstance(r, CompiledRule)]
+    if len(compiled) != len(rules):  # the Checker reports an InvalidRow before calling us
+        return 'policy "{policy}" has an unusable rule'
     producers: dict[str, int] = {}
     deps: list[list[int]] = []
-    for index, rule in enumerate(rules):
+    for index, rule in enumerate(compiled):
         needed = []
         for name in rule.request.stored_names:
             if name not in producers:
-                return rule.name, name
+                return (f'rule "{rule.name}" uses %stored.{name}%, which no earlier rule of policy '
+                        '"{policy}" stores')
             needed.append(producers[name])
         deps.append(sorted(set(needed)))
         for name in rule.actions.stored_names:
             producers[name] = index
-    return deps
+    return compiled, deps
 
 
 class WebhookEvaluator:
@@ -98,6 +105,7 @@ class WebhookEvaluator:
         self.flights: SingleFlight[RuleOutcome] = SingleFlight()
         self.failure_ttl = failure_ttl
         self._fingerprints: dict[str, int] = {}
+        self._plans: dict[tuple[Any, ...], _Plan | str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -127,18 +135,10 @@ class WebhookEvaluator:
         )
 
     async def evaluate(self, policy: Policy, rules: Sequence[Any | InvalidRow], params: Parameters) -> Decision:
-        compiled = [r for r in rules if isinstance(r, CompiledRule)]
-        if len(compiled) != len(rules):  # Checker reports InvalidRow before calling us.
-            return Decision.deny(Code.RULE_INVALID, f'policy "{policy.name}" has an unusable rule', policy.name)
-        deps = _dependencies(compiled)
-        if isinstance(deps, tuple):
-            rule_name, stored = deps
-            return Decision.deny(
-                Code.RULE_INVALID,
-                f'rule "{rule_name}" uses %stored.{stored}%, which no earlier rule of policy '
-                f'"{policy.name}" stores',
-                policy.name,
-            )
+        plan = self._plan(tuple(rules))
+        if isinstance(plan, str):
+            return Decision.deny(Code.RULE_INVALID, plan.replace("{policy}", policy.name), policy.name)
+        compiled, deps = plan
         outcomes = await self._run_all(compiled, deps, params)
         for outcome in outcomes:
             if outcome is not None and outcome.failure is not None:
@@ -212,18 +212,33 @@ class WebhookEvaluator:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
 
+    def _plan(self, rules: tuple[Any | InvalidRow, ...]) -> _Plan | str:
+        """How to run a policy's rules (the rules and, for each, the earlier rules it waits
+        for), or the reason they cannot run. Memoised: a policy's rules are the same objects
+        for the whole life of a rules snapshot, so this is worked out once per policy."""
+        plan = self._plans.get(rules)  # CompiledRule hashes by identity
+        if plan is None:
+            if len(self._plans) >= 4096:
+                self._plans.clear()  # old snapshots' entries; rebuilt on demand
+            plan = self._plans[rules] = _make_plan(rules)
+        return plan
+
     def _prepare(self, rule: CompiledRule, lookup: Callable[[str], str]) -> RuleOutcome | _Call:
         """The rule's outcome if known without calling (unsafe parameter, cache hit), else the
-        request to send and its cache key."""
-        try:
-            request = rule.request.render(lookup)
-        except UnsafeParameter as exc:
-            return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
-        key = (rule.fingerprint, request.method, request.url, request.headers, request.body)
+        request to send and its cache key.
+
+        The key is the rule and the values of the parameters it uses: the rendered request is
+        a function of exactly these, so equal keys mean equal webhook requests, and a cache hit
+        skips rendering altogether."""
+        key = (rule.fingerprint, tuple(lookup(name) for name in rule.request.parameters))
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
                 return cached
+        try:
+            request = rule.request.render(lookup)
+        except UnsafeParameter as exc:
+            return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
         return request, key
 
     async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:
