@@ -1,0 +1,5 @@
+"""``python -m sidecar.admin`` is ``safous-admin``."""
+
+from .cli import main
+
+main()

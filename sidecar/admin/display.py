@@ -1,0 +1,214 @@
+"""How the admin script shows things: redacted documents, tables, one object's details.
+
+Two rules hold for everything printed:
+
+- a secret is never shown in clear: a rule's password and client secret go through
+  ``sidecar.secrets.mask`` (a reference as written, a clear value as the mask), and so do the
+  values of its Authorization and Proxy-Authorization headers; only ``export --with-secrets``
+  writes them as stored;
+- text that came from outside (activity-log usernames and paths, webhook answers, names written
+  with plain SQL) cannot drive the terminal: control and format characters are shown escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sidecar.secrets import MASK, mask
+from sidecar.store import StoredPolicy, StoredRule
+
+__all__ = [
+    "SECRET_HEADERS",
+    "action_lines",
+    "clean",
+    "header_lines",
+    "policy_details",
+    "policy_document",
+    "policy_row",
+    "redact_header",
+    "rule_details",
+    "rule_document",
+    "rule_row",
+    "table",
+]
+
+SECRET_HEADERS = ("authorization", "proxy-authorization")
+"""Rule headers whose values are credentials, masked like passwords (lower case)."""
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean(text: str, *, multiline: bool = False) -> str:
+    """``text`` safe for a terminal: control and format characters (escape sequences, bidi
+    overrides) escaped; newlines and tabs kept when ``multiline``."""
+    keep = "\n\t" if multiline else ""
+    if text.isprintable() and not any(c in text for c in keep):
+        return text
+    return "".join(
+        _escape(c) if unicodedata.category(c) in ("Cc", "Cf") and c not in keep else c for c in text
+    )
+
+
+def redact_header(name: str, value: str) -> str:
+    return MASK if name.lower() in SECRET_HEADERS else value
+
+
+def _redact(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    for field in ("password", "client_secret"):
+        if isinstance(out.get(field), str):
+            out[field] = mask(out[field])
+    headers = out.get("headers")
+    if isinstance(headers, list):
+        out["headers"] = [
+            [h[0], redact_header(h[0], h[1])]
+            if isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], str) else h
+            for h in headers
+        ]
+    return out
+
+
+def rule_document(stored: StoredRule, *, with_secrets: bool = False) -> dict[str, Any]:
+    """The rule as exported: the model's fields (as stored when the row does not validate),
+    secrets masked unless ``with_secrets``."""
+    fields = stored.rule.model_dump(mode="json") if stored.rule else dict(stored.fields)
+    return fields if with_secrets else _redact(fields)
+
+
+def policy_document(stored: StoredPolicy) -> dict[str, Any]:
+    """The policy as exported: the model's fields (as stored when the row does not validate)."""
+    return stored.policy.model_dump(mode="json") if stored.policy else dict(stored.fields)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, cells cleaned, no trailing spaces."""
+    cells = [list(headers)] + [[clean(str(c)) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _details(title: str, pairs: Sequence[tuple[str, str | Sequence[str]]]) -> str:
+    width = max(len(label) for label, _ in pairs)
+    lines = [title]
+    for label, value in pairs:
+        values = [value] if isinstance(value, str) else list(value) or ["none"]
+        text = "\n".join(clean(v, multiline=True) for v in values).rstrip("\n")
+        first, *rest = text.split("\n")
+        lines.append(f"  {label.ljust(width)}  {first}".rstrip())
+        lines.extend(f"  {'':{width}}  {line}".rstrip() for line in rest)
+    return "\n".join(lines)
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def header_lines(headers: Any) -> list[str]:
+    """A rule's headers as ``KEY=VALUE`` (the ``--header`` syntax), secret values masked."""
+    if not isinstance(headers, list):
+        return [_text(headers)]
+    out = []
+    for pair in headers:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            out.append(f"{pair[0]}={redact_header(str(pair[0]), str(pair[1]))}")
+        else:
+            out.append(_text(pair))
+    return out
+
+
+def action_lines(actions: Any) -> list[str]:
+    """A rule's response actions as ``TYPE:KEY:VALUE`` (the ``--action`` syntax)."""
+    if not isinstance(actions, list):
+        return [_text(actions)]
+    return [f"{a.get('type')}:{a.get('key')}:{a.get('value')}" if isinstance(a, dict) else _text(a)
+            for a in actions]
+
+
+def rule_details(stored: StoredRule, problem: str | None) -> str:
+    """``rule show``: every field, secrets masked, and what is wrong with it, if anything."""
+    doc = _redact(stored.fields)
+    auth = doc.get("auth")
+    pairs: list[tuple[str, str | Sequence[str]]] = [
+        ("enabled", _yes(doc.get("enabled"))),
+        ("method", _text(doc.get("method"))),
+        ("url", _text(doc.get("url"))),
+        ("headers", header_lines(doc.get("headers"))),
+    ]
+    if doc.get("body") is not None:
+        pairs.append(("body", _text(doc["body"])))
+    pairs.append(("auth", _text(auth)))
+    for field, label, kind in (("username", "username", "basic"), ("password", "password", "basic"),
+                               ("token_url", "token url", "oauth"), ("client_id", "client id", "oauth"),
+                               ("client_secret", "client secret", "oauth")):
+        if auth == kind or doc.get(field) is not None:
+            pairs.append((label, _text(doc.get(field))))
+    pairs += [
+        ("verify", _text(doc.get("verification"))),
+        ("actions", action_lines(doc.get("actions"))),
+        ("timeout", f"{_text(doc.get('timeout_ms'))} ms"),
+        ("cache ttl", f"{_number(doc.get('cache_ttl'))} s"),
+        ("policies", ", ".join(stored.policies) or "none"),
+    ]
+    if problem:
+        pairs.append(("problem", problem))
+    return _details(f"rule {json.dumps(stored.name, ensure_ascii=False)}", pairs)
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return _text(value)
+
+
+def _listing(value: Any, empty: str) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or empty
+    return _text(value)
+
+
+def policy_details(stored: StoredPolicy, problem: str | None) -> str:
+    """``policy show``: every field, and what is wrong with it, if anything."""
+    doc = stored.fields
+    pairs: list[tuple[str, str | Sequence[str]]] = [
+        ("enabled", _yes(doc.get("enabled"))),
+        ("hosts", _listing(doc.get("hosts"), "any")),
+        ("path prefix", _text(doc.get("path_prefix"))),
+        ("methods", _listing(doc.get("methods"), "any")),
+        ("integration", "on" if doc.get("integration") else "off"),
+        ("priority", _text(doc.get("priority"))),
+        ("rules", _listing(doc.get("rules"), "none")),
+    ]
+    if problem:
+        pairs.append(("problem", problem))
+    return _details(f"policy {json.dumps(stored.name, ensure_ascii=False)}", pairs)
+
+
+def policy_row(stored: StoredPolicy) -> list[str]:
+    """``policy list``'s columns for one policy."""
+    doc = stored.fields
+    return [stored.name, _yes(doc.get("enabled")), _text(doc.get("priority")),
+            _listing(doc.get("hosts"), "any"), _text(doc.get("path_prefix")),
+            _listing(doc.get("methods"), "any"), "on" if doc.get("integration") else "off",
+            _listing(doc.get("rules"), "none")]
+
+
+def rule_row(stored: StoredRule) -> list[str]:
+    """``rule list``'s columns for one rule."""
+    doc = stored.fields
+    return [stored.name, _yes(doc.get("enabled")), _text(doc.get("method")), _text(doc.get("url")),
+            ", ".join(stored.policies) or "none"]

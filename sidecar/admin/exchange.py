@@ -1,0 +1,180 @@
+"""``export`` and ``import``: the whole rule and policy set as one JSON document.
+
+The document::
+
+    {"version": 1,
+     "rules": [{"name": ..., <every field of sidecar.rules.Rule>}, ...],
+     "policies": [{"name": ..., <every field of sidecar.policies.Policy>}, ...]}
+
+Secrets (password, client secret, Authorization and Proxy-Authorization header values) are
+exported masked unless asked for with ``--with-secrets``; references (``env:NAME``,
+``file:PATH``) are not secrets and are exported as written. On import, a masked secret means
+"keep the secret stored for that rule", so exporting and importing into the same rules.db is
+lossless without ever writing a secret to the file; into another rules.db it needs the
+secrets exported, or given as references.
+
+Import checks the whole document before writing anything (``plan_import``), then applies it in
+the caller's transaction (``apply_import``). Objects equal to the stored ones are not written,
+so importing the same document twice changes nothing and audits nothing. Objects in rules.db
+and not in the document are kept, or deleted with ``replace``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar import store
+from sidecar.policies import Policy
+from sidecar.rules import Rule
+from sidecar.secrets import MASK, is_reference
+from sidecar.store import StoredPolicy, StoredRule
+
+from .display import SECRET_HEADERS, policy_document, rule_document
+from .validation import AdminError, quoted, stored_problems, validate_policy, validate_rule
+
+__all__ = ["FORMAT_VERSION", "ImportPlan", "apply_import", "export_document", "plan_import"]
+
+FORMAT_VERSION = 1
+
+
+def export_document(rules: list[StoredRule], policies: list[StoredPolicy], *,
+                    with_secrets: bool = False) -> dict[str, Any]:
+    """The export of ``rules`` and ``policies`` (rows that do not validate are exported as
+    stored; import refuses them until they are repaired)."""
+    return {
+        "version": FORMAT_VERSION,
+        "rules": [rule_document(r, with_secrets=with_secrets) for r in rules],
+        "policies": [policy_document(p) for p in policies],
+    }
+
+
+@dataclass
+class ImportPlan:
+    """What an import will write: objects to save (new or changed), to delete, and the
+    ``(verb, kind, name)`` of each change, in the order they are applied."""
+
+    rules: list[Rule] = field(default_factory=list)
+    policies: list[Policy] = field(default_factory=list)
+    delete_rules: list[str] = field(default_factory=list)
+    delete_policies: list[str] = field(default_factory=list)
+    changes: list[tuple[str, str, str]] = field(default_factory=list)
+    unchanged: int = 0
+
+    def count(self, verb: str) -> int:
+        return sum(1 for v, _, _ in self.changes if v == verb)
+
+
+def _entries(document: dict[str, Any], key: str, kind: str) -> list[dict[str, Any]]:
+    entries = document.get(key, [])
+    if not isinstance(entries, list):
+        raise AdminError(f'"{key}" must be a list')
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise AdminError(f"{key}[{index}]: a {kind} must be an object with a \"name\"")
+        if entry["name"] in seen:
+            raise AdminError(f"{kind} {quoted(entry['name'])} appears twice")
+        seen.add(entry["name"])
+    return entries
+
+
+def _unmasked(entry: dict[str, Any], current: StoredRule | None) -> dict[str, Any]:
+    """``entry`` with each masked secret replaced by the one stored for the rule."""
+    entry = dict(entry)
+    advice = "is masked in the file and rules.db holds no secret to keep for it: export with --with-secrets"
+    stored = current.fields if current else {}
+    for name in ("password", "client_secret"):
+        if entry.get(name) == MASK:
+            kept = stored.get(name)
+            if not isinstance(kept, str) or is_reference(kept):
+                raise AdminError(f"rule {quoted(entry['name'])}: {name} {advice}, "
+                               "or give it as env:NAME or file:PATH")
+            entry[name] = kept
+    headers = entry.get("headers")
+    if isinstance(headers, list):
+        stored_headers = [h for h in stored.get("headers") or [] if isinstance(h, list) and len(h) == 2]
+        out = []
+        for pair in headers:
+            if (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                    and pair[0].lower() in SECRET_HEADERS and pair[1] == MASK):
+                # The n-th header of that name keeps the n-th stored one's value.
+                nth = sum(1 for h in out if isinstance(h, list) and str(h[0]).lower() == pair[0].lower())
+                same = [h for h in stored_headers if str(h[0]).lower() == pair[0].lower()]
+                if nth >= len(same):
+                    raise AdminError(f"rule {quoted(entry['name'])}: header {pair[0]} {advice}, "
+                                     "or write its value")
+                pair = [pair[0], same[nth][1]]
+            out.append(pair)
+        entry["headers"] = out
+    return entry
+
+
+def plan_import(document: Any, current_rules: list[StoredRule], current_policies: list[StoredPolicy],
+                *, replace: bool = False) -> ImportPlan:
+    """Check ``document`` against the current rules.db and say what importing it writes.
+    Raises ``AdminError`` at the first problem; nothing has been written then."""
+    if not isinstance(document, dict):
+        raise AdminError("the document must be a JSON object with \"rules\" and \"policies\"")
+    unknown = sorted(set(document) - {"version", "rules", "policies"})
+    if unknown:
+        raise AdminError(f"unknown key {quoted(unknown[0])}: expected \"version\", \"rules\" and \"policies\"")
+    if document.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise AdminError(f"version {document['version']!r} is not supported (this script reads {FORMAT_VERSION})")
+    rule_entries = _entries(document, "rules", "rule")
+    policy_entries = _entries(document, "policies", "policy")
+
+    stored_rules = {r.name: r for r in current_rules}
+    stored_policies = {p.name: p for p in current_policies}
+    rules = [validate_rule(_unmasked(e, stored_rules.get(e["name"]))) for e in rule_entries]
+    final_rules: dict[str, Rule | None] = {} if replace else {r.name: r.rule for r in current_rules}
+    final_rules.update((r.name, r) for r in rules)
+    policies = [validate_policy(e, final_rules) for e in policy_entries]
+
+    # A changed rule can break the order of a stored policy that the document does not touch.
+    imported = {p.name for p in policies}
+    touched = {r.name for r in rules}
+    kept = [] if replace else [
+        p.policy for p in current_policies
+        if p.policy and p.name not in imported and touched.intersection(p.policy.rules)
+    ]
+    problems = stored_problems([*policies, *kept], final_rules)
+    if problems:
+        raise AdminError(problems[0])
+
+    plan = ImportPlan()
+    if replace:
+        plan.delete_policies = sorted(set(stored_policies) - imported)
+        plan.delete_rules = sorted(set(stored_rules) - touched)
+        plan.changes += [("deleted", "policy", n) for n in plan.delete_policies]
+    for rule in rules:
+        current = stored_rules.get(rule.name)
+        if current is not None and current.rule == rule:
+            plan.unchanged += 1
+            continue
+        plan.rules.append(rule)
+        plan.changes.append(("updated" if current else "created", "rule", rule.name))
+    for policy in policies:
+        current_policy = stored_policies.get(policy.name)
+        if current_policy is not None and current_policy.policy == policy:
+            plan.unchanged += 1
+            continue
+        plan.policies.append(policy)
+        plan.changes.append(("updated" if current_policy else "created", "policy", policy.name))
+    plan.changes += [("deleted", "rule", n) for n in plan.delete_rules]
+    return plan
+
+
+def apply_import(conn: sqlite3.Connection, plan: ImportPlan) -> None:
+    """Write ``plan`` inside the caller's ``store.admin_transaction``. Raises ``StoreError``."""
+    for name in plan.delete_policies:
+        store.delete_policy(conn, name)
+    if plan.delete_policies:
+        store.flush_audit(conn)  # a policy created next may reuse a deleted one's id
+    for rule in plan.rules:
+        store.save_rule(conn, rule)
+    for policy in plan.policies:
+        store.save_policy(conn, policy)
+    for name in plan.delete_rules:  # last: no policy left uses them
+        store.delete_rule(conn, name)

@@ -1,0 +1,191 @@
+"""Everything the admin script checks before it writes: one clear line per refusal.
+
+A rule is checked as the sidecar will use it: the pydantic model (method, URL, auth fields, body
+only with POST, regexes, action types), its templates compiled (unknown parameters refused with
+the closest known name), the syntax of its secret references. A policy: the model, that its
+rules exist, and that each ``%stored.NAME%`` a rule uses is stored by an earlier enabled rule
+of the policy (else the sidecar would deny every request with ``rule_invalid``).
+
+Exceptions::
+
+    Exception
+     └── AdminError   a refused command; ``exit_code`` 1, or 2 for a usage or configuration
+                      error of ``safous-admin test``
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from sidecar.policies import Policy
+from sidecar.rules import ActionType, Rule
+from sidecar.templates import TemplateError, compile_rule_request
+
+__all__ = [
+    "AdminError",
+    "CLI_OPTIONS",
+    "check_name",
+    "closest",
+    "describe",
+    "quoted",
+    "stored_problem",
+    "stored_problems",
+    "validate_policy",
+    "validate_rule",
+]
+
+CLI_OPTIONS: Mapping[str, str] = {
+    "method": "--method", "url": "--url", "headers": "--header", "body": "--body",
+    "auth": "--auth", "username": "--username", "password": "--password",
+    "token_url": "--token-url", "client_id": "--client-id", "client_secret": "--client-secret",
+    "verification": "--verify", "actions": "--action", "timeout_ms": "--timeout-ms",
+    "cache_ttl": "--cache-ttl", "hosts": "--host", "path_prefix": "--path-prefix",
+    "methods": "--method", "integration": "--integration", "priority": "--priority",
+    "rules": "--rule",
+}
+"""Model field → the option that sets it, to word errors in the admin's terms."""
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LOOKS_LIKE_REFERENCE = re.compile(r"(?i)(env|file):")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class AdminError(Exception):
+    """A refused command. The message is one line; ``exit_code`` is what the script exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+def quoted(name: str) -> str:
+    """A name as shown in messages: double-quoted, JSON-escaped (never a raw control character)."""
+    return json.dumps(name, ensure_ascii=False)
+
+
+def closest(name: str, known: Iterable[str]) -> str:
+    """`` — did you mean "x"?`` for the closest known name, or ``""``."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" — did you mean {quoted(match[0])}?" if match else ""
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse a rule or policy name that would not read as one line."""
+    if _CONTROL.search(name):
+        raise AdminError(f"{kind} name {quoted(name)} holds control characters")
+    if name != name.strip():
+        raise AdminError(f"{kind} name {quoted(name)} starts or ends with spaces")
+
+
+def describe(exc: ValidationError, option_names: bool = False) -> str:
+    """A pydantic error as one line: ``where: what`` for each problem, ``; ``-separated.
+
+    ``option_names``: say where with the command-line option (``--action #2``) rather than the
+    field (``actions.1``)."""
+    parts = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        loc = list(error["loc"])
+        if option_names and loc and loc[0] in CLI_OPTIONS:
+            where = CLI_OPTIONS[str(loc[0])]
+            if len(loc) > 1 and isinstance(loc[1], int):
+                where += f" #{loc[1] + 1}"
+                loc = loc[2:]
+            else:
+                loc = loc[1:]
+            where = " ".join([where, *map(str, loc)])
+        else:
+            where = ".".join(map(str, loc))
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def _check_secret(field: str, value: str | None, option_names: bool) -> None:
+    if value is None:
+        return
+    where = CLI_OPTIONS[field] if option_names else field
+    if value.startswith("env:"):
+        if not _ENV_NAME.fullmatch(value[4:]):
+            raise AdminError(f"{where}: {value!r} is not a valid reference: env:NAME needs an "
+                             "environment variable name (letters, digits and _, not first a digit)")
+    elif value.startswith("file:"):
+        if not value[5:]:
+            raise AdminError(f"{where}: {value!r} is not a valid reference: file:PATH needs a path")
+    elif _LOOKS_LIKE_REFERENCE.match(value):
+        raise AdminError(f"{where}: {value[:value.index(':') + 1]!r} looks like a secret reference, "
+                         "but references are written env:NAME or file:PATH, in lower case")
+
+
+def validate_rule(fields: Mapping[str, Any], *, option_names: bool = False) -> Rule:
+    """The rule ``fields`` describe, checked as the sidecar will use it. Raises ``AdminError``
+    naming the rule and the problem."""
+    name = str(fields.get("name", ""))
+    try:
+        rule = Rule.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise AdminError(f"rule {quoted(name)}: {describe(exc, option_names)}") from None
+    check_name("rule", rule.name)
+    try:
+        for field in ("password", "client_secret"):
+            _check_secret(field, getattr(rule, field), option_names)
+    except AdminError as exc:
+        raise AdminError(f"rule {quoted(name)}: {exc}") from None
+    try:
+        compile_rule_request(rule)
+    except TemplateError as exc:
+        raise AdminError(f"rule {quoted(name)}: {exc}") from None
+    return rule
+
+
+def validate_policy(fields: Mapping[str, Any], rules: Mapping[str, Rule | None], *,
+                    option_names: bool = False) -> Policy:
+    """The policy ``fields`` describe. ``rules``: every rule that will exist, by name (None for
+    a stored rule that does not validate: it exists, and the sidecar will deny with
+    ``rule_invalid`` until it is repaired). Raises ``AdminError``."""
+    name = str(fields.get("name", ""))
+    try:
+        policy = Policy.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise AdminError(f"policy {quoted(name)}: {describe(exc, option_names)}") from None
+    check_name("policy", policy.name)
+    for rule_name in policy.rules:
+        if rule_name not in rules:
+            raise AdminError(f"policy {quoted(name)}: rule {quoted(rule_name)} does not exist"
+                             + closest(rule_name, rules))
+    problem = stored_problem(policy, rules) if policy.enabled else None
+    if problem:
+        raise AdminError(problem)
+    return policy
+
+
+def stored_problem(policy: Policy, rules: Mapping[str, Rule | None]) -> str | None:
+    """Why ``policy`` cannot run its rules in order, or None: a rule uses ``%stored.NAME%`` and
+    no earlier enabled rule of the policy stores NAME. Disabled rules are skipped, as the
+    sidecar skips them."""
+    stored: set[str] = set()
+    for rule_name in policy.rules:
+        rule = rules.get(rule_name)
+        if rule is None or not rule.enabled:
+            continue
+        try:
+            needed = compile_rule_request(rule).stored_names
+        except TemplateError:
+            continue  # reported as the rule's own problem
+        for value in needed:
+            if value not in stored:
+                return (f"rule {quoted(rule_name)} uses %stored.{value}%, which no earlier enabled "
+                        f"rule of policy {quoted(policy.name)} stores")
+        stored.update(a.value for a in rule.actions if a.type is ActionType.STORE)
+    return None
+
+
+def stored_problems(policies: Iterable[Policy], rules: Mapping[str, Rule | None]) -> list[str]:
+    """``stored_problem`` of each policy that has one."""
+    return [p for p in (stored_problem(policy, rules) for policy in policies) if p]
+
