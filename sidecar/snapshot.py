@@ -23,6 +23,7 @@ from typing import Any
 from . import store
 from .evaluation import RuleEvaluator
 from .policies import Policy, PolicyIndex
+from .rules import Rule
 from .store import InvalidRow, RuleSet
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,21 @@ class Snapshot:
     policy_rules: Mapping[str, tuple[Any | InvalidRow, ...]]
     problems: tuple[InvalidRow, ...] = ()
     loaded_at: float = field(default_factory=time.time)
+    # What the next build may reuse: the enabled policies, and each rule's compiled form by the
+    # identity of its Rule model.
+    policies: tuple[Policy, ...] = ()
+    compiled: Mapping[int, tuple[Rule, Any | InvalidRow]] = field(default_factory=dict)
 
 
-def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int) -> Snapshot:
-    """Compile a rule set. Never raises for a bad rule: it becomes an InvalidRow."""
+def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
+                   previous: Snapshot | None = None) -> Snapshot:
+    """Compile a rule set. Never raises for a bad rule: it becomes an InvalidRow.
+
+    With the ``previous`` snapshot, rules and policies that are the very same objects as then
+    (``store.RowMemo`` hands back unchanged rows' models) reuse their compiled form and index."""
+    reuse = previous.compiled if previous is not None else {}
     compiled: dict[str, Any | InvalidRow] = {}
+    by_rule: dict[int, tuple[Rule, Any | InvalidRow]] = {}
     problems: list[InvalidRow] = list(rule_set.invalid_policies)
     for name, rule in rule_set.rules.items():
         if isinstance(rule, InvalidRow):
@@ -49,10 +60,16 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int) ->
             continue
         if not rule.enabled:
             continue
-        try:
-            compiled[name] = evaluator.compile(rule)
-        except ValueError as exc:
-            compiled[name] = InvalidRow("rule", name, str(exc))
+        kept = reuse.get(id(rule))
+        if kept is not None and kept[0] is rule:
+            compiled[name] = kept[1]
+        else:
+            try:
+                compiled[name] = evaluator.compile(rule)
+            except ValueError as exc:
+                compiled[name] = InvalidRow("rule", name, str(exc))
+        by_rule[id(rule)] = (rule, compiled[name])
+        if isinstance(compiled[name], InvalidRow):
             problems.append(compiled[name])
 
     def enabled_rules(policy: Policy) -> tuple[Any | InvalidRow, ...]:
@@ -68,11 +85,21 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int) ->
 
     # A policy row that fails validation cannot be matched, and so cannot allow anything.
     policies = [p for p in rule_set.policies if p.enabled]
+    same_policies = previous is not None and len(policies) == len(previous.policies) and all(
+        a is b for a, b in zip(policies, previous.policies, strict=True))
+    policy_rules = {p.name: enabled_rules(p) for p in policies}
+    if same_policies and previous is not None:
+        # Keep the previous tuples where nothing changed: the evaluator's per-policy plans are
+        # keyed by them.
+        policy_rules = {name: previous.policy_rules[name] if previous.policy_rules.get(name) == entries
+                        else entries for name, entries in policy_rules.items()}
     return Snapshot(
         version=version,
-        index=PolicyIndex(policies),
-        policy_rules={p.name: enabled_rules(p) for p in policies},
+        index=previous.index if same_policies and previous is not None else PolicyIndex(policies),
+        policy_rules=policy_rules,
         problems=tuple(problems),
+        policies=tuple(policies),
+        compiled=by_rule,
     )
 
 
@@ -99,6 +126,8 @@ class RulesWatcher:
         self._seen_data: int | None = None
         self._seen_rules: int | None = None
         self._version = 0
+        self._memo = store.RowMemo()
+        self._snapshot: Snapshot | None = None
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -121,10 +150,11 @@ class RulesWatcher:
         self._seen_data = seen_data
         if not force and seen_rules == self._seen_rules:
             return None
-        rule_set = store.load_rule_set(self._conn)
+        rule_set = store.load_rule_set(self._conn, self._memo)
         self._seen_rules = seen_rules
         self._version += 1
-        return build_snapshot(rule_set, self._evaluator, self._version)
+        self._snapshot = build_snapshot(rule_set, self._evaluator, self._version, self._snapshot)
+        return self._snapshot
 
     async def load(self, *, force: bool = False) -> Snapshot | None:
         """Load now if changed (or ``force``); raises StoreError when rules.db is unreadable."""

@@ -1,0 +1,45 @@
+"""Reloading rules.db: unchanged rules and policies are reused, changed ones rebuilt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sidecar import store
+from sidecar.policies import Policy
+from sidecar.rules import Rule
+from sidecar.snapshot import build_snapshot
+from sidecar.webhook import WebhookClient
+from sidecar.webhook_rules import WebhookEvaluator
+from tests.conftest import seed
+
+
+def load(db: Path, memo: store.RowMemo, evaluator, previous=None, version=1):
+    conn = store.connect(db, readonly=True)
+    try:
+        return build_snapshot(store.load_rule_set(conn, memo), evaluator, version, previous)
+    finally:
+        conn.close()
+
+
+def test_a_reload_reuses_what_did_not_change(db: Path) -> None:
+    rules = [Rule(name=f"r{i}", url=f"http://127.0.0.1:9/r{i}?u=%username%") for i in range(3)]
+    seed(db, rules, [Policy(name=f"p{i}", hosts=(f"h{i}.example",), rules=(f"r{i}",)) for i in range(3)])
+    memo, evaluator = store.RowMemo(), WebhookEvaluator(WebhookClient())
+    first = load(db, memo, evaluator)
+    same = load(db, memo, evaluator, first, 2)
+    assert same.index is first.index
+    assert all(same.policy_rules[p] is first.policy_rules[p] for p in ("p0", "p1", "p2"))
+
+    seed(db, [rules[1].model_copy(update={"url": "http://127.0.0.1:9/changed"})])
+    edited = load(db, memo, evaluator, same, 3)
+    assert edited.index is same.index  # no policy changed
+    assert edited.policy_rules["p0"] is same.policy_rules["p0"]
+    assert edited.policy_rules["p1"][0] is not same.policy_rules["p1"][0]
+    assert edited.policy_rules["p1"][0].rule.url == "http://127.0.0.1:9/changed"
+
+    seed(db, [], [Policy(name="p2", hosts=("other.example",), rules=("r2",))])
+    moved = load(db, memo, evaluator, edited, 4)
+    assert moved.index is not edited.index
+    assert moved.index.match("other.example", "/", "GET").name == "p2"
+    assert moved.index.match("h2.example", "/", "GET") is None
+    assert moved.policy_rules["p2"][0] is edited.policy_rules["p2"][0]  # the rule itself did not change
