@@ -7,7 +7,6 @@ documentation cannot drift apart.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 

@@ -55,7 +55,7 @@ def seed_demo(db: Path) -> bool:
     store.ensure_database(db)
     conn = store.connect(db)
     try:
-        with store.transaction(conn, immediate=True):
+        with store.admin_transaction(conn, "demo"):
             for rule in DEMO_RULES:
                 store.save_rule(conn, rule)
             for policy in DEMO_POLICIES:

@@ -24,7 +24,7 @@ from .rules import AuthType, Rule
 from .secrets import resolve_secret
 from .store import InvalidRow
 from .templates import CompiledRequest, UnsafeParameter, WebhookRequest, compile_rule_request
-from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure
+from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
 
 UPSTREAM_HEADER_PREFIX = "x-safous-"
 _UNSAFE_IN_HEADER = ("\r", "\n", "\0")
@@ -253,19 +253,24 @@ class WebhookEvaluator:
         return outcome
 
     async def _call_and_judge(self, rule: CompiledRule, request: WebhookRequest) -> RuleOutcome:
-        name = rule.name
         try:
             response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
         except WebhookFailure as exc:
-            return RuleOutcome((exc.code, f'rule "{name}": {exc.reason}'), {})
-        result = evaluate_response(name, response.status, response.body, rule.rule.verification, rule.actions)
-        if result.failure is not None:
-            return RuleOutcome(result.failure, {})
-        for stored_name, value in result.stored.items():
-            if any(c in value for c in _UNSAFE_IN_HEADER):
-                return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                    f'rule "{name}": the value stored as "{stored_name}" holds CR, LF or NUL'), {})
-        return RuleOutcome(None, result.stored)
+            return RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
+        return judge_response(rule, response)
+
+
+def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome:
+    """A webhook's answer against its rule: status, verification, response actions, and
+    stored values fit for a header. Shared by the sidecar and the admin's dry run."""
+    result = evaluate_response(rule.name, response.status, response.body, rule.rule.verification, rule.actions)
+    if result.failure is not None:
+        return RuleOutcome(result.failure, {})
+    for stored_name, value in result.stored.items():
+        if any(c in value for c in _UNSAFE_IN_HEADER):
+            return RuleOutcome((Code.UNSAFE_PARAMETER,
+                                f'rule "{rule.name}": the value stored as "{stored_name}" holds CR, LF or NUL'), {})
+    return RuleOutcome(None, result.stored)
 
 
 def _lookup_with(params: Parameters, stored: dict[str, str]) -> Callable[[str], str]:

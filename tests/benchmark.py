@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import re
@@ -23,7 +22,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import struct
 import subprocess
 import sys

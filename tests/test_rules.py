@@ -7,7 +7,6 @@ import base64
 import json
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 from aiohttp import web

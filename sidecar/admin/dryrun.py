@@ -23,7 +23,6 @@ from sidecar.responses import (
     KeyMissing,
     ResponseInvalid,
     as_text,
-    evaluate_response,
     parse_response,
     status_failure,
     value_at,
@@ -32,7 +31,7 @@ from sidecar.rules import ActionType, ResponseAction
 from sidecar.secrets import MASK
 from sidecar.templates import Lookup, UnsafeParameter, WebhookRequest
 from sidecar.webhook import BasicAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
-from sidecar.webhook_rules import CompiledRule
+from sidecar.webhook_rules import CompiledRule, judge_response
 
 from .display import redact_header
 
@@ -138,14 +137,5 @@ async def dry_run(client: WebhookClient, rule: CompiledRule, lookup: Lookup) -> 
     except WebhookFailure as exc:
         not_checked = tuple(ActionVerdict(a, "not checked", "no response") for a in rule.actions.actions)
         return DryRun(rule, request, None, not_checked, (exc.code, f"rule {name}: {exc.reason}"))
-    verdicts = _verdicts(rule, response)
-    result = evaluate_response(rule.name, response.status, response.body, rule.rule.verification,
-                               rule.actions)
-    failure = result.failure
-    if failure is None:
-        for key, value in result.stored.items():
-            if any(c in value for c in "\r\n\0"):
-                failure = (Code.UNSAFE_PARAMETER,
-                           f'rule {name}: the value stored as "{key}" holds CR, LF or NUL')
-                break
-    return DryRun(rule, request, response, verdicts, failure, {} if failure else dict(result.stored))
+    outcome = judge_response(rule, response)
+    return DryRun(rule, request, response, _verdicts(rule, response), outcome.failure, dict(outcome.stored))
