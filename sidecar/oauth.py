@@ -261,6 +261,8 @@ class TokenCache:
         self._tokens: dict[TokenKey, _Token] = {}
         self._failures: dict[TokenKey, _Failure] = {}
         self._in_flight: dict[TokenKey, asyncio.Task[str | OAuthError]] = {}
+        self.fetches = 0  # token requests sent, and how many failed (for metrics)
+        self.fetch_failures = 0
 
     async def token(self, auth: OAuthAuth, key: TokenKey | None = None) -> str:
         """A valid access token for ``auth``: the cached one, the one being fetched, or a new one.
@@ -307,6 +309,7 @@ class TokenCache:
         """Fetch a token and record the outcome. Returns the failure instead of raising it,
         so that a request nobody waits for any more leaves no unretrieved exception."""
         sent_at = self._clock()
+        self.fetches += 1
         try:
             async with asyncio.timeout(self._fetch_timeout):
                 issued = await self._fetch(auth)
@@ -329,6 +332,7 @@ class TokenCache:
         finally:
             self._in_flight.pop(key, None)
         if isinstance(outcome, OAuthError):
+            self.fetch_failures += 1
             self._tokens.pop(key, None)
             self._failures[key] = _Failure(outcome.reason, self._clock() + self._failure_ttl)
             log.warning("OAuth token request for client %r failed: %s", auth.client_id, outcome.reason)

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -31,6 +31,8 @@ from .check import Checker
 from .decision import Code, Decision
 from .evaluation import RuleEvaluator
 from .parameters import Parameters
+from .metrics import Metrics, counter, gauge
+from .ops_http import OpsServer
 from .settings import Settings, split_host_port
 from .snapshot import RulesWatcher, Snapshot
 from .webhook import WebhookClient
@@ -83,6 +85,21 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         ))
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC listener when ``--tls-cert`` is set; with ``--tls-client-ca`` only
+    clients (Envoy) holding a certificate from that CA may connect. Raises ValueError."""
+    if settings.tls_cert is None:
+        return None
+    if settings.tls_key is None:
+        raise ValueError("--tls-cert needs --tls-key")
+    try:
+        cert, key = settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
+        ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ValueError(f"cannot read TLS files: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
 class Sidecar:
     """The running service: gRPC server, rules watcher and activity log, started and stopped
     together. ``port`` is the bound gRPC port (useful with port 0)."""
@@ -95,24 +112,76 @@ class Sidecar:
             WebhookClient(ca_bundle=ca_bundle), cache_size=settings.cache_size,
             failure_ttl=settings.cache_failure_ttl)
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
-        self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=logs.write_decisions)
-        self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot)
+        self.metrics = Metrics(self._state_metrics)
+        self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=self._on_batch)
+        self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
+                                    self._on_rules_health)
+        if isinstance(self.evaluator, WebhookEvaluator):
+            self.evaluator.on_call = self.metrics.record_call
+        self.ops = OpsServer(settings.http, self.metrics, self.not_ready, reuse_port=reuse_port) if settings.http else None
         self.health = health.aio.HealthServicer()
+        self.draining = False
         # SO_REUSEPORT only for --workers: otherwise a second sidecar on the same port would
         # silently share it instead of failing to start.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
         self.port = 0
-        self._ready = asyncio.Event()
+
+    def not_ready(self) -> str | None:
+        """Why the sidecar should not get traffic, or None when it is ready (for /readyz and
+        the gRPC health service alike)."""
+        if self.draining:
+            return "draining"
+        if self.checker.snapshot is None:
+            return f"rules.db not loaded: {self.watcher.last_error or 'loading'}"
+        if self.watcher.last_error is not None:
+            return f"rules.db reload failed: {self.watcher.last_error}"
+        return None
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.checker.snapshot = snapshot
-        if not self._ready.is_set():
-            self._ready.set()
-            asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        self._update_health()
+
+    def _on_rules_health(self, error: str | None) -> None:
+        self._update_health()
+
+    def _update_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.not_ready() is None \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.get_running_loop().create_task(self._set_health(status))
 
     async def _set_health(self, status: int) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+
+    def _on_batch(self, batch: list[Decided]) -> None:
+        logs.write_decisions(batch)
+        self.metrics.record_batch(batch)
+
+    def _state_metrics(self) -> Iterator[Any]:
+        yield gauge("safous_ready", "1 when ready to serve (see /readyz)", float(self.not_ready() is None))
+        snapshot = self.checker.snapshot
+        yield gauge("safous_rules_snapshot_version", "Rules snapshots loaded since start",
+                    snapshot.version if snapshot else 0)
+        yield gauge("safous_rules_last_reload_timestamp_seconds", "When rules.db was last loaded",
+                    self.watcher.last_reload or 0)
+        yield gauge("safous_rules_last_reload_ok", "1 when the last reload attempt worked",
+                    float(self.watcher.last_error is None))
+        yield counter("safous_rules_reload_failures", "Failed reload attempts", self.watcher.reloads_failed)
+        yield gauge("safous_rules_unusable", "Rules and policies in rules.db that do not validate",
+                    len(snapshot.problems) if snapshot else 0)
+        yield gauge("safous_activity_queue_depth", "Decisions waiting for the activity log", self.activity.depth)
+        yield counter("safous_activity_written", "Decisions written to the activity log", self.activity.written)
+        yield counter("safous_activity_dropped", "Decisions the activity log had to drop", self.activity.dropped)
+        if isinstance(self.evaluator, WebhookEvaluator):
+            cache = self.evaluator.cache
+            yield counter("safous_cache_hits", "Rule decisions answered from the cache", cache.hits)
+            yield counter("safous_cache_misses", "Cache lookups that found nothing", cache.misses)
+            yield gauge("safous_cache_entries", "Rule decisions in the cache", len(cache))
+            yield gauge("safous_webhook_calls_in_flight", "Distinct webhook calls in flight", len(self.evaluator.flights))
+            tokens = self.evaluator.client.tokens
+            yield counter("safous_oauth_token_fetches", "OAuth token requests sent", tokens.fetches)
+            yield counter("safous_oauth_token_fetch_failures", "OAuth token requests that failed",
+                          tokens.fetch_failures)
 
     async def start(self) -> int:
         """Create/migrate rules.db, bind, load the rules. Raises StoreError or RuntimeError."""
@@ -124,11 +193,17 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = self.server.add_insecure_port(self.settings.listen)
+            credentials = server_credentials(self.settings)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.settings.listen)
+            else:
+                self.port = self.server.add_secure_port(self.settings.listen, credentials)
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen on {self.settings.listen}: {exc}") from exc
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
+        if self.ops is not None:
+            await self.ops.start()
         self.activity.start()
         await self.evaluator.start()
         try:
@@ -142,8 +217,11 @@ class Sidecar:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, finish in-flight checks within ``grace``, flush the activity log."""
+        self.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period if grace is None else grace)
+        if self.ops is not None:
+            await self.ops.stop()
         await self.watcher.stop()
         await self.evaluator.close()
         await self.activity.close()

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     listen: str = Field("127.0.0.1:9191", description="gRPC address Envoy calls, HOST:PORT")
     default_action: Literal["allow", "deny"] = Field(
         "deny", description="decision when no policy matches (zero trust: deny)")
+    http: str | None = Field(None, description="HOST:PORT serving /healthz, /readyz and /metrics (off when unset)")
+    tls_cert: FilePath | None = Field(None, description="PEM certificate for TLS on the gRPC listener (plaintext when unset)")
+    tls_key: FilePath | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: FilePath | None = Field(
+        None, description="PEM CA: require gRPC clients (Envoy) to present a certificate it signed")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), each with its own event loop")
     log_format: Literal["json", "text"] = Field("json", description="log lines on stderr")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
@@ -57,7 +62,7 @@ class Settings(BaseSettings):
     jwt_groups_claim: str = Field(_IDENTITY.jwt_groups_claim, description="JWT claim for %groups%")
     jwt_group_names_claim: str = Field(_IDENTITY.jwt_group_names_claim, description="JWT claim for %group_names%")
 
-    @field_validator("listen")
+    @field_validator("listen", "http")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:

@@ -116,11 +116,16 @@ class RulesWatcher:
     being replaced), polling cheaply with ``PRAGMA data_version``."""
 
     def __init__(self, db_path: Path, evaluator: RuleEvaluator, interval: float,
-                 on_change: Callable[[Snapshot], None]) -> None:
+                 on_change: Callable[[Snapshot], None],
+                 on_health: Callable[[str | None], None] | None = None) -> None:
         self._path = db_path
         self._evaluator = evaluator
         self._interval = interval
         self._on_change = on_change
+        self._on_health = on_health
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload: float | None = None
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._seen_data: int | None = None
@@ -162,14 +167,21 @@ class RulesWatcher:
             snapshot = await asyncio.to_thread(self._load_blocking, force)
         except store.StoreError as exc:
             self._drop_connection()
+            self.reloads_failed += 1
             if self.last_error != str(exc):
                 log.error("rules.db reload failed, serving the last good rules", extra={"error": str(exc)})
-            self.last_error = str(exc)
+                self.last_error = str(exc)
+                if self._on_health is not None:
+                    self._on_health(self.last_error)
             raise
         if self.last_error is not None:
             log.info("rules.db readable again")
-        self.last_error = None
+            self.last_error = None
+            if self._on_health is not None:
+                self._on_health(None)
         if snapshot is not None:
+            self.reloads_ok += 1
+            self.last_reload = time.time()
             for problem in snapshot.problems:
                 log.warning("unusable %s %r: %s", problem.kind, problem.name, problem.error)
             log.info("rules loaded", extra={"version": snapshot.version, "policies": snapshot.index.size})

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -648,6 +650,69 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord])
                     for r in records
                 ],
             )
+
+
+# SQLite has one writer at a time, and a connection waiting for the lock does not queue: its
+# busy handler sleeps and retries, at most 100 ms apart. A pruner that took the lock again as
+# soon as it released it could make the activity writer or an admin command miss every free
+# moment until its busy timeout. So pruning deletes in short batches, each in its own
+# transaction, and pauses between them for longer than that longest retry sleep: a waiting
+# writer gets the lock in the pause, and waits at most about one batch.
+PRUNE_PAUSE = 0.15
+
+
+def prune_activity(conn: sqlite3.Connection, *, older_than: str | None, keep_rows: int | None,
+                   batch: int = 5000, pause: float = PRUNE_PAUSE,
+                   stop: threading.Event | None = None) -> int:
+    """Delete the activity log rows older than ``older_than`` (a time in the log's format: UTC,
+    ISO 8601), then those beyond the newest ``keep_rows`` (by id); None skips that limit. Return
+    how many rows were deleted.
+
+    At most ``batch`` rows per BEGIN IMMEDIATE transaction, ``pause`` seconds between
+    transactions (see above). ``stop``, set from another thread, ends the pruning between two
+    batches. Raises ``StoreError``; the batches committed before the error stay deleted."""
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    if keep_rows is not None and keep_rows < 0:
+        raise ValueError("keep_rows must not be negative")
+    deleted = 0
+    need_pause = False  # none before the first transaction
+
+    def delete(select: str, args: tuple[Any, ...]) -> bool:
+        """Delete in batches the rows whose ids ``select`` gives; False if stopped."""
+        nonlocal deleted, need_pause
+        while True:
+            if need_pause:
+                if stop is not None:
+                    if stop.wait(pause):
+                        return False
+                else:
+                    time.sleep(pause)
+            if stop is not None and stop.is_set():
+                return False
+            with transaction(conn, immediate=True):
+                count = conn.execute(f"DELETE FROM activity_log WHERE id IN ({select})",
+                                     (*args, batch)).rowcount
+            deleted += count
+            need_pause = True
+            if count < batch:
+                return True
+
+    with _translated("cannot prune the activity log"):
+        if older_than is not None:
+            # Walks the index on ``at`` from the oldest entry.
+            if not delete("SELECT id FROM activity_log WHERE at < ? LIMIT ?", (older_than,)):
+                return deleted
+        if keep_rows is not None:
+            # The id of the oldest row to keep, read once: rows written meanwhile are newer.
+            if keep_rows == 0:
+                row = conn.execute("SELECT max(id) + 1 FROM activity_log").fetchone()
+            else:
+                row = conn.execute("SELECT id FROM activity_log ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                   (keep_rows - 1,)).fetchone()
+            if row is not None and row[0] is not None:
+                delete("SELECT id FROM activity_log WHERE id < ? ORDER BY id LIMIT ?", (row[0],))
+    return deleted
 
 
 # --------------------------------------------------------------------------- admin

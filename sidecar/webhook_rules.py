@@ -11,6 +11,7 @@ rules before k are awaited (one of them may be the first failure).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +108,8 @@ class WebhookEvaluator:
         self._fingerprints: dict[str, int] = {}
         self._plans: dict[tuple[Any, ...], _Plan | str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Told of every webhook call made: rule name, "ok" or the failure code, seconds.
+        self.on_call: Callable[[str, str, float], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -245,7 +248,10 @@ class WebhookEvaluator:
         return await self.flights.do(key, lambda: self._call(rule, request, key))
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:
+        started = time.perf_counter()
         outcome = await self._call_and_judge(rule, request)
+        if self.on_call is not None:
+            self.on_call(rule.name, outcome.failure[0] if outcome.failure else "ok", time.perf_counter() - started)
         ttl = rule.rule.cache_ttl
         if outcome.failure is not None and outcome.failure[0] not in _JUDGED:
             ttl = min(ttl, self.failure_ttl)
