@@ -33,6 +33,7 @@ from .evaluation import RuleEvaluator
 from .parameters import Parameters
 from .metrics import Metrics, counter, gauge
 from .ops_http import OpsServer
+from .retention import ActivityRetention
 from .settings import Settings, split_host_port
 from .snapshot import RulesWatcher, Snapshot
 from .webhook import WebhookClient
@@ -114,6 +115,8 @@ class Sidecar:
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
         self.metrics = Metrics(self._state_metrics)
         self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=self._on_batch)
+        self.retention = ActivityRetention(settings.db, days=settings.activity_retention_days,
+                                           rows=settings.activity_retention_rows)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
                                     self._on_rules_health)
         if isinstance(self.evaluator, WebhookEvaluator):
@@ -172,6 +175,7 @@ class Sidecar:
         yield gauge("safous_activity_queue_depth", "Decisions waiting for the activity log", self.activity.depth)
         yield counter("safous_activity_written", "Decisions written to the activity log", self.activity.written)
         yield counter("safous_activity_dropped", "Decisions the activity log had to drop", self.activity.dropped)
+        yield counter("safous_activity_pruned", "Activity log rows deleted by retention", self.retention.deleted_total)
         if isinstance(self.evaluator, WebhookEvaluator):
             cache = self.evaluator.cache
             yield counter("safous_cache_hits", "Rule decisions answered from the cache", cache.hits)
@@ -205,6 +209,7 @@ class Sidecar:
         if self.ops is not None:
             await self.ops.start()
         self.activity.start()
+        self.retention.start()
         await self.evaluator.start()
         try:
             await self.watcher.load(force=True)
@@ -223,6 +228,7 @@ class Sidecar:
         if self.ops is not None:
             await self.ops.stop()
         await self.watcher.stop()
+        await self.retention.stop()
         await self.evaluator.close()
         await self.activity.close()
         log.info("stopped", extra={"activity_written": self.activity.written,

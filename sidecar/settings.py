@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     cache_size: int = Field(10_000, ge=0, description="decisions kept by the per-rule decision cache (LRU; rules opt in with cache_ttl)")
     cache_failure_ttl: float = Field(
         2.0, ge=0, description="seconds a failed webhook call (timeout, 5xx, unreachable…) stays cached, at most the rule's TTL")
+    activity_retention_days: float | None = Field(
+        None, gt=0, description="delete activity log rows older than this many days (off when unset)")
+    activity_retention_rows: int | None = Field(
+        None, ge=1, description="keep at most this many activity log rows, the newest (off when unset)")
     activity_queue: int = Field(10_000, ge=1, description="decisions buffered for the activity log before dropping")
     username_header: str = Field(_IDENTITY.username_header, description="header carrying %username%")
     device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")
