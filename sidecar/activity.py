@@ -15,40 +15,21 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 from . import store
-from .logs import iso_time
 from .store import ActivityRecord
 
 log = logging.getLogger(__name__)
 
 
-class Decided(NamedTuple):
-    """One decision as recorded on the request path (``at`` is epoch seconds)."""
-
-    at: float
-    request_id: str
-    username: str
-    source_ip: str
-    host: str
-    path: str
-    method: str
-    policy: str | None
-    allowed: bool
-    code: str
-    status: str
-    latency_ms: float
-
-
 class ActivityLog:
     def __init__(self, db_path: Path, max_queue: int = 10_000, *, flush_interval: float = 0.2,
-                 on_batch: Callable[[list[Decided]], None] | None = None) -> None:
+                 on_batch: Callable[[list[ActivityRecord]], None] | None = None) -> None:
         self._path = db_path
         self._max = max_queue
         self._interval = flush_interval
         self._on_batch = on_batch
-        self._pending: list[Decided] = []
+        self._pending: list[ActivityRecord] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -56,7 +37,7 @@ class ActivityLog:
         self.written = 0
         self.dropped = 0
 
-    def record(self, decided: Decided) -> None:
+    def record(self, decided: ActivityRecord) -> None:
         if self._closing or len(self._pending) >= self._max:
             self.dropped += 1
             return
@@ -69,7 +50,7 @@ class ActivityLog:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="activity-log")
 
-    def _write(self, batch: list[Decided]) -> None:
+    def _write(self, batch: list[ActivityRecord]) -> None:
         """In the worker thread: the log lines, then the rows. Formatting here, not on the
         event loop, keeps a flush of a thousand decisions from stalling the checks."""
         if self._on_batch is not None:
@@ -80,7 +61,7 @@ class ActivityLog:
         if self._conn is None:
             self._conn = store.connect(self._path)
         try:
-            store.insert_activity(self._conn, [ActivityRecord(iso_time(d.at), *d[1:]) for d in batch])
+            store.insert_activity(self._conn, batch)
         except store.StoreError:
             self._conn.close()
             self._conn = None  # reopen next time: the file may have been replaced

@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .store import iso_time
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
@@ -87,10 +89,6 @@ def write_decisions(decisions: Sequence[Any]) -> None:
     with handler.lock:  # type: ignore[union-attr]
         handler.stream.write("\n".join(lines) + "\n")
         handler.stream.flush()
-
-
-def iso_time(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 def configure(fmt: str, level: str, worker: int | None = None) -> None:

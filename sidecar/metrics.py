@@ -45,7 +45,7 @@ class Metrics:
         self.registry.register(_StateCollector(state))
 
     def record_batch(self, decisions: Sequence[Any]) -> None:
-        """Count a batch of activity-log decisions (``activity.Decided``)."""
+        """Count a batch of activity-log decisions (``store.ActivityRecord``)."""
         for d in decisions:
             self.decisions.labels(d.policy or NO_POLICY, "allow" if d.allowed else "deny", d.code).inc()
             self.check_seconds.observe(d.latency_ms / 1000)

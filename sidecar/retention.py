@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import store
-from .logs import iso_time
+from .store import iso_time
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import edge, logs, store
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from .activity import ActivityLog, Decided
+from .activity import ActivityLog
 from .attributes import RequestAttributes
 from .check import Checker
 from .decision import Code, Decision
@@ -35,6 +35,7 @@ from .metrics import Metrics, counter, gauge
 from .ops_http import OpsServer
 from .retention import ActivityRetention
 from .settings import Settings, split_host_port
+from .store import ActivityRecord
 from .snapshot import RulesWatcher, Snapshot
 from .webhook import WebhookClient
 from .webhook_rules import WebhookEvaluator
@@ -76,10 +77,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
     def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
                 decision: Decision, latency_ms: float) -> None:
         if attrs is None:
-            self._activity.record(Decided(time.time(), "", "", "", "", "", "", decision.policy,
+            self._activity.record(ActivityRecord(time.time(), "", "", "", "", "", "", decision.policy,
                                           decision.allowed, decision.code, decision.reason, latency_ms))
             return
-        self._activity.record(Decided(
+        self._activity.record(ActivityRecord(
             time.time(), attrs.request_id, params.values["username"] if params else "", attrs.source.ip,
             attrs.host, attrs.path, attrs.method, decision.policy, decision.allowed, decision.code,
             decision.reason, latency_ms,
@@ -156,7 +157,7 @@ class Sidecar:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    def _on_batch(self, batch: list[Decided]) -> None:
+    def _on_batch(self, batch: list[ActivityRecord]) -> None:
         logs.write_decisions(batch)
         self.metrics.record_batch(batch)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlite_utils
 from pydantic import ValidationError
@@ -344,9 +344,11 @@ class RuleSet:
     invalid_policies: tuple[InvalidRow, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ActivityRecord:
-    at: str
+class ActivityRecord(NamedTuple):
+    """One decision in the activity log. ``at`` is epoch seconds when the check path records
+    it (formatting is left to the batch writer) and ISO-8601 UTC text when read back."""
+
+    at: float | str
     request_id: str
     username: str
     source_ip: str
@@ -358,6 +360,11 @@ class ActivityRecord:
     code: str
     status: str
     latency_ms: float
+
+
+def iso_time(epoch: float) -> str:
+    """Epoch seconds as the database writes times: ``2026-11-28T14:00:00.123Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 @contextmanager
@@ -647,8 +654,9 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord])
                 "INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method,"
                 " policy, allowed, code, status, latency_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
-                    (r.at, r.request_id, r.username, r.source_ip, r.host, r.path, r.method,
-                     r.policy, int(r.allowed), r.code, r.status, r.latency_ms)
+                    (iso_time(r.at) if isinstance(r.at, float) else r.at, r.request_id, r.username,
+                     r.source_ip, r.host, r.path, r.method, r.policy, int(r.allowed), r.code, r.status,
+                     r.latency_ms)
                     for r in records
                 ],
             )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import store
-from sidecar.logs import iso_time
+from sidecar.store import iso_time
 from sidecar.retention import ActivityRetention
 from sidecar.rules import Rule
 from tests.conftest import seed
