@@ -38,3 +38,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) sidecar/_pb
+
+# The sidecar behind a real Envoy at a steady load with failing, slow and timing-out webhooks,
+# then a report (tests/soak.py). Default 5 minutes: `make soak SOAK_SECONDS=120`.
+.PHONY: soak
+soak: install
+	$(PY) -m tests.soak $(if $(SOAK_SECONDS),--duration $(SOAK_SECONDS),)
