@@ -34,6 +34,7 @@ class ActivityLog:
         self._wake = asyncio.Event()
         self._closing = False
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
         self.written = 0
         self.dropped = 0
 
@@ -58,13 +59,19 @@ class ActivityLog:
                 self._on_batch(batch)
             except Exception:
                 log.exception("could not write decision log lines")
+        identity = store.file_identity(self._path)
+        if self._conn is not None and identity != self._identity:
+            # rules.db was replaced or deleted: this connection writes to the old file.
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
-            self._conn = store.connect(self._path)
+            self._conn = store.connect(self._path, create=False)
+            self._identity = identity
         try:
             store.insert_activity(self._conn, batch)
         except store.StoreError:
             self._conn.close()
-            self._conn = None  # reopen next time: the file may have been replaced
+            self._conn = None
             raise
 
     async def _flush(self) -> None:

@@ -55,6 +55,6 @@ class Checker:
             # Reported before any webhook is called: a broken rule denies whatever the others say.
             if isinstance(rule, InvalidRow):
                 return Decision.deny(
-                    Code.RULE_INVALID, f'rule "{rule.name}" is invalid: {rule.error}', policy.name
+                    Code.RULE_INVALID, f'{rule.kind} "{rule.name}" is invalid: {rule.error}', policy.name
                 )
         return await self.evaluator.evaluate(policy, rules, params)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -83,11 +82,17 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
             # else: the rule is disabled, and a disabled rule is skipped everywhere.
         return tuple(out)
 
-    # A policy row that fails validation cannot be matched, and so cannot allow anything.
     policies = [p for p in rule_set.policies if p.enabled]
+    # A policy row that fails validation is matched as its widened fallback and denies.
+    for broken in rule_set.invalid_policies:
+        if broken.fallback is not None:
+            policies.append(broken.fallback)
     same_policies = previous is not None and len(policies) == len(previous.policies) and all(
         a is b for a, b in zip(policies, previous.policies, strict=True))
     policy_rules = {p.name: enabled_rules(p) for p in policies}
+    for broken in rule_set.invalid_policies:
+        if broken.fallback is not None:
+            policy_rules[broken.name] = (broken,)
     if same_policies and previous is not None:
         # Keep the previous tuples where nothing changed: the evaluator's per-policy plans are
         # keyed by them.
@@ -101,14 +106,6 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
         policies=tuple(policies),
         compiled=by_rule,
     )
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 class RulesWatcher:
@@ -137,7 +134,7 @@ class RulesWatcher:
         self._task: asyncio.Task[None] | None = None
 
     def _load_blocking(self, force: bool) -> Snapshot | None:
-        identity = _file_identity(self._path)
+        identity = store.file_identity(self._path)
         if identity is None:
             raise store.StoreError(f"{self._path} does not exist")
         if self._conn is None or identity != self._identity:

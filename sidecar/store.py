@@ -319,6 +319,20 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ),
     ),
     ("0002_audit_triggers", _AUDIT_MIGRATION),
+    (
+        # A counter alone cannot tell two databases apart that saw the same number of edits
+        # (a restore of another copy): every change also draws a random token.
+        "0003_rules_version_token",
+        "ALTER TABLE rules_version ADD COLUMN token BLOB;\n"
+        "UPDATE rules_version SET token = randomblob(8);\n"
+        + "".join(
+            f"DROP TRIGGER {table}_{event.lower()}_bumps_version;\n"
+            f"CREATE TRIGGER {table}_{event.lower()}_bumps_version AFTER {event} ON {table} "
+            "BEGIN UPDATE rules_version SET version = version + 1, token = randomblob(8) WHERE id = 1; END;\n"
+            for table in ("rules", "policies", "policy_rules")
+            for event in ("INSERT", "UPDATE", "DELETE")
+        ),
+    ),
 )
 
 
@@ -328,11 +342,14 @@ class StoreError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InvalidRow:
-    """A rules or policies row that does not validate; ``error`` says why in one line."""
+    """A rules or policies row that does not validate; ``error`` says why in one line.
+
+    For a policy, ``fallback`` is what it can still be matched as (see ``_fallback_policy``)."""
 
     kind: str
     name: str
     error: str
+    fallback: Policy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,11 +392,12 @@ def _translated(what: str) -> Iterator[None]:
         raise StoreError(f"{what}: {exc}") from exc
 
 
-def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.Connection:
-    """Open rules.db. Read-only connections never create the file."""
+def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> sqlite3.Connection:
+    """Open rules.db. Read-only connections, and those with ``create=False``, never create the
+    file: a writer that finds it gone must not leave an empty database in its place."""
     with _translated(f"cannot open {path}"):
-        if readonly:
-            uri = Path(path).absolute().as_uri() + "?mode=ro"
+        if readonly or not create:
+            uri = Path(path).absolute().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -389,6 +407,15 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
         return conn
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of the file, or None if absent: tells a replaced rules.db apart."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 @contextmanager
@@ -489,6 +516,34 @@ def _policy_from_row(row: Mapping[str, Any], rule_names: tuple[str, ...]) -> Pol
     )
 
 
+def _fallback_policy(row: Mapping[str, Any]) -> Policy | None:
+    """What a policy row that does not validate must still match, so that it denies instead of
+    vanishing: were it left out, its requests would fall through to a broader policy (say, a
+    public one with the integration off) and be allowed. Every field that does not parse is
+    widened — any host, any method, path ``/``, first priority — so the broken policy denies at
+    least everything it covered, and possibly more (fail closed). None for a disabled row."""
+    if row["enabled"] == 0:
+        return None
+
+    def parsed(column: str, validate: Any) -> Any:
+        try:
+            value = validate(json.loads(row[column]))
+            Policy(name="fallback", **{column: value})
+            return value
+        except (ValueError, TypeError, ValidationError):
+            return ()
+
+    path = row["path_prefix"]
+    priority = row["priority"]
+    return Policy(
+        name=str(row["name"]),
+        hosts=parsed("hosts", tuple),
+        methods=parsed("methods", tuple),
+        path_prefix=path if isinstance(path, str) and path.startswith("/") else "/",
+        priority=priority if isinstance(priority, int) else -(2**31),
+    )
+
+
 def _row_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
@@ -547,7 +602,7 @@ def load_rule_set(conn: sqlite3.Connection, memo: RowMemo | None = None) -> Rule
                         try:
                             policy = _policy_from_row(row, linked)
                         except (ValueError, TypeError, ValidationError) as exc:
-                            policy = InvalidRow("policy", row["name"], _row_error(exc))
+                            policy = InvalidRow("policy", row["name"], _row_error(exc), _fallback_policy(row))
                     new.policies[key] = policy
                     (invalid if isinstance(policy, InvalidRow) else policies).append(policy)
         finally:
@@ -563,10 +618,12 @@ def data_version(conn: sqlite3.Connection) -> int:
         return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
-def rules_version(conn: sqlite3.Connection) -> int:
-    """Changes when rules, policies or their links change (maintained by triggers)."""
+def rules_version(conn: sqlite3.Connection) -> tuple[int, bytes]:
+    """Changes when rules, policies or their links change (maintained by triggers): a counter
+    and a random token drawn at each change."""
     with _translated("cannot read rules.db"):
-        return int(conn.execute("SELECT version FROM rules_version WHERE id = 1").fetchone()[0])
+        version, token = conn.execute("SELECT version, token FROM rules_version WHERE id = 1").fetchone()
+        return int(version), token
 
 
 # ------------------------------------------------------------------------- writing

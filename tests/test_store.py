@@ -92,7 +92,8 @@ def test_rules_version_moves_on_rule_changes_only(db: Path) -> None:
     assert store.rules_version(conn) == before
     conn.execute("UPDATE policies SET priority = 1")  # no rows: still no change
     seed(db, [RULE])
-    assert store.rules_version(conn) > before
+    after = store.rules_version(conn)
+    assert after[0] > before[0] and after[1] != before[1]
 
 
 def test_readonly_connection_never_creates_the_file(tmp_path: Path) -> None:
