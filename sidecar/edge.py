@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
 from ._pb.envoy.config.core.v3 import base_pb2
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -60,11 +60,29 @@ def _headers(http: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in http.headers.items()}
 
 
+def _json_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: _json_value(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_json_value(v) for v in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
+
+
 def _jwt_payload(request: pb.CheckRequest, namespace: str, key: str) -> Mapping[str, Any]:
     metadata = request.attributes.metadata_context.filter_metadata
     if namespace not in metadata:
         return {}
-    payload = json_format.MessageToDict(metadata[namespace]).get(key)
+    # Not json_format.MessageToDict: it raises ValueError on a NaN or infinite number (a Struct
+    # holds doubles, so metadata may carry them) anywhere in the namespace, which turned such a
+    # request into an internal_error deny however good its claims. Only the payload is
+    # converted; numbers stay floats, as before.
+    fields = metadata[namespace].fields
+    if key not in fields:
+        return {}
+    payload = _json_value(fields[key])
     return payload if isinstance(payload, dict) else {}
 
 

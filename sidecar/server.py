@@ -189,7 +189,8 @@ class Sidecar:
                           tokens.fetch_failures)
 
     async def start(self) -> int:
-        """Create/migrate rules.db, bind, load the rules. Raises StoreError or RuntimeError."""
+        """Create/migrate rules.db, bind, load the rules. Raises StoreError, RuntimeError (cannot
+        listen) or ValueError (TLS or CA files)."""
         applied = await asyncio.to_thread(store.ensure_database, self.settings.db)
         if applied:
             log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
