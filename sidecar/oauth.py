@@ -38,9 +38,11 @@ same client share a token; a changed secret is a new key. Concurrent checks need
 token share one in-flight request (single flight). A failed request is not a token: its
 failure is shared by every check that waited for it, and kept for ``FAILURE_TTL`` (1 s) so
 that a burst of checks during an outage of the token endpoint makes one token request per
-second, not one per check. A fetch runs in its own task, bounded by its own timeout
-(10 s by default): a check that stops waiting (its rule's timeout, or cancellation) does not
-cancel it, and the next checks find the token it brings.
+second, not one per check. Likewise a token the webhook refuses (``invalidate``) is replaced
+at most once per ``FAILURE_TTL``: a webhook that refuses every token (wrong scope or
+audience) would otherwise make each check fetch a new one. A fetch runs in its own task,
+bounded by its own timeout (10 s by default): a check that stops waiting (its rule's
+timeout, or cancellation) does not cancel it, and the next checks find the token it brings.
 
 Reasons name the problem, never the client secret or a token.
 
@@ -260,6 +262,9 @@ class TokenCache:
         self._failure_ttl = failure_ttl
         self._tokens: dict[TokenKey, _Token] = {}
         self._failures: dict[TokenKey, _Failure] = {}
+        # When a refused token was last dropped, per key: refusals replace tokens at most
+        # once per failure_ttl (module docstring).
+        self._refused_at: dict[TokenKey, float] = {}
         self._in_flight: dict[TokenKey, asyncio.Task[str | OAuthError]] = {}
         self.fetches = 0  # token requests sent, and how many failed (for metrics)
         self.fetch_failures = 0
@@ -288,12 +293,26 @@ class TokenCache:
             raise OAuthError(outcome.reason)  # a new exception per waiter: no shared traceback
         return outcome
 
-    def invalidate(self, key: TokenKey, token: str) -> None:
+    def invalidate(self, key: TokenKey, token: str) -> bool:
         """Stop using ``token`` (the webhook refused it), unless it was already replaced: a
-        token fetched meanwhile by another check is kept."""
+        token fetched meanwhile by another check is kept.
+
+        Returns whether ``token()`` may now bring another token, so that a retry makes
+        sense. False when ``token`` is the current token and a refusal already replaced the
+        token less than ``failure_ttl`` ago: the webhook refuses fresh tokens, and the token
+        is kept (without this, a webhook refusing every token makes one token request per
+        check).
+        """
         cached = self._tokens.get(key)
-        if cached is not None and cached.value == token:
-            del self._tokens[key]
+        if cached is None or cached.value != token:
+            return True  # already replaced, or being fetched: the retry gets the newer one
+        now = self._clock()
+        refused_at = self._refused_at.get(key)
+        if refused_at is not None and now - refused_at < self._failure_ttl:
+            return False
+        self._refused_at[key] = now
+        del self._tokens[key]
+        return True
 
     async def close(self) -> None:
         """Cancel the token requests in flight and forget every token."""
@@ -304,6 +323,7 @@ class TokenCache:
         self._in_flight.clear()
         self._tokens.clear()
         self._failures.clear()
+        self._refused_at.clear()
 
     async def _refresh(self, key: TokenKey, auth: OAuthAuth) -> str | OAuthError:
         """Fetch a token and record the outcome. Returns the failure instead of raising it,

@@ -8,7 +8,8 @@ context        a value is written as
 =============  ==========================================================================
 URL            ``quote(value, safe="")``: only unreserved characters and ``%XX`` escapes,
                so no value adds ``/ ? # & = @ :`` or changes the host
-header value   as is; a value holding CR, LF or NUL raises ``UnsafeParameter``
+header value   as is; a value holding a control character (CR, LF, NUL, any other
+               but HTAB) raises ``UnsafeParameter``
 JSON body      JSON-string-escaped, ASCII only, without quotes: the template writes them
                (``{"user": "%username%"}``)
 form body      ``quote_plus(value, safe="")``
@@ -38,7 +39,8 @@ Exceptions::
     ValueError
      ├── TemplateError     a template that does not compile (rule_invalid); ``position`` is
      │                     the 0-based index in the template, when there is one
-     └── UnsafeParameter   a header value would carry CR, LF or NUL (unsafe_parameter)
+     └── UnsafeParameter   a header value would carry CR, LF, NUL or another control
+                           character (unsafe_parameter)
 """
 
 from __future__ import annotations
@@ -91,7 +93,13 @@ _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _TWO_HEX = re.compile(r"[0-9A-Fa-f]{2}")
 # Scheme and authority, complete, before the first parameter of a URL.
 _URL_HEAD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]+[/?#]")
-_UNSAFE_IN_HEADER = re.compile("[\r\n\0]")
+# CR, LF and NUL could end a header or hide one (RFC 9110 §5.5). The other control characters
+# but HTAB are invalid in a field value too, and the HTTP client refuses to send them (a
+# ValueError): a client could turn every check into an internal_error with a logged
+# traceback. So a value holding any of them fails the rule (unsafe_parameter), and a rule
+# whose own header text holds one does not compile.
+_UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+_LINE_BREAKING = re.compile("[\r\n\0]")
 
 
 class Context(Enum):
@@ -113,14 +121,17 @@ class TemplateError(ValueError):
 
 
 class UnsafeParameter(ValueError):
-    """A parameter value that would put CR, LF or NUL into a header value of the webhook
-    request. Names the parameter (and the header, when known), never the value."""
+    """A parameter value that would put a control character (CR, LF, NUL, or another but
+    HTAB) into a header value of the webhook request. Names the parameter (and the header,
+    when known) and ``what`` it holds, never the value."""
 
-    def __init__(self, parameter: str, header: str | None = None) -> None:
+    def __init__(self, parameter: str, header: str | None = None, *,
+                 what: str = "CR, LF or NUL") -> None:
         self.parameter = parameter
         self.header = header
+        self.what = what
         where = f"header {header}" if header else "a header value"
-        super().__init__(f"parameter %{parameter}% holds CR, LF or NUL, not allowed in {where}")
+        super().__init__(f"parameter %{parameter}% holds {what}, not allowed in {where}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +145,8 @@ def _url_value(name: str, value: str) -> str:
 
 def _header_value(name: str, value: str) -> str:
     if _UNSAFE_IN_HEADER.search(value):
-        raise UnsafeParameter(name)
+        what = "CR, LF or NUL" if _LINE_BREAKING.search(value) else "a control character"
+        raise UnsafeParameter(name, what=what)
     return value
 
 
@@ -176,7 +188,7 @@ class Template:
     def render(self, lookup: Lookup) -> str:
         """The text with each parameter replaced by ``lookup(name)``, written for the context.
 
-        Raises ``UnsafeParameter`` (header context) for a value with CR, LF or NUL; a
+        Raises ``UnsafeParameter`` (header context) for a value with a control character; a
         ``KeyError`` from ``lookup`` propagates.
         """
         encode = _ENCODERS[self.context]
@@ -198,6 +210,11 @@ def compile_template(text: str, context: Context, *, check_name: NameCheck | Non
     """
     if check_name is None:
         check_name = check_parameter_name
+    if context is Context.HEADER and (control := _UNSAFE_IN_HEADER.search(text)):
+        position = control.start()
+        raise TemplateError(
+            f"control character at character {position + 1} is not allowed in a header value",
+            position)
     parts, spans = _parse(text, context, check_name)
     if spans and context is Context.URL:
         _check_url_head(text, spans[0][0])
@@ -387,13 +404,14 @@ class CompiledRequest:
 
     def render(self, lookup: Lookup) -> WebhookRequest:
         """The request for one check. Raises ``UnsafeParameter`` (naming the header) when a
-        value would put CR, LF or NUL into a header; a ``KeyError`` from ``lookup`` propagates."""
+        value would put a control character into a header; a ``KeyError`` from ``lookup``
+        propagates."""
         headers = []
         for name, template in self.headers:
             try:
                 headers.append((name, template.render(lookup)))
             except UnsafeParameter as exc:
-                raise UnsafeParameter(exc.parameter, name) from None
+                raise UnsafeParameter(exc.parameter, name, what=exc.what) from None
         body = None if self.body is None else self.body.render(lookup).encode("utf-8")
         return WebhookRequest(self.method, self.url.render(lookup), tuple(headers), body)
 

@@ -16,7 +16,9 @@ Authentication (``NoAuth``, ``BasicAuth``, ``OAuthAuth``) replaces any ``Authori
 header of the rule. OAuth tokens come from a ``sidecar.oauth.TokenCache``; a 401 from the
 webhook drops the token that was refused, takes a fresh one (one token request, shared by
 the checks that got the same 401) and sends the request once more; a second 401 is
-returned as the response.
+returned as the response. A refusal replaces the token at most once a second per client
+(``TokenCache.invalidate``): within that second, a 401 for the current token is returned
+at once, without a retry.
 
 Failures are ``WebhookFailure(code, reason)``; aiohttp, socket and TLS exceptions are
 translated here and chained (``from exc``). Reasons are short, do not name the rule (the
@@ -219,7 +221,10 @@ class WebhookClient:
                     response = await self._send(session, request, f"Bearer {token}")
                     if response.status != 401:
                         return response
-                    self.tokens.invalidate(key, token)
+                    if not self.tokens.invalidate(key, token):
+                        # The webhook refuses even a fresh token: another would not help, and
+                        # asking for one on every check would flood the token endpoint.
+                        return response
                     waiting_for_token = True
                     token = await self.tokens.token(auth, key)
                     waiting_for_token = False

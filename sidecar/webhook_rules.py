@@ -11,6 +11,7 @@ rules before k are awaited (one of them may be the first failure).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from .templates import CompiledRequest, UnsafeParameter, WebhookRequest, compile
 from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
 
 UPSTREAM_HEADER_PREFIX = "x-safous-"
-_UNSAFE_IN_HEADER = ("\r", "\n", "\0")
+# Stored values travel to the app as header values: no control character but tab may be in one
+# (Envoy or the app would refuse or, worse, split it).
+_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # The webhook answered and the answer was judged: a real decision, cached for the rule's TTL.
 # Any other failure means the call itself failed, cached only for the shorter failure TTL.
 _JUDGED = frozenset({Code.VALUE_MISMATCH, Code.REGEX_MISMATCH, Code.KEY_MISSING})
@@ -273,9 +276,9 @@ def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome
     if result.failure is not None:
         return RuleOutcome(result.failure, {})
     for stored_name, value in result.stored.items():
-        if any(c in value for c in _UNSAFE_IN_HEADER):
+        if _UNSAFE_IN_HEADER.search(value):
             return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                f'rule "{rule.name}": the value stored as "{stored_name}" holds CR, LF or NUL'), {})
+                                f'rule "{rule.name}": the value stored as "{stored_name}" holds a control character'), {})
     return RuleOutcome(None, result.stored)
 
 

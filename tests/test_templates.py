@@ -375,7 +375,8 @@ def test_values_never_change_url_structure(user: str, ip: str, agent: str) -> No
 def test_header_value_is_kept_or_refused(value: str) -> None:
     template = compile_template("Bearer %headers.x-token%", Context.HEADER)
     lookup = lookup_in({"headers.x-token": value})
-    if any(c in value for c in "\r\n\0"):
+    # Every control character but HTAB: the HTTP client cannot send the others.
+    if any(c < " " and c != "\t" or c == "\x7f" for c in value):
         with pytest.raises(UnsafeParameter):
             template.render(lookup)
     else:
