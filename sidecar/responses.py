@@ -39,6 +39,8 @@ __all__ = [
     "compile_actions",
     "evaluate_response",
     "parse_response",
+    "quote_value",
+    "shown_value",
     "status_failure",
     "value_at",
 ]
@@ -203,14 +205,14 @@ class CompiledActions:
             if action.type is ActionType.STRING:
                 if text != action.value:
                     return ActionResult((Code.VALUE_MISMATCH, (
-                        f"{_rule(rule_name)}: {action.key} is {_shown(value, text)}, "
-                        f"expected {_quote(action.value)}"
+                        f"{_rule(rule_name)}: {action.key} is {shown_value(value, text)}, "
+                        f"expected {quote_value(action.value)}"
                     )))
             elif action.type is ActionType.REGEX:
                 assert pattern is not None
                 if pattern.search(text) is None:
                     return ActionResult((Code.REGEX_MISMATCH, (
-                        f"{_rule(rule_name)}: {action.key} {_shown(value, text)} "
+                        f"{_rule(rule_name)}: {action.key} {shown_value(value, text)} "
                         f"does not match /{action.value}/"
                     )))
             else:
@@ -264,19 +266,19 @@ def evaluate_response(
 
 
 def _rule(name: str) -> str:
-    return f"rule {_quote(name, limit=128)}"
+    return f"rule {quote_value(name, limit=128)}"
 
 
-def _quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+def quote_value(text: str, limit: int = QUOTE_LIMIT) -> str:
     """``text`` in double quotes, JSON-escaped (no raw control characters), cut at ``limit``."""
     if len(text) > limit:
         text = text[:limit] + "..."
     return json.dumps(text, ensure_ascii=False)
 
 
-def _shown(value: Any, text: str) -> str:
+def shown_value(value: Any, text: str) -> str:
     """A response value in a reason: strings quoted, other JSON values as spelt."""
     if isinstance(value, str):
-        return _quote(text)
+        return quote_value(text)
     # Number spellings and compact JSON hold no raw control characters: shown unquoted.
     return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."

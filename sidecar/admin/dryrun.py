@@ -13,7 +13,6 @@ values with CR/LF), minus the decision cache and call coalescing: a dry run alwa
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,8 @@ from sidecar.responses import (
     ResponseInvalid,
     as_text,
     parse_response,
+    quote_value,
+    shown_value,
     status_failure,
     value_at,
 )
@@ -37,7 +38,6 @@ from .display import redact_header
 
 __all__ = ["ActionVerdict", "DryRun", "dry_run", "shown_headers"]
 
-_QUOTE_LIMIT = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +81,6 @@ def shown_headers(request: WebhookRequest, rule: CompiledRule) -> list[tuple[str
     return headers
 
 
-def _quote(text: str) -> str:
-    if len(text) > _QUOTE_LIMIT:
-        text = text[:_QUOTE_LIMIT] + "..."
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _shown(value: Any, text: str) -> str:
-    if isinstance(value, str):
-        return _quote(text)
-    return text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
-
-
 def _verdict(action: ResponseAction, document: Any) -> ActionVerdict:
     try:
         value = value_at(document, action.key)
@@ -101,11 +89,11 @@ def _verdict(action: ResponseAction, document: Any) -> ActionVerdict:
         return ActionVerdict(action, "missing", f"{action.key} missing from the response")
     except RecursionError:
         return ActionVerdict(action, "not checked", "response is nested too deeply")
-    shown = _shown(value, text)
+    shown = shown_value(value, text)
     if action.type is ActionType.STRING:
         if text == action.value:
             return ActionVerdict(action, "met", f"{action.key} is {shown}")
-        return ActionVerdict(action, "not met", f"{action.key} is {shown}, expected {_quote(action.value)}")
+        return ActionVerdict(action, "not met", f"{action.key} is {shown}, expected {quote_value(action.value)}")
     if action.type is ActionType.REGEX:
         if re.search(action.value, text):
             return ActionVerdict(action, "met", f"{action.key} {shown} matches /{action.value}/")
