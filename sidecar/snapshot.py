@@ -35,7 +35,6 @@ class Snapshot:
     # Per policy name: its enabled rules in order, compiled, or the reason one is unusable.
     policy_rules: Mapping[str, tuple[Any | InvalidRow, ...]]
     problems: tuple[InvalidRow, ...] = ()
-    loaded_at: float = field(default_factory=time.time)
     # What the next build may reuse: the enabled policies, and each rule's compiled form by the
     # identity of its Rule model.
     policies: tuple[Policy, ...] = ()

@@ -266,6 +266,16 @@ async def test_the_sidecar_never_recreates_a_deleted_rules_db(db: Path, start_si
     assert status == 503 and "does not exist" in body, body
 
 
+def restore(source_path: Path, target_path: Path) -> None:
+    """What `sqlite3 rules.db ".restore new.db"` does: SQLite's backup into the live file."""
+    source, target = sqlite3.connect(source_path), sqlite3.connect(target_path)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+
+
 def many_policies(count: int) -> list[Policy]:
     return [open_policy(f"p{i:03d}-{'x' * 60}", f"h{i}.example.com") for i in range(count)]
 
@@ -319,15 +329,7 @@ async def test_rules_db_restored_in_place_with_sqlites_backup_api_is_picked_up(
     new = tmp_path / "new.db"
     seed(new, [], [B, *many_policies(200)])
 
-    def restore() -> None:
-        source, target = sqlite3.connect(new), sqlite3.connect(db)
-        try:
-            source.backup(target)
-        finally:
-            source.close()
-            target.close()
-
-    await asyncio.to_thread(restore)
+    await asyncio.to_thread(restore, new, db)
 
     async def new_rules_served() -> bool:
         return (await decide(stub, "b.example.com"), await decide(stub, "a.example.com")) == (
@@ -356,15 +358,7 @@ async def test_a_restore_with_the_same_edit_count_is_picked_up(
     seed(new, [], [B])  # one policy created, like rules.db: the counters are equal
     assert rules_version(new)[0] == rules_version(db)[0]
 
-    def restore() -> None:
-        source, target = sqlite3.connect(new), sqlite3.connect(db)
-        try:
-            source.backup(target)
-        finally:
-            source.close()
-            target.close()
-
-    await asyncio.to_thread(restore)
+    await asyncio.to_thread(restore, new, db)
 
     async def new_rules_served() -> bool:
         return await decide(stub, "b.example.com") == "allow"

@@ -204,9 +204,12 @@ async def test_sigterm_under_load_finishes_in_flight_checks(tmp_path: Path, webh
     wrong = [c for c in before if c.outcome != c.expected]
     assert not wrong, wrong[:5]
     # Later ones got their real decision or were refused; never an error, never the wrong decision.
-    odd = [c for c in calls if c.outcome not in (c.expected, "UNAVAILABLE")]
+    # A call racing the shutdown on an open connection may be CANCELLED instead of UNAVAILABLE:
+    # both are refusals (Envoy: 403), and the activity-log check below proves none was decided.
+    refused = ("UNAVAILABLE", "CANCELLED")
+    odd = [c for c in calls if c.outcome != c.expected and c.outcome not in refused]
     assert not odd, odd[:5]
-    late = [c for c in calls if c.started > signalled + 0.5 and c.outcome != "UNAVAILABLE"]
+    late = [c for c in calls if c.started > signalled + 0.5 and c.outcome not in refused]
     assert not late, late[:5]
     assert any(c.outcome == "UNAVAILABLE" for c in calls), "the load never saw the server gone"
 
