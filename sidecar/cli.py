@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from . import logs
-from .settings import Settings
+from .settings import Settings, shown_default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,8 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "SAFOUS_" + name.upper()
+        # A list setting is a repeatable flag; given once or more, it replaces the variable's list.
+        repeated = typing.get_origin(field.annotation) in (list, tuple)
         serve.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
-                           help=f"{field.description} [env {env}, default {field.default}]".replace("%", "%%"))
+                           action="append" if repeated else "store",
+                           help=f"{field.description} [env {env}, default {shown_default(field.default)}]"
+                           .replace("%", "%%"))
     return parser
 
 

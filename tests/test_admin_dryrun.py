@@ -31,7 +31,7 @@ def fingerprint(db: Path) -> list[str]:
 
 POSTURE = ["rule", "add", "posture", "--method", "POST", "--url", "{url}/check?u=%username%",
            "--header", "X-Device=%device_id%", "--body", '{{"user": "%username%"}}',
-           "--auth", "basic", "--username", "svc", "--password", "env:POSTURE_PW",
+           "--auth", "basic", "--username", "svc", "--password", "env:SAFOUS_SECRET_POSTURE_PW",
            "--action", "string:data.status:active", "--action", "regex:data.role:^(admin|ops)$",
            "--action", "store:data.tier:tier", "--disabled"]
 
@@ -47,7 +47,7 @@ async def test_a_rule_whose_criteria_are_met(db: Path, webhook: Webhook) -> None
     add_posture(db, webhook)
     before = fingerprint(db)
     result = await run(db, "test", "posture", "--param", "username=alice o'neil&x",
-                       env={"POSTURE_PW": "hunter2"})
+                       env={"SAFOUS_SECRET_POSTURE_PW": "hunter2"})
     body = json.dumps(payload)
     assert (result.exit_code, result.stderr) == (0, ""), result.output
     assert result.stdout == f"""\
@@ -82,7 +82,7 @@ async def test_a_rule_whose_criteria_are_not_met_exits_1_with_every_verdict(db: 
     webhook.routes["/check"] = answer({"data": {"status": "active", "role": "guest"}})
     add_posture(db, webhook)
     result = await run(db, "test", "posture", "--param", "%username%=bob", "--param", "device_id=d-1",
-                       env={"POSTURE_PW": "hunter2"})
+                       env={"SAFOUS_SECRET_POSTURE_PW": "hunter2"})
     assert result.exit_code == 1, result.output
     assert result.stdout.split("actions\n")[1] == """\
   met          string:data.status:active      data.status is "active"
@@ -133,11 +133,13 @@ decision: not met (response_invalid): rule "r": response is not JSON
 async def test_an_oauth_rule_masks_its_token(db: Path, webhook: Webhook) -> None:
     webhook.routes["/token"] = answer({"access_token": "tok-123", "token_type": "Bearer", "expires_in": 60})
     webhook.routes["/check"] = answer({"ok": True})
-    admin(db, "rule", "add", "r", "--url", f"{webhook.url}/check", "--auth", "oauth", "--token-url",
-          f"{webhook.url}/token", "--client-id", "cid", "--client-secret", "file:{}".format(db.parent / "secret"),
-          "--header", "Authorization=Bearer ignored", "--action", "string:ok:true")
+    secrets = {"SAFOUS_SECRET_DIR": str(db.parent)}  # as the sidecar would have it
+    added = admin(db, "rule", "add", "r", "--url", f"{webhook.url}/check", "--auth", "oauth", "--token-url",
+                  f"{webhook.url}/token", "--client-id", "cid", "--client-secret", f"file:{db.parent / 'secret'}",
+                  "--header", "Authorization=Bearer ignored", "--action", "string:ok:true", env=secrets)
+    assert added.exit_code == 0, added.output
     (db.parent / "secret").write_text("s3cret\n")
-    result = await run(db, "test", "r")
+    result = await run(db, "test", "r", env=secrets)
     assert result.exit_code == 0, result.output
     assert result.stdout.split("response\n")[0] == f"""\
 rule "r"
@@ -153,8 +155,8 @@ async def test_usage_and_configuration_errors_exit_2(db: Path, webhook: Webhook,
     add_posture(db, webhook)
     cases = [
         (["test", "postur"], 'rule "postur" does not exist — did you mean "posture"?'),
-        (["test", "posture"], 'rule "posture" cannot run: secret env:POSTURE_PW: environment variable '
-                              "POSTURE_PW is not set"),
+        (["test", "posture"], 'rule "posture" cannot run: secret env:SAFOUS_SECRET_POSTURE_PW: environment '
+                              "variable SAFOUS_SECRET_POSTURE_PW is not set"),
         (["test", "posture", "--param", "user_name=x"],
          "--param: unknown parameter %user_name% — did you mean %username%?"),
         (["test", "posture", "--param", "username"], "Invalid value for '--param': 'username' is not NAME=VALUE"),

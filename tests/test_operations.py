@@ -119,12 +119,12 @@ def test_logs_never_hold_secrets(tmp_path: Path) -> None:
     rules = [
         Rule(name="basic", url="http://127.0.0.1:9/b", auth=AuthType.BASIC, username="svc", password=password),
         Rule(name="oauth", url="http://127.0.0.1:9/o", auth=AuthType.OAUTH, token_url="http://127.0.0.1:9/token",
-             client_id="cid", client_secret="env:TEST_CLIENT_SECRET"),
+             client_id="cid", client_secret="env:SAFOUS_SECRET_TEST_CLIENT"),
     ]
     seed(db, rules, [Policy(name="p", rules=("basic", "oauth"))])
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen", "127.0.0.1:0", "--log-level", "debug"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "TEST_CLIENT_SECRET": client_secret})
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "SAFOUS_SECRET_TEST_CLIENT": client_secret})
     lines = []
     try:
         while True:

@@ -235,17 +235,19 @@ async def test_header_parameter_with_crlf_is_unsafe(db, start_sidecar, authz, we
 
 
 async def test_basic_auth(db, start_sidecar, authz, webhook, monkeypatch) -> None:
-    monkeypatch.setenv("HOOK_PASSWORD", "s3cr:et")
+    monkeypatch.setenv("SAFOUS_SECRET_HOOK_PASSWORD", "s3cr:et")
     webhook.routes["/x"] = answer({})
-    rule = Rule(name="r", url=webhook.url + "/x", auth=AuthType.BASIC, username="svc", password="env:HOOK_PASSWORD")
+    rule = Rule(name="r", url=webhook.url + "/x", auth=AuthType.BASIC, username="svc",
+                password="env:SAFOUS_SECRET_HOOK_PASSWORD")
     _, stub = await start(db, start_sidecar, authz, [rule])
     assert (await stub.Check(check_request("/"))).status.code == OK
     assert webhook.requests[0]["headers"]["authorization"] == "Basic " + base64.b64encode(b"svc:s3cr:et").decode()
 
 
 async def test_missing_secret_makes_the_rule_invalid(db, start_sidecar, authz, webhook, monkeypatch) -> None:
-    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
-    rule = Rule(name="r", url=webhook.url + "/x", auth=AuthType.BASIC, username="svc", password="env:NOT_SET_ANYWHERE")
+    monkeypatch.delenv("SAFOUS_SECRET_NOT_SET_ANYWHERE", raising=False)
+    rule = Rule(name="r", url=webhook.url + "/x", auth=AuthType.BASIC, username="svc",
+                password="env:SAFOUS_SECRET_NOT_SET_ANYWHERE")
     _, stub = await start(db, start_sidecar, authz, [rule])
     response = await stub.Check(check_request("/"))
     assert code_of(response) == "rule_invalid"

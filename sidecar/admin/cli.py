@@ -27,7 +27,13 @@ from sidecar import store
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX, UnknownParameter, check_parameter_name
 from sidecar.policies import Policy
 from sidecar.rules import Rule
-from sidecar.secrets import is_reference
+from sidecar.secrets import (
+    DEFAULT_ENV_PREFIX,
+    DEFAULT_SECRET_DIRS,
+    SecretPolicy,
+    is_reference,
+    parse_secret_dirs,
+)
 from sidecar.store import StoredPolicy, StoredRule
 from sidecar.templates import TemplateError, compile_rule_request
 
@@ -35,6 +41,7 @@ from . import display
 from .validation import (
     AdminError,
     check_name,
+    check_secrets,
     closest,
     quoted,
     stored_problem,
@@ -87,6 +94,7 @@ class _AdminGroup(click.Group):
 class _Admin:
     db: Path
     actor: str
+    secrets: SecretPolicy
 
     def _open(self) -> sqlite3.Connection:
         conn = store.connect(self.db)
@@ -136,7 +144,7 @@ _EPILOG = """\b
 Example: a webhook rule, tried, then enforced on app.example.com:
   safous-admin rule add posture --method POST \\
       --url https://posture.example.com/check --body '{"user": "%username%"}' \\
-      --auth basic --username sidecar --password env:POSTURE_PASSWORD \\
+      --auth basic --username sidecar --password env:SAFOUS_SECRET_POSTURE_PW \\
       --action string:status:active --disabled
   safous-admin test posture --param username=alice
   safous-admin rule enable posture
@@ -154,20 +162,57 @@ Run any command with --help for its options."""
               help="The rules database the sidecar serves (created if absent).")
 @click.option("--actor", envvar="SAFOUS_ACTOR", show_envvar=True, metavar="NAME",
               help="Who makes the changes, as the audit log records it.  [default: the OS user]")
+# Read by hand rather than with click's envvar: the sidecar's settings read these variables, and
+# the two must agree on every value, "" (no directory) included, which click would skip.
+@click.option("--secret-dir", "secret_dirs", multiple=True, metavar="DIR",
+              help="Directory whose files file:PATH secret references may read, as the sidecar's "
+              "--secret-dir; repeat for more.  [env var: SAFOUS_SECRET_DIR, :-separated; "
+              f"default: {':'.join(DEFAULT_SECRET_DIRS)}]")
+@click.option("--secret-env-prefix", metavar="PREFIX",
+              help="env:NAME secret references may only read variables whose names start with this, "
+              "as the sidecar's --secret-env-prefix.  [env var: SAFOUS_SECRET_ENV_PREFIX; "
+              f"default: {DEFAULT_ENV_PREFIX}]")
 @click.pass_context
-def cli(ctx: click.Context, db: Path, actor: str | None) -> None:
+def cli(ctx: click.Context, db: Path, actor: str | None, secret_dirs: tuple[str, ...],
+        secret_env_prefix: str | None) -> None:
     """Manage the rules and policies of the Safous sidecar (Envoy ext_authz) in rules.db.
 
     A rule is a webhook call plus the criteria its answer must meet; a policy matches requests
     (host, path prefix, methods) and lists the rules that must all pass. A running sidecar picks
     every change up within a second, without a restart. Every change is checked before anything
     is written, and recorded in the audit log with its actor.
+
+    Secret references are checked against the sidecar's settings: give --secret-dir and
+    --secret-env-prefix (or their variables) as the sidecar has them.
     """
     actor = _os_user() if actor is None else actor
     if not actor.strip() or any(not c.isprintable() for c in actor):
         raise click.BadParameter("must be a non-empty name without control characters",
                                  param_hint="--actor")
-    ctx.obj = _Admin(db, actor)
+    ctx.obj = _Admin(db, actor, _secret_policy(secret_dirs, secret_env_prefix))
+
+
+def _secret_policy(dir_options: tuple[str, ...], prefix_option: str | None) -> SecretPolicy:
+    """The sidecar's secret policy, from the same settings read the same way: a flag wins over
+    its variable, which wins over the default."""
+    dirs_variable = os.environ.get("SAFOUS_SECRET_DIR")
+    try:
+        if dir_options:
+            dirs = parse_secret_dirs(dir_options)
+        else:
+            dirs = DEFAULT_SECRET_DIRS if dirs_variable is None else parse_secret_dirs(dirs_variable)
+    except ValueError as exc:
+        hint = "--secret-dir" if dir_options else "SAFOUS_SECRET_DIR"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    if prefix_option is not None:
+        prefix, hint = prefix_option, "--secret-env-prefix"
+    else:
+        hint = "SAFOUS_SECRET_ENV_PREFIX"
+        prefix = os.environ.get(hint, DEFAULT_ENV_PREFIX)
+    try:
+        return SecretPolicy(dirs, prefix)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
 # ------------------------------------------------------------------- option parsing
@@ -334,14 +379,16 @@ def _one_policy(conn: sqlite3.Connection, name: str) -> StoredPolicy:
     return found[0]
 
 
-def _rule_problem(stored: StoredRule) -> str | None:
+def _rule_problem(stored: StoredRule, secrets: SecretPolicy) -> str | None:
     """Why the sidecar cannot use the rule, or None (secrets are resolved only where the
-    sidecar runs, so an unset env:NAME is not a problem here)."""
+    sidecar runs, so an unset env:NAME is not a problem here; a reference the sidecar's secret
+    policy refuses is)."""
     if stored.rule is None:
         return stored.error
     try:
         compile_rule_request(stored.rule)
-    except TemplateError as exc:
+        check_secrets(stored.rule, secrets)
+    except (TemplateError, AdminError) as exc:
         return str(exc)
     return None
 
@@ -384,7 +431,8 @@ def rule_add(admin: _Admin, name: str, **opts: Any) -> None:
     rule with `safous-admin test NAME` before a policy uses it.
     """
     check_name("rule", name)
-    rule = validate_rule(_rule_fields({"name": name}, opts, edit=False), option_names=True)
+    rule = validate_rule(_rule_fields({"name": name}, opts, edit=False), option_names=True,
+                         secrets=admin.secrets)
     with admin.write() as conn:
         if store.read_rules(conn, name):
             raise AdminError(f"rule {quoted(name)} already exists: change it with `rule edit`")
@@ -408,7 +456,8 @@ def rule_edit(admin: _Admin, name: str, **opts: Any) -> None:
     """
     with admin.write() as conn:
         stored = _one_rule(conn, name)
-        rule = validate_rule(_rule_fields(stored.fields, opts, edit=True), option_names=True)
+        rule = validate_rule(_rule_fields(stored.fields, opts, edit=True), option_names=True,
+                             secrets=admin.secrets)
         if stored.rule == rule:
             click.echo(f"rule {quoted(name)} unchanged")
             return
@@ -431,7 +480,7 @@ def rule_show(admin: _Admin, name: str) -> None:
     """
     with admin.read() as conn:
         stored = _one_rule(conn, name)
-    click.echo(display.rule_details(stored, _rule_problem(stored)))
+    click.echo(display.rule_details(stored, _rule_problem(stored, admin.secrets)))
 
 
 @rule.command("list")
@@ -444,7 +493,7 @@ def rule_list(admin: _Admin, as_json: bool) -> None:
     """
     with admin.read() as conn:
         rules = store.read_rules(conn)
-    problems = [_rule_problem(r) for r in rules]
+    problems = [_rule_problem(r, admin.secrets) for r in rules]
     if as_json:
         for stored, problem in zip(rules, problems, strict=True):
             doc = {**display.rule_document(stored), "policies": list(stored.policies), "problem": problem}
@@ -487,21 +536,22 @@ def _switch(admin: _Admin, kind: str, name: str, enabled: bool) -> None:
         if changed is None:
             reader = store.read_rules if kind == "rule" else store.read_policies
             _not_found(kind, name, [o.name for o in reader(conn)])
-        warnings = _switch_warnings(conn, kind, name) if changed else []
+        warnings = _switch_warnings(conn, kind, name, admin.secrets) if changed else []
     for warning in warnings:
         _warn(warning)
     click.echo(f"{kind} {quoted(name)} {word}" if changed else f"{kind} {quoted(name)} was already {word}")
 
 
-def _switch_warnings(conn: sqlite3.Connection, kind: str, name: str) -> list[str]:
+def _switch_warnings(conn: sqlite3.Connection, kind: str, name: str, secrets: SecretPolicy) -> list[str]:
     """What the sidecar will make of the change: a broken rule enabled, or a policy whose
     rules no longer run in order (a disabled rule stored a value a later one uses)."""
     rules = {r.name: r for r in store.read_rules(conn)}
     warnings = []
     if kind == "rule":
         stored = rules[name]
-        if stored.rule is None and stored.fields["enabled"]:
-            warnings.append(f"rule {quoted(name)} does not validate ({stored.error}): the policies "
+        problem = _rule_problem(stored, secrets)
+        if problem and stored.fields["enabled"]:
+            warnings.append(f"rule {quoted(name)} does not validate ({problem}): the policies "
                             "that use it deny with rule_invalid until it is repaired")
         affected = [p for p in store.read_policies(conn) if p.name in stored.policies]
     else:
@@ -910,7 +960,8 @@ def test(admin: _Admin, rule_name: str, given: list[tuple[str, str]], headers: l
     and the decision. Exit status: 0 the criteria are met, 1 they are not, 2 a usage or
     configuration error (unknown rule or parameter, broken rule, unset env: secret). Works on a
     disabled rule; writes nothing. Secrets given as env:NAME or file:PATH are read here, so set
-    them as the sidecar has them. SAFOUS_WEBHOOK_CA_BUNDLE is honoured as by the sidecar.
+    them as the sidecar has them, within --secret-dir and --secret-env-prefix as the sidecar
+    has those. SAFOUS_WEBHOOK_CA_BUNDLE is honoured as by the sidecar.
     """
     from sidecar.webhook import WebhookClient  # aiohttp: loaded only for this command
     from sidecar.webhook_rules import WebhookEvaluator
@@ -936,7 +987,7 @@ def test(admin: _Admin, rule_name: str, given: list[tuple[str, str]], headers: l
         raise AdminError(f"rule {quoted(rule_name)} does not validate: {stored.error}", 2)
     client = WebhookClient(ca_bundle=os.environ.get("SAFOUS_WEBHOOK_CA_BUNDLE") or None)
     try:
-        compiled = WebhookEvaluator(client).compile(stored.rule)
+        compiled = WebhookEvaluator(client, secret_policy=admin.secrets).compile(stored.rule)
     except ValueError as exc:
         raise AdminError(f"rule {quoted(rule_name)} cannot run: {exc}", 2) from None
 
@@ -1074,6 +1125,11 @@ def import_(admin: _Admin, file: Any, replace: bool) -> None:
     with admin.write() as conn:
         try:
             plan = plan_import(document, store.read_rules(conn), store.read_policies(conn), replace=replace)
+            for rule in plan.rules:  # those written: a rule kept as stored is not refused here
+                try:
+                    check_secrets(rule, admin.secrets)
+                except AdminError as exc:
+                    raise AdminError(f"rule {quoted(rule.name)}: {exc}") from None
         except AdminError as exc:
             raise AdminError(f"{source}: {exc}") from None
         apply_import(conn, plan)

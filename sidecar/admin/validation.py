@@ -2,9 +2,11 @@
 
 A rule is checked as the sidecar will use it: the pydantic model (method, URL, auth fields, body
 only with POST, regexes, action types), its templates compiled (unknown parameters refused with
-the closest known name), the syntax of its secret references. A policy: the model, that its
-rules exist, and that each ``%stored.NAME%`` a rule uses is stored by an earlier enabled rule
-of the policy (else the sidecar would deny every request with ``rule_invalid``).
+the closest known name), its secret references (their syntax and, with the ``SecretPolicy``
+the sidecar is configured with, that they point under a secret directory or at a variable with
+the secret prefix: else the sidecar would deny with ``rule_invalid``). A policy: the model,
+that its rules exist, and that each ``%stored.NAME%`` a rule uses is stored by an earlier
+enabled rule of the policy (else the sidecar would deny every request with ``rule_invalid``).
 
 Exceptions::
 
@@ -25,12 +27,14 @@ from pydantic import ValidationError
 
 from sidecar.policies import Policy
 from sidecar.rules import ActionType, Rule
+from sidecar.secrets import SecretError, SecretPolicy, check_syntax
 from sidecar.templates import TemplateError, compile_rule_request
 
 __all__ = [
     "AdminError",
     "CLI_OPTIONS",
     "check_name",
+    "check_secrets",
     "closest",
     "describe",
     "quoted",
@@ -51,7 +55,7 @@ CLI_OPTIONS: Mapping[str, str] = {
 }
 """Model field → the option that sets it, to word errors in the admin's terms."""
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_FIELDS = ("password", "client_secret")
 _LOOKS_LIKE_REFERENCE = re.compile(r"(?i)(env|file):")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -106,25 +110,32 @@ def describe(exc: ValidationError, option_names: bool = False) -> str:
     return "; ".join(parts)
 
 
-def _check_secret(field: str, value: str | None, option_names: bool) -> None:
-    if value is None:
-        return
-    where = CLI_OPTIONS[field] if option_names else field
-    if value.startswith("env:"):
-        if not _ENV_NAME.fullmatch(value[4:]):
-            raise AdminError(f"{where}: {value!r} is not a valid reference: env:NAME needs an "
-                             "environment variable name (letters, digits and _, not first a digit)")
-    elif value.startswith("file:"):
-        if not value[5:]:
-            raise AdminError(f"{where}: {value!r} is not a valid reference: file:PATH needs a path")
-    elif _LOOKS_LIKE_REFERENCE.match(value):
-        raise AdminError(f"{where}: {value[:value.index(':') + 1]!r} looks like a secret reference, "
-                         "but references are written env:NAME or file:PATH, in lower case")
+def check_secrets(rule: Rule, secrets: SecretPolicy | None, *, option_names: bool = False) -> None:
+    """Refuse a secret reference of ``rule`` that is malformed or, with ``secrets``, that the
+    sidecar would refuse: one ``where: secret REF: problem`` line, naming the setting to change.
+    Raises ``AdminError``. No I/O: the files and variables are where the sidecar runs."""
+    for field in _SECRET_FIELDS:
+        value = getattr(rule, field)
+        if value is None:
+            continue
+        where = CLI_OPTIONS[field] if option_names else field
+        try:
+            if secrets is None:
+                check_syntax(value)
+            else:
+                secrets.check(value)
+        except SecretError as exc:
+            raise AdminError(f"{where}: {exc}") from None
+        if _LOOKS_LIKE_REFERENCE.match(value) and not value.startswith(("env:", "file:")):
+            raise AdminError(f"{where}: {value[:value.index(':') + 1]!r} looks like a secret reference, "
+                             "but references are written env:NAME or file:PATH, in lower case")
 
 
-def validate_rule(fields: Mapping[str, Any], *, option_names: bool = False) -> Rule:
-    """The rule ``fields`` describe, checked as the sidecar will use it. Raises ``AdminError``
-    naming the rule and the problem."""
+def validate_rule(fields: Mapping[str, Any], *, option_names: bool = False,
+                  secrets: SecretPolicy | None = None) -> Rule:
+    """The rule ``fields`` describe, checked as the sidecar will use it. ``secrets``: the
+    sidecar's secret policy; None checks only the syntax of secret references (the caller then
+    checks them with ``check_secrets``). Raises ``AdminError`` naming the rule and the problem."""
     name = str(fields.get("name", ""))
     try:
         rule = Rule.model_validate(dict(fields))
@@ -132,8 +143,7 @@ def validate_rule(fields: Mapping[str, Any], *, option_names: bool = False) -> R
         raise AdminError(f"rule {quoted(name)}: {describe(exc, option_names)}") from None
     check_name("rule", rule.name)
     try:
-        for field in ("password", "client_secret"):
-            _check_secret(field, getattr(rule, field), option_names)
+        check_secrets(rule, secrets, option_names=option_names)
     except AdminError as exc:
         raise AdminError(f"rule {quoted(name)}: {exc}") from None
     try:
