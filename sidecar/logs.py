@@ -1,13 +1,20 @@
 """Log lines on stderr: one JSON object per line (default) or readable text.
 
-Fields passed with ``extra=`` become JSON keys. Nothing here ever logs request headers
-wholesale, secrets or certificate bodies: callers pass only the fields they mean to show.
+Fields passed with ``extra=`` become JSON keys, or ``key=value`` pairs in text. Nothing here
+ever logs request headers wholesale, secrets or certificate bodies: callers pass only the fields
+they mean to show.
+
+One record is one line in either format (in text, a traceback follows on indented lines),
+whatever a client sent: a request id, a policy name or a message may hold newlines or Unicode
+line separators, so text lines escape them (JSON lines are escaped by ``json.dumps``). A line
+that starts in the first column always begins a record.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,15 +42,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+_QUOTE = re.compile(r'[ ="\\]')
+
+
+def _escape(char: str) -> str:
+    short = _SHORT_ESCAPES.get(char)
+    if short is not None:
+        return short
+    code = ord(char)
+    if code > 0xFFFF:  # JSON spells a character beyond the BMP as a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def text_value(value: object) -> str:
+    """``value`` as one logfmt token: as is when plain (printable, without space, ``=``, ``"``
+    or backslash), else in double quotes with JSON string escapes, so that no value can end its
+    field or its line. ``str.isprintable`` is false for every control character (C0, C1 such as
+    U+0085), line and paragraph separators (U+2028, U+2029) and format characters."""
+    text = str(value)
+    if text and text.isprintable() and not _QUOTE.search(text):
+        return text
+    return '"' + "".join(c if c.isprintable() and c not in '"\\' else _escape(c) for c in text) + '"'
+
+
+def text_message(text: str) -> str:
+    """Free text (a message, a traceback line) on one line: non-printable characters escaped
+    as in JSON, the rest kept as written."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
 class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER: MESSAGE key=value ...`` on one line, values as ``text_value``
+    tokens; a traceback follows on lines indented by two spaces."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = text_message(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(f"{k}={text_value(v)}" for k, v in extras.items())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if block:
+                # An exception's text may quote a client value: indented and escaped, no line
+                # of it can pass for a record.
+                line += "".join("\n  " + text_message(part) for part in block.split("\n"))
         return line
 
 
@@ -82,8 +135,8 @@ def write_decisions(decisions: Sequence[Any]) -> None:
                 entry["worker"] = _worker
             lines.append(json.dumps(entry))
         else:
-            lines.append(f"{iso_time(d.at)} INFO sidecar.decision: {result} request_id={d.request_id} "
-                         f"policy={d.policy} code={d.code} latency_ms={latency}"
+            lines.append(f"{iso_time(d.at)} INFO sidecar.decision: {result} request_id={text_value(d.request_id)} "
+                         f"policy={text_value(d.policy)} code={text_value(d.code)} latency_ms={latency}"
                          + (f" worker={_worker}" if _worker is not None else ""))
     with handler.lock:  # type: ignore[union-attr]
         handler.stream.write("\n".join(lines) + "\n")

@@ -4,11 +4,16 @@ Labels are bounded by configuration, never by traffic: policy and rule names (se
 results and codes (fixed enums). No user names, IPs, hosts or paths.
 
 Per-check metrics are recorded from the activity log's batches, in its worker thread, so a
-check pays nothing for them; state (cache, queue, snapshot) is read when scraped.
+check pays nothing for them; state (cache, queue, snapshot) is read when scraped. Event-loop lag
+is sampled by a timer (``LoopLagMonitor``), also at no cost to a check.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,8 +24,11 @@ from prometheus_client.registry import Collector
 # The *_created series double the exposition for no use here.
 disable_created_metrics()
 
+log = logging.getLogger(__name__)
+
 NO_POLICY = "(none)"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class _StateCollector(Collector):
@@ -42,6 +50,9 @@ class Metrics:
                                      "(ok or the failure code)", ["rule", "outcome"], registry=self.registry)
         self.webhook_seconds = Histogram("safous_webhook_call_duration_seconds", "Webhook call time, by rule",
                                          ["rule"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.loop_lag = Histogram("safous_event_loop_lag_seconds", "How late the event loop ran a timer: "
+                                  "time in which no check could be answered", buckets=LOOP_LAG_BUCKETS,
+                                  registry=self.registry)
         self.registry.register(_StateCollector(state))
 
     def record_batch(self, decisions: Sequence[Any]) -> None:
@@ -56,6 +67,63 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopLagMonitor:
+    """Measures event-loop lag: how late the loop runs a timer set every ``interval`` seconds.
+    While the loop is late no check is answered (a blocking call, a long CPU burst, the GIL held
+    by a thread), so every lag counts, in ``histogram``. A stall of S seconds shows as a lag
+    between S - interval and S.
+
+    A lag above ``threshold`` is a stall and is logged as a warning, at most once every
+    ``warn_every`` seconds, with the worst lag and the number of stalls since the last warning:
+    a loop that stalls again and again cannot flood the log. ``clock`` is a monotonic clock in
+    seconds. One timer callback per interval, nothing per check."""
+
+    def __init__(self, histogram: Histogram, *, interval: float = 0.25, threshold: float = 0.1,
+                 warn_every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._histogram = histogram
+        self._interval = interval
+        self._threshold = threshold
+        self._warn_every = warn_every
+        self._clock = clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._stalls = 0
+        self._worst = 0.0
+        self._warned_at = -math.inf
+
+    def start(self) -> None:
+        """Start sampling on the running event loop (a timer, not a task: nothing to await)."""
+        self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = self._clock() + self._interval
+        self._timer = loop.call_later(self._interval, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        lag = self._clock() - self._due
+        self._schedule(loop)
+        self.record(lag)
+
+    def record(self, lag: float) -> None:
+        """Count one measured lag (seconds); warn if a stall is pending and the last warning is
+        at least ``warn_every`` seconds old."""
+        lag = max(lag, 0.0)  # a timer may run a hair early (the loop's clock resolution)
+        self._histogram.observe(lag)
+        if lag > self._threshold:
+            self._stalls += 1
+            self._worst = max(self._worst, lag)
+        now = self._clock()
+        if self._stalls and now - self._warned_at >= self._warn_every:
+            log.warning("event loop stalled for %.0f ms", self._worst * 1000,
+                        extra={"lag_ms": round(self._worst * 1000, 1), "stalls": self._stalls})
+            self._stalls, self._worst, self._warned_at = 0, 0.0, now
 
 
 def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
