@@ -3,11 +3,16 @@
 Fail closed: whatever goes wrong inside becomes a deny with a stable code. The only way to an
 allow is a policy that matched and whose rules (if the integration is on) all held, or an
 explicit ``--default-action allow``.
+
+The ``x-safous-`` request headers are the sidecar's namespace towards the upstream: on an allow,
+``headers_to_remove`` names every client-sent one the decision neither sets nor decided on, so
+a client cannot forge a stored value even behind an Envoy config that forgot to strip them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from .attributes import RequestAttributes
 from .decision import Code, Decision
@@ -15,6 +20,7 @@ from .evaluation import RuleEvaluator
 from .parameters import IdentityConfig, Parameters, map_parameters
 from .snapshot import Snapshot
 from .store import InvalidRow
+from .webhook_rules import UPSTREAM_HEADER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,7 @@ class Checker:
         self.default_allow = default_action == "allow"
         self.evaluator = evaluator
         self.snapshot: Snapshot | None = None
+        self._identity_headers = _identity_headers(identity)
 
     async def check(self, attrs: RequestAttributes) -> tuple[Decision, Parameters | None]:
         """Decide one request. Never raises: an unexpected error is an ``internal_error`` deny."""
@@ -58,3 +65,45 @@ class Checker:
                     Code.RULE_INVALID, f'{rule.kind} "{rule.name}" is invalid: {rule.error}', policy.name
                 )
         return await self.evaluator.evaluate(policy, rules, params)
+
+    def headers_to_remove(self, attrs: RequestAttributes, params: Parameters | None,
+                          decision: Decision) -> tuple[str, ...]:
+        """The client-sent ``x-safous-*`` request headers Envoy must remove before an allowed
+        request reaches the upstream (``()`` for a deny: nothing reaches it).
+
+        Kept: the headers the decision sets (they overwrite the client's copy), and an identity
+        header (``--username-header`` ...) whose value is the identity the decision was made
+        on. Stripping client copies of identity headers is the Envoy config's job: the sidecar
+        cannot tell a trusted proxy's header from a forged one, and the upstream then sees the
+        identity the policy judged. One the decision did not use (a JWT claim won) is removed,
+        so the upstream never sees an identity other than the decided one.
+        """
+        if not decision.allowed:
+            return ()
+        # Lower-case names (map_parameters guarantees it); Envoy removes names case-insensitively.
+        headers: Mapping[str, str] = params.headers if params is not None else attrs.headers
+        remove: list[str] = []
+        set_by_decision: frozenset[str] | None = None
+        for name in headers:
+            if not name.startswith(UPSTREAM_HEADER_PREFIX):
+                continue
+            if set_by_decision is None:  # built once, only when the client sent such a header
+                set_by_decision = frozenset(key.lower() for key, _ in decision.upstream_headers)
+            if name in set_by_decision:
+                continue
+            read_as = self._identity_headers.get(name)
+            if read_as and params is not None and any(params.values[p] == headers[name] for p in read_as):
+                continue
+            remove.append(name)
+        return tuple(remove)
+
+
+def _identity_headers(identity: IdentityConfig) -> Mapping[str, tuple[str, ...]]:
+    """Identity header name → the parameters read from it, for headers in the ``x-safous-``
+    namespace (others are never removed). A header configured for two parameters lists both."""
+    read: dict[str, tuple[str, ...]] = {}
+    for parameter, header in (("username", identity.username_header), ("device_id", identity.device_id_header),
+                              ("groups", identity.groups_header), ("group_names", identity.group_names_header)):
+        if header.startswith(UPSTREAM_HEADER_PREFIX):
+            read[header] = (*read.get(header, ()), parameter)
+    return read

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -126,14 +126,20 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def build_response(decision: Decision, request_id: str) -> pb.CheckResponse:
+def build_response(decision: Decision, request_id: str,
+                   headers_to_remove: Sequence[str] = ()) -> pb.CheckResponse:
     """The CheckResponse for a decision. The status is always set explicitly: Envoy reads an
-    unset status as OK."""
+    unset status as OK.
+
+    On an allow, Envoy sets ``decision.upstream_headers`` on the request to the upstream and
+    removes the request headers named in ``headers_to_remove`` (``Checker.headers_to_remove``;
+    Envoy ignores pseudo-headers and Host there). Both are ignored on a deny."""
     if decision.allowed:
         return pb.CheckResponse(
             status=status_pb2.Status(code=OK),
             ok_response=pb.OkHttpResponse(
-                headers=[_header(k, v) for k, v in decision.upstream_headers]
+                headers=[_header(k, v) for k, v in decision.upstream_headers],
+                headers_to_remove=headers_to_remove,
             ),
         )
     reason = sanitize_reason(decision.reason)

@@ -100,6 +100,47 @@ async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, w
     assert rows[2][0] == denial["request_id"] and len(rows[2][0]) == 36
 
 
+# The shipped strip of client-sent x-safous-* headers, turned into a no-op: what the app gets of
+# that namespace then depends on the sidecar alone.
+WITHOUT_ENVOY_STRIP = {'key_matcher: { prefix: "x-safous-", ignore_case: true }':
+                       'key_matcher: { prefix: "x-not-safous-", ignore_case: true }'}
+
+
+def safous_headers(echo: bytes) -> dict[str, str]:
+    """The x-safous-* headers the echo upstream received (a repeated one would fail the test)."""
+    pairs = [(k, v) for k, v in json.loads(echo)["headers"] if k.startswith("x-safous-")]
+    assert len(pairs) == len({k for k, _ in pairs}), pairs
+    return dict(pairs)
+
+
+async def test_forged_safous_headers_are_removed_even_if_envoy_does_not_strip_them(
+        db: Path, start_sidecar, upstream, webhook, tmp_path: Path) -> None:
+    webhook.routes["/token"] = answer({"token": "from-webhook"})
+    rule = Rule(name="token", url=webhook.url + "/token",
+                actions=(ResponseAction(type=ActionType.STORE, key="token", value="token"),))
+    seed(db, [rule], [Policy(name="app", path_prefix="/app", rules=("token",)),
+                      Policy(name="public", path_prefix="/public", integration=False)])
+    sidecar = await start_sidecar(default_action="allow")
+    config = render_config(ENVOY_YAML, sidecar_port=sidecar.port, upstream_port=upstream.port,
+                           extra=WITHOUT_ENVOY_STRIP)
+    forged = {"x-safous-role": "admin", "X-Safous-Token": "forged", "X-Safous-Denial-Reason": "none",
+              "x-safous-username": "alice"}
+    seen = {}
+    async with run_envoy(config, tmp_path) as envoy:
+        for path in ("/app/home", "/public/page", "/no-policy"):
+            status, _, body = await get(f"{envoy.url}{path}", headers=forged)
+            assert status == 200, path
+            seen[path] = safous_headers(body)
+    assert len(webhook.seen("/token")) == 1
+    # The stored value wins over the forged copy, and nothing the decision did not set gets
+    # through; the identity header the decision was made on does (this config lets the client
+    # choose it: stripping it is Envoy's job, see envoy/envoy.yaml).
+    assert seen["/app/home"] == {"x-safous-token": "from-webhook", "x-safous-username": "alice"}
+    # Integration off, and the default action allow: no stored values, so nothing but identity.
+    assert seen["/public/page"] == {"x-safous-username": "alice"}
+    assert seen["/no-policy"] == {"x-safous-username": "alice"}
+
+
 async def test_sidecar_down_is_a_fast_403(upstream, tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,129 @@
+"""Client-sent ``x-safous-*`` request headers: the sidecar has Envoy remove the ones the decision
+neither sets nor decided on, so the upstream's view of that namespace never depends on the Envoy
+config alone (PRODUCT.md, "Threat model": Envoy's configuration is a second line of defence).
+
+The allow-path through a real Envoy whose strip is turned off is in test_e2e.py; here: the rule
+on plain values, the CheckResponse, the server's answer over gRPC, and the JWT case end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.attributes import RequestAttributes
+from sidecar.check import Checker
+from sidecar.decision import Code, Decision
+from sidecar.edge import build_response
+from sidecar.evaluation import UnavailableEvaluator
+from sidecar.parameters import IdentityConfig, map_parameters
+from sidecar.policies import Policy
+from sidecar.rules import ActionType, ResponseAction, Rule
+from tests.conftest import answer, check_request, seed
+from tests.envoy_harness import render_config, run_envoy
+from tests.test_e2e import WITHOUT_ENVOY_STRIP, get, safous_headers
+from tests.test_jwt_e2e import ENVOY_JWT_YAML, JWKS_PATH_LITERAL, SigningKey, bearer, claims
+
+pytestmark = pytest.mark.timeout(60)
+
+ALLOW = Decision.allow(Code.INTEGRATION_OFF, "integration is off", "public")
+STORES_TOKEN = Decision.allow(Code.RULES_PASSED, "all rules met", "app", (("x-safous-token", "from-webhook"),))
+DENY = Decision.deny(Code.VALUE_MISMATCH, "no", "app")
+ROUTINE = {":path": "/app", ":authority": "app.example.com", "host": "app.example.com", "user-agent": "curl"}
+IDENTITY = {"x-safous-username": "alice", "x-safous-device-id": "laptop-42",
+            "x-safous-groups": "eng", "x-safous-group-names": "Engineering"}
+
+
+def to_remove(headers: dict[str, str], decision: Decision, *, identity: IdentityConfig = IdentityConfig(),
+              jwt: dict[str, Any] | None = None) -> tuple[str, ...]:
+    checker = Checker(identity, "deny", UnavailableEvaluator())
+    attrs = RequestAttributes(request_id="r1", headers={**ROUTINE, **headers}, jwt_payload=jwt or {})
+    return checker.headers_to_remove(attrs, map_parameters(attrs, identity), decision)
+
+
+# (case, client headers, decision, identity config, JWT payload, headers to remove)
+CASES = [
+    ("nothing in the namespace", {"x-other": "1"}, ALLOW, IdentityConfig(), None, ()),
+    ("allow without stored values", {"x-safous-role": "admin", "x-safous-token": "forged"}, ALLOW,
+     IdentityConfig(), None, ("x-safous-role", "x-safous-token")),
+    ("a stored value overwrites the client's copy", {"x-safous-role": "admin", "x-safous-token": "forged"},
+     STORES_TOKEN, IdentityConfig(), None, ("x-safous-role",)),
+    ("a deny lets nothing through anyway", {"x-safous-role": "admin"}, DENY, IdentityConfig(), None, ()),
+    ("the denial reason header is no exception", {"x-safous-denial-reason": "x"}, ALLOW, IdentityConfig(), None,
+     ("x-safous-denial-reason",)),
+    ("identity headers the decision was made on", {**IDENTITY, "x-safous-role": "admin"}, ALLOW,
+     IdentityConfig(), None, ("x-safous-role",)),
+    ("a JWT claim won over the header: the header goes", IDENTITY, ALLOW, IdentityConfig(),
+     {"sub": "bob", "groups": ["eng"]}, ("x-safous-username",)),
+    ("a JWT claim equal to the header: nothing to hide", IDENTITY, ALLOW, IdentityConfig(),
+     {"sub": "alice"}, ()),
+    ("identity from elsewhere: the default names are ordinary", {**IDENTITY, "x-user": "alice"}, ALLOW,
+     IdentityConfig(username_header="X-User", device_id_header="", groups_header="", group_names_header=""),
+     None, tuple(IDENTITY)),
+    ("a custom identity header in the namespace", {"x-safous-who": "alice", "x-safous-username": "bob"}, ALLOW,
+     IdentityConfig(username_header="x-safous-who"), None, ("x-safous-username",)),
+    ("one header read as two parameters, one of them used", {"x-safous-id": "alice"}, ALLOW,
+     IdentityConfig(username_header="x-safous-id", groups_header="x-safous-id"), {"sub": "bob"}, ()),
+]
+
+
+@pytest.mark.parametrize(("headers", "decision", "identity", "jwt", "expected"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_headers_to_remove(headers: dict[str, str], decision: Decision, identity: IdentityConfig,
+                           jwt: dict[str, Any] | None, expected: tuple[str, ...]) -> None:
+    assert to_remove(headers, decision, identity=identity, jwt=jwt) == expected
+
+
+def test_an_evaluators_header_names_are_matched_case_insensitively() -> None:
+    decision = Decision.allow(Code.RULES_PASSED, "ok", "app", (("X-Safous-Token", "v"),))
+    assert to_remove({"x-safous-token": "forged"}, decision) == ()
+
+
+def test_build_response_lists_the_headers_to_remove_on_an_allow_only() -> None:
+    allowed = build_response(STORES_TOKEN, "r1", ("x-safous-role", "x-safous-denial-reason"))
+    assert allowed.status.code == 0 and allowed.WhichOneof("http_response") == "ok_response"
+    assert list(allowed.ok_response.headers_to_remove) == ["x-safous-role", "x-safous-denial-reason"]
+    assert [(h.header.key, h.header.value) for h in allowed.ok_response.headers] == [
+        ("x-safous-token", "from-webhook")]
+
+    denied = build_response(DENY, "r1", ("x-safous-role",))
+    assert denied.status.code == 7 and denied.WhichOneof("http_response") == "denied_response"
+
+    assert list(build_response(ALLOW, "r1").ok_response.headers_to_remove) == []
+
+
+async def test_the_servers_answer_names_the_forged_headers(db: Path, start_sidecar, authz) -> None:
+    seed(db, [], [Policy(name="public", path_prefix="/public", integration=False)])
+    stub = authz((await start_sidecar(default_action="allow")).port)
+    headers = {"X-Safous-Role": "admin", "x-safous-username": "alice", "x-other": "1"}
+
+    for path in ("/public/x", "/elsewhere"):
+        response = await stub.Check(check_request(path, headers=headers))
+        assert response.status.code == 0, path
+        assert list(response.ok_response.headers_to_remove) == ["x-safous-role"], path
+
+
+async def test_with_jwt_identity_the_app_never_sees_a_forged_username(
+        db: Path, start_sidecar, upstream, webhook, tmp_path: Path) -> None:
+    webhook.routes["/who"] = answer({"ok": "yes"})
+    rule = Rule(name="who", method="POST", url=webhook.url + "/who", body='{"user": "%username%"}',
+                actions=(ResponseAction(type=ActionType.STRING, key="ok", value="yes"),))
+    seed(db, [rule], [Policy(name="app", rules=("who",))])
+    sidecar = await start_sidecar()
+    key = SigningKey.generate("test-key-1")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.jwk()]}))
+    config = render_config(ENVOY_JWT_YAML, sidecar_port=sidecar.port, upstream_port=upstream.port,
+                           extra={JWKS_PATH_LITERAL: str(jwks), **WITHOUT_ENVOY_STRIP})
+    async with run_envoy(config, tmp_path) as envoy:
+        status, _, body = await get(f"{envoy.url}/app/home", headers={
+            **bearer(key.sign(claims(groups=None))), "x-safous-username": "mallory",
+            "x-safous-groups": "admins", "x-safous-device-id": "laptop-42", "x-safous-role": "admin"})
+        assert status == 200, body
+    # The decision was made on the token's user, so the forged username header goes. The groups
+    # and device headers were what the decision used (the token has no groups claim): they stay.
+    assert safous_headers(body) == {"x-safous-groups": "admins", "x-safous-device-id": "laptop-42"}
+    assert [json.loads(r["body"]) for r in webhook.seen("/who")] == [{"user": "alice"}]
