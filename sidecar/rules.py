@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .safe_regex import compile_regex
+
 DEFAULT_TIMEOUT_MS = 1000
 
 
@@ -49,10 +51,7 @@ class ResponseAction(BaseModel):
     @model_validator(mode="after")
     def _check_value(self) -> ResponseAction:
         if self.type is ActionType.REGEX:
-            try:
-                re.compile(self.value)
-            except re.error as exc:
-                raise ValueError(f"regex {self.value!r} does not compile: {exc}") from None
+            compile_regex(self.value)  # RegexError (a ValueError) says what RE2 refuses
         if self.type is ActionType.STORE and not _STORE_NAME.match(self.value):
             raise ValueError(
                 f"store name {self.value!r} must be 1-64 letters, digits, '_' or '-'"

@@ -31,7 +31,7 @@ from .check import Checker
 from .decision import Code, Decision
 from .evaluation import RuleEvaluator
 from .parameters import Parameters
-from .metrics import Metrics, counter, gauge
+from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
 from .retention import ActivityRetention
 from .settings import Settings, split_host_port
@@ -62,7 +62,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         try:
             attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
             decision, params = await self._checker.check(attrs)
-            response = edge.build_response(decision, attrs.request_id)
+            response = edge.build_response(
+                decision, attrs.request_id, self._checker.headers_to_remove(attrs, params, decision))
         except Exception:
             # Fail closed: never a gRPC error (Envoy's failure_mode decides those) nor an unset status.
             log.exception("check failed at the edge")
@@ -112,9 +113,11 @@ class Sidecar:
         ca_bundle = str(settings.webhook_ca_bundle) if settings.webhook_ca_bundle else None
         self.evaluator = evaluator or WebhookEvaluator(
             WebhookClient(ca_bundle=ca_bundle), cache_size=settings.cache_size,
-            failure_ttl=settings.cache_failure_ttl)
+            cache_max_bytes=settings.cache_max_bytes,
+            failure_ttl=settings.cache_failure_ttl, secret_policy=settings.secret_policy)
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
         self.metrics = Metrics(self._state_metrics)
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=self._on_batch)
         self.retention = ActivityRetention(settings.db, days=settings.activity_retention_days,
                                            rows=settings.activity_retention_rows)
@@ -182,6 +185,9 @@ class Sidecar:
             yield counter("safous_cache_hits", "Rule decisions answered from the cache", cache.hits)
             yield counter("safous_cache_misses", "Cache lookups that found nothing", cache.misses)
             yield gauge("safous_cache_entries", "Rule decisions in the cache", len(cache))
+            yield gauge("safous_cache_bytes", "Bytes held by the decision cache", cache.bytes)
+            yield counter("safous_cache_evictions", "Decisions dropped to stay within the cache's bounds",
+                          cache.evictions)
             yield gauge("safous_webhook_calls_in_flight", "Distinct webhook calls in flight", len(self.evaluator.flights))
             tokens = self.evaluator.client.tokens
             yield counter("safous_oauth_token_fetches", "OAuth token requests sent", tokens.fetches)
@@ -191,6 +197,7 @@ class Sidecar:
     async def start(self) -> int:
         """Create/migrate rules.db, bind, load the rules. Raises StoreError, RuntimeError (cannot
         listen) or ValueError (TLS or CA files)."""
+        self.loop_lag.start()
         applied = await asyncio.to_thread(store.ensure_database, self.settings.db)
         if applied:
             log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
@@ -233,6 +240,7 @@ class Sidecar:
         await self.retention.stop()
         await self.evaluator.close()
         await self.activity.close()
+        self.loop_lag.stop()
         log.info("stopped", extra={"activity_written": self.activity.written,
                                    "activity_dropped": self.activity.dropped})
 

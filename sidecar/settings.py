@@ -8,12 +8,13 @@ default. Values are validated at start and a bad one stops the server with a cle
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, FilePath, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .parameters import IdentityConfig
+from .secrets import DEFAULT_ENV_PREFIX, DEFAULT_SECRET_DIRS, SecretPolicy, parse_secret_dirs
 
 _IDENTITY = IdentityConfig()
 
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     webhook_ca_bundle: FilePath | None = Field(
         None, description="PEM file of extra CAs trusted for https webhooks (private CAs); the system store is always trusted")
     cache_size: int = Field(10_000, ge=0, description="decisions kept by the per-rule decision cache (LRU; rules opt in with cache_ttl)")
+    cache_max_bytes: int = Field(
+        64 << 20, ge=0, description="bytes the decision cache may hold (reasons, stored values, keys); least recently used go first")
     cache_failure_ttl: float = Field(
         2.0, ge=0, description="seconds a failed webhook call (timeout, 5xx, unreachable…) stays cached, at most the rule's TTL")
     activity_retention_days: float | None = Field(
@@ -65,6 +68,14 @@ class Settings(BaseSettings):
     jwt_username_claim: str = Field(_IDENTITY.jwt_username_claim, description="JWT claim for %username% (dot path)")
     jwt_groups_claim: str = Field(_IDENTITY.jwt_groups_claim, description="JWT claim for %groups%")
     jwt_group_names_claim: str = Field(_IDENTITY.jwt_group_names_claim, description="JWT claim for %group_names%")
+    # NoDecode: the variable is a PATH-like list, not the JSON pydantic-settings expects.
+    secret_dir: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_SECRET_DIRS, description="directory whose files file:PATH secret references may read (absolute "
+        "path; symbolic links may not lead out of it); repeat the flag for more; the variable takes a "
+        ":-separated list like PATH, empty for none (file: references refused)")
+    secret_env_prefix: str = Field(
+        DEFAULT_ENV_PREFIX, description="env:NAME secret references may only read variables whose names start "
+        "with this (not empty)")
 
     @field_validator("listen", "http")
     @classmethod
@@ -72,6 +83,22 @@ class Settings(BaseSettings):
         if value is not None:
             split_host_port(value)
         return value
+
+    @field_validator("secret_dir", mode="before")
+    @classmethod
+    def _secret_dirs(cls, value: Any) -> Any:
+        return parse_secret_dirs(value) if isinstance(value, (str, list, tuple)) else value
+
+    @field_validator("secret_env_prefix")
+    @classmethod
+    def _secret_env_prefix(cls, value: str) -> str:
+        SecretPolicy(env_prefix=value)  # raises ValueError for a prefix no variable name starts with
+        return value
+
+    @property
+    def secret_policy(self) -> SecretPolicy:
+        """Where the rules' secret references may point."""
+        return SecretPolicy(self.secret_dir, self.secret_env_prefix)
 
     @property
     def identity(self) -> IdentityConfig:
@@ -86,10 +113,18 @@ class Settings(BaseSettings):
         )
 
 
+def shown_default(value: object) -> str:
+    """A setting's default as written on the command line or in its variable (a list as PATH
+    writes one)."""
+    if isinstance(value, tuple):
+        return ":".join(map(str, value))
+    return str(value)
+
+
 def settings_reference() -> str:
     """The README's settings table, generated from this model (a test keeps them equal)."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        rows.append(f"| `--{name.replace('_', '-')}` | `SAFOUS_{name.upper()}` | `{field.default}` "
+        rows.append(f"| `--{name.replace('_', '-')}` | `SAFOUS_{name.upper()}` | `{shown_default(field.default)}` "
                     f"| {field.description} |")
     return "\n".join(rows) + "\n"

@@ -7,9 +7,18 @@ Parameter values come from the client, so substitution depends on where the valu
 context        a value is written as
 =============  ==========================================================================
 URL            ``quote(value, safe="")``: only unreserved characters and ``%XX`` escapes,
-               so no value adds ``/ ? # & = @ :`` or changes the host
-header value   as is; a value holding a control character (CR, LF, NUL, any other
-               but HTAB) raises ``UnsafeParameter``
+               so no value adds ``/ ? # & = @ :`` or changes the host. In the path, a
+               value must also stay *one opaque segment* for any server or proxy that
+               decodes and normalises the path (RFC 3986 §5.2.4, §6.2.2): a segment
+               holding a parameter may not render, once percent-decoded and NFKC-
+               normalised, as empty, ``.`` or ``..`` (also before a ``;`` path
+               parameter, as Tomcat reads it), and a value in the path may not hold
+               ``/`` or a backslash (servers that decode ``%2F`` or treat a backslash as ``/``
+               would split it) — else ``UnsafeParameter``. Query values are encoded
+               likewise; a fragment is never sent, so it may not hold parameters.
+header value   as is; a value holding a Unicode control character (category Cc: C0,
+               DEL, C1 including NEL U+0085) other than HTAB, or a line or paragraph
+               separator (U+2028, U+2029), raises ``UnsafeParameter
 JSON body      JSON-string-escaped, ASCII only, without quotes: the template writes them
                (``{"user": "%username%"}``)
 form body      ``quote_plus(value, safe="")``
@@ -39,19 +48,21 @@ Exceptions::
     ValueError
      ├── TemplateError     a template that does not compile (rule_invalid); ``position`` is
      │                     the 0-based index in the template, when there is one
-     └── UnsafeParameter   a header value would carry CR, LF, NUL or another control
-                           character (unsafe_parameter)
+     └── UnsafeParameter   a header value would carry a control character or line
+                           separator, or a URL path segment would not stay one opaque
+                           segment (unsafe_parameter)
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 from sidecar.parameters import STORED_PREFIX, check_parameter_name
 
@@ -65,6 +76,7 @@ __all__ = [
     "NameCheck",
     "Template",
     "TemplateError",
+    "UNSAFE_IN_HEADER",
     "UnsafeParameter",
     "WebhookRequest",
     "body_context",
@@ -93,13 +105,19 @@ _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _TWO_HEX = re.compile(r"[0-9A-Fa-f]{2}")
 # Scheme and authority, complete, before the first parameter of a URL.
 _URL_HEAD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]+[/?#]")
+# The path of a URL: after the authority, up to the query or fragment (RFC 3986 §3.3).
+_URL_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)")
 # CR, LF and NUL could end a header or hide one (RFC 9110 §5.5). The other control characters
 # but HTAB are invalid in a field value too, and the HTTP client refuses to send them (a
 # ValueError): a client could turn every check into an internal_error with a logged
-# traceback. So a value holding any of them fails the rule (unsafe_parameter), and a rule
-# whose own header text holds one does not compile.
-_UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+# traceback. NEL (U+0085, a C1 control) and U+2028/U+2029 end a line for Unicode-aware
+# readers (JavaScript, many log tools). So a value holding any of them fails the rule
+# (unsafe_parameter), a rule whose own header text holds one does not compile, and a
+# stored value bound for the upstream is refused the same way.
+UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _LINE_BREAKING = re.compile("[\r\n\0]")
+_SEPARATOR = re.compile("[\x85\u2028\u2029]")
+_DOT_SEGMENTS = frozenset({"", ".", ".."})
 
 
 class Context(Enum):
@@ -121,31 +139,50 @@ class TemplateError(ValueError):
 
 
 class UnsafeParameter(ValueError):
-    """A parameter value that would put a control character (CR, LF, NUL, or another but
-    HTAB) into a header value of the webhook request. Names the parameter (and the header,
-    when known) and ``what`` it holds, never the value."""
+    """A parameter value that would put a control character or line separator into a header
+    value of the webhook request, or would not stay one opaque URL path segment. Names the
+    parameter, ``where`` it lands (the header, when known) and ``what`` it holds, never the
+    value."""
 
     def __init__(self, parameter: str, header: str | None = None, *,
-                 what: str = "CR, LF or NUL") -> None:
+                 what: str = "CR, LF or NUL", where: str | None = None) -> None:
         self.parameter = parameter
         self.header = header
         self.what = what
-        where = f"header {header}" if header else "a header value"
-        super().__init__(f"parameter %{parameter}% holds {what}, not allowed in {where}")
+        self.where = where or (f"header {header}" if header else "a header value")
+        super().__init__(f"parameter %{parameter}% holds {what}, not allowed in {self.where}")
 
 
 @dataclass(frozen=True, slots=True)
 class _Parameter:
     name: str
+    in_path: bool = False  # in a URL's path: must stay one opaque segment
+
+
+def unsafe_in_header(value: str) -> str | None:
+    """What makes ``value`` unfit for a header value (``"CR, LF or NUL"``, ``"a line
+    separator"``, ``"a control character"``), or None when it is fit."""
+    if not UNSAFE_IN_HEADER.search(value):
+        return None
+    if _LINE_BREAKING.search(value):
+        return "CR, LF or NUL"
+    return "a line separator" if _SEPARATOR.search(value) else "a control character"
 
 
 def _url_value(name: str, value: str) -> str:
     return quote(value, safe="")
 
 
+def _url_path_value(name: str, value: str) -> str:
+    folded = unicodedata.normalize("NFKC", value)  # fullwidth ／ and ＼ fold to / and \
+    if "/" in folded or "\\" in folded:
+        raise UnsafeParameter(name, what="'/' or '\\'", where="a URL path segment")
+    return quote(value, safe="")
+
+
 def _header_value(name: str, value: str) -> str:
-    if _UNSAFE_IN_HEADER.search(value):
-        what = "CR, LF or NUL" if _LINE_BREAKING.search(value) else "a control character"
+    what = unsafe_in_header(value)
+    if what is not None:
         raise UnsafeParameter(name, what=what)
     return value
 
@@ -184,21 +221,46 @@ class Template:
     parameters: tuple[str, ...]
     stored_names: tuple[str, ...]
     _parts: tuple[str | _Parameter, ...] = field(repr=False)
+    # URL: (index in the path's "/"-split, first parameter in it) of each path segment that
+    # holds a parameter.
+    _path_segments: tuple[tuple[int, str], ...] = field(default=(), repr=False)
 
     def render(self, lookup: Lookup) -> str:
         """The text with each parameter replaced by ``lookup(name)``, written for the context.
 
-        Raises ``UnsafeParameter`` (header context) for a value with a control character; a
-        ``KeyError`` from ``lookup`` propagates.
+        Raises ``UnsafeParameter`` for a value with a control character (header context) or
+        one that would not stay one opaque URL path segment; a ``KeyError`` from ``lookup``
+        propagates.
         """
         encode = _ENCODERS[self.context]
         out: list[str] = []
         for part in self._parts:
             if isinstance(part, str):
                 out.append(part)
+            elif part.in_path:
+                out.append(_url_path_value(part.name, lookup(part.name)))
             else:
                 out.append(encode(part.name, lookup(part.name)))
-        return "".join(out)
+        rendered = "".join(out)
+        if self._path_segments:
+            _check_path_segments(rendered, self._path_segments)
+        return rendered
+
+
+def _path_span(url: str) -> tuple[int, int]:
+    """Where the path of ``url`` (or of a URL template with parameters blanked) lies."""
+    match = _URL_PATH.match(url)
+    return match.span(1) if match else (0, 0)
+
+
+def _check_path_segments(url: str, segments_with_parameters: tuple[tuple[int, str], ...]) -> None:
+    start, end = _path_span(url)
+    segments = url[start:end].split("/")
+    for index, name in segments_with_parameters:
+        decoded = unicodedata.normalize("NFKC", unquote(segments[index]))
+        if decoded.split(";", 1)[0] in _DOT_SEGMENTS:
+            raise UnsafeParameter(name, what="a value that makes an empty or dot ('.', '..') segment",
+                                  where="a URL path segment")
 
 
 def compile_template(text: str, context: Context, *, check_name: NameCheck | None = None) -> Template:
@@ -210,19 +272,57 @@ def compile_template(text: str, context: Context, *, check_name: NameCheck | Non
     """
     if check_name is None:
         check_name = check_parameter_name
-    if context is Context.HEADER and (control := _UNSAFE_IN_HEADER.search(text)):
+    if context is Context.HEADER and (control := UNSAFE_IN_HEADER.search(text)):
         position = control.start()
         raise TemplateError(
             f"control character at character {position + 1} is not allowed in a header value",
             position)
     parts, spans = _parse(text, context, check_name)
+    path_segments: tuple[tuple[int, str], ...] = ()
     if spans and context is Context.URL:
         _check_url_head(text, spans[0][0])
+        parts, path_segments = _place_url_parameters(text, parts, spans)
     if context is Context.JSON_BODY:
         _check_json(text, spans)
     names = tuple(dict.fromkeys(name for _, _, name in spans))
     stored = tuple(n[len(STORED_PREFIX):] for n in names if n.startswith(STORED_PREFIX))
-    return Template(text, context, names, stored, tuple(parts))
+    return Template(text, context, names, stored, tuple(parts), path_segments)
+
+
+def _place_url_parameters(
+    text: str, parts: list[str | _Parameter], spans: list[tuple[int, int, str]]
+) -> tuple[list[str | _Parameter], tuple[tuple[int, str], ...]]:
+    """Mark the parameters that land in the URL's path, and list the path segments holding
+    one; refuse a parameter in the fragment. Values are quoted (no ``/ ? #``), so the
+    rendered URL splits into path, query and fragment exactly where the template does."""
+    blanked = _blank(text, spans)  # a header name may hold '#': not a fragment
+    path_start, path_end = _path_span(blanked)
+    fragment = blanked.find("#", path_end)
+    segments: dict[int, str] = {}
+    in_path: set[int] = set()
+    for number, (start, _, name) in enumerate(spans):
+        if fragment >= 0 and start > fragment:
+            raise TemplateError(f"parameter %{name}% at character {start + 1} is in the URL's "
+                                "fragment (#...), which is never sent to the webhook", start)
+        if path_start <= start < path_end:
+            in_path.add(number)
+            segments.setdefault(blanked.count("/", path_start, start), name)
+    placed: list[str | _Parameter] = []
+    number = 0
+    for part in parts:
+        if isinstance(part, _Parameter):
+            part = _Parameter(part.name, in_path=number in in_path)
+            number += 1
+        placed.append(part)
+    return placed, tuple(segments.items())
+
+
+def _blank(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """``text`` with each parameter replaced by as many ``x``: same length, no structure."""
+    sample = list(text)
+    for start, end, _ in spans:
+        sample[start:end] = "x" * (end - start)
+    return "".join(sample)
 
 
 def _parse(
@@ -348,12 +448,8 @@ def _check_json(text: str, spans: list[tuple[int, int, str]]) -> None:
             if unicode_left == 0:
                 state = in_string
         i += 1
-    # Same length as the template, so the error position is the template's.
-    sample = list(text)
-    for start, end, _ in spans:
-        sample[start:end] = "x" * (end - start)
-    try:
-        json.loads("".join(sample))
+    try:  # blanked to the same length: an error position is the template's
+        json.loads(_blank(text, spans))
     except json.JSONDecodeError as exc:
         raise TemplateError(
             f"not valid JSON: {exc.msg} at character {exc.pos + 1}", exc.pos

@@ -11,8 +11,9 @@ rules before k are awaited (one of them may be the first failure).
 from __future__ import annotations
 
 import asyncio
-import re
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,17 +22,20 @@ from .decision import Code, Decision
 from .parameters import STORED_PREFIX, Parameters
 from .policies import Policy
 from .responses import CompiledActions, compile_actions, evaluate_response
-from .rule_cache import DecisionCache, SingleFlight
+from .rule_cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
 from .rules import AuthType, Rule
-from .secrets import resolve_secret
+from .secrets import SecretPolicy, resolve_secret
 from .store import InvalidRow
-from .templates import CompiledRequest, UnsafeParameter, WebhookRequest, compile_rule_request
+from .templates import CompiledRequest, UnsafeParameter, WebhookRequest, compile_rule_request, unsafe_in_header
 from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
 
 UPSTREAM_HEADER_PREFIX = "x-safous-"
-# Stored values travel to the app as header values: no control character but tab may be in one
-# (Envoy or the app would refuse or, worse, split it).
-_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_STORED_VALUE_BYTES = 4096
+"""A stored value becomes a request header of the upstream (and may be sent to later webhooks):
+proxies refuse headers much past 8 KiB in all, so a larger value fails the rule."""
+INLINE_JUDGE_BYTES = 16 * 1024
+"""Answers up to this size are judged on the event loop (well under a millisecond); larger
+ones in the judge thread, so that parsing 1 MiB never holds up other checks."""
 # The webhook answered and the answer was judged: a real decision, cached for the rule's TTL.
 # Any other failure means the call itself failed, cached only for the shorter failure TTL.
 _JUDGED = frozenset({Code.VALUE_MISMATCH, Code.REGEX_MISMATCH, Code.KEY_MISSING})
@@ -63,14 +67,21 @@ class RuleOutcome:
 
 
 # A rule ready to be called: the rendered request and its cache (and single-flight) key.
-_Call = tuple[WebhookRequest, tuple[Any, ...]]
+_Call = tuple[WebhookRequest, bytes]
 
 
-def _auth(rule: Rule) -> NoAuth | BasicAuth | OAuthAuth:
+def _outcome_size(outcome: RuleOutcome) -> int:
+    """Bytes a cached outcome holds: its reason and stored values."""
+    size = sys.getsizeof(outcome.failure[1]) if outcome.failure else 0
+    return size + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in outcome.stored.items())
+
+
+def _auth(rule: Rule, secrets: SecretPolicy) -> NoAuth | BasicAuth | OAuthAuth:
     if rule.auth is AuthType.BASIC:
-        return BasicAuth(rule.username or "", resolve_secret(rule.password) or "")
+        return BasicAuth(rule.username or "", resolve_secret(rule.password, secrets) or "")
     if rule.auth is AuthType.OAUTH:
-        return OAuthAuth(rule.token_url or "", rule.client_id or "", resolve_secret(rule.client_secret) or "")
+        return OAuthAuth(rule.token_url or "", rule.client_id or "",
+                         resolve_secret(rule.client_secret, secrets) or "")
     return NoAuth()
 
 
@@ -103,14 +114,21 @@ class WebhookEvaluator:
     HTTP client (pooled keep-alive connections)."""
 
     def __init__(self, client: WebhookClient, *, cache_size: int = 10_000,
-                 failure_ttl: float = DEFAULT_FAILURE_TTL) -> None:
+                 cache_max_bytes: int = DEFAULT_MAX_BYTES,
+                 failure_ttl: float = DEFAULT_FAILURE_TTL,
+                 secret_policy: SecretPolicy = SecretPolicy()) -> None:
         self.client = client
-        self.cache: DecisionCache[RuleOutcome] = DecisionCache(cache_size)
+        # Where the rules' secret references may point (SecretError, so rule_invalid, elsewhere).
+        self.secret_policy = secret_policy
+        self.cache: DecisionCache[RuleOutcome] = DecisionCache(
+            cache_size, max_bytes=cache_max_bytes, sizeof=_outcome_size)
         self.flights: SingleFlight[RuleOutcome] = SingleFlight()
         self.failure_ttl = failure_ttl
         self._fingerprints: dict[str, int] = {}
         self._plans: dict[tuple[Any, ...], _Plan | str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Large answers are judged here, off the event loop, one at a time (see _judge).
+        self._judge_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safous-judge")
         # Told of every webhook call made: rule name, "ok" or the failure code, seconds.
         self.on_call: Callable[[str, str, float], None] | None = None
 
@@ -120,6 +138,7 @@ class WebhookEvaluator:
 
     async def close(self) -> None:
         await self.client.close()
+        self._judge_thread.shutdown(wait=False, cancel_futures=True)
 
     def compile(self, rule: Rule) -> CompiledRule:
         """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run.
@@ -135,7 +154,7 @@ class WebhookEvaluator:
             rule=rule,
             request=compile_rule_request(rule),
             actions=compile_actions(rule.actions),
-            auth=_auth(rule),
+            auth=_auth(rule, self.secret_policy),
             timeout=rule.timeout_ms / 1000,
             fingerprint=fingerprint,
         )
@@ -233,10 +252,10 @@ class WebhookEvaluator:
         """The rule's outcome if known without calling (unsafe parameter, cache hit), else the
         request to send and its cache key.
 
-        The key is the rule and the values of the parameters it uses: the rendered request is
-        a function of exactly these, so equal keys mean equal webhook requests, and a cache hit
-        skips rendering altogether."""
-        key = (rule.fingerprint, tuple(lookup(name) for name in rule.request.parameters))
+        The key digests the rule and the values of the parameters it uses: the rendered request
+        is a function of exactly these, so equal keys mean equal webhook requests, and a cache
+        hit skips rendering altogether."""
+        key = request_key(rule.fingerprint, [lookup(name) for name in rule.request.parameters])
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
@@ -247,10 +266,10 @@ class WebhookEvaluator:
             return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
         return request, key
 
-    async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:
+    async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
         return await self.flights.do(key, lambda: self._call(rule, request, key))
 
-    async def _call(self, rule: CompiledRule, request: WebhookRequest, key: tuple[Any, ...]) -> RuleOutcome:
+    async def _call(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
         started = time.perf_counter()
         outcome = await self._call_and_judge(rule, request)
         if self.on_call is not None:
@@ -262,11 +281,26 @@ class WebhookEvaluator:
         return outcome
 
     async def _call_and_judge(self, rule: CompiledRule, request: WebhookRequest) -> RuleOutcome:
+        """The call and the judging of its answer, both within the rule's timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + rule.timeout
         try:
             response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
         except WebhookFailure as exc:
             return RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
-        return judge_response(rule, response)
+        if len(response.body) <= INLINE_JUDGE_BYTES:
+            return judge_response(rule, response)
+        # Parsing a large answer runs Python per value (numbers keep their spelling): in a
+        # thread it yields the interpreter to the loop every few milliseconds. One thread,
+        # so a burst of large answers queues there, each bounded by its own deadline, instead
+        # of taking the loop's time from every other check.
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await loop.run_in_executor(self._judge_thread, judge_response, rule, response)
+        except TimeoutError:
+            return RuleOutcome((Code.WEBHOOK_TIMEOUT, (
+                f'rule "{rule.name}": the answer ({len(response.body) // 1024} KiB) could not be '
+                f"judged within the rule's {round(rule.timeout * 1000)} ms")), {})
 
 
 def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome:
@@ -276,9 +310,13 @@ def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome
     if result.failure is not None:
         return RuleOutcome(result.failure, {})
     for stored_name, value in result.stored.items():
-        if _UNSAFE_IN_HEADER.search(value):
+        if (what := unsafe_in_header(value)) is not None:
             return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                f'rule "{rule.name}": the value stored as "{stored_name}" holds a control character'), {})
+                                f'rule "{rule.name}": the value stored as "{stored_name}" holds {what}'), {})
+        if (size := len(value.encode("utf-8", "surrogatepass"))) > MAX_STORED_VALUE_BYTES:
+            return RuleOutcome((Code.RESPONSE_TOO_LARGE, (
+                f'rule "{rule.name}": the value stored as "{stored_name}" is {size} bytes, more than '
+                f"the {MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")), {})
     return RuleOutcome(None, result.stored)
 
 

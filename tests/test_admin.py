@@ -32,7 +32,8 @@ def admin(db: Path, *args: str, actor: str = "alice", input: str | None = None,
           env: dict[str, str | None] | None = None) -> Result:
     """``safous-admin --db DB --actor ACTOR ARGS...`` in-process. An exception other than the
     command's exit propagates: a crash fails the test instead of being an exit status."""
-    runner = CliRunner(env={"SAFOUS_DB": None, "SAFOUS_ACTOR": None, **(env or {})})
+    runner = CliRunner(env={"SAFOUS_DB": None, "SAFOUS_ACTOR": None, "SAFOUS_SECRET_DIR": None,
+                            "SAFOUS_SECRET_ENV_PREFIX": None, **(env or {})})
     prefix = ["--db", str(db)] + (["--actor", actor] if actor else [])
     return runner.invoke(cli, [*prefix, *args], input=input, catch_exceptions=False)
 
@@ -134,7 +135,8 @@ def test_the_command_line_contract(path: tuple[str, ...]) -> None:
 POSTURE = ["rule", "add", "posture", "--method", "post", "--url", "https://api.example.com/check?u=%username%",
            "--header", "X-Device=%device_id%", "--header", "Authorization=Bearer static-token",
            "--body", '{"user": "%username%"}', "--auth", "basic", "--username", "svc",
-           "--password", "env:POSTURE_PW", "--verify", "jsonp", "--action", "string:data.status:active",
+           "--password", "env:SAFOUS_SECRET_POSTURE_PW", "--verify", "jsonp",
+           "--action", "string:data.status:active",
            "--action", "regex:data.role:^(admin|ops):[0-9]+$", "--action", "store:data.tier:tier",
            "--timeout-ms", "750", "--cache-ttl", "30"]
 
@@ -151,7 +153,7 @@ rule "posture"
   body       {{"user": "%username%"}}
   auth       basic
   username   svc
-  password   env:POSTURE_PW
+  password   env:SAFOUS_SECRET_POSTURE_PW
   verify     jsonp
   actions    string:data.status:active
              regex:data.role:^(admin|ops):[0-9]+$
@@ -188,7 +190,13 @@ def test_a_clear_secret_is_stored_with_a_warning_and_shown_masked(db: Path) -> N
     (["--url", "ftp://x/"], "rule \"r\": --url: 'ftp://x/' is not an http:// or https:// URL"),
     (["--url", "http://x/", "--body", "{}"], 'rule "r": a body is only allowed with POST'),
     (["--url", "http://x/", "--action", "regex:a.b:("],
-     "rule \"r\": --action #1: regex '(' does not compile: missing ), unterminated subpattern at position 0"),
+     "rule \"r\": --action #1: regex '(' does not compile: missing ): ( (RE2 syntax, matched in linear time)"),
+    (["--url", "http://x/", "--action", "regex:a.b:^(\\w+)-\\1$"],
+     "rule \"r\": --action #1: regex '^(\\\\w+)-\\\\1$' is refused: backreferences (\\1…\\9) are not supported "
+     "(RE2 syntax, matched in linear time)"),
+    (["--url", "http://x/", "--action", "regex:a.b:^(?!admin)"],
+     "rule \"r\": --action #1: regex '^(?!admin)' is refused: negative lookahead (?!…) is not supported "
+     "(RE2 syntax, matched in linear time)"),
     (["--url", "http://x/", "--action", "string:a:b", "--action", "equals:a:b"],
      "rule \"r\": --action #2 type: Input should be 'string', 'regex' or 'store'"),
     (["--url", "http://x/", "--action", "store:a:bad name"],
@@ -198,10 +206,10 @@ def test_a_clear_secret_is_stored_with_a_warning_and_shown_masked(db: Path) -> N
     (["--url", "http://x/", "--auth", "oauth", "--token-url", "https://idp/t", "--client-id", "c"],
      'rule "r": oauth authentication needs a token URL, a client ID and a client secret'),
     (["--url", "http://x/", "--auth", "basic", "--username", "u", "--password", "env:1X"],
-     "rule \"r\": --password: 'env:1X' is not a valid reference: env:NAME needs an environment "
-     "variable name (letters, digits and _, not first a digit)"),
+     "rule \"r\": --password: secret env:1X: env:NAME needs an environment variable name "
+     "(letters, digits and _, not first a digit)"),
     (["--url", "http://x/", "--auth", "basic", "--username", "u", "--password", "file:"],
-     "rule \"r\": --password: 'file:' is not a valid reference: file:PATH needs a path"),
+     'rule "r": --password: secret file:: the file path is missing'),
     (["--url", "http://x/", "--auth", "basic", "--username", "u", "--password", "ENV:PW"],
      "rule \"r\": --password: 'ENV:' looks like a secret reference, but references are written "
      "env:NAME or file:PATH, in lower case"),
@@ -242,19 +250,21 @@ def test_rule_add_refuses_an_existing_name(db: Path) -> None:
 def test_rule_edit_replaces_what_is_given_and_keeps_the_rest(db: Path) -> None:
     ok(admin(db, "rule", "add", "r", "--method", "POST", "--url", "http://x/", "--body", "{}",
              "--header", "A=1", "--header", "B=2", "--action", "string:a:1", "--action", "string:b:2",
-             "--auth", "basic", "--username", "u", "--password", "env:PW"), 'rule "r" created\n')
+             "--auth", "basic", "--username", "u", "--password", "env:SAFOUS_SECRET_PW"), 'rule "r" created\n')
     ok(admin(db, "rule", "edit", "r", "--header", "C=3", "--action", "store:c:c", "--timeout-ms", "300"),
        'rule "r" updated\n')
     rule = stored_rules(db)["r"]
     assert (rule.headers, rule.actions, rule.timeout_ms, rule.body, rule.password) == (
-        (("C", "3"),), (ResponseAction(type=ActionType.STORE, key="c", value="c"),), 300, "{}", "env:PW")
+        (("C", "3"),), (ResponseAction(type=ActionType.STORE, key="c", value="c"),), 300, "{}",
+        "env:SAFOUS_SECRET_PW")
     ok(admin(db, "rule", "edit", "r", "--clear-headers", "--clear-actions"), 'rule "r" updated\n')
     assert (stored_rules(db)["r"].headers, stored_rules(db)["r"].actions) == ((), ())
     # Switching the auth type drops the other type's settings.
     ok(admin(db, "rule", "edit", "r", "--auth", "oauth", "--token-url", "https://idp/t", "--client-id", "c",
-             "--client-secret", "file:/run/secrets/c"), 'rule "r" updated\n')
+             "--client-secret", "file:/var/run/secrets/safous/c"), 'rule "r" updated\n')
     rule = stored_rules(db)["r"]
-    assert (rule.auth, rule.username, rule.password, rule.client_secret) == ("oauth", None, None, "file:/run/secrets/c")
+    assert (rule.auth, rule.username, rule.password, rule.client_secret) == (
+        "oauth", None, None, "file:/var/run/secrets/safous/c")
     refused(admin(db, "rule", "edit", "r", "--method", "GET"),
             "a body is only allowed with POST: add --clear-body to remove it", exit_code=2)
     ok(admin(db, "rule", "edit", "r", "--method", "GET", "--clear-body"), 'rule "r" updated\n')
@@ -308,7 +318,7 @@ def test_rule_list_shows_problems_of_rows_written_with_sql(db: Path) -> None:
     ok(admin(db, "rule", "list"), """\
 NAME       ENABLED  METHOD  URL                     POLICIES  PROBLEM
 bad-param  yes      GET     http://z/%user_name%    none      url: unknown parameter %user_name% — did you mean %username%? (at character 10)
-bad-regex  yes      GET     http://z/               none      actions.0: regex '(' does not compile: missing ), unterminated subpattern at position 0
+bad-regex  yes      GET     http://z/               none      actions.0: regex '(' does not compile: missing ): ( (RE2 syntax, matched in linear time)
 good       yes      GET     http://x/?u=%username%  web
 off        no       GET     http://y/               web
 """)
@@ -580,7 +590,7 @@ def test_an_export_masks_secrets_and_reimporting_it_keeps_them(db: Path, tmp_pat
     oauth = next(r for r in document["rules"] if r["name"] == "oauth")
     assert (oauth["client_secret"], oauth["headers"]) == (MASK, [["Authorization", MASK], ["Authorization", MASK]])
     posture = next(r for r in document["rules"] if r["name"] == "posture")
-    assert posture["password"] == "env:POSTURE_PW"  # a reference is exported as written
+    assert posture["password"] == "env:SAFOUS_SECRET_POSTURE_PW"  # a reference is exported as written
     path = tmp_path / "masked.json"
     path.write_text(text)
     # Idempotent: the same rules.db, the same file: nothing written, nothing audited.

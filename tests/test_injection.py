@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import unicodedata
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from tests.test_faults_webhook import (  # noqa: F401
 SPECIAL = st.sampled_from([
     "\r\n", "\n", "\r", "\0", "\r\nX-Injected: 1", "\t", " ", ":", '"', "'", "\\", "\\u0000",
     "%", "%%", "%0d%0a", "%2F", "%username%", "%headers.x-v%", "{}", "{0}", "%s", "/", "../",
-    "?", "#", "&", "=", "&fixed=2", "@evil.example", "+", ";", ",", "é", "\u2028", "\u202e",
+    "?", "#", "&", "=", "&fixed=2", "@evil.example", "+", ";", ",", "é", "\u2028", "\u2029", "\x85", "\x9f", "..", ".", "..;", "．．", "\u202e",
     "😀", "\x7f", "\x01", "\x1b[31m", "\ufeff", "</script>", "null", "]}", '","x":"',
 ])
 VALUE = st.one_of(
@@ -57,8 +58,16 @@ VALUE = st.one_of(
     # Very long: a piece repeated thousands of times (cheap to generate, tens of KiB).
     st.builds(lambda piece, times: piece * times, SPECIAL, st.integers(1000, 6000)),
 )
-UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB
+# Control characters (Cc) but HTAB, and the Unicode line and paragraph separators.
+UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 LINE_BREAKING = re.compile("[\r\n\0]")
+SEPARATOR = re.compile("[\x85\u2028\u2029]")
+
+
+def unsafe_in_path(value: str) -> bool:
+    """A value that would not stay one opaque path segment for a normalising server."""
+    folded = unicodedata.normalize("NFKC", value)
+    return "/" in folded or "\\" in folded or folded.split(";", 1)[0] in ("", ".", "..")
 # Through a sidecar, every example costs real checks: no shrinking, which could run for
 # minutes and swallows the per-test timeout (a failure reports the example as generated).
 HYPOTHESIS = settings(deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
@@ -151,11 +160,18 @@ async def test_client_values_cannot_change_a_webhook_request(
                    if UNSAFE_IN_HEADER.search(val)), None)
     if unsafe is not None:
         header, value = {"username": ("X-User", username), "user_agent": ("X-Agent", agent)}[unsafe]
-        what = "CR, LF or NUL" if LINE_BREAKING.search(value) else "a control character"
+        what = ("CR, LF or NUL" if LINE_BREAKING.search(value)
+                else "a line separator" if SEPARATOR.search(value) else "a control character")
         reason = assert_header_safe(json_response)
         assert json.loads(json_response.denied_response.body)["code"] == "unsafe_parameter"
         assert reason == (f'rule "json-rule": parameter %{unsafe}% holds {what}, '
                           f"not allowed in header {header}")
+        assert sent == []
+    elif unsafe_in_path(v):
+        reason = assert_header_safe(json_response)
+        assert json.loads(json_response.denied_response.body)["code"] == "unsafe_parameter"
+        assert reason.startswith('rule "json-rule": parameter %headers.x-v% holds ')
+        assert reason.endswith("not allowed in a URL path segment")
         assert sent == []
     else:
         assert json_response.status.code == OK

@@ -132,8 +132,12 @@ def test_value_at_scalar_document(document: Any) -> None:
     (b"-7", "-7"),
     (b"1.5", "1.5"),
     (b"1.50", "1.50"),  # as the response spells it
-    (b"1e2", "1e2"),
+    (b"1e2", "1E+2"),  # with an exponent: decimal form
+    (b"1.5e-3", "0.0015"),
     (b"-0.0", "-0.0"),
+    (b"0.00000001", "0.00000001"),
+    (b"1e-999999999", "1E-999999999"),  # never expanded to its zeros
+    (b'{"a": [1.50, 2e1]}', '{"a":[1.5,20.0]}'),
     (b'{"a": [1, true, null], "b": "\xc3\xa9"}', '{"a":[1,true,null],"b":"é"}'),
     (b"[]", "[]"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
@@ -49,8 +50,10 @@ def render(text: str, context: Context, **values: str) -> str:
     # URL: values percent-encoded, nothing kept as a delimiter.
     (Context.URL, "https://api.example.com/users/%username%?ip=%remote_ip%", {},
      "https://api.example.com/users/alice?ip=203.0.113.7"),
-    (Context.URL, "https://api.example.com/users/%username%", {"username": "a b/c?d#e&f=g@h:i+j"},
-     "https://api.example.com/users/a%20b%2Fc%3Fd%23e%26f%3Dg%40h%3Ai%2Bj"),
+    (Context.URL, "https://api.example.com/users/%username%", {"username": "a b?c#d&e=f@g:h+i;j"},
+     "https://api.example.com/users/a%20b%3Fc%23d%26e%3Df%40g%3Ah%2Bi%3Bj"),
+    (Context.URL, "https://api.example.com/users?u=%username%", {"username": "a b/c?d#e&f=g@h:i+j"},
+     "https://api.example.com/users?u=a%20b%2Fc%3Fd%23e%26f%3Dg%40h%3Ai%2Bj"),
     (Context.URL, "https://api.example.com/u/%username%", {"username": "zoë%41"},
      "https://api.example.com/u/zo%C3%AB%2541"),
     # URL: the template's own percent-escapes stay as written, upper or lower case.
@@ -322,7 +325,7 @@ HOSTILE = st.one_of(
     st.text(),
     st.text(alphabet=st.sampled_from(list('"\'\\%&=?#/@:;+, \r\n\t\0{}[]<>éß€😀\u2028%2F%%'))),
     st.sampled_from(['"}, "admin": true, "x": "', "\\", "%username%", "a&admin=1", "../../admin",
-                     "?x=1#", "\r\nX-Injected: 1", "%2F%2e%2e", "\ud7ff\ue000\U0010ffff"]),
+                     "?x=1#", "\r\nX-Injected: 1", "%2F%2e%2e", "..", ".", "..;a", "．．", "\x85", "\u2029", "\ud7ff\ue000\U0010ffff"]),
 )
 
 
@@ -351,19 +354,48 @@ def test_values_never_change_form_structure(user: str, agent: str) -> None:
     ]
 
 
+def normalised_path(path: str) -> list[str]:
+    """The path's segments as the most eager server or proxy in front of a webhook sees them:
+    every escape decoded (``%2F`` included), NFKC-folded, a backslash read as ``/``, ``;``
+    path parameters dropped (Tomcat), empty segments merged, dot segments removed (RFC 3986
+    §5.2.4)."""
+    decoded = unicodedata.normalize("NFKC", unquote(path)).replace("\\", "/")
+    out: list[str] = []
+    for segment in decoded.split("/"):
+        segment = segment.split(";", 1)[0]
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    return out
+
+
 @given(user=HOSTILE, ip=HOSTILE, agent=HOSTILE)
 def test_values_never_change_url_structure(user: str, ip: str, agent: str) -> None:
     template = compile_template(
         "https://api.example.com:8443/v1/users/%username%/check?ip=%remote_ip%&ua=%user_agent%&k=%2F",
         Context.URL,
     )
-    rendered = template.render(lookup_in({"username": user, "remote_ip": ip, "user_agent": agent}))
+    lookup = lookup_in({"username": user, "remote_ip": ip, "user_agent": agent})
+    folded = unicodedata.normalize("NFKC", user)
+    if "/" in folded or "\\" in folded or folded.split(";", 1)[0] in ("", ".", ".."):
+        with pytest.raises(UnsafeParameter, match="URL path segment"):
+            template.render(lookup)
+        return
+    rendered = template.render(lookup)
     parts = urlsplit(rendered)
     assert (parts.scheme, parts.netloc, parts.fragment) == ("https", "api.example.com:8443", "")
     segments = parts.path.split("/")
     assert len(segments) == 5
     assert segments[:3] == ["", "v1", "users"] and segments[4] == "check"
     assert unquote(segments[3], errors="strict") == user
+    # The endpoint a normalising server reaches: the template's, with one opaque segment.
+    normalised = normalised_path(parts.path)
+    assert len(normalised) == 4
+    assert normalised[:2] == ["v1", "users"] and normalised[3] == "check"
     query = [pair.split("=") for pair in parts.query.split("&")]
     assert [pair[0] for pair in query] == ["ip", "ua", "k"]
     assert all(len(pair) == 2 for pair in query)
@@ -371,12 +403,44 @@ def test_values_never_change_url_structure(user: str, ip: str, agent: str) -> No
     assert rendered.isascii() and " " not in rendered
 
 
+@pytest.mark.parametrize("template", [
+    "https://hooks.example.com/users/%username%/status",
+    "https://hooks.example.com/users/.%username%/status",
+    "https://hooks.example.com/users/%username%%device_id%/status",
+    "https://hooks.example.com/users/%username%",
+])
+@pytest.mark.parametrize("value", ["..", ".", "", "..;x", "%2E%2E", "．．", "../status", "a\\..\\b",
+                                   "\uff0e\uff0e\uff0fstatus"])
+def test_a_value_cannot_make_a_dot_or_empty_segment(template: str, value: str) -> None:
+    """A denied user named '..' must not reach /status through a normalising proxy."""
+    compiled = compile_template(template, Context.URL)
+    lookup = lookup_in({"username": value, "device_id": ""})
+    try:
+        rendered = compiled.render(lookup)
+    except UnsafeParameter as exc:
+        assert "URL path segment" in str(exc)
+        return
+    # Rendered only when the segment stays opaque once decoded: "%2E%2E" is that text, and
+    # "..." (".%username%" with "..") is an ordinary name.
+    assert value in ("%2E%2E", "..", "..;x", "．．") and ("%2E%2E" in value or ".%username%" in template)
+    normalised = normalised_path(urlsplit(rendered).path)
+    assert normalised[0] == "users" and len(normalised) == template.count("/") - 2
+
+
+def test_parameters_in_the_fragment_are_refused() -> None:
+    with pytest.raises(TemplateError, match="fragment"):
+        compile_template("https://hooks.example.com/a#%username%", Context.URL)
+    # A header name may hold '#': it is not a fragment.
+    assert compile_template("https://hooks.example.com/a?x=%headers.a#b%", Context.URL).parameters == (
+        "headers.a#b",)
+
+
 @given(value=HOSTILE)
 def test_header_value_is_kept_or_refused(value: str) -> None:
     template = compile_template("Bearer %headers.x-token%", Context.HEADER)
     lookup = lookup_in({"headers.x-token": value})
-    # Every control character but HTAB: the HTTP client cannot send the others.
-    if any(c < " " and c != "\t" or c == "\x7f" for c in value):
+    # Every control character (Cc: C0, DEL, C1) but HTAB, and the Unicode line separators.
+    if any(unicodedata.category(c) == "Cc" and c != "\t" or c in "\u2028\u2029" for c in value):
         with pytest.raises(UnsafeParameter):
             template.render(lookup)
     else:

@@ -1,0 +1,249 @@
+"""Hostile webhook answers and admin patterns cannot stall the sidecar or grow its memory.
+
+The sidecar runs in this test's process and event loop, so anything that holds its loop
+(a backtracking regex, parsing a large answer per value on the loop) also delays the
+"unrelated" check each test times next to the hostile ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.policies import Policy
+from sidecar.rules import Rule
+from sidecar.webhook_rules import MAX_STORED_VALUE_BYTES
+from tests.conftest import check_request, denial_reason, seed
+from tests.test_faults_webhook import ACTIVE, PASSING, RawServer, action, code_of, raw, respond  # noqa: F401
+
+MiB = 1 << 20
+# ~1 MiB of numbers with fractions: each one costs Python when the answer is parsed.
+NUMBERS = b'{"status": "active", "n": [' + b",".join(
+    b"%d.5" % i for i in range(125_000)) + b"]}"
+assert 0.9 * MiB < len(NUMBERS) < MiB
+# Backtracks 2^30 times in Python's re against ^(a+)+$.
+EVIL_TEXT = json.dumps({"status": "active", "v": "a" * 30 + "!"}).encode()
+UNRELATED_DELAY = 0.25
+"""How long an unrelated check may take while hostile answers are processed. Measured here:
+≤ 20 ms typical; the bound leaves room for a loaded CI machine, not for a stalled loop
+(which costs seconds)."""
+
+
+def rules_for(raw: RawServer, **extra: Rule) -> list[Rule]:
+    return [Rule(name="ok", url=raw.url + "/ok", actions=ACTIVE), *extra.values()]
+
+
+async def unrelated_check_time(stub: Any) -> float:
+    started = time.perf_counter()
+    response = await stub.Check(check_request("/open"))
+    assert response.status.code == 0
+    return time.perf_counter() - started
+
+
+async def test_a_catastrophic_regex_matches_in_linear_time(
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
+    raw.routes["/evil"] = respond(200, EVIL_TEXT)
+    raw.routes["/ok"] = respond(200, PASSING)
+    evil = Rule(name="evil", url=raw.url + "/evil", timeout_ms=2000,
+                actions=(action("regex", "v", "^(a+)+$"),))
+    seed(db, rules_for(raw, evil=evil), [
+        Policy(name="evil", path_prefix="/evil", rules=("evil",)),
+        Policy(name="open", path_prefix="/open", rules=("ok",))])
+    stub = authz((await start_sidecar()).port)
+
+    started = time.perf_counter()
+    denied, unrelated = await asyncio.gather(
+        stub.Check(check_request("/evil")), unrelated_check_time(stub))
+
+    assert code_of(denied) == "regex_mismatch"
+    assert denial_reason(denied) == f'rule "evil": v "{"a" * 30}!" does not match /^(a+)+$/'
+    assert time.perf_counter() - started < 1
+    assert unrelated < UNRELATED_DELAY
+
+
+@pytest.mark.parametrize(("pattern", "construct"), [
+    (r"(a)\1", "backreferences"),
+    (r"(?=a)b", "lookahead"),
+    (r"(?<!a)b", "negative lookbehind"),
+    (r"a++", "possessive quantifiers"),
+])
+async def test_a_stored_regex_re2_refuses_loads_as_rule_invalid(
+        pattern: str, construct: str, db: Path, start_sidecar: Any, authz: Any,
+        raw: RawServer) -> None:
+    raw.routes["/ok"] = respond(200, PASSING)
+    seed(db, rules_for(raw), [Policy(name="p", path_prefix="/p", rules=("ok",))])
+    conn = sqlite3.connect(db)  # as an old rules.db, or plain SQL, would hold it
+    conn.execute("UPDATE rules SET actions = ? WHERE name = 'ok'",
+                 (json.dumps([{"type": "regex", "key": "status", "value": pattern}]),))
+    conn.commit()
+    conn.close()
+    stub = authz((await start_sidecar()).port)
+
+    response = await stub.Check(check_request("/p"))
+
+    assert code_of(response) == "rule_invalid"
+    reason = denial_reason(response)
+    assert reason is not None and reason.startswith('rule "ok" is invalid') and construct in reason
+    assert raw.seen("/ok") == []
+
+
+async def test_large_answers_are_judged_off_the_loop_within_the_rules_deadline(
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
+    """Eight 1 MiB answers of numbers at once: each check is decided by its deadline (the
+    parse counts against the rule's timeout) and an unrelated check is not held up."""
+    raw.routes["/numbers"] = respond(200, NUMBERS)
+    raw.routes["/ok"] = respond(200, PASSING)
+    numbers = Rule(name="numbers", url=raw.url + "/numbers?u=%username%", timeout_ms=1000,
+                   actions=(action("string", "n.3", "3.5"),))
+    seed(db, rules_for(raw, numbers=numbers), [
+        Policy(name="numbers", path_prefix="/numbers", rules=("numbers",)),
+        Policy(name="open", path_prefix="/open", rules=("ok",))])
+    stub = authz((await start_sidecar()).port)
+
+    async def hostile(user: int) -> tuple[str, float]:
+        started = time.perf_counter()
+        response = await stub.Check(check_request(
+            "/numbers", headers={"x-safous-username": f"u{user}"}))
+        return code_of(response), time.perf_counter() - started
+
+    async def unrelated_checks() -> float:
+        await asyncio.sleep(0.05)  # once the answers are arriving
+        return max([await unrelated_check_time(stub) for _ in range(10)])
+
+    *results, worst_unrelated = await asyncio.gather(
+        *(hostile(i) for i in range(8)), unrelated_checks())
+
+    for code, elapsed in results:
+        assert code in ("allowed", "webhook_timeout")
+        assert elapsed < 1.0 + 0.3  # the deadline, plus a margin for a loaded machine
+    assert ("allowed", ) in {(code,) for code, _ in results}  # the first ones are judged
+    assert worst_unrelated < UNRELATED_DELAY
+
+
+async def test_a_huge_stored_value_fails_the_rule_and_is_not_kept(
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
+    raw.routes["/ok"] = respond(200, PASSING)
+    raw.routes["/huge"] = respond(200, json.dumps(
+        {"status": "active", "token": "t" * (MiB - 100)}).encode())
+    raw.routes["/fits"] = respond(200, json.dumps(
+        {"status": "active", "token": "t" * MAX_STORED_VALUE_BYTES}).encode())
+    stores = (action("string", "status", "active"), action("store", "token", "token"))
+    seed(db, [
+        Rule(name="huge", url=raw.url + "/huge?u=%username%", cache_ttl=60, actions=stores),
+        Rule(name="fits", url=raw.url + "/fits", actions=stores),
+    ], [Policy(name="huge", path_prefix="/huge", rules=("huge",)),
+        Policy(name="fits", path_prefix="/fits", rules=("fits",))])
+    sidecar = await start_sidecar()
+    stub = authz(sidecar.port)
+
+    for user in range(20):
+        response = await stub.Check(check_request("/huge", headers={"x-safous-username": f"u{user}"}))
+        assert code_of(response) == "response_too_large"
+    fits = await stub.Check(check_request("/fits"))
+
+    assert denial_reason(response) == (
+        f'rule "huge": the value stored as "token" is {MiB - 100 - 0} bytes, more than the '
+        f"{MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")
+    assert sidecar.evaluator.cache.bytes < 20 * 1024  # failures cached, but not their values
+    assert fits.status.code == 0
+    assert dict((h.header.key, h.header.value) for h in fits.ok_response.headers) == {
+        "x-safous-token": "t" * MAX_STORED_VALUE_BYTES}
+
+
+async def test_client_sent_megabytes_do_not_grow_the_cache(
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
+    """A 60 KB header used by a cached rule: the key is a digest, so each entry stays small."""
+    raw.routes["/h"] = respond(200, b'{"status": "down"}')
+    seed(db, [Rule(name="h", url=raw.url + "/h", headers=(("X-Big", "%headers.x-big%"),),
+                   cache_ttl=60, actions=ACTIVE)],
+         [Policy(name="h", path_prefix="/h", rules=("h",))])
+    sidecar = await start_sidecar()
+    stub = authz(sidecar.port)
+
+    for i in range(300):
+        response = await stub.Check(check_request("/h", headers={"x-big": f"{i:05d}" + "b" * 60_000}))
+        assert code_of(response) == "value_mismatch"
+
+    cache = sidecar.evaluator.cache
+    assert len(cache) == 300
+    assert cache.bytes < 300 * 1024  # 60 KB a request would be 18 MB
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x9b"])
+async def test_a_stored_value_with_a_line_separator_or_c1_control_is_refused(
+        separator: str, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
+    raw.routes["/sep"] = respond(200, json.dumps({"status": "active", "token": f"a{separator}b"}).encode())
+    seed(db, [Rule(name="sep", url=raw.url + "/sep",
+                   actions=(action("store", "token", "token"),))],
+         [Policy(name="sep", path_prefix="/sep", rules=("sep",))])
+    stub = authz((await start_sidecar()).port)
+
+    response = await stub.Check(check_request("/sep"))
+
+    assert code_of(response) == "unsafe_parameter"
+    what = "a control character" if separator == "\x9b" else "a line separator"
+    assert denial_reason(response) == f'rule "sep": the value stored as "token" holds {what}'
+
+
+# --- any answer, any RE2 pattern: decided by the deadline, never holding other checks --------
+
+# RE2 patterns, the backtracking classics among them: each is one rule, /r<index>.
+PATTERNS = ("^(a+)+$", "(x+x+)+y", r"^(\d+\.?)+$", ".*.*.*=.*", "(a|aa)+$", r"[\s\S]*z",
+            r"^\p{L}+$", "(?i)ACTIVE", "^$", r"\\", "[^\x00-\x7f]")
+DEADLINE_MS = 800
+JSON_SCALARS = (st.none() | st.booleans() | st.integers() | st.text(max_size=50)
+                | st.floats(allow_nan=False, allow_infinity=False))
+JSON_DOCUMENTS = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20)
+# Large answers, up to past the 1 MiB cap: a fragment repeated into a list or a string.
+BIG_ANSWERS = st.builds(
+    lambda fragment, times, as_string: (
+        b'{"v": "' + fragment.replace(b'"', b"'").replace(b"\\", b"/") * times + b'"}' if as_string
+        else b'{"v": [' + b",".join([fragment] * times) + b"]}"),
+    st.sampled_from([b"1.5", b"-0.0e7", b'"a"', b"{}", b"[[[]]]", b'{"k":1}', b"aaaaaaaaaa", b"null"]),
+    st.integers(1, 300_000), st.booleans())
+ANSWERS = st.one_of(
+    JSON_DOCUMENTS.map(lambda document: json.dumps({"v": document}).encode()),
+    JSON_DOCUMENTS.map(lambda document: json.dumps(document).encode()),
+    BIG_ANSWERS,
+    st.binary(max_size=200),
+)
+HYPOTHESIS = settings(deadline=None, database=None, max_examples=60,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                             HealthCheck.data_too_large, HealthCheck.large_base_example])
+DECIDED = {"allowed", "regex_mismatch", "key_missing", "response_invalid", "response_too_large",
+           "webhook_timeout"}
+
+
+@HYPOTHESIS
+@given(body=ANSWERS, pattern=st.integers(0, len(PATTERNS) - 1))
+async def test_any_answer_is_decided_within_the_deadline_without_holding_other_checks(
+        body: bytes, pattern: int, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
+    if not hasattr(raw, "stub"):  # the first example starts the sidecar; the others reuse it
+        raw.routes["/ok"] = respond(200, PASSING)
+        rules = [Rule(name=f"r{i}", url=raw.url + "/answer", timeout_ms=DEADLINE_MS,
+                      actions=(action("regex", "v", p),)) for i, p in enumerate(PATTERNS)]
+        seed(db, rules_for(raw, **{r.name: r for r in rules}), [
+            *(Policy(name=f"r{i}", path_prefix=f"/r{i}/", rules=(f"r{i}",)) for i in range(len(PATTERNS))),
+            Policy(name="open", path_prefix="/open", rules=("ok",))])
+        raw.stub = authz((await start_sidecar()).port)  # type: ignore[attr-defined]
+    stub = raw.stub  # type: ignore[attr-defined]
+    raw.routes["/answer"] = respond(200, body)
+
+    started = time.perf_counter()
+    response, unrelated = await asyncio.gather(
+        stub.Check(check_request(f"/r{pattern}/")), unrelated_check_time(stub))
+    elapsed = time.perf_counter() - started
+
+    assert code_of(response) in DECIDED
+    assert elapsed < DEADLINE_MS / 1000 + 0.3
+    assert unrelated < UNRELATED_DELAY
