@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sidecar.decision import Code

@@ -70,13 +70,13 @@ if TYPE_CHECKING:  # rules may validate with this module one day: no import cycl
     from sidecar.rules import Rule
 
 __all__ = [
+    "UNSAFE_IN_HEADER",
     "CompiledRequest",
     "Context",
     "Lookup",
     "NameCheck",
     "Template",
     "TemplateError",
-    "UNSAFE_IN_HEADER",
     "UnsafeParameter",
     "WebhookRequest",
     "body_context",

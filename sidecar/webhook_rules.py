@@ -13,29 +13,35 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .decision import Code, Decision
+from .judge import AnswerJudge, RuleOutcome, judge_answer
 from .parameters import STORED_PREFIX, Parameters
 from .policies import Policy
-from .responses import CompiledActions, compile_actions, evaluate_response
+from .responses import CompiledActions, compile_actions
 from .rule_cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
 from .rules import AuthType, Rule
 from .secrets import SecretPolicy, resolve_secret
 from .store import InvalidRow
-from .templates import CompiledRequest, UnsafeParameter, WebhookRequest, compile_rule_request, unsafe_in_header
-from .webhook import BasicAuth, NoAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
+from .templates import (
+    CompiledRequest,
+    UnsafeParameter,
+    WebhookRequest,
+    compile_rule_request,
+)
+from .webhook import (
+    BasicAuth,
+    NoAuth,
+    OAuthAuth,
+    WebhookClient,
+    WebhookFailure,
+    WebhookResponse,
+)
 
 UPSTREAM_HEADER_PREFIX = "x-safous-"
-MAX_STORED_VALUE_BYTES = 4096
-"""A stored value becomes a request header of the upstream (and may be sent to later webhooks):
-proxies refuse headers much past 8 KiB in all, so a larger value fails the rule."""
-INLINE_JUDGE_BYTES = 16 * 1024
-"""Answers up to this size are judged on the event loop (well under a millisecond); larger
-ones in the judge thread, so that parsing 1 MiB never holds up other checks."""
 # The webhook answered and the answer was judged: a real decision, cached for the rule's TTL.
 # Any other failure means the call itself failed, cached only for the shorter failure TTL.
 _JUDGED = frozenset({Code.VALUE_MISMATCH, Code.REGEX_MISMATCH, Code.KEY_MISSING})
@@ -58,12 +64,6 @@ class CompiledRule:
     @property
     def name(self) -> str:
         return self.rule.name
-
-
-@dataclass(frozen=True, slots=True)
-class RuleOutcome:
-    failure: tuple[Code, str] | None
-    stored: dict[str, str]
 
 
 # A rule ready to be called: the rendered request and its cache (and single-flight) key.
@@ -116,10 +116,10 @@ class WebhookEvaluator:
     def __init__(self, client: WebhookClient, *, cache_size: int = 10_000,
                  cache_max_bytes: int = DEFAULT_MAX_BYTES,
                  failure_ttl: float = DEFAULT_FAILURE_TTL,
-                 secret_policy: SecretPolicy = SecretPolicy()) -> None:
+                 secret_policy: SecretPolicy | None = None) -> None:
         self.client = client
         # Where the rules' secret references may point (SecretError, so rule_invalid, elsewhere).
-        self.secret_policy = secret_policy
+        self.secret_policy = secret_policy or SecretPolicy()
         self.cache: DecisionCache[RuleOutcome] = DecisionCache(
             cache_size, max_bytes=cache_max_bytes, sizeof=_outcome_size)
         self.flights: SingleFlight[RuleOutcome] = SingleFlight()
@@ -127,8 +127,7 @@ class WebhookEvaluator:
         self._fingerprints: dict[str, int] = {}
         self._plans: dict[tuple[Any, ...], _Plan | str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Large answers are judged here, off the event loop, one at a time (see _judge).
-        self._judge_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safous-judge")
+        self._judge = AnswerJudge()
         # Told of every webhook call made: rule name, "ok" or the failure code, seconds.
         self.on_call: Callable[[str, str, float], None] | None = None
 
@@ -138,7 +137,7 @@ class WebhookEvaluator:
 
     async def close(self) -> None:
         await self.client.close()
-        self._judge_thread.shutdown(wait=False, cancel_futures=True)
+        self._judge.close()
 
     def compile(self, rule: Rule) -> CompiledRule:
         """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run.
@@ -288,36 +287,13 @@ class WebhookEvaluator:
             response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
         except WebhookFailure as exc:
             return RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
-        if len(response.body) <= INLINE_JUDGE_BYTES:
-            return judge_response(rule, response)
-        # Parsing a large answer runs Python per value (numbers keep their spelling): in a
-        # thread it yields the interpreter to the loop every few milliseconds. One thread,
-        # so a burst of large answers queues there, each bounded by its own deadline, instead
-        # of taking the loop's time from every other check.
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await loop.run_in_executor(self._judge_thread, judge_response, rule, response)
-        except TimeoutError:
-            return RuleOutcome((Code.WEBHOOK_TIMEOUT, (
-                f'rule "{rule.name}": the answer ({len(response.body) // 1024} KiB) could not be '
-                f"judged within the rule's {round(rule.timeout * 1000)} ms")), {})
+        return await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
+                                       response.status, response.body, deadline=deadline)
 
 
 def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome:
-    """A webhook's answer against its rule: status, verification, response actions, and
-    stored values fit for a header. Shared by the sidecar and the admin's dry run."""
-    result = evaluate_response(rule.name, response.status, response.body, rule.rule.verification, rule.actions)
-    if result.failure is not None:
-        return RuleOutcome(result.failure, {})
-    for stored_name, value in result.stored.items():
-        if (what := unsafe_in_header(value)) is not None:
-            return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                f'rule "{rule.name}": the value stored as "{stored_name}" holds {what}'), {})
-        if (size := len(value.encode("utf-8", "surrogatepass"))) > MAX_STORED_VALUE_BYTES:
-            return RuleOutcome((Code.RESPONSE_TOO_LARGE, (
-                f'rule "{rule.name}": the value stored as "{stored_name}" is {size} bytes, more than '
-                f"the {MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")), {})
-    return RuleOutcome(None, result.stored)
+    """``judge_answer`` for a compiled rule, on the caller's thread (the admin's dry run)."""
+    return judge_answer(rule.name, rule.rule.verification, rule.actions, response.status, response.body)
 
 
 def _lookup_with(params: Parameters, stored: dict[str, str]) -> Callable[[str], str]:

@@ -25,7 +25,13 @@ from sidecar.rules import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
 from tests.envoy_harness import render_config, run_envoy
 from tests.test_e2e import WITHOUT_ENVOY_STRIP, get, safous_headers
-from tests.test_jwt_e2e import ENVOY_JWT_YAML, JWKS_PATH_LITERAL, SigningKey, bearer, claims
+from tests.test_jwt_e2e import (
+    ENVOY_JWT_YAML,
+    JWKS_PATH_LITERAL,
+    SigningKey,
+    bearer,
+    claims,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
