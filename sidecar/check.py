@@ -25,6 +25,9 @@ from .webhook_rules import UPSTREAM_HEADER_PREFIX
 log = logging.getLogger(__name__)
 
 
+_UNDERSCORED_PREFIXES = ("x_", "x-safous_")
+
+
 class Checker:
     def __init__(self, identity: IdentityConfig, default_action: str, evaluator: RuleEvaluator) -> None:
         self.identity = identity
@@ -85,7 +88,13 @@ class Checker:
         remove: list[str] = []
         set_by_decision: frozenset[str] | None = None
         for name in headers:
+            # CGI/WSGI servers fold "_" into "-": x_safous_token reaches the app as
+            # HTTP_X_SAFOUS_TOKEN, the same as x-safous-token. Such a header is never a stored
+            # value or an identity header of ours, so it always goes.
             if not name.startswith(UPSTREAM_HEADER_PREFIX):
+                if name.startswith(_UNDERSCORED_PREFIXES) and name.replace("_", "-").startswith(
+                        UPSTREAM_HEADER_PREFIX):
+                    remove.append(name)
                 continue
             if set_by_decision is None:  # built once, only when the client sent such a header
                 set_by_decision = frozenset(key.lower() for key, _ in decision.upstream_headers)

@@ -12,17 +12,17 @@ which only hands over the bytes and gets back the small outcome (an unrelated ch
 
 ``AnswerJudge`` judges answers up to ``INLINE_BYTES`` on the loop (well under a millisecond)
 and larger ones in one worker process, started on the first large answer (a fresh interpreter,
-≈0.3 s, inside that answer's deadline) and started again if it dies. One process: a burst of
-large answers queues there, each waiting at most until its rule's deadline.
+≈0.3 s, inside that answer's deadline), stopped when an answer outlives its deadline there and
+started again when needed. One process: a burst of large answers queues there, each waiting at
+most until its rule's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from .decision import Code
 from .responses import CompiledActions, compile_actions, evaluate_response
@@ -69,6 +69,8 @@ def judge_answer(rule_name: str, verification: Verification, actions: CompiledAc
 # In the worker: each rule's actions compiled once (RE2 patterns cannot be sent across).
 _compiled: dict[tuple[ResponseAction, ...], CompiledActions] = {}
 
+_Request = tuple[str, Verification, tuple[ResponseAction, ...], int, bytes]
+
 
 def _judge_in_worker(rule_name: str, verification: Verification, actions: tuple[ResponseAction, ...],
                      status: int, body: bytes) -> RuleOutcome:
@@ -80,43 +82,90 @@ def _judge_in_worker(rule_name: str, verification: Verification, actions: tuple[
     return judge_answer(rule_name, verification, compiled, status, body)
 
 
+def _serve(connection: Connection) -> None:
+    """The worker process: judge each request it is sent until the pipe closes."""
+    while True:
+        try:
+            request: _Request = connection.recv()
+        except (EOFError, OSError):
+            return
+        connection.send(_judge_in_worker(*request))
+
+
+class _WorkerStopped(Exception):
+    """The worker process died, or was stopped, before it answered."""
+
+
+class _Worker:
+    """One judging process and the pipe to it."""
+
+    def __init__(self) -> None:
+        # spawn: a fresh interpreter, never a fork of a process running gRPC's threads.
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child,), name="safous-judge", daemon=True)
+        self._process.start()
+        child.close()
+
+    def call(self, request: _Request) -> RuleOutcome:
+        """Blocking: run it in a thread. Raises ``_WorkerStopped``."""
+        try:
+            self._connection.send(request)
+            outcome: RuleOutcome = self._connection.recv()
+            return outcome
+        except (EOFError, OSError):
+            self._process.join(1)  # reap it
+            raise _WorkerStopped from None
+
+    def stop(self) -> None:
+        """Kill the process: a caller blocked in ``call`` gets ``_WorkerStopped``."""
+        self._process.kill()
+
+
 class AnswerJudge:
     """Judges answers without holding up the event loop (module docstring). ``close()`` at
     shutdown stops the worker process."""
 
     def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._worker: _Worker | None = None
+        self._turn = asyncio.Lock()
 
     async def judge(self, rule_name: str, verification: Verification, actions: CompiledActions,
                     status: int, body: bytes, *, deadline: float) -> RuleOutcome:
         """``judge_answer``, by ``deadline`` (the event loop's clock): past it, the outcome is
-        ``webhook_timeout``. A worker that dies makes this answer ``response_invalid``."""
-        if len(body) <= INLINE_BYTES:
+        ``webhook_timeout``, and a worker still judging is stopped (a regex can take seconds
+        on 1 MiB) and started again for the next answer. A worker that dies makes this answer
+        ``response_invalid``.
+
+        On the loop: answers small enough that parsing and matching cost well under a
+        millisecond — ``INLINE_BYTES``, less for rules whose regexes are large programs: when
+        its DFA does not fit, RE2 costs ~12 ns per program instruction and byte
+        (``[ab]{1000}[ab]{1000}c``, 2,005 instructions: 24 µs a byte)."""
+        if len(body) * (1 + actions.regex_size / 8) <= INLINE_BYTES:
             return judge_answer(rule_name, verification, actions, status, body)
-        pool = self._start()
         try:
-            async with asyncio.timeout_at(deadline):
-                return await asyncio.wrap_future(pool.submit(
-                    _judge_in_worker, rule_name, verification, actions.actions, status, body))
+            async with asyncio.timeout_at(deadline), self._turn:
+                worker = self._worker = self._worker or _Worker()
+                try:
+                    return await asyncio.to_thread(
+                        worker.call, (rule_name, verification, actions.actions, status, body))
+                except asyncio.CancelledError:
+                    self._stop()
+                    raise
+                except _WorkerStopped:
+                    self._stop()
+                    return RuleOutcome((Code.RESPONSE_INVALID, (
+                        f'rule "{rule_name}": the answer ({len(body) // 1024} KiB) could not be '
+                        "judged (the judging process stopped)")), {})
         except TimeoutError:
             return RuleOutcome((Code.WEBHOOK_TIMEOUT, (
                 f'rule "{rule_name}": the answer ({len(body) // 1024} KiB) could not be judged '
                 "before the rule's timeout")), {})
-        except BrokenProcessPool:
-            if self._pool is pool:
-                self._pool = None  # the next large answer starts a new worker
-            return RuleOutcome((Code.RESPONSE_INVALID, (
-                f'rule "{rule_name}": the answer ({len(body) // 1024} KiB) could not be judged '
-                "(the judging process stopped)")), {})
 
     def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._stop()
 
-    def _start(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn: a fresh interpreter, never a fork of a process running gRPC's threads.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return self._pool
-
+    def _stop(self) -> None:
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.stop()

@@ -57,6 +57,7 @@ _JSONP_HEAD = re.compile(
     r"\s*+(?:/\*\*/\s*+)?[A-Za-z_$][\w$]*+(?:\.[A-Za-z_$][\w$]*+)*+\s*+\(", re.ASCII
 )
 _WHITESPACE = " \t\n\r\f\v"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _INDEX = re.compile(r"[0-9]+")
 
 
@@ -90,7 +91,7 @@ def parse_response(body: bytes, verification: Verification) -> Any:
 
     Any JSON value is returned, objects and lists as dicts and lists. Raises
     ``ResponseInvalid``: not UTF-8, not JSON (``NaN``/``Infinity`` included), not JSONP,
-    nested too deeply, or a number too long to read.
+    nested too deeply, a number too long to read, or a string holding a lone surrogate.
     """
     try:
         text = body.decode("utf-8-sig")
@@ -100,13 +101,21 @@ def parse_response(body: bytes, verification: Verification) -> Any:
     if jsonp:
         text = _jsonp_argument(text)
     try:
-        return _loads(text)
+        document = _loads(text)
     except RecursionError:
         raise ResponseInvalid("response is nested too deeply") from None
     except ValueError:  # JSONDecodeError, NaN, a number past int's digit limit
         if jsonp:
             raise ResponseInvalid("response is not JSONP: the callback's argument is not JSON") from None
         raise ResponseInvalid("response is not JSON") from None
+    if _SURROGATE_ESCAPE.search(text):
+        # JSON lets "\ud800" stand alone; such a string is not text (it cannot be encoded, so
+        # it could be neither matched, nor logged, nor sent on). Checked in C: dumps + encode.
+        try:
+            json.dumps(document, ensure_ascii=False, default=float).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            raise ResponseInvalid("response holds a lone surrogate (\\uD800-\\uDFFF): not Unicode text") from None
+    return document
 
 
 def _jsonp_argument(text: str) -> str:
@@ -188,6 +197,9 @@ class CompiledActions:
 
     actions: tuple[ResponseAction, ...]
     _patterns: tuple[Pattern | None, ...] = field(repr=False)
+    regex_size: int = 0
+    """The largest RE2 program among the regexes (0 without one): matching costs up to about
+    this many steps a byte."""
 
     @property
     def stored_names(self) -> tuple[str, ...]:
@@ -231,7 +243,8 @@ def compile_actions(actions: Sequence[ResponseAction]) -> CompiledActions:
     patterns = tuple(
         compile_regex(a.value) if a.type is ActionType.REGEX else None for a in actions
     )
-    return CompiledActions(tuple(actions), patterns)
+    size = max((p.programsize for p in patterns if p is not None), default=0)
+    return CompiledActions(tuple(actions), patterns, size)
 
 
 def apply_actions(

@@ -35,8 +35,9 @@ class ActionType(StrEnum):
     STORE = "store"
 
 
-_STORE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+# fullmatch, not match with "$": "$" also matches before a final newline ("tok\n").
+_STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 
 class ResponseAction(BaseModel):
@@ -52,7 +53,7 @@ class ResponseAction(BaseModel):
     def _check_value(self) -> ResponseAction:
         if self.type is ActionType.REGEX:
             compile_regex(self.value)  # RegexError (a ValueError) says what RE2 refuses
-        if self.type is ActionType.STORE and not _STORE_NAME.match(self.value):
+        if self.type is ActionType.STORE and not _STORE_NAME.fullmatch(self.value):
             raise ValueError(
                 f"store name {self.value!r} must be 1-64 letters, digits, '_' or '-'"
             )
@@ -102,7 +103,7 @@ class Rule(BaseModel):
     @classmethod
     def _header_names(cls, value: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         for key, val in value:
-            if not _HEADER_NAME.match(key):
+            if not _HEADER_NAME.fullmatch(key):
                 raise ValueError(f"header name {key!r} is not a valid HTTP header name")
             if any(c in val for c in "\r\n\0"):
                 raise ValueError(f"header {key!r} value holds CR, LF or NUL")

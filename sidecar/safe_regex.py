@@ -47,6 +47,9 @@ _UNSUPPORTED = (
 class Pattern(Protocol):
     """The part of a compiled pattern the sidecar uses."""
 
+    @property
+    def programsize(self) -> int: ...
+
     def search(self, text: str) -> object | None: ...
 
 

@@ -118,6 +118,10 @@ UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _LINE_BREAKING = re.compile("[\r\n\0]")
 _SEPARATOR = re.compile("[\x85\u2028\u2029]")
 _DOT_SEGMENTS = frozenset({"", ".", ".."})
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Read as "/" by some server: the backslash (IIS, Node, Envoy on Windows) and the characters
+# Windows' best-fit mapping turns into a slash or backslash.
+_SLASH_LIKE = str.maketrans(dict.fromkeys("\\\u2215\u2044\u29f8\u29f9\u2216\ufe68\u00a5\u20a9", "/"))
 
 
 class Context(Enum):
@@ -173,10 +177,23 @@ def _url_value(name: str, value: str) -> str:
     return quote(value, safe="")
 
 
+def _as_servers_read(text: str) -> str | None:
+    """``text`` as the most eager server reads it: percent-decoded until nothing changes (a
+    proxy that decodes once before a server that decodes again), NFKC-folded (fullwidth ／
+    and ．), every slash look-alike read as ``/`` (``\\``, Windows best-fit ∕ ⁄ …). None when
+    it still changes after a few rounds: no honest value is encoded that often."""
+    for _ in range(4):
+        decoded = unquote(text)
+        if decoded == text:
+            return unicodedata.normalize("NFKC", decoded).translate(_SLASH_LIKE)
+        text = decoded
+    return None
+
+
 def _url_path_value(name: str, value: str) -> str:
-    folded = unicodedata.normalize("NFKC", value)  # fullwidth ／ and ＼ fold to / and \
-    if "/" in folded or "\\" in folded:
-        raise UnsafeParameter(name, what="'/' or '\\'", where="a URL path segment")
+    read = _as_servers_read(value)
+    if read is None or "/" in read:
+        raise UnsafeParameter(name, what="'/', '\\' or an escape of them", where="a URL path segment")
     return quote(value, safe="")
 
 
@@ -254,11 +271,17 @@ def _path_span(url: str) -> tuple[int, int]:
 
 
 def _check_path_segments(url: str, segments_with_parameters: tuple[tuple[int, str], ...]) -> None:
+    """Each segment holding a parameter, as servers read it, must be (or, where the template
+    itself escapes a slash, ``grp%2F%name%``, split into) pieces that are neither empty nor
+    dot segments — before a ``;`` too, as Tomcat reads ``..;x`` — and hold no control
+    character (a NUL cuts a path short for some servers)."""
     start, end = _path_span(url)
     segments = url[start:end].split("/")
     for index, name in segments_with_parameters:
-        decoded = unicodedata.normalize("NFKC", unquote(segments[index]))
-        if decoded.split(";", 1)[0] in _DOT_SEGMENTS:
+        read = _as_servers_read(segments[index])
+        if read is not None and _CONTROL.search(read):
+            raise UnsafeParameter(name, what="a control character", where="a URL path segment")
+        if read is None or any(piece.split(";", 1)[0] in _DOT_SEGMENTS for piece in read.split("/")):
             raise UnsafeParameter(name, what="a value that makes an empty or dot ('.', '..') segment",
                                   where="a URL path segment")
 

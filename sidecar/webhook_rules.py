@@ -66,14 +66,18 @@ class CompiledRule:
         return self.rule.name
 
 
+# The outcome, its failure tuple and stored dict, as sys.getsizeof counts them.
+_OUTCOME_OVERHEAD = 250
 # A rule ready to be called: the rendered request and its cache (and single-flight) key.
 _Call = tuple[WebhookRequest, bytes]
 
 
 def _outcome_size(outcome: RuleOutcome) -> int:
-    """Bytes a cached outcome holds: its reason and stored values."""
-    size = sys.getsizeof(outcome.failure[1]) if outcome.failure else 0
-    return size + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in outcome.stored.items())
+    """Bytes a cached outcome holds: the outcome, its reason and stored values, and the UTF-8
+    copy of a non-ASCII string that protobuf keeps once the string is put in a response."""
+    texts = [outcome.failure[1]] if outcome.failure else []
+    texts.extend(text for pair in outcome.stored.items() for text in pair)
+    return _OUTCOME_OVERHEAD + sum(sys.getsizeof(t) + (0 if t.isascii() else len(t.encode())) for t in texts)
 
 
 def _auth(rule: Rule, secrets: SecretPolicy) -> NoAuth | BasicAuth | OAuthAuth:

@@ -73,6 +73,9 @@ CASES = [
      IdentityConfig(username_header="x-safous-who"), None, ("x-safous-username",)),
     ("one header read as two parameters, one of them used", {"x-safous-id": "alice"}, ALLOW,
      IdentityConfig(username_header="x-safous-id", groups_header="x-safous-id"), {"sub": "bob"}, ()),
+    ("underscores: CGI/WSGI servers read x_safous_token as x-safous-token",
+     {"x_safous_token": "forged", "x_safous_username": "admin", "x-safous_role": "admin", "x_other": "1"},
+     STORES_TOKEN, IdentityConfig(), None, ("x_safous_token", "x_safous_username", "x-safous_role")),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import sqlite3
 import time
 from pathlib import Path
@@ -259,6 +260,10 @@ async def test_any_answer_is_decided_within_the_deadline_without_holding_other_c
     assert unrelated < UNRELATED_DELAY
 
 
+def judge_processes() -> list[multiprocessing.Process]:
+    return [p for p in multiprocessing.active_children() if p.name == "safous-judge"]
+
+
 async def test_the_judging_process_is_started_again_when_it_dies() -> None:
     judge = AnswerJudge()
     actions = compile_actions((action("string", "status", "active"),))
@@ -267,14 +272,66 @@ async def test_the_judging_process_is_started_again_when_it_dies() -> None:
     try:
         first = await judge.judge("r", Verification.JSON, actions, 200, body, deadline=loop.time() + 10)
         assert first.failure is None
-        [process] = judge._pool._processes.values()  # type: ignore[union-attr]
+        [process] = judge_processes()
         process.kill()
         process.join()
         after = await judge.judge("r", Verification.JSON, actions, 200, body, deadline=loop.time() + 10)
-        if after.failure is not None:  # the death is noticed on this answer: it fails closed
-            assert after.failure == (Code.RESPONSE_INVALID, (
-                'rule "r": the answer (16 KiB) could not be judged (the judging process stopped)'))
-            after = await judge.judge("r", Verification.JSON, actions, 200, body, deadline=loop.time() + 10)
-        assert after.failure is None
+        assert after.failure == (Code.RESPONSE_INVALID, (
+            'rule "r": the answer (16 KiB) could not be judged (the judging process stopped)'))
+        again = await judge.judge("r", Verification.JSON, actions, 200, body, deadline=loop.time() + 10)
+        assert again.failure is None
+        [new] = judge_processes()
+        assert new.pid != process.pid
     finally:
         judge.close()
+
+
+async def test_an_answer_past_its_deadline_stops_the_judging_process() -> None:
+    """RE2 is linear, but a large program can cost ~24 µs a byte: 24 s on 1 MiB. The worker
+    judging past the deadline is stopped, so the next answer does not queue behind it."""
+    judge = AnswerJudge()
+    slow = compile_actions((action("regex", "v", "[ab]{1000}[ab]{1000}c"),))
+    quick = compile_actions((action("string", "status", "active"),))
+    slow_body = json.dumps({"v": "ab" * (MiB // 2 - 20)}).encode()
+    quick_body = json.dumps({"status": "active", "pad": "x" * (INLINE_BYTES + 1)}).encode()
+    loop = asyncio.get_running_loop()
+    try:
+        await judge.judge("warm", Verification.JSON, quick, 200, quick_body, deadline=loop.time() + 10)
+        [first] = judge_processes()
+        started = loop.time()
+        timed_out, quick_outcome = await asyncio.gather(
+            judge.judge("slow", Verification.JSON, slow, 200, slow_body, deadline=started + 0.3),
+            judge.judge("quick", Verification.JSON, quick, 200, quick_body, deadline=started + 5))
+        assert timed_out.failure == (Code.WEBHOOK_TIMEOUT, (
+            f'rule "slow": the answer ({len(slow_body) // 1024} KiB) could not be judged before the '
+            "rule's timeout"))
+        assert quick_outcome.failure is None
+        assert loop.time() - started < 2  # a new worker, not the end of the slow match
+        assert not first.is_alive()
+    finally:
+        judge.close()
+
+
+@pytest.mark.parametrize("answer", [b'{"token": "ab\\ud800cd"}', b'{"token": "ok", "x": ["\\udfff"]}'])
+async def test_an_answer_with_a_lone_surrogate_is_invalid_not_an_internal_error(
+        answer: bytes, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+    raw.routes["/s"] = respond(200, answer)
+    seed(db, [Rule(name="s", url=raw.url + "/s", cache_ttl=60,
+                   actions=(action("regex", "token", "^a"), action("store", "token", "token")))],
+         [Policy(name="s", path_prefix="/s", rules=("s",))])
+    stub = authz((await start_sidecar()).port)
+
+    response = await stub.Check(check_request("/s"))
+
+    assert code_of(response) == "response_invalid"
+    assert denial_reason(response) == (
+        'rule "s": response holds a lone surrogate (\\uD800-\\uDFFF): not Unicode text')
+
+
+@pytest.mark.parametrize(("field", "value"), [("store", "tok\n"), ("header", "X-Foo\n")])
+def test_names_with_a_trailing_newline_are_refused(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match="must be|not a valid HTTP header name"):
+        if field == "store":
+            action("store", "token", value)
+        else:
+            Rule(name="r", url="https://h/", headers=((value, "1"),))
