@@ -16,11 +16,11 @@ from collections.abc import Mapping
 
 from .attributes import RequestAttributes
 from .decision import Code, Decision
-from .evaluation import RuleEvaluator
+from .rules import RuleEvaluator
 from .parameters import IdentityConfig, Parameters, map_parameters
 from .snapshot import Snapshot
-from .store import InvalidRow
-from .webhook_rules import UPSTREAM_HEADER_PREFIX
+from .rules.model import InvalidRow
+from .rules.evaluator import UPSTREAM_HEADER_PREFIX
 
 log = logging.getLogger(__name__)
 

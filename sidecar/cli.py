@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"safous-sidecar: {where}: {error['msg']}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    from .server import run_loop, run_workers, serve  # late: grpc is not needed for --help or errors
+    from .server import run_loop, serve  # late: grpc is not needed for --help or errors
+    from .workers import run_workers
 
     if settings.workers > 1:
         return run_workers(settings)

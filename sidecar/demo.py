@@ -20,7 +20,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from . import store
 from .policies import Policy
-from .rules import ActionType, ResponseAction, Rule
+from .rules.model import ActionType, ResponseAction, Rule
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"

@@ -14,7 +14,7 @@ from pydantic import Field, FilePath, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .parameters import IdentityConfig
-from .secrets import DEFAULT_ENV_PREFIX, DEFAULT_SECRET_DIRS, SecretPolicy, parse_secret_dirs
+from .rules.secrets import DEFAULT_ENV_PREFIX, DEFAULT_SECRET_DIRS, SecretPolicy, parse_secret_dirs
 
 _IDENTITY = IdentityConfig()
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from . import store
-from .evaluation import RuleEvaluator
+from .rules import RuleEvaluator
 from .policies import Policy, PolicyIndex
-from .rules import Rule
-from .store import InvalidRow, RuleSet
+from .rules.model import Rule
+from .rules.model import InvalidRow
+from .store import RuleSet
 
 log = logging.getLogger(__name__)
 

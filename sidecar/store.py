@@ -28,7 +28,7 @@ import sqlite_utils
 from pydantic import ValidationError
 
 from .policies import Policy
-from .rules import Rule
+from .rules.model import InvalidRow, Rule
 
 BUSY_TIMEOUT_MS = 5000
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
@@ -54,7 +54,7 @@ _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 # - A write that changes nothing (an upsert of the same values) writes no audit row.
 # - audit_log rows cannot be changed or deleted (triggers abort the statement).
 #
-# The mask and the secret header names are spelt out (not taken from sidecar.secrets) because a
+# The mask and the secret header names are spelt out (not taken from sidecar.rules.secrets) because a
 # released migration never changes; tests keep them equal to the Python side.
 
 _AUDIT_MASK = "••••••"
@@ -338,18 +338,6 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 
 class StoreError(Exception):
     """rules.db could not be opened, migrated, read or written."""
-
-
-@dataclass(frozen=True, slots=True)
-class InvalidRow:
-    """A rules or policies row that does not validate; ``error`` says why in one line.
-
-    For a policy, ``fallback`` is what it can still be matched as (see ``_fallback_policy``)."""
-
-    kind: str
-    name: str
-    error: str
-    fallback: Policy | None = None
 
 
 @dataclass(frozen=True, slots=True)

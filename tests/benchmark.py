@@ -223,7 +223,7 @@ def make_db(path: Path, webhook: str, *, policies: int = 1, rules_per_policy: in
             cache_ttl: float = 0, endpoint: str = "instant", url_param: str = "%username%") -> Path:
     from sidecar import store
     from sidecar.policies import Policy
-    from sidecar.rules import ActionType, ResponseAction, Rule
+    from sidecar.rules.model import ActionType, ResponseAction, Rule
 
     store.ensure_database(path)
     conn = store.connect(path)

@@ -15,7 +15,7 @@ from sidecar import store
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
-from sidecar.rules import Rule
+from sidecar.rules.model import Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.certs import TlsDir, make_tls_dir

@@ -352,7 +352,7 @@ def open_fds(pid: int) -> int:
 def make_rules_db(path: Path, webhook_url: str) -> Path:
     """One policy on /soak whose rule asks the webhook, passing the load's kind along."""
     from sidecar.policies import Policy
-    from sidecar.rules import ActionType, ResponseAction, Rule
+    from sidecar.rules.model import ActionType, ResponseAction, Rule
     from tests.conftest import seed
 
     rule = Rule(name="soak-posture", url=f"{webhook_url}/decide?k=%headers.x-soak%", timeout_ms=RULE_TIMEOUT_MS,

@@ -21,8 +21,8 @@ from click.testing import CliRunner, Result
 
 from sidecar import store
 from sidecar.admin import cli
-from sidecar.rules import ActionType, ResponseAction, Rule
-from sidecar.secrets import MASK
+from sidecar.rules.model import ActionType, ResponseAction, Rule
+from sidecar.rules.secrets import MASK
 
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 TIME = "YYYY-MM-DDTHH:MM:SS.mmmZ"

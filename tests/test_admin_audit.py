@@ -14,8 +14,8 @@ import sqlite_utils
 from sidecar import store
 from sidecar.admin import display
 from sidecar.policies import Policy
-from sidecar.rules import Rule
-from sidecar.secrets import MASK
+from sidecar.rules.model import Rule
+from sidecar.rules.secrets import MASK
 from tests.conftest import seed
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from click.testing import Result
 
-from sidecar.secrets import MASK
+from sidecar.rules.secrets import MASK
 from tests.conftest import Webhook, answer
 from tests.test_admin import admin, count
 

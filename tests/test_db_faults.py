@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar import store
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, denial_reason, seed
 
 ROOT = Path(__file__).resolve().parent.parent

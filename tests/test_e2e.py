@@ -16,7 +16,7 @@ from aiohttp import web
 
 from sidecar.parameters import PARAMETERS
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.certs import client_ssl_context, make_client_cert, make_foreign_client_cert
 from tests.conftest import answer, seed
 from tests.envoy_harness import ENVOY_MTLS_YAML, ENVOY_YAML, render_config, run_envoy

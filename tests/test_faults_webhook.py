@@ -23,7 +23,7 @@ from typing import Any, Self
 import pytest
 
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, AuthType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
 from tests.conftest import check_request, denial_reason, seed
 
 OK, DENIED = 0, 7

@@ -18,10 +18,10 @@ from sidecar.attributes import RequestAttributes
 from sidecar.check import Checker
 from sidecar.decision import Code, Decision
 from sidecar.edge import build_response
-from sidecar.evaluation import UnavailableEvaluator
+from sidecar.rules import UnavailableEvaluator
 from sidecar.parameters import IdentityConfig, map_parameters
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
 from tests.envoy_harness import render_config, run_envoy
 from tests.test_e2e import WITHOUT_ENVOY_STRIP, get, safous_headers

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.decision import Code
-from sidecar.judge import INLINE_BYTES, MAX_STORED_VALUE_BYTES, AnswerJudge
+from sidecar.rules.judge import INLINE_BYTES, MAX_STORED_VALUE_BYTES, AnswerJudge
 from sidecar.policies import Policy
-from sidecar.responses import compile_actions
-from sidecar.rules import Rule, Verification
+from sidecar.rules.responses import compile_actions
+from sidecar.rules.model import Rule, Verification
 from tests.conftest import check_request, denial_reason, seed
 from tests.test_faults_webhook import (  # noqa: F401
     ACTIVE,

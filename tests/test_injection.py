@@ -29,7 +29,7 @@ from sidecar.edge import (
     sanitize_reason,
 )
 from sidecar.policies import Policy
-from sidecar.rules import Rule
+from sidecar.rules.model import Rule
 from tests.conftest import check_request, denial_reason, seed
 from tests.test_faults_webhook import (  # noqa: F401
     ACTIVE,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, seed
 from tests.envoy_harness import ENVOY_DIR, EnvoyProcess, render_config, run_envoy
 

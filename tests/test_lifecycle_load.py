@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.benchmark import free_port
 from tests.conftest import Webhook, check_request, seed
 from tests.envoy_harness import run_envoy

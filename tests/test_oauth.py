@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.decision import Code
-from sidecar.oauth import (
+from sidecar.rules.oauth import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
     OAuthAuth,
@@ -28,7 +28,7 @@ from sidecar.oauth import (
     refresh_margin,
     token_lifetime,
 )
-from sidecar.webhook import WebhookClient
+from sidecar.rules.client import WebhookClient
 from tests.test_webhook import Api, Serve, closed_port, failure, get, serve  # noqa: F401
 
 SECRET = "s3cr:et/+&% é"

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, AuthType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
 from tests.certs import make_client_cert, make_foreign_client_cert, make_server_cert
 from tests.conftest import answer, check_request, seed
 from tests.envoy_harness import render_config, run_envoy

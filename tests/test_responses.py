@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from sidecar.decision import Code
-from sidecar.responses import (
+from sidecar.rules.responses import (
     ActionResult,
     KeyMissing,
     ResponseInvalid,
@@ -19,7 +19,7 @@ from sidecar.responses import (
     status_failure,
     value_at,
 )
-from sidecar.rules import ResponseAction, Verification
+from sidecar.rules.model import ResponseAction, Verification
 
 JSON = Verification.JSON
 JSONP = Verification.JSONP

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from sidecar.policies import Policy
-from sidecar.rule_cache import DecisionCache, SingleFlight
-from sidecar.rules import ActionType, ResponseAction, Rule
+from sidecar.rules.cache import DecisionCache, SingleFlight
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
 
 

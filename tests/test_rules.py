@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, AuthType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
 from tests.conftest import answer, check_request, denial_reason, seed
 
 OK, DENIED = 0, 7

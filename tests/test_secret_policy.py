@@ -18,8 +18,8 @@ import pytest
 
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
-from sidecar.rules import AuthType, Rule
-from sidecar.secrets import SecretError, SecretPolicy, parse_secret_dirs, resolve_secret
+from sidecar.rules.model import AuthType, Rule
+from sidecar.rules.secrets import SecretError, SecretPolicy, parse_secret_dirs, resolve_secret
 from sidecar.settings import Settings
 from tests.conftest import Webhook, answer, check_request, denial_reason, seed
 from tests.test_admin import admin, count, refused, stored_rules

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.secrets import MASK, SecretError, SecretPolicy, is_reference, mask, resolve_secret
+from sidecar.rules.secrets import MASK, SecretError, SecretPolicy, is_reference, mask, resolve_secret
 
 SECRET = "s3cr3t-value"
 

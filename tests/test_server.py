@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import store
 from sidecar.decision import Code, Decision
-from sidecar.evaluation import UnavailableEvaluator
+from sidecar.rules import UnavailableEvaluator
 from sidecar.policies import Policy
-from sidecar.rules import Rule
+from sidecar.rules.model import Rule
 from tests.conftest import check_request, denial_reason, seed
 
 OK, PERMISSION_DENIED = 0, 7

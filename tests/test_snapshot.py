@@ -6,10 +6,10 @@ from pathlib import Path
 
 from sidecar import store
 from sidecar.policies import Policy
-from sidecar.rules import Rule
+from sidecar.rules.model import Rule
 from sidecar.snapshot import build_snapshot
-from sidecar.webhook import WebhookClient
-from sidecar.webhook_rules import WebhookEvaluator
+from sidecar.rules.client import WebhookClient
+from sidecar.rules.evaluator import WebhookEvaluator
 from tests.conftest import seed
 
 

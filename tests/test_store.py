@@ -9,7 +9,7 @@ import pytest
 
 from sidecar import store
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, AuthType, ResponseAction, Rule
+from sidecar.rules.model import ActionType, AuthType, InvalidRow, ResponseAction, Rule
 from tests.conftest import seed
 
 RULE = Rule(
@@ -77,7 +77,7 @@ def test_bad_rows_written_with_plain_sql_are_reported_not_fatal(db: Path) -> Non
     conn.execute("INSERT INTO policies (name, hosts) VALUES ('bad-host', '[\"a b\"]')")
     conn.commit()
     rule_set = store.load_rule_set(store.connect(db, readonly=True))
-    assert isinstance(rule_set.rules["broken-json"], store.InvalidRow)
+    assert isinstance(rule_set.rules["broken-json"], InvalidRow)
     assert "regex" in rule_set.rules["bad-regex"].error
     assert rule_set.rules["posture"] == RULE
     assert [p.name for p in rule_set.policies] == ["good"]

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.rules import Rule
-from sidecar.templates import (
+from sidecar.rules.model import Rule
+from sidecar.rules.templates import (
     Context,
     TemplateError,
     UnsafeParameter,

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 
 from sidecar.decision import Code
-from sidecar.templates import WebhookRequest
-from sidecar.webhook import BasicAuth, WebhookClient, WebhookFailure, WebhookResponse
+from sidecar.rules.templates import WebhookRequest
+from sidecar.rules.client import BasicAuth, WebhookClient, WebhookFailure, WebhookResponse
 from tests.certs import make_ca, make_server_cert
 
 MiB = 1 << 20

@@ -26,8 +26,8 @@ import click
 from sidecar import store
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX, UnknownParameter, check_parameter_name
 from sidecar.policies import Policy
-from sidecar.rules import Rule
-from sidecar.secrets import (
+from sidecar.rules.model import Rule
+from sidecar.rules.secrets import (
     DEFAULT_ENV_PREFIX,
     DEFAULT_SECRET_DIRS,
     SecretPolicy,
@@ -35,7 +35,7 @@ from sidecar.secrets import (
     parse_secret_dirs,
 )
 from sidecar.store import StoredPolicy, StoredRule
-from sidecar.templates import TemplateError, compile_rule_request
+from sidecar.rules.templates import TemplateError, compile_rule_request
 
 from . import display
 from .validation import (
@@ -963,8 +963,8 @@ def test(admin: _Admin, rule_name: str, given: list[tuple[str, str]], headers: l
     them as the sidecar has them, within --secret-dir and --secret-env-prefix as the sidecar
     has those. SAFOUS_WEBHOOK_CA_BUNDLE is honoured as by the sidecar.
     """
-    from sidecar.webhook import WebhookClient  # aiohttp: loaded only for this command
-    from sidecar.webhook_rules import WebhookEvaluator
+    from sidecar.rules.client import WebhookClient  # aiohttp: loaded only for this command
+    from sidecar.rules.evaluator import WebhookEvaluator
 
     from .dryrun import dry_run
 

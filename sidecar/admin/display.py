@@ -3,7 +3,7 @@
 Two rules hold for everything printed:
 
 - a secret is never shown in clear: a rule's password and client secret go through
-  ``sidecar.secrets.mask`` (a reference as written, a clear value as the mask), and so do the
+  ``sidecar.rules.secrets.mask`` (a reference as written, a clear value as the mask), and so do the
   values of its Authorization and Proxy-Authorization headers; only ``export --with-secrets``
   writes them as stored;
 - text that came from outside (activity-log usernames and paths, webhook answers, names written
@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sidecar.secrets import MASK, mask
+from sidecar.rules.secrets import MASK, mask
 from sidecar.store import StoredPolicy, StoredRule
 
 __all__ = [

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.decision import Code
-from sidecar.responses import (
+from sidecar.rules.responses import (
     KeyMissing,
     ResponseInvalid,
     as_text,
@@ -28,11 +28,11 @@ from sidecar.responses import (
     status_failure,
     value_at,
 )
-from sidecar.rules import ActionType, ResponseAction
-from sidecar.secrets import MASK
-from sidecar.templates import Lookup, UnsafeParameter, WebhookRequest
-from sidecar.webhook import BasicAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
-from sidecar.webhook_rules import CompiledRule, judge_response
+from sidecar.rules.model import ActionType, ResponseAction
+from sidecar.rules.secrets import MASK
+from sidecar.rules.templates import Lookup, UnsafeParameter, WebhookRequest
+from sidecar.rules.client import BasicAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
+from sidecar.rules.evaluator import CompiledRule, judge_response
 
 from .display import redact_header
 

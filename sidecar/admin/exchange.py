@@ -3,7 +3,7 @@
 The document::
 
     {"version": 1,
-     "rules": [{"name": ..., <every field of sidecar.rules.Rule>}, ...],
+     "rules": [{"name": ..., <every field of sidecar.rules.model.Rule>}, ...],
      "policies": [{"name": ..., <every field of sidecar.policies.Policy>}, ...]}
 
 Secrets (password, client secret, Authorization and Proxy-Authorization header values) are
@@ -27,8 +27,8 @@ from typing import Any
 
 from sidecar import store
 from sidecar.policies import Policy
-from sidecar.rules import Rule
-from sidecar.secrets import MASK, is_reference
+from sidecar.rules.model import Rule
+from sidecar.rules.secrets import MASK, is_reference
 from sidecar.store import StoredPolicy, StoredRule
 
 from .display import SECRET_HEADERS, policy_document, rule_document

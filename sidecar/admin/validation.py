@@ -26,9 +26,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from sidecar.policies import Policy
-from sidecar.rules import ActionType, Rule
-from sidecar.secrets import SecretError, SecretPolicy, check_syntax
-from sidecar.templates import TemplateError, compile_rule_request
+from sidecar.rules.model import ActionType, Rule
+from sidecar.rules.secrets import SecretError, SecretPolicy, check_syntax
+from sidecar.rules.templates import TemplateError, compile_rule_request
 
 __all__ = [
     "AdminError",

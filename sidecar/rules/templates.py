@@ -67,7 +67,7 @@ from urllib.parse import quote, quote_plus, unquote
 from sidecar.parameters import STORED_PREFIX, check_parameter_name
 
 if TYPE_CHECKING:  # rules may validate with this module one day: no import cycle
-    from sidecar.rules import Rule
+    from sidecar.rules.model import Rule
 
 __all__ = [
     "UNSAFE_IN_HEADER",

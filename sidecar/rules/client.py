@@ -13,7 +13,7 @@ body is read incrementally and the connection dropped as soon as it passes
 ``max_response_bytes`` (a ``Content-Length`` above it is refused before reading anything).
 
 Authentication (``NoAuth``, ``BasicAuth``, ``OAuthAuth``) replaces any ``Authorization``
-header of the rule. OAuth tokens come from a ``sidecar.oauth.TokenCache``; a 401 from the
+header of the rule. OAuth tokens come from a ``sidecar.rules.oauth.TokenCache``; a 401 from the
 webhook drops the token that was refused, takes a fresh one (one token request, shared by
 the checks that got the same 401) and sends the request once more; a second 401 is
 returned as the response. A refusal replaces the token at most once a second per client
@@ -37,7 +37,7 @@ webhook_unreachable      ``webhook unreachable: connection refused`` (or another
                          connection before answering``, ``webhook sent a malformed HTTP
                          response``, ``webhook URL cannot be requested``
 response_too_large       ``webhook response exceeds 1 MiB``
-oauth_failed             the ``sidecar.oauth.OAuthError`` reason, e.g. ``OAuth token
+oauth_failed             the ``sidecar.rules.oauth.OAuthError`` reason, e.g. ``OAuth token
                          endpoint unreachable: connection refused``, ``OAuth token
                          endpoint answered HTTP 400 (invalid_client)``
 =======================  ==============================================================
@@ -66,7 +66,7 @@ import aiohttp
 from yarl import URL
 
 from sidecar.decision import Code
-from sidecar.oauth import (
+from sidecar.rules.oauth import (
     IssuedToken,
     OAuthAuth,
     OAuthError,
@@ -75,7 +75,7 @@ from sidecar.oauth import (
     parse_token_response,
     token_request,
 )
-from sidecar.templates import WebhookRequest
+from sidecar.rules.templates import WebhookRequest
 
 __all__ = [
     "Auth",
@@ -121,7 +121,7 @@ class NoAuth:
 
 @dataclass(frozen=True, slots=True)
 class BasicAuth:
-    """HTTP Basic (RFC 7617), UTF-8, password already resolved (``sidecar.secrets``)."""
+    """HTTP Basic (RFC 7617), UTF-8, password already resolved (``sidecar.rules.secrets``)."""
 
     username: str
     password: str = field(repr=False)

@@ -17,22 +17,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .decision import Code, Decision
+from ..decision import Code, Decision
 from .judge import AnswerJudge, RuleOutcome, judge_answer
-from .parameters import STORED_PREFIX, Parameters
-from .policies import Policy
+from ..parameters import STORED_PREFIX, Parameters
+from ..policies import Policy
 from .responses import CompiledActions, compile_actions
-from .rule_cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
-from .rules import AuthType, Rule
+from .cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
+from .model import AuthType, Rule
 from .secrets import SecretPolicy, resolve_secret
-from .store import InvalidRow
+from .model import InvalidRow
 from .templates import (
     CompiledRequest,
     UnsafeParameter,
     WebhookRequest,
     compile_rule_request,
 )
-from .webhook import (
+from .client import (
     BasicAuth,
     NoAuth,
     OAuthAuth,
@@ -114,7 +114,7 @@ def _make_plan(rules: tuple[Any | InvalidRow, ...]) -> _Plan | str:
 
 
 class WebhookEvaluator:
-    """Implements ``evaluation.RuleEvaluator`` with real webhook calls through one shared
+    """Implements ``sidecar.rules.RuleEvaluator`` with real webhook calls through one shared
     HTTP client (pooled keep-alive connections)."""
 
     def __init__(self, client: WebhookClient, *, cache_size: int = 10_000,

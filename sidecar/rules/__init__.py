@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .decision import Code, Decision
-from .parameters import Parameters
-from .policies import Policy
-from .rules import Rule
-from .store import InvalidRow
+from ..decision import Code, Decision
+from ..parameters import Parameters
+from ..policies import Policy
+from .model import InvalidRow, Rule
 
 
 class RuleEvaluator(Protocol):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..policies import Policy
 from .safe_regex import compile_regex
 
 DEFAULT_TIMEOUT_MS = 1000
@@ -123,3 +125,16 @@ class Rule(BaseModel):
         """The value of the rule's own header ``name`` (case-insensitive), if set."""
         lower = name.lower()
         return next((v for k, v in self.headers if k.lower() == lower), None)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRow:
+    """A rules or policies row that does not validate (rules.db is read by the database layer,
+    which makes these; the evaluate stage reports them): ``error`` says why in one line.
+
+    For a policy, ``fallback`` is what it can still be matched as (see ``_fallback_policy``)."""
+
+    kind: str
+    name: str
+    error: str
+    fallback: Policy | None = None

@@ -1,6 +1,6 @@
 """OAuth 2.0 client-credentials grant (RFC 6749 §4.4) for rules with ``oauth`` authentication.
 
-This module owns the grant and the token cache; ``sidecar.webhook`` owns the HTTP session and
+This module owns the grant and the token cache; ``sidecar.rules.client`` owns the HTTP session and
 sends the token request this module describes (``token_request``), so that every socket of
 the project goes through one pooled, TLS-verifying client.
 
@@ -50,7 +50,7 @@ Exceptions::
 
     Exception
      └── OAuthError   no token: the endpoint failed or its answer is unusable (``reason``);
-                      ``sidecar.webhook`` turns it into ``WebhookFailure(oauth_failed)``
+                      ``sidecar.rules.client`` turns it into ``WebhookFailure(oauth_failed)``
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class OAuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class OAuthAuth:
-    """``oauth`` authentication of a rule, secret already resolved (``sidecar.secrets``)."""
+    """``oauth`` authentication of a rule, secret already resolved (``sidecar.rules.secrets``)."""
 
     token_url: str
     client_id: str
@@ -161,7 +161,7 @@ class IssuedToken:
 
 TokenFetch = Callable[[OAuthAuth], Awaitable[IssuedToken]]
 """Sends the token request for a client and parses the answer (``parse_token_response``);
-raises ``OAuthError`` when there is no token. ``sidecar.webhook.WebhookClient`` provides it."""
+raises ``OAuthError`` when there is no token. ``sidecar.rules.client.WebhookClient`` provides it."""
 
 
 def client_authorization(client_id: str, client_secret: str) -> str:

@@ -16,8 +16,8 @@ import pytest
 
 from sidecar import store
 from sidecar.store import iso_time
-from sidecar.retention import ActivityRetention
-from sidecar.rules import Rule
+from sidecar.activity_retention import ActivityRetention
+from sidecar.rules.model import Rule
 from tests.conftest import seed
 
 NOW = 1_800_000_000.0  # the retention clock in these tests
@@ -293,11 +293,11 @@ async def test_a_missing_database_is_reported_not_raised_nor_created(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for path in (tmp_path / "absent.db", tmp_path / "no-such-dir" / "rules.db"):
         retention = ActivityRetention(path, days=1, rows=None, clock=lambda: NOW)
-        with caplog.at_level(logging.WARNING, logger="sidecar.retention"):
+        with caplog.at_level(logging.WARNING, logger="sidecar.activity_retention"):
             assert await retention.prune_now() == 0
         assert retention.last_error and "does not exist" in retention.last_error
         assert not path.exists()
-    assert any(r.name == "sidecar.retention" and r.levelno == logging.WARNING for r in caplog.records)
+    assert any(r.name == "sidecar.activity_retention" and r.levelno == logging.WARNING for r in caplog.records)
 
 
 async def test_the_background_task_retries_after_a_failure(tmp_path: Path) -> None:

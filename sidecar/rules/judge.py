@@ -24,9 +24,9 @@ import multiprocessing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from .decision import Code
+from ..decision import Code
 from .responses import CompiledActions, compile_actions, evaluate_response
-from .rules import ResponseAction, Verification
+from .model import ResponseAction, Verification
 from .templates import unsafe_in_header
 
 __all__ = ["INLINE_BYTES", "MAX_STORED_VALUE_BYTES", "AnswerJudge", "RuleOutcome", "judge_answer"]

@@ -29,8 +29,8 @@ from decimal import Decimal
 from typing import Any
 
 from sidecar.decision import Code
-from sidecar.rules import ActionType, ResponseAction, Verification
-from sidecar.safe_regex import Pattern, compile_regex
+from sidecar.rules.model import ActionType, ResponseAction, Verification
+from sidecar.rules.safe_regex import Pattern, compile_regex
 
 __all__ = [
     "ActionResult",
