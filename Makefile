@@ -9,7 +9,7 @@ XDS := $(VENV)/xds-protos
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: install proto run test bench clean
+.PHONY: install proto run lint test bench clean
 
 install: $(STAMP) proto
 
@@ -27,7 +27,12 @@ sidecar/_pb/__init__.py: $(PROTOS) proto/generate.py $(STAMP)
 run: install
 	$(PY) -m sidecar.demo
 
-test: install
+# The gates: lint and strict types with zero findings, then the whole suite.
+lint: install
+	$(VENV)/bin/ruff check sidecar tests proto
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 # Load generators from Debian (h2load: nghttp2-client; wrk), installed when missing.

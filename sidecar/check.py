@@ -15,12 +15,11 @@ import logging
 from collections.abc import Mapping
 
 from .attributes import RequestAttributes
-from .decision import Code, Decision
-from .rules import RuleEvaluator
+from .decision import UPSTREAM_HEADER_PREFIX, Code, Decision, DefaultAction
 from .parameters import IdentityConfig, Parameters, map_parameters
-from .snapshot import Snapshot
+from .rules import RuleEvaluator
 from .rules.model import InvalidRow
-from .rules.evaluator import UPSTREAM_HEADER_PREFIX
+from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ _UNDERSCORED_PREFIXES = ("x_", "x-safous_")
 
 
 class Checker:
-    def __init__(self, identity: IdentityConfig, default_action: str, evaluator: RuleEvaluator) -> None:
+    def __init__(self, identity: IdentityConfig, default_action: DefaultAction, evaluator: RuleEvaluator) -> None:
         self.identity = identity
         self.default_allow = default_action == "allow"
         self.evaluator = evaluator
@@ -59,14 +58,12 @@ class Checker:
         if not policy.integration:
             return Decision.allow(Code.INTEGRATION_OFF, f'policy "{policy.name}": integration is off', policy.name)
         rules = snapshot.policy_rules.get(policy.name, ())
+        if isinstance(rules, InvalidRow):
+            # Before any webhook is called: a broken rule denies whatever the others say.
+            return Decision.deny(
+                Code.RULE_INVALID, f'{rules.kind} "{rules.name}" is invalid: {rules.error}', policy.name)
         if not rules:
             return Decision.allow(Code.NO_RULES, f'policy "{policy.name}" has no enabled rules', policy.name)
-        for rule in rules:
-            # Reported before any webhook is called: a broken rule denies whatever the others say.
-            if isinstance(rule, InvalidRow):
-                return Decision.deny(
-                    Code.RULE_INVALID, f'{rule.kind} "{rule.name}" is invalid: {rule.error}', policy.name
-                )
         return await self.evaluator.evaluate(policy, rules, params)
 
     def headers_to_remove(self, attrs: RequestAttributes, params: Parameters | None,

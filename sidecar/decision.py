@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
+
+DefaultAction = Literal["allow", "deny"]
+"""What a request no policy matches gets (``--default-action``; zero trust: deny)."""
+
+UPSTREAM_HEADER_PREFIX = "x-safous-"
+"""The sidecar's header namespace towards the upstream: a value a rule stores as NAME is sent as
+``x-safous-NAME``; client-sent headers in it are removed unless the decision sets them."""
 
 
 class Code(StrEnum):

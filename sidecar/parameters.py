@@ -40,7 +40,8 @@ PARAMETERS: Mapping[str, str] = MappingProxyType({
     "cert_alt_name": "client certificate's subject alternative names (DNS, IP, URI, e-mail), comma-separated",
     "device_id": "device header (default x-safous-device-id)",
     "groups": "group ids, comma-separated: JWT claim (default groups), else header (default x-safous-groups)",
-    "group_names": "group names, comma-separated: JWT claim (default group_names), else header (default x-safous-group-names)",
+    "group_names": ("group names, comma-separated: JWT claim (default group_names), "
+                    "else header (default x-safous-group-names)"),
 })
 """Every fixed parameter name, with where its value comes from (the admin script's ``params``)."""
 

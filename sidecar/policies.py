@@ -100,7 +100,7 @@ _EXACT, _WILDCARD, _ANY = 0, 1, 2
 class PolicyIndex:
     """An immutable index of the enabled policies, built once per rules.db snapshot."""
 
-    __slots__ = ("_exact", "_wildcard", "_any", "size")
+    __slots__ = ("_any", "_exact", "_wildcard", "size")
 
     def __init__(self, policies: Iterable[Policy]) -> None:
         exact: dict[str, list[Policy]] = defaultdict(list)

@@ -21,19 +21,19 @@ from . import edge, logs, store
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from .activity import ActivityLog
+from .activity_retention import ActivityRetention
 from .attributes import RequestAttributes
 from .check import Checker
 from .decision import Code, Decision
-from .rules import RuleEvaluator
-from .parameters import Parameters
 from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
-from .activity_retention import ActivityRetention
-from .settings import Settings
-from .store import ActivityRecord
-from .snapshot import RulesWatcher, Snapshot
+from .parameters import Parameters
+from .rules import RuleEvaluator
 from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
+from .settings import Settings
+from .snapshot import RulesWatcher, Snapshot
+from .store import ActivityRecord
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ class Sidecar:
                                            rows=settings.activity_retention_rows)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
                                     self._on_rules_health)
-        if isinstance(self.evaluator, WebhookEvaluator):
-            self.evaluator.on_call = self.metrics.record_call
-        self.ops = OpsServer(settings.http, self.metrics, self.not_ready, reuse_port=reuse_port) if settings.http else None
+        self.evaluator.on_call = self.metrics.record_call
+        self.ops = (OpsServer(settings.http, self.metrics, self.not_ready, reuse_port=reuse_port)
+                    if settings.http else None)
         self.health = health.aio.HealthServicer()
         self.draining = False
         # SO_REUSEPORT only for --workers: otherwise a second sidecar on the same port would
@@ -175,19 +175,9 @@ class Sidecar:
         yield counter("safous_activity_written", "Decisions written to the activity log", self.activity.written)
         yield counter("safous_activity_dropped", "Decisions the activity log had to drop", self.activity.dropped)
         yield counter("safous_activity_pruned", "Activity log rows deleted by retention", self.retention.deleted_total)
-        if isinstance(self.evaluator, WebhookEvaluator):
-            cache = self.evaluator.cache
-            yield counter("safous_cache_hits", "Rule decisions answered from the cache", cache.hits)
-            yield counter("safous_cache_misses", "Cache lookups that found nothing", cache.misses)
-            yield gauge("safous_cache_entries", "Rule decisions in the cache", len(cache))
-            yield gauge("safous_cache_bytes", "Bytes held by the decision cache", cache.bytes)
-            yield counter("safous_cache_evictions", "Decisions dropped to stay within the cache's bounds",
-                          cache.evictions)
-            yield gauge("safous_webhook_calls_in_flight", "Distinct webhook calls in flight", len(self.evaluator.flights))
-            tokens = self.evaluator.client.tokens
-            yield counter("safous_oauth_token_fetches", "OAuth token requests sent", tokens.fetches)
-            yield counter("safous_oauth_token_fetch_failures", "OAuth token requests that failed",
-                          tokens.fetch_failures)
+        for metric in self.evaluator.metrics():
+            family = counter if metric.kind == "counter" else gauge
+            yield family(metric.name, metric.documentation, metric.value)
 
     async def start(self) -> int:
         """Create/migrate rules.db, bind, load the rules. Raises StoreError, RuntimeError (cannot
@@ -196,7 +186,7 @@ class Sidecar:
         applied = await asyncio.to_thread(store.ensure_database, self.settings.db)
         if applied:
             log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
-        pb_grpc.add_AuthorizationServicer_to_server(
+        pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
             AuthorizationService(self.checker, self.activity, self.settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

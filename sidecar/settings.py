@@ -13,8 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, FilePath, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .decision import DefaultAction
 from .parameters import IdentityConfig
-from .rules.secrets import DEFAULT_ENV_PREFIX, DEFAULT_SECRET_DIRS, SecretPolicy, parse_secret_dirs
+from .rules.secrets import (
+    DEFAULT_ENV_PREFIX,
+    DEFAULT_SECRET_DIRS,
+    SecretPolicy,
+    parse_secret_dirs,
+)
 
 _IDENTITY = IdentityConfig()
 
@@ -32,14 +38,16 @@ class Settings(BaseSettings):
 
     db: Path = Field(Path("rules.db"), description="the rules database (created if absent)")
     listen: str = Field("127.0.0.1:9191", description="gRPC address Envoy calls, HOST:PORT")
-    default_action: Literal["allow", "deny"] = Field(
+    default_action: DefaultAction = Field(
         "deny", description="decision when no policy matches (zero trust: deny)")
     http: str | None = Field(None, description="HOST:PORT serving /healthz, /readyz and /metrics (off when unset)")
-    tls_cert: FilePath | None = Field(None, description="PEM certificate for TLS on the gRPC listener (plaintext when unset)")
+    tls_cert: FilePath | None = Field(
+        None, description="PEM certificate for TLS on the gRPC listener (plaintext when unset)")
     tls_key: FilePath | None = Field(None, description="PEM private key of --tls-cert")
     tls_client_ca: FilePath | None = Field(
         None, description="PEM CA: require gRPC clients (Envoy) to present a certificate it signed")
-    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), each with its own event loop")
+    workers: int = Field(
+        1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), each with its own event loop")
     log_format: Literal["json", "text"] = Field("json", description="log lines on stderr")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
     event_loop: Literal["uvloop", "asyncio"] = Field(
@@ -47,12 +55,16 @@ class Settings(BaseSettings):
     grace_period: float = Field(5.0, ge=0, description="seconds in-flight checks get on SIGTERM")
     reload_interval: float = Field(1.0, gt=0, description="seconds between checks of rules.db for changes")
     webhook_ca_bundle: FilePath | None = Field(
-        None, description="PEM file of extra CAs trusted for https webhooks (private CAs); the system store is always trusted")
-    cache_size: int = Field(10_000, ge=0, description="decisions kept by the per-rule decision cache (LRU; rules opt in with cache_ttl)")
+        None, description="PEM file of extra CAs trusted for https webhooks (private CAs); the system store is always "
+        "trusted")
+    cache_size: int = Field(
+        10_000, ge=0, description="decisions kept by the per-rule decision cache (LRU; rules opt in with cache_ttl)")
     cache_max_bytes: int = Field(
-        64 << 20, ge=0, description="bytes the decision cache may hold (reasons, stored values, keys); least recently used go first")
+        64 << 20, ge=0, description="bytes the decision cache may hold (reasons, stored values, keys); least recently "
+        "used go first")
     cache_failure_ttl: float = Field(
-        2.0, ge=0, description="seconds a failed webhook call (timeout, 5xx, unreachable…) stays cached, at most the rule's TTL")
+        2.0, ge=0, description="seconds a failed webhook call (timeout, 5xx, unreachable…) stays cached, at most the "
+        "rule's TTL")
     activity_retention_days: float | None = Field(
         None, gt=0, description="delete activity log rows older than this many days (off when unset)")
     activity_retention_rows: int | None = Field(
@@ -64,7 +76,8 @@ class Settings(BaseSettings):
     group_names_header: str = Field(_IDENTITY.group_names_header, description="header carrying %group_names%")
     jwt_metadata_namespace: str = Field(
         "envoy.filters.http.jwt_authn", description="metadata namespace holding the verified JWT payload")
-    jwt_payload_key: str = Field("jwt_payload", description="key of the payload in that namespace (payload_in_metadata)")
+    jwt_payload_key: str = Field(
+        "jwt_payload", description="key of the payload in that namespace (payload_in_metadata)")
     jwt_username_claim: str = Field(_IDENTITY.jwt_username_claim, description="JWT claim for %username% (dot path)")
     jwt_groups_claim: str = Field(_IDENTITY.jwt_groups_claim, description="JWT claim for %groups%")
     jwt_group_names_claim: str = Field(_IDENTITY.jwt_group_names_claim, description="JWT claim for %group_names%")

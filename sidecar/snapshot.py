@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import store
-from .rules import RuleEvaluator
 from .policies import Policy, PolicyIndex
-from .rules.model import Rule
-from .rules.model import InvalidRow
+from .rules import RuleEvaluator
+from .rules.model import InvalidRow, Rule
 from .store import RuleSet
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,9 @@ log = logging.getLogger(__name__)
 class Snapshot:
     version: int
     index: PolicyIndex
-    # Per policy name: its enabled rules in order, compiled, or the reason one is unusable.
-    policy_rules: Mapping[str, tuple[Any | InvalidRow, ...]]
+    # Per policy name: its enabled rules in order, compiled, or the first unusable one (a
+    # broken rule denies whatever the others say, so the policy is decided without them).
+    policy_rules: Mapping[str, tuple[Any, ...] | InvalidRow]
     problems: tuple[InvalidRow, ...] = ()
     # What the next build may reuse: the enabled policies, and each rule's compiled form by the
     # identity of its Rule model.
@@ -71,14 +71,16 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
         if isinstance(compiled[name], InvalidRow):
             problems.append(compiled[name])
 
-    def enabled_rules(policy: Policy) -> tuple[Any | InvalidRow, ...]:
+    def enabled_rules(policy: Policy) -> tuple[Any, ...] | InvalidRow:
         out = []
         for name in policy.rules:
             entry = compiled.get(name)
+            if isinstance(entry, InvalidRow):
+                return entry
             if entry is not None:
                 out.append(entry)
             elif name not in rule_set.rules:
-                out.append(InvalidRow("rule", name, "does not exist"))
+                return InvalidRow("rule", name, "does not exist")
             # else: the rule is disabled, and a disabled rule is skipped everywhere.
         return tuple(out)
 
@@ -92,7 +94,7 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
     policy_rules = {p.name: enabled_rules(p) for p in policies}
     for broken in rule_set.invalid_policies:
         if broken.fallback is not None:
-            policy_rules[broken.name] = (broken,)
+            policy_rules[broken.name] = broken
     if same_policies and previous is not None:
         # Keep the previous tuples where nothing changed: the evaluator's per-policy plans are
         # keyed by them.
@@ -126,7 +128,7 @@ class RulesWatcher:
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._seen_data: int | None = None
-        self._seen_rules: int | None = None
+        self._seen_rules: tuple[int, bytes] | None = None
         self._version = 0
         self._memo = store.RowMemo()
         self._snapshot: Snapshot | None = None

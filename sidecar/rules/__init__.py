@@ -7,13 +7,29 @@ how rules are called.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from ..decision import Code, Decision
 from ..parameters import Parameters
 from ..policies import Policy
-from .model import InvalidRow, Rule
+from .model import Rule
+
+CallObserver = Callable[[str, str, float], None]
+"""Told of every webhook call an evaluator makes: rule name, ``"ok"`` or the failure code,
+seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluatorMetric:
+    """One value an evaluator reports about itself (its caches, calls in flight, tokens); the
+    server exposes it as a Prometheus metric of that name and kind."""
+
+    name: str
+    documentation: str
+    kind: Literal["counter", "gauge"]
+    value: float
 
 
 class RuleEvaluator(Protocol):
@@ -21,12 +37,15 @@ class RuleEvaluator(Protocol):
 
     ``compile`` runs once per rule per rules.db load, off the request path; it raises
     ValueError for a rule that cannot be used (the policies that use it then deny with
-    ``rule_invalid``). ``evaluate`` runs per check; it gets the policy's enabled rules in order,
-    as compiled values or as the InvalidRow that explains why one is unusable, and must return a
-    Decision: never raise for a rule's failure (the caller still turns an unexpected exception
-    into ``internal_error``). ``start`` and ``close`` bracket the server's life (e.g. to open
-    and close pooled connections).
+    ``rule_invalid`` without calling ``evaluate``). ``evaluate`` runs per check with the
+    policy's enabled rules in order, as ``compile`` made them, and must return a Decision: never
+    raise for a rule's failure (the caller still turns an unexpected exception into
+    ``internal_error``). ``start`` and ``close`` bracket the server's life (e.g. to open and
+    close pooled connections). ``metrics`` reports the evaluator's own state, and
+    ``on_call``, when set, is told of each webhook call.
     """
+
+    on_call: CallObserver | None
 
     async def start(self) -> None: ...
 
@@ -34,13 +53,15 @@ class RuleEvaluator(Protocol):
 
     def compile(self, rule: Rule) -> Any: ...
 
-    async def evaluate(
-        self, policy: Policy, rules: Sequence[Any | InvalidRow], params: Parameters
-    ) -> Decision: ...
+    async def evaluate(self, policy: Policy, rules: Sequence[Any], params: Parameters) -> Decision: ...
+
+    def metrics(self) -> Iterable[EvaluatorMetric]: ...
 
 
 class UnavailableEvaluator:
     """Fails closed: any policy that needs a rule is denied with ``rule_unavailable``."""
+
+    on_call: CallObserver | None = None
 
     async def start(self) -> None:
         pass
@@ -51,11 +72,12 @@ class UnavailableEvaluator:
     def compile(self, rule: Rule) -> Rule:
         return rule
 
-    async def evaluate(
-        self, policy: Policy, rules: Sequence[Any | InvalidRow], params: Parameters
-    ) -> Decision:
+    async def evaluate(self, policy: Policy, rules: Sequence[Any], params: Parameters) -> Decision:
         return Decision.deny(
             Code.RULE_UNAVAILABLE,
             f'policy "{policy.name}" needs rule evaluation, which is unavailable',
             policy.name,
         )
+
+    def metrics(self) -> Iterable[EvaluatorMetric]:
+        return ()

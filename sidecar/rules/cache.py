@@ -19,6 +19,7 @@ answer, OAuth), so an outage is retried promptly. Expired entries are dropped as
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import heapq
 import itertools
@@ -149,7 +150,7 @@ class SingleFlight(Generic[T]):
             task = asyncio.ensure_future(call())
             flight = (task, [0])
             self._flights[key] = flight
-            task.add_done_callback(lambda _t, key=key, flight=flight: self._done(key, flight))
+            task.add_done_callback(functools.partial(self._done, key, flight))
         task, waiters = flight
         waiters[0] += 1
         try:
@@ -163,7 +164,7 @@ class SingleFlight(Generic[T]):
                     del self._flights[key]
                 task.cancel()
 
-    def _done(self, key: Hashable, flight: tuple[asyncio.Task[T], list[int]]) -> None:
+    def _done(self, key: Hashable, flight: tuple[asyncio.Task[T], list[int]], _task: object = None) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
         task = flight[0]

@@ -78,9 +78,9 @@ from sidecar.rules.oauth import (
 from sidecar.rules.templates import WebhookRequest
 
 __all__ = [
+    "MAX_RESPONSE_BYTES",
     "Auth",
     "BasicAuth",
-    "MAX_RESPONSE_BYTES",
     "NoAuth",
     "OAuthAuth",
     "WebhookClient",

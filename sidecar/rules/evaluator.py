@@ -13,25 +13,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..decision import Code, Decision
-from .judge import AnswerJudge, RuleOutcome, judge_answer
+from ..decision import UPSTREAM_HEADER_PREFIX, Code, Decision
 from ..parameters import STORED_PREFIX, Parameters
 from ..policies import Policy
-from .responses import CompiledActions, compile_actions
+from . import CallObserver, EvaluatorMetric
 from .cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
-from .model import AuthType, Rule
-from .secrets import SecretPolicy, resolve_secret
-from .model import InvalidRow
-from .templates import (
-    CompiledRequest,
-    UnsafeParameter,
-    WebhookRequest,
-    compile_rule_request,
-)
 from .client import (
     BasicAuth,
     NoAuth,
@@ -40,8 +30,17 @@ from .client import (
     WebhookFailure,
     WebhookResponse,
 )
+from .judge import AnswerJudge, RuleOutcome, judge_answer
+from .model import AuthType, Rule
+from .responses import CompiledActions, compile_actions
+from .secrets import SecretPolicy, resolve_secret
+from .templates import (
+    CompiledRequest,
+    UnsafeParameter,
+    WebhookRequest,
+    compile_rule_request,
+)
 
-UPSTREAM_HEADER_PREFIX = "x-safous-"
 # The webhook answered and the answer was judged: a real decision, cached for the rule's TTL.
 # Any other failure means the call itself failed, cached only for the shorter failure TTL.
 _JUDGED = frozenset({Code.VALUE_MISMATCH, Code.REGEX_MISMATCH, Code.KEY_MISSING})
@@ -92,12 +91,10 @@ def _auth(rule: Rule, secrets: SecretPolicy) -> NoAuth | BasicAuth | OAuthAuth:
 _Plan = tuple[list[CompiledRule], list[list[int]]]
 
 
-def _make_plan(rules: tuple[Any | InvalidRow, ...]) -> _Plan | str:
+def _make_plan(rules: tuple[CompiledRule, ...]) -> _Plan | str:
     """The rules and, for each, the indexes of the earlier rules whose stored values it uses;
     or why they cannot run (a template for the reason, ``{policy}`` to be filled in)."""
-    compiled = [r for r in rules if isinstance(r, CompiledRule)]
-    if len(compiled) != len(rules):  # the Checker reports an InvalidRow before calling us
-        return 'policy "{policy}" has an unusable rule'
+    compiled = list(rules)
     producers: dict[str, int] = {}
     deps: list[list[int]] = []
     for index, rule in enumerate(compiled):
@@ -132,8 +129,7 @@ class WebhookEvaluator:
         self._plans: dict[tuple[Any, ...], _Plan | str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._judge = AnswerJudge()
-        # Told of every webhook call made: rule name, "ok" or the failure code, seconds.
-        self.on_call: Callable[[str, str, float], None] | None = None
+        self.on_call: CallObserver | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -142,6 +138,20 @@ class WebhookEvaluator:
     async def close(self) -> None:
         await self.client.close()
         self._judge.close()
+
+    def metrics(self) -> Iterator[EvaluatorMetric]:
+        cache, tokens = self.cache, self.client.tokens
+        yield EvaluatorMetric("safous_cache_hits", "Rule decisions answered from the cache", "counter", cache.hits)
+        yield EvaluatorMetric("safous_cache_misses", "Cache lookups that found nothing", "counter", cache.misses)
+        yield EvaluatorMetric("safous_cache_entries", "Rule decisions in the cache", "gauge", len(cache))
+        yield EvaluatorMetric("safous_cache_bytes", "Bytes held by the decision cache", "gauge", cache.bytes)
+        yield EvaluatorMetric("safous_cache_evictions", "Decisions dropped to stay within the cache's bounds",
+                              "counter", cache.evictions)
+        yield EvaluatorMetric("safous_webhook_calls_in_flight", "Distinct webhook calls in flight", "gauge",
+                              len(self.flights))
+        yield EvaluatorMetric("safous_oauth_token_fetches", "OAuth token requests sent", "counter", tokens.fetches)
+        yield EvaluatorMetric("safous_oauth_token_fetch_failures", "OAuth token requests that failed", "counter",
+                              tokens.fetch_failures)
 
     def compile(self, rule: Rule) -> CompiledRule:
         """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run.
@@ -162,7 +172,7 @@ class WebhookEvaluator:
             fingerprint=fingerprint,
         )
 
-    async def evaluate(self, policy: Policy, rules: Sequence[Any | InvalidRow], params: Parameters) -> Decision:
+    async def evaluate(self, policy: Policy, rules: Sequence[CompiledRule], params: Parameters) -> Decision:
         plan = self._plan(tuple(rules))
         if isinstance(plan, str):
             return Decision.deny(Code.RULE_INVALID, plan.replace("{policy}", policy.name), policy.name)
@@ -240,7 +250,7 @@ class WebhookEvaluator:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
 
-    def _plan(self, rules: tuple[Any | InvalidRow, ...]) -> _Plan | str:
+    def _plan(self, rules: tuple[CompiledRule, ...]) -> _Plan | str:
         """How to run a policy's rules (the rules and, for each, the earlier rules it waits
         for), or the reason they cannot run. Memoised: a policy's rules are the same objects
         for the whole life of a rules snapshot, so this is worked out once per policy."""

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from ..decision import Code
-from .responses import CompiledActions, compile_actions, evaluate_response
 from .model import ResponseAction, Verification
+from .responses import CompiledActions, compile_actions, evaluate_response
 from .templates import unsafe_in_header
 
 __all__ = ["INLINE_BYTES", "MAX_STORED_VALUE_BYTES", "AnswerJudge", "RuleOutcome", "judge_answer"]

@@ -7,8 +7,8 @@ anything is written. Semantics: ../shared/PRODUCT.md, "Rules (Custom)".
 from __future__ import annotations
 
 import re
-from enum import StrEnum
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 from urllib.parse import urlsplit
 
