@@ -1,8 +1,8 @@
 """The map stage: one request's attributes as Safous parameters (``%name%`` in a rule).
 
 Pure and without I/O: ``map_parameters`` turns ``RequestAttributes`` into ``Parameters``;
-``check_parameter_name`` is what a rule is validated with before it is saved. Semantics:
-../shared/PRODUCT.md, "Parameters".
+``check_parameter_name`` is what a rule is validated with before it is saved. The table of
+parameters and where each comes from: README, "What it does".
 
 Three kinds of names:
 
@@ -127,7 +127,7 @@ class Parameters:
 
 
 def map_parameters(attrs: RequestAttributes, identity: IdentityConfig) -> Parameters:
-    """The parameters of the request ``attrs`` (PRODUCT.md, "Parameters").
+    """The parameters of the request ``attrs`` (``PARAMETERS`` says where each comes from).
 
     ``username``, ``groups`` and ``group_names`` come from the JWT claim when
     ``attrs.jwt_payload`` holds it (not null), else from the identity header. A list claim is

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from ..decision import Code
 from .model import ResponseAction, Verification
 from .responses import CompiledActions, compile_actions, evaluate_response
-from .templates import unsafe_in_header
+from .unsafe import unsafe_in_header
 
 __all__ = ["INLINE_BYTES", "MAX_STORED_VALUE_BYTES", "AnswerJudge", "RuleOutcome", "judge_answer"]
 

@@ -1,7 +1,7 @@
 """Rules (Custom): a webhook call plus the criteria its answer must meet, as typed values.
 
 The store turns rows into these models; the admin script validates input with them before
-anything is written. Semantics: ../shared/PRODUCT.md, "Rules (Custom)".
+anything is written. Semantics: README, "Rules (Custom)".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A webhook's answer judged against its rule: verification and API Response Actions.
 
-Pure: bytes and a status in, an ``ActionResult`` out. Semantics: PRODUCT.md, "Rules
-(Custom)". The order is ``evaluate_response``'s: the status must be 2xx, the body must parse
+Pure: bytes and a status in, an ``ActionResult`` out. Semantics: README, "Rules (Custom)".
+The order is ``evaluate_response``'s: the status must be 2xx, the body must parse
 as the rule's verification says (``parse_response``), then each action holds, in order
 (``CompiledActions.apply``).
 

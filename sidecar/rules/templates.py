@@ -1,24 +1,22 @@
 """``%param%`` templates: a rule's webhook request, compiled once, rendered per check.
 
-Parameter values come from the client, so substitution depends on where the value lands
-(PRODUCT.md, "Parameters"): no value can change the structure of the webhook request.
+Parameter values come from the client, so substitution depends on where the value lands: no
+value can change the structure of the webhook request. What encoding cannot make safe is
+refused by ``sidecar.rules.unsafe`` (``UnsafeParameter``).
 
 =============  ==========================================================================
 context        a value is written as
 =============  ==========================================================================
 URL            ``quote(value, safe="")``: only unreserved characters and ``%XX`` escapes,
                so no value adds ``/ ? # & = @ :`` or changes the host. In the path, a
-               value must also stay *one opaque segment* for any server or proxy that
-               decodes and normalises the path (RFC 3986 §5.2.4, §6.2.2): a segment
-               holding a parameter may not render, once percent-decoded and NFKC-
-               normalised, as empty, ``.`` or ``..`` (also before a ``;`` path
-               parameter, as Tomcat reads it), and a value in the path may not hold
-               ``/`` or a backslash (servers that decode ``%2F`` or treat a backslash as ``/``
-               would split it) — else ``UnsafeParameter``. Query values are encoded
-               likewise; a fragment is never sent, so it may not hold parameters.
+               value must also stay *one opaque segment* for any chain of servers that
+               decodes and normalises the path (RFC 3986 §5.2.4, §6.2.2): no ``/`` once
+               read as they read it, no empty, ``.`` or ``..`` segment, no control
+               character — else ``UnsafeParameter``. Query values are encoded likewise;
+               a fragment is never sent, so it may not hold parameters.
 header value   as is; a value holding a Unicode control character (category Cc: C0,
                DEL, C1 including NEL U+0085) other than HTAB, or a line or paragraph
-               separator (U+2028, U+2029), raises ``UnsafeParameter
+               separator (U+2028, U+2029), raises ``UnsafeParameter``
 JSON body      JSON-string-escaped, ASCII only, without quotes: the template writes them
                (``{"user": "%username%"}``)
 form body      ``quote_plus(value, safe="")``
@@ -57,14 +55,21 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
-from urllib.parse import quote, quote_plus, unquote
+from urllib.parse import quote, quote_plus
 
 from sidecar.parameters import STORED_PREFIX, check_parameter_name
+from sidecar.rules.unsafe import (
+    UNSAFE_IN_HEADER,
+    UnsafeParameter,
+    check_path_segments,
+    path_span,
+    path_value,
+    unsafe_in_header,
+)
 
 if TYPE_CHECKING:  # rules may validate with this module one day: no import cycle
     from sidecar.rules.model import Rule
@@ -105,25 +110,6 @@ _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _TWO_HEX = re.compile(r"[0-9A-Fa-f]{2}")
 # Scheme and authority, complete, before the first parameter of a URL.
 _URL_HEAD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]+[/?#]")
-# The path of a URL: after the authority, up to the query or fragment (RFC 3986 §3.3).
-_URL_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)")
-# CR, LF and NUL could end a header or hide one (RFC 9110 §5.5). The other control characters
-# but HTAB are invalid in a field value too, and the HTTP client refuses to send them (a
-# ValueError): a client could turn every check into an internal_error with a logged
-# traceback. NEL (U+0085, a C1 control) and U+2028/U+2029 end a line for Unicode-aware
-# readers (JavaScript, many log tools). So a value holding any of them fails the rule
-# (unsafe_parameter), a rule whose own header text holds one does not compile, and a
-# stored value bound for the upstream is refused the same way.
-UNSAFE_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-_LINE_BREAKING = re.compile("[\r\n\0]")
-_SEPARATOR = re.compile("[\x85\u2028\u2029]")
-_DOT_SEGMENTS = frozenset({"", ".", ".."})
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-# Read as "/" by some server: the backslash (IIS, Node, Envoy on Windows) and the characters
-# Windows' best-fit mapping turns into a slash or backslash.
-_SLASH_LIKE = str.maketrans(dict.fromkeys("\\\u2215\u2044\u29f8\u29f9\u2216\ufe68\u00a5\u20a9", "/"))
-
-
 class Context(Enum):
     """Where a template's text goes: decides how a parameter value is written."""
 
@@ -142,58 +128,13 @@ class TemplateError(ValueError):
         super().__init__(message)
 
 
-class UnsafeParameter(ValueError):
-    """A parameter value that would put a control character or line separator into a header
-    value of the webhook request, or would not stay one opaque URL path segment. Names the
-    parameter, ``where`` it lands (the header, when known) and ``what`` it holds, never the
-    value."""
-
-    def __init__(self, parameter: str, header: str | None = None, *,
-                 what: str = "CR, LF or NUL", where: str | None = None) -> None:
-        self.parameter = parameter
-        self.header = header
-        self.what = what
-        self.where = where or (f"header {header}" if header else "a header value")
-        super().__init__(f"parameter %{parameter}% holds {what}, not allowed in {self.where}")
-
-
 @dataclass(frozen=True, slots=True)
 class _Parameter:
     name: str
     in_path: bool = False  # in a URL's path: must stay one opaque segment
 
 
-def unsafe_in_header(value: str) -> str | None:
-    """What makes ``value`` unfit for a header value (``"CR, LF or NUL"``, ``"a line
-    separator"``, ``"a control character"``), or None when it is fit."""
-    if not UNSAFE_IN_HEADER.search(value):
-        return None
-    if _LINE_BREAKING.search(value):
-        return "CR, LF or NUL"
-    return "a line separator" if _SEPARATOR.search(value) else "a control character"
-
-
 def _url_value(name: str, value: str) -> str:
-    return quote(value, safe="")
-
-
-def _as_servers_read(text: str) -> str | None:
-    """``text`` as the most eager server reads it: percent-decoded until nothing changes (a
-    proxy that decodes once before a server that decodes again), NFKC-folded (fullwidth ／
-    and ．), every slash look-alike read as ``/`` (``\\``, Windows best-fit ∕ ⁄ …). None when
-    it still changes after a few rounds: no honest value is encoded that often."""
-    for _ in range(4):
-        decoded = unquote(text)
-        if decoded == text:
-            return unicodedata.normalize("NFKC", decoded).translate(_SLASH_LIKE)
-        text = decoded
-    return None
-
-
-def _url_path_value(name: str, value: str) -> str:
-    read = _as_servers_read(value)
-    if read is None or "/" in read:
-        raise UnsafeParameter(name, what="'/', '\\' or an escape of them", where="a URL path segment")
     return quote(value, safe="")
 
 
@@ -255,35 +196,13 @@ class Template:
             if isinstance(part, str):
                 out.append(part)
             elif part.in_path:
-                out.append(_url_path_value(part.name, lookup(part.name)))
+                out.append(path_value(part.name, lookup(part.name)))
             else:
                 out.append(encode(part.name, lookup(part.name)))
         rendered = "".join(out)
         if self._path_segments:
-            _check_path_segments(rendered, self._path_segments)
+            check_path_segments(rendered, self._path_segments)
         return rendered
-
-
-def _path_span(url: str) -> tuple[int, int]:
-    """Where the path of ``url`` (or of a URL template with parameters blanked) lies."""
-    match = _URL_PATH.match(url)
-    return match.span(1) if match else (0, 0)
-
-
-def _check_path_segments(url: str, segments_with_parameters: tuple[tuple[int, str], ...]) -> None:
-    """Each segment holding a parameter, as servers read it, must be (or, where the template
-    itself escapes a slash, ``grp%2F%name%``, split into) pieces that are neither empty nor
-    dot segments — before a ``;`` too, as Tomcat reads ``..;x`` — and hold no control
-    character (a NUL cuts a path short for some servers)."""
-    start, end = _path_span(url)
-    segments = url[start:end].split("/")
-    for index, name in segments_with_parameters:
-        read = _as_servers_read(segments[index])
-        if read is not None and _CONTROL.search(read):
-            raise UnsafeParameter(name, what="a control character", where="a URL path segment")
-        if read is None or any(piece.split(";", 1)[0] in _DOT_SEGMENTS for piece in read.split("/")):
-            raise UnsafeParameter(name, what="a value that makes an empty or dot ('.', '..') segment",
-                                  where="a URL path segment")
 
 
 def compile_template(text: str, context: Context, *, check_name: NameCheck | None = None) -> Template:
@@ -319,7 +238,7 @@ def _place_url_parameters(
     one; refuse a parameter in the fragment. Values are quoted (no ``/ ? #``), so the
     rendered URL splits into path, query and fragment exactly where the template does."""
     blanked = _blank(text, spans)  # a header name may hold '#': not a fragment
-    path_start, path_end = _path_span(blanked)
+    path_start, path_end = path_span(blanked)
     fragment = blanked.find("#", path_end)
     segments: dict[int, str] = {}
     in_path: set[int] = set()
