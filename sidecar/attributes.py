@@ -32,7 +32,9 @@ class RequestAttributes:
     ``headers`` has lower-case names; a header sent several times has its values joined with
     ``,`` (as Envoy does). ``path`` excludes the query string, ``query`` holds it.
     ``host`` is the authority as sent (port included, if any). ``jwt_payload`` is the verified
-    JWT payload put in metadata by Envoy's jwt_authn filter, or empty.
+    JWT payload put in metadata by Envoy's jwt_authn filter, or empty. ``context_extensions``
+    are what the Envoy route passes (``ExtAuthzPerRoute.check_settings``), e.g. the policy it
+    binds.
     """
 
     request_id: str
@@ -47,3 +49,4 @@ class RequestAttributes:
     destination: Peer = Peer()
     sni: str = ""
     jwt_payload: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)

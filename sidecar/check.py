@@ -11,17 +11,23 @@ a client cannot forge a stored value even behind an Envoy config that forgot to 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
 from .attributes import RequestAttributes
 from .decision import UPSTREAM_HEADER_PREFIX, Code, Decision, DefaultAction
 from .parameters import IdentityConfig, Parameters, map_parameters
+from .policies import Policy
 from .rules import RuleEvaluator
 from .rules.model import InvalidRow
 from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
+
+ROUTE_POLICY_KEY = "safous_policy"
+"""The ``context_extensions`` key by which an Envoy route binds a policy (``ExtAuthzPerRoute``):
+that policy is evaluated instead of matching host, path and method."""
 
 
 _UNDERSCORED_PREFIXES = ("x_", "x-safous_")
@@ -50,11 +56,20 @@ class Checker:
         snapshot = self.snapshot
         if snapshot is None:
             return Decision.deny(Code.NOT_READY, "the authorization sidecar has not loaded its rules")
+        bound = attrs.context_extensions.get(ROUTE_POLICY_KEY)
+        if bound is not None:
+            policy = snapshot.index.named(bound)
+            decision = (_not_bindable(snapshot, bound) if policy is None
+                        else await self._decide_for(policy, snapshot, params))
+            return dataclasses.replace(decision, policy_source="route")
         policy = snapshot.index.match(attrs.host, attrs.path, attrs.method)
         if policy is None:
             if self.default_allow:
                 return Decision.allow(Code.DEFAULT_ALLOW, "no policy matches; default action is allow")
             return Decision.deny(Code.NO_MATCHING_POLICY, "no policy matches this request")
+        return await self._decide_for(policy, snapshot, params)
+
+    async def _decide_for(self, policy: Policy, snapshot: Snapshot, params: Parameters) -> Decision:
         if not policy.integration:
             return Decision.allow(Code.INTEGRATION_OFF, f'policy "{policy.name}": integration is off', policy.name)
         rules = snapshot.policy_rules.get(policy.name, ())
@@ -102,6 +117,14 @@ class Checker:
                 continue
             remove.append(name)
         return tuple(remove)
+
+
+def _not_bindable(snapshot: Snapshot, name: str) -> Decision:
+    """The deny for a route that binds a name that is not an enabled policy: the default action
+    never applies, since the route asked for that policy."""
+    if name in snapshot.disabled_policies:
+        return Decision.deny(Code.POLICY_DISABLED, f'policy "{name}", bound by the route, is disabled', name)
+    return Decision.deny(Code.UNKNOWN_POLICY, f'policy "{name}", bound by the route, does not exist')
 
 
 def _identity_headers(identity: IdentityConfig) -> Mapping[str, tuple[str, ...]]:

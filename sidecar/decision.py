@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+PolicySource = Literal["match", "route"]
+"""How a check's policy was chosen: ``match`` (host, path, method) or ``route`` (the Envoy route
+named it in ``context_extensions``)."""
+
 DefaultAction = Literal["allow", "deny"]
 """What a request no policy matches gets (``--default-action``; zero trust: deny)."""
 
@@ -26,6 +30,8 @@ class Code(StrEnum):
     DEFAULT_ALLOW = "default_allow"
     # Denied by policy.
     NO_MATCHING_POLICY = "no_matching_policy"
+    UNKNOWN_POLICY = "unknown_policy"
+    POLICY_DISABLED = "policy_disabled"
     # Denied because a rule could not be evaluated or did not hold.
     RULE_UNAVAILABLE = "rule_unavailable"
     WEBHOOK_TIMEOUT = "webhook_timeout"
@@ -49,7 +55,8 @@ class Decision:
     """Allow or deny, why, and what to pass on.
 
     ``upstream_headers`` are set on the request to the upstream when allowed (e.g. values kept
-    by ``store`` response actions); they are ignored on a deny.
+    by ``store`` response actions); they are ignored on a deny. ``policy_source`` says how the
+    policy was chosen: matched on host, path and method, or bound by the Envoy route.
     """
 
     allowed: bool
@@ -57,6 +64,7 @@ class Decision:
     reason: str
     policy: str | None = None
     upstream_headers: tuple[tuple[str, str], ...] = ()
+    policy_source: PolicySource = "match"
 
     @classmethod
     def allow(cls, code: Code, reason: str, policy: str | None = None,

@@ -109,6 +109,7 @@ def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filter
         destination=_peer(attrs.destination),
         sni=attrs.tls_session.sni,
         jwt_payload=_jwt_payload(request, jwt_namespace, jwt_payload_key),
+        context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else {},
     )
 
 
@@ -126,6 +127,20 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def _metadata(decision: Decision, request_id: str, reason: str) -> struct_pb2.Struct:
+    """What Envoy keeps as dynamic metadata under ``envoy.filters.http.ext_authz``, for its
+    access log (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:code)%``) and later filters."""
+    metadata = struct_pb2.Struct()
+    fields = metadata.fields
+    fields["decision"].string_value = "allow" if decision.allowed else "deny"
+    fields["code"].string_value = decision.code
+    fields["policy"].string_value = decision.policy or ""
+    fields["policy_source"].string_value = decision.policy_source
+    fields["request_id"].string_value = request_id
+    fields["reason"].string_value = reason
+    return metadata
+
+
 def build_response(decision: Decision, request_id: str,
                    headers_to_remove: Sequence[str] = ()) -> pb.CheckResponse:
     """The CheckResponse for a decision. The status is always set explicitly: Envoy reads an
@@ -133,7 +148,10 @@ def build_response(decision: Decision, request_id: str,
 
     On an allow, Envoy sets ``decision.upstream_headers`` on the request to the upstream and
     removes the request headers named in ``headers_to_remove`` (``Checker.headers_to_remove``;
-    Envoy ignores pseudo-headers and Host there). Both are ignored on a deny."""
+    Envoy ignores pseudo-headers and Host there). Both are ignored on a deny. Every response
+    carries the decision as dynamic metadata (``_metadata``); its reason is the header-safe one
+    (``sanitize_reason``), since it ends up in log lines."""
+    reason = sanitize_reason(decision.reason)
     if decision.allowed:
         return pb.CheckResponse(
             status=status_pb2.Status(code=OK),
@@ -141,8 +159,8 @@ def build_response(decision: Decision, request_id: str,
                 headers=[_header(k, v) for k, v in decision.upstream_headers],
                 headers_to_remove=headers_to_remove,
             ),
+            dynamic_metadata=_metadata(decision, request_id, reason),
         )
-    reason = sanitize_reason(decision.reason)
     body = json.dumps(
         {"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": request_id}
     )
@@ -156,4 +174,5 @@ def build_response(decision: Decision, request_id: str,
             ],
             body=body,
         ),
+        dynamic_metadata=_metadata(decision, request_id, reason),
     )

@@ -100,7 +100,7 @@ _EXACT, _WILDCARD, _ANY = 0, 1, 2
 class PolicyIndex:
     """An immutable index of the enabled policies, built once per rules.db snapshot."""
 
-    __slots__ = ("_any", "_exact", "_wildcard", "size")
+    __slots__ = ("_any", "_by_name", "_exact", "_wildcard", "size")
 
     def __init__(self, policies: Iterable[Policy]) -> None:
         exact: dict[str, list[Policy]] = defaultdict(list)
@@ -126,7 +126,13 @@ class PolicyIndex:
         self._exact = {h: order(b) for h, b in exact.items()}
         self._wildcard = {h: order(b) for h, b in wildcard.items()}
         self._any = order(any_host)
+        self._by_name = {p.name: p for p in (*self._any, *(p for b in self._exact.values() for p in b),
+                                             *(p for b in self._wildcard.values() for p in b))}
         self.size = size
+
+    def named(self, name: str) -> Policy | None:
+        """The enabled policy called ``name`` (an Envoy route binds it), or None."""
+        return self._by_name.get(name)
 
     def match(self, authority: str, path: str, method: str) -> Policy | None:
         """The policy governing a request, or None. ``path`` must exclude the query string."""

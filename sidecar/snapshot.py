@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import store
+from . import db
+from .db import RuleSet
 from .policies import Policy, PolicyIndex
 from .rules import RuleEvaluator
 from .rules.model import InvalidRow, Rule
-from .store import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class Snapshot:
     # identity of its Rule model.
     policies: tuple[Policy, ...] = ()
     compiled: Mapping[int, tuple[Rule, Any | InvalidRow]] = field(default_factory=dict)
+    # Names of the disabled policies: a route that binds one is told so.
+    disabled_policies: frozenset[str] = frozenset()
 
 
 def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
@@ -47,7 +49,7 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
     """Compile a rule set. Never raises for a bad rule: it becomes an InvalidRow.
 
     With the ``previous`` snapshot, rules and policies that are the very same objects as then
-    (``store.RowMemo`` hands back unchanged rows' models) reuse their compiled form and index."""
+    (``db.RowMemo`` hands back unchanged rows' models) reuse their compiled form and index."""
     reuse = previous.compiled if previous is not None else {}
     compiled: dict[str, Any | InvalidRow] = {}
     by_rule: dict[int, tuple[Rule, Any | InvalidRow]] = {}
@@ -107,6 +109,7 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
         problems=tuple(problems),
         policies=tuple(policies),
         compiled=by_rule,
+        disabled_policies=frozenset(p.name for p in rule_set.policies if not p.enabled),
     )
 
 
@@ -130,31 +133,31 @@ class RulesWatcher:
         self._seen_data: int | None = None
         self._seen_rules: tuple[int, bytes] | None = None
         self._version = 0
-        self._memo = store.RowMemo()
+        self._memo = db.RowMemo()
         self._snapshot: Snapshot | None = None
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _load_blocking(self, force: bool) -> Snapshot | None:
-        identity = store.file_identity(self._path)
+        identity = db.file_identity(self._path)
         if identity is None:
-            raise store.StoreError(f"{self._path} does not exist")
+            raise db.StoreError(f"{self._path} does not exist")
         if self._conn is None or identity != self._identity:
             if self._conn is not None:
                 self._conn.close()
-            self._conn = store.connect(self._path, readonly=True)
+            self._conn = db.connect(self._path, readonly=True)
             self._identity = identity
             self._seen_data = self._seen_rules = None
         # data_version is the cheap test (no query on a table); rules_version tells whether the
         # commit touched rules at all, as most commits are the activity log's.
-        seen_data = store.data_version(self._conn)
+        seen_data = db.data_version(self._conn)
         if not force and seen_data == self._seen_data:
             return None
-        seen_rules = store.rules_version(self._conn)
+        seen_rules = db.rules_version(self._conn)
         self._seen_data = seen_data
         if not force and seen_rules == self._seen_rules:
             return None
-        rule_set = store.load_rule_set(self._conn, self._memo)
+        rule_set = db.load_rule_set(self._conn, self._memo)
         self._seen_rules = seen_rules
         self._version += 1
         self._snapshot = build_snapshot(rule_set, self._evaluator, self._version, self._snapshot)
@@ -164,7 +167,7 @@ class RulesWatcher:
         """Load now if changed (or ``force``); raises StoreError when rules.db is unreadable."""
         try:
             snapshot = await asyncio.to_thread(self._load_blocking, force)
-        except store.StoreError as exc:
+        except db.StoreError as exc:
             self._drop_connection()
             self.reloads_failed += 1
             if self.last_error != str(exc):
@@ -197,7 +200,7 @@ class RulesWatcher:
             await asyncio.sleep(self._interval)
             try:
                 await self.load()
-            except store.StoreError:
+            except db.StoreError:
                 pass  # logged in load(); keep the last good snapshot and retry next tick.
 
     def start(self) -> None:

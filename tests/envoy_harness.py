@@ -72,10 +72,12 @@ class EnvoyError(RuntimeError):
 
 
 def envoy_binary() -> str:
-    """Path of the ``envoy`` console script next to ``sys.executable``.
+    """Path of the Envoy to test against: ``$SAFOUS_TEST_ENVOY`` when set (``make test-envoys``
+    runs the end-to-end tests on each release of the supported range), else the ``envoy``
+    console script next to ``sys.executable``.
 
     Raises :class:`EnvoyError` with an installation hint if it is missing."""
-    candidate = Path(sys.executable).parent / "envoy"
+    candidate = Path(os.environ.get("SAFOUS_TEST_ENVOY") or Path(sys.executable).parent / "envoy")
     if not (candidate.is_file() and os.access(candidate, os.X_OK)):
         raise EnvoyError(
             f"Envoy not found at {candidate}: install the dev extras "
