@@ -16,9 +16,13 @@ from .settings import split_host_port
 
 
 class OpsServer:
+    """``listen`` is ``HOST:PORT``, or ``unix:PATH`` (a ``--workers`` worker, whose supervisor
+    serves the pod's port and reads each worker's pages from its socket)."""
+
     def __init__(self, listen: str, metrics: Metrics, not_ready: Callable[[], str | None], *,
                  reuse_port: bool = False) -> None:
-        self._host, self._port = split_host_port(listen)
+        self._unix = listen.removeprefix("unix:") if listen.startswith("unix:") else None
+        self._host, self._port = ("", 0) if self._unix else split_host_port(listen)
         self._metrics = metrics
         self._not_ready = not_ready
         self._reuse_port = reuse_port
@@ -32,13 +36,18 @@ class OpsServer:
         app.router.add_get("/metrics", self._metrics_page)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port or None)
+        site: web.BaseSite
+        if self._unix is not None:
+            site = web.UnixSite(self._runner, self._unix)
+        else:
+            site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise RuntimeError(f"cannot listen on {self._host}:{self._port} (--http): {exc.strerror}") from exc
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            raise RuntimeError(f"cannot listen on {site.name} (--http): {exc.strerror}") from exc
+        if self._unix is None:
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self.port
 
     async def stop(self) -> None:

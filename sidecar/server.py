@@ -17,13 +17,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import edge, logs, store
+from . import __version__, db, edge, logs
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from .activity import ActivityLog
 from .activity_retention import ActivityRetention
 from .attributes import RequestAttributes
 from .check import Checker
+from .db import ActivityRecord
 from .decision import Code, Decision
 from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
@@ -33,7 +34,6 @@ from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
 from .settings import Settings
 from .snapshot import RulesWatcher, Snapshot
-from .store import ActivityRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,16 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
     def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
                 decision: Decision, latency_ms: float) -> None:
         if attrs is None:
-            self._activity.record(ActivityRecord(time.time(), "", "", "", "", "", "", decision.policy,
-                                          decision.allowed, decision.code, decision.reason, latency_ms))
+            self._activity.record(ActivityRecord(
+                at=time.time(), request_id="", username="", source_ip="", host="", path="", method="",
+                policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
+                latency_ms=latency_ms))
             return
         self._activity.record(ActivityRecord(
-            time.time(), attrs.request_id, params.values["username"] if params else "", attrs.source.ip,
-            attrs.host, attrs.path, attrs.method, decision.policy, decision.allowed, decision.code,
-            decision.reason, latency_ms,
+            at=time.time(), request_id=attrs.request_id, username=params.values["username"] if params else "",
+            source_ip=attrs.source.ip, host=attrs.host, path=attrs.path, method=attrs.method,
+            policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
+            latency_ms=latency_ms,
         ))
 
 
@@ -103,7 +106,7 @@ class Sidecar:
     together. ``port`` is the bound gRPC port (useful with port 0)."""
 
     def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None, *,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, ops_socket: str | None = None) -> None:
         self.settings = settings
         ca_bundle = str(settings.webhook_ca_bundle) if settings.webhook_ca_bundle else None
         self.evaluator = evaluator or WebhookEvaluator(
@@ -119,8 +122,9 @@ class Sidecar:
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
                                     self._on_rules_health)
         self.evaluator.on_call = self.metrics.record_call
-        self.ops = (OpsServer(settings.http, self.metrics, self.not_ready, reuse_port=reuse_port)
-                    if settings.http else None)
+        # A --workers worker serves its pages on a private socket; the supervisor serves --http.
+        ops_listen = f"unix:{ops_socket}" if ops_socket else settings.http
+        self.ops = OpsServer(ops_listen, self.metrics, self.not_ready) if ops_listen else None
         self.health = health.aio.HealthServicer()
         self.draining = False
         # SO_REUSEPORT only for --workers: otherwise a second sidecar on the same port would
@@ -183,7 +187,7 @@ class Sidecar:
         """Create/migrate rules.db, bind, load the rules. Raises StoreError, RuntimeError (cannot
         listen) or ValueError (TLS or CA files)."""
         self.loop_lag.start()
-        applied = await asyncio.to_thread(store.ensure_database, self.settings.db)
+        applied = await asyncio.to_thread(db.ensure_database, self.settings.db)
         if applied:
             log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
         pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
@@ -207,11 +211,12 @@ class Sidecar:
         await self.evaluator.start()
         try:
             await self.watcher.load(force=True)
-        except store.StoreError:
+        except db.StoreError:
             pass  # NOT_SERVING until the watcher manages a load; checks deny with not_ready.
         self.watcher.start()
         await self.server.start()
-        log.info("listening", extra={"listen": self.settings.listen, "port": self.port, "db": str(self.settings.db)})
+        log.info("listening", extra={"listen": self.settings.listen, "port": self.port, "db": str(self.settings.db),
+                                     "version": __version__})
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -230,12 +235,13 @@ class Sidecar:
                                    "activity_dropped": self.activity.dropped})
 
 
-async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, reuse_port: bool = False) -> int:
+async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, reuse_port: bool = False,
+                ops_socket: str | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
-    sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port)
+    sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port, ops_socket=ops_socket)
     try:
         await sidecar.start()
-    except (store.StoreError, RuntimeError, ValueError) as exc:
+    except (db.StoreError, RuntimeError, ValueError) as exc:
         # ValueError: e.g. a --webhook-ca-bundle that holds no certificate.
         log.error("cannot start: %s", exc)
         await sidecar.stop(grace=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -133,12 +134,19 @@ class RulesWatcher:
         self._seen_data: int | None = None
         self._seen_rules: tuple[int, bytes] | None = None
         self._version = 0
+        self._connection_lock = threading.Lock()
         self._memo = db.RowMemo()
         self._snapshot: Snapshot | None = None
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _load_blocking(self, force: bool) -> Snapshot | None:
+        # A load cancelled on the loop (stop()) goes on in its thread: whoever closes the
+        # connection waits for it, since closing under a running query crashes the process.
+        with self._connection_lock:
+            return self._load_locked(force)
+
+    def _load_locked(self, force: bool) -> Snapshot | None:
         identity = db.file_identity(self._path)
         if identity is None:
             raise db.StoreError(f"{self._path} does not exist")
@@ -168,7 +176,7 @@ class RulesWatcher:
         try:
             snapshot = await asyncio.to_thread(self._load_blocking, force)
         except db.StoreError as exc:
-            self._drop_connection()
+            await asyncio.to_thread(self._drop_connection)
             self.reloads_failed += 1
             if self.last_error != str(exc):
                 log.error("rules.db reload failed, serving the last good rules", extra={"error": str(exc)})
@@ -191,9 +199,10 @@ class RulesWatcher:
         return snapshot
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._connection_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     async def _run(self) -> None:
         while True:

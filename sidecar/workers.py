@@ -1,25 +1,71 @@
-"""``--workers N``: N server processes sharing the port (SO_REUSEPORT), supervised together."""
+"""``--workers N``: N server processes sharing the gRPC port (SO_REUSEPORT), and one supervisor.
+
+The supervisor starts the workers (spawned: fresh interpreters), passes SIGTERM/SIGINT on so
+they drain as a single server would, and starts a worker again when one dies (counted in
+``safous_worker_restarts_total``). A worker that dies within seconds of its start, five times in
+a row, stops the pod instead (exit 1): a broken configuration must not spin.
+
+With ``--http``, the supervisor serves ``/healthz``, ``/readyz`` and ``/metrics`` for the whole
+pod; each worker serves its own on a private Unix socket, which the supervisor reads:
+``/readyz`` is ready only when every worker is (and says which is not), ``/metrics`` is the
+workers' expositions merged (``sidecar.pod_metrics``), so a scrape never sees one worker's
+counters and then another's.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import logging
 import multiprocessing
-import multiprocessing.connection
+import multiprocessing.process
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
 
-from . import logs, store
+import aiohttp
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import db, logs
+from .pod_metrics import PodTotals, WorkerSamples, merge_expositions, parse_exposition
 from .server import run_loop, serve
 from .settings import Settings, split_host_port
 
 log = logging.getLogger(__name__)
 
+SCRAPE_TIMEOUT = 2.0
+"""Seconds the supervisor waits for a worker's /metrics or /readyz."""
+FAILED_STARTS_LIMIT = 5
+"""Deaths in a row of a worker soon after its start, before the pod gives up."""
+STARTUP_SECONDS = 10.0
+"""A worker that dies sooner than this after its start counts as a failed start."""
 
-def _worker(settings: Settings, index: int) -> None:
+
+def _worker(settings: Settings, index: int, ops_socket: str) -> None:
+    _stop_with_parent()
     logs.configure(settings.log_format, settings.log_level, worker=index)
-    sys.exit(run_loop(settings, serve(settings, reuse_port=True)))
+    sys.exit(run_loop(settings, serve(settings, reuse_port=True, ops_socket=ops_socket)))
+
+
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, even by SIGKILL, so that no worker
+    outlives its pod holding the port (it drains and exits as on any SIGTERM)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _port_is_free(listen: str) -> bool:
@@ -34,10 +80,8 @@ def _port_is_free(listen: str) -> bool:
 
 
 def run_workers(settings: Settings) -> int:
-    """``--workers N``: N server processes sharing the port (SO_REUSEPORT), each with its own
-    event loop, rules snapshot and watcher. SIGTERM/SIGINT are passed on and the workers drain
-    as a single server would; if one worker dies, the others are stopped too and the exit status
-    is 1, so a supervisor restarts the whole sidecar rather than run it half-sized."""
+    """Run the pod until SIGTERM/SIGINT: 0 when every worker stopped cleanly, 1 when the pod
+    gave up or a worker did not stop cleanly, 2 for ``--listen`` with port 0."""
     if split_host_port(settings.listen)[1] == 0:
         log.error("cannot start: --workers needs a fixed port, not 0")
         return 2
@@ -45,35 +89,165 @@ def run_workers(settings: Settings) -> int:
         log.error("cannot start: cannot listen on %s: address in use", settings.listen)
         return 1
     try:
-        store.ensure_database(settings.db)  # once, before the workers race to migrate
-    except store.StoreError as exc:
+        db.ensure_database(settings.db)  # once, before the workers race to migrate
+    except db.StoreError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(settings, i), name=f"sidecar-worker-{i}")
-               for i in range(settings.workers)]
-    stopping = False
+    return run_loop(settings, Supervisor(settings).run())
 
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for worker in workers:
-            if worker.is_alive() and worker.pid:
-                os.kill(worker.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.start()
-    log.info("workers started", extra={"workers": settings.workers, "pids": [w.pid for w in workers]})
-    failed = False
-    while any(w.is_alive() for w in workers):
-        multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1)
-        if not stopping and any(not w.is_alive() and w.exitcode != 0 for w in workers):
-            log.error("a worker exited unexpectedly; stopping the others",
-                      extra={"exit_codes": [w.exitcode for w in workers]})
-            failed = True
-            forward(signal.SIGTERM, None)
-    for worker in workers:
-        worker.join()
-    return 1 if failed or any(w.exitcode != 0 for w in workers) else 0
+@dataclass
+class _Slot:
+    """One worker position: its current process and what the supervisor knows of it."""
+
+    index: int
+    socket_path: str
+    process: multiprocessing.process.BaseProcess | None = None
+    started_at: float = 0.0
+    failed_starts: int = 0
+    last: WorkerSamples | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._dir = tempfile.mkdtemp(prefix="safous-workers-")
+        self._slots = [_Slot(i, os.path.join(self._dir, f"worker-{i}.sock")) for i in range(settings.workers)]
+        self._totals = PodTotals()
+        self._stopping = asyncio.Event()
+        self._failed = False
+        self.restarts = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        runner = await self._serve_http() if self.settings.http else None
+        try:
+            for slot in self._slots:
+                self._start(slot)
+            log.info("workers started", extra={"workers": len(self._slots),
+                                               "pids": [s.process.pid for s in self._slots if s.process]})
+            watchers = [asyncio.create_task(self._watch(slot)) for slot in self._slots]
+            await self._stopping.wait()
+            for slot in self._slots:
+                if slot.process is not None and slot.process.is_alive() and slot.process.pid:
+                    os.kill(slot.process.pid, signal.SIGTERM)
+            await asyncio.gather(*watchers)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            shutil.rmtree(self._dir, ignore_errors=True)
+        clean = all(s.process is not None and s.process.exitcode == 0 for s in self._slots)
+        return 1 if self._failed or not clean else 0
+
+    def _start(self, slot: _Slot) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(slot.socket_path)
+        process = self._context.Process(target=_worker, args=(self.settings, slot.index, slot.socket_path),
+                                        name=f"sidecar-worker-{slot.index}")
+        process.start()
+        slot.process, slot.started_at = process, time.monotonic()
+        slot.exited.clear()
+        asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, slot, process)
+
+    def _on_exit(self, slot: _Slot, process: multiprocessing.process.BaseProcess) -> None:
+        asyncio.get_running_loop().remove_reader(process.sentinel)
+        process.join(0)
+        if slot.process is process:
+            slot.exited.set()
+
+    async def _watch(self, slot: _Slot) -> None:
+        """Wait for the slot's worker to exit; start it again unless the pod is stopping."""
+        while True:
+            await slot.exited.wait()
+            process = slot.process
+            assert process is not None
+            if self._stopping.is_set():
+                return
+            # Its counts so far stay in the pod's totals: a restart is not a counter reset.
+            self._totals.retire(slot.last)
+            slot.last = None
+            lived = time.monotonic() - slot.started_at
+            slot.failed_starts = 0 if lived >= STARTUP_SECONDS else slot.failed_starts + 1
+            log.error("worker %d exited unexpectedly (exit code %s); starting it again", slot.index,
+                      process.exitcode, extra={"worker": slot.index, "exit_code": process.exitcode})
+            if slot.failed_starts >= FAILED_STARTS_LIMIT:
+                log.error("worker %d died within %.0f s of its start %d times in a row: stopping", slot.index,
+                          STARTUP_SECONDS, slot.failed_starts)
+                self._failed = True
+                self._stopping.set()
+                return
+            self.restarts += 1
+            self._start(slot)
+
+    # --------------------------------------------------------------------- the pod's HTTP port
+
+    async def _serve_http(self) -> web.AppRunner:
+        assert self.settings.http is not None
+        host, port = split_host_port(self.settings.http)
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise RuntimeError(f"cannot listen on {host}:{port} (--http): {exc.strerror}") from exc
+        return runner
+
+    async def _ask(self, slot: _Slot, path: str) -> tuple[int, str] | None:
+        """GET ``path`` from a worker's own ops socket; None when it does not answer."""
+        if slot.process is None or not slot.process.is_alive():
+            return None
+        try:
+            async with aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=slot.socket_path),
+                    timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)) as session, \
+                    session.get(f"http://worker{path}") as response:
+                return response.status, await response.text()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        answers = await asyncio.gather(*(self._ask(slot, "/readyz") for slot in self._slots))
+        problems = []
+        for slot, answer in zip(self._slots, answers, strict=True):
+            if answer is None:
+                problems.append(f"worker {slot.index}: not running or not answering")
+            elif answer[0] != 200:
+                problems.append(f"worker {slot.index}: {answer[1].strip()}")
+        if self._stopping.is_set():
+            problems.insert(0, "draining")
+        if problems:
+            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
+        return web.Response(text=f"ready ({len(self._slots)} workers)\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        answers = await asyncio.gather(*(self._ask(slot, "/metrics") for slot in self._slots))
+        for slot, answer in zip(self._slots, answers, strict=True):
+            if answer is not None and answer[0] == 200:
+                try:
+                    slot.last = parse_exposition(answer[1])
+                except ValueError:
+                    log.warning("worker %d sent an unreadable exposition", slot.index)
+            # else: its last scrape stands in, so that the pod's counters never go down
+        workers = {slot.index: slot.last for slot in self._slots if slot.last is not None}
+        ready = sum(1 for slot, answer in zip(self._slots, answers, strict=True) if answer is not None)
+        own = [
+            CounterMetricFamily("safous_worker_restarts", "Workers started again after they died",
+                                value=self.restarts),
+            GaugeMetricFamily("safous_workers", "Worker processes configured", value=len(self._slots)),
+            GaugeMetricFamily("safous_workers_answering", "Workers that answered this scrape", value=ready),
+        ]
+        body = merge_expositions(workers, self._totals, own)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
