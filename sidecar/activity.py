@@ -16,8 +16,8 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from . import store
-from .store import ActivityRecord
+from . import db
+from .db import ActivityRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,17 @@ class ActivityLog:
                 self._on_batch(batch)
             except Exception:
                 log.exception("could not write decision log lines")
-        identity = store.file_identity(self._path)
+        identity = db.file_identity(self._path)
         if self._conn is not None and identity != self._identity:
             # rules.db was replaced or deleted: this connection writes to the old file.
             self._conn.close()
             self._conn = None
         if self._conn is None:
-            self._conn = store.connect(self._path, create=False)
+            self._conn = db.connect(self._path, create=False)
             self._identity = identity
         try:
-            store.insert_activity(self._conn, batch)
-        except store.StoreError:
+            db.insert_activity(self._conn, batch)
+        except db.StoreError:
             self._conn.close()
             self._conn = None
             raise
@@ -81,7 +81,7 @@ class ActivityLog:
         try:
             await asyncio.to_thread(self._write, batch)
             self.written += len(batch)
-        except store.StoreError as exc:
+        except db.StoreError as exc:
             self.dropped += len(batch)
             log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
 

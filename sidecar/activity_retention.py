@@ -4,7 +4,7 @@ background.
 Why in batches: SQLite has one writer at a time. One big DELETE of a day's decisions (hundreds
 of thousands of rows) would hold the write lock for seconds, and meanwhile the activity writer
 (see ``activity.py``) and the admin script would wait — up to their busy timeout, after which
-decisions are dropped and edits fail. ``store.prune_activity`` instead deletes a few thousand
+decisions are dropped and edits fail. ``db.prune_activity`` instead deletes a few thousand
 rows per short transaction and pauses between transactions long enough for a waiting writer to
 take the lock, so either waits at most about one batch (tens of milliseconds). Checks never
 touch the database, and readers never wait for writers (WAL).
@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import store
-from .store import iso_time
+from . import db
+from .db import iso_time
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ class ActivityRetention:
     def _prune(self, older_than: str | None) -> int:
         """In a worker thread: one prune on a connection of its own."""
         if not self._path.exists():
-            # store.connect would create an empty database in its place.
-            raise store.StoreError(f"cannot prune the activity log: {self._path} does not exist")
-        conn = store.connect(self._path)
+            # db.connect would create an empty database in its place.
+            raise db.StoreError(f"cannot prune the activity log: {self._path} does not exist")
+        conn = db.connect(self._path)
         try:
-            return store.prune_activity(conn, older_than=older_than, keep_rows=self.rows,
+            return db.prune_activity(conn, older_than=older_than, keep_rows=self.rows,
                                         stop=self._stop)
         finally:
             conn.close()
@@ -116,7 +116,7 @@ class ActivityRetention:
             started = time.monotonic()
             try:
                 deleted = await asyncio.to_thread(self._prune, older_than)
-            except store.StoreError as exc:
+            except db.StoreError as exc:
                 self.last_error = str(exc)
                 log.warning("activity log pruning failed; next try in %g s", self._interval,
                             extra={"error": str(exc)})

@@ -21,11 +21,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Info,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from . import __version__
 
 # The *_created series double the exposition for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -60,9 +63,11 @@ class Metrics:
                                   "time in which no check could be answered", buckets=LOOP_LAG_BUCKETS,
                                   registry=self.registry)
         self.registry.register(_StateCollector(state))
+        # safous_build_info{version="..."} 1: which release answers, for dashboards and alerts.
+        Info("safous_build", "The running sidecar's release", registry=self.registry).info({"version": __version__})
 
     def record_batch(self, decisions: Sequence[Any]) -> None:
-        """Count a batch of activity-log decisions (``store.ActivityRecord``)."""
+        """Count a batch of activity-log decisions (``db.ActivityRecord``)."""
         for d in decisions:
             self.decisions.labels(d.policy or NO_POLICY, "allow" if d.allowed else "deny", d.code).inc()
             self.check_seconds.observe(d.latency_ms / 1000)

@@ -1,13 +1,34 @@
-"""rules.db: migrations, loading, bad rows, the activity log table."""
+"""rules.db: migrations, loading, bad rows, the columns tables, the activity log table."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import sqlite3
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from sidecar import store
+from sidecar.db import (
+    ActivityRecord,
+    StoreError,
+    connect,
+    ensure_database,
+    insert_activity,
+    iso_time,
+    load_rule_set,
+    migrations,
+    parse_iso_time,
+    pending_migrations,
+    read_activity,
+    rules_version,
+    save_policy,
+    save_rule,
+    transaction,
+)
+from sidecar.db.columns import POLICY_COLUMNS, RULE_COLUMNS
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, InvalidRow, ResponseAction, Rule
 from tests.conftest import seed
@@ -30,42 +51,100 @@ RULE = Rule(
     cache_ttl=30,
 )
 
+# The SHA-256 of each released migration's SQL. A released migration never changes: rules.db
+# files in use recorded its name and will not run it again. Change the schema with a new file.
+RELEASED = {
+    "0001_initial": "2261134734eb140529ae86dc787cf2c901305a77cd327ee620adaa897b4324ec",
+    "0002_audit_triggers": "653ece181279f592eeb115313f7c05d9a4dc245780313a2498c783ebb34e92b5",
+    "0003_rules_version_token": "58d5e3949a9c03997e95c840ee9aba0f9a5b1fef77a5eda376dbe29450c1bd01",
+}
+
+# sqlite_master of a rules.db migrated by the code that generated the migrations in Python,
+# before they were written out as .sql files (see its "source").
+SCHEMA_FIXTURE = Path(__file__).parent / "fixtures" / "schema_6734739.json"
+
+
+def schema(conn: sqlite3.Connection) -> list[list[str | None]]:
+    return [list(r) for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")]
+
 
 def test_new_database_gets_every_migration_once(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
-    assert store.ensure_database(path) == [name for name, _ in store.MIGRATIONS]
-    assert store.ensure_database(path) == []
+    assert ensure_database(path) == [name for name, _ in migrations.MIGRATIONS]
+    assert ensure_database(path) == []
     conn = sqlite3.connect(path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"rules", "policies", "policy_rules", "audit_log", "activity_log", "schema_migrations"} <= tables
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_migrations_are_the_released_sql_files_in_order() -> None:
+    files = sorted(f.name for f in resources.files("sidecar.db.migrations").iterdir() if f.name.endswith(".sql"))
+    assert all(re.fullmatch(r"\d{4}_[a-z0-9_]+\.sql", name) for name in files), files
+    assert [name for name, _ in migrations.MIGRATIONS] == [name.removesuffix(".sql") for name in files]
+    released = {name: hashlib.sha256(sql.encode()).hexdigest() for name, sql in migrations.MIGRATIONS
+                if name in RELEASED}
+    assert released == RELEASED, "a released migration changed: add a migration instead of editing one"
+
+
+def test_the_sql_files_make_the_schema_the_python_generated_migrations_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fixture = json.loads(SCHEMA_FIXTURE.read_text(encoding="utf-8"))
+    released = migrations.MIGRATIONS[:len(fixture["migrations"])]
+    assert [name for name, _ in released] == fixture["migrations"]
+    monkeypatch.setattr(migrations, "MIGRATIONS", released)
+    ensure_database(tmp_path / "new.db")
+    conn = sqlite3.connect(tmp_path / "new.db")
+    assert schema(conn) == fixture["schema"]
+    conn.close()
+
+
 def test_a_failing_migration_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m.db"
-    store.ensure_database(path)
-    broken = store.MIGRATIONS + (("0999_broken", "CREATE TABLE half (x); CREATE TABLE oops ("),)
-    monkeypatch.setattr(store, "MIGRATIONS", broken)
-    with pytest.raises(store.StoreError):
-        store.ensure_database(path)
+    ensure_database(path)
+    broken = (*migrations.MIGRATIONS, ("0999_broken", "CREATE TABLE half (x); CREATE TABLE oops ("))
+    monkeypatch.setattr(migrations, "MIGRATIONS", broken)
+    with pytest.raises(StoreError):
+        ensure_database(path)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half'").fetchone()[0] == 0
-    assert store.pending_migrations(conn) == ["0999_broken"]
+    assert pending_migrations(conn) == ["0999_broken"]
 
 
 def test_rules_and_policies_round_trip(db: Path) -> None:
     policy = Policy(name="p", hosts=("*.example.com",), path_prefix="/app", methods=("GET",),
                     integration=True, priority=5, rules=("posture",))
     seed(db, [RULE], [policy])
-    rule_set = store.load_rule_set(store.connect(db, readonly=True))
+    rule_set = load_rule_set(connect(db, readonly=True))
     assert rule_set.rules == {"posture": RULE}
     assert rule_set.policies == (policy,)
 
 
+def test_the_columns_tables_cover_every_field_and_column(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    for table, columns, fields in (("rules", RULE_COLUMNS, list(Rule.model_fields)),
+                                   ("policies", POLICY_COLUMNS, [f for f in Policy.model_fields if f != "rules"])):
+        assert [c.field for c in columns] == fields, table
+        stored = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        assert stored - {c.name for c in columns} == {"id", "created_at", "updated_at"}, table
+    conn.close()
+
+
+def test_the_audit_documents_have_the_columns_tables_fields_in_order(db: Path) -> None:
+    # The audit triggers are released SQL: they must keep agreeing with the tables.
+    seed(db, [RULE], [Policy(name="p", rules=("posture",))])
+    conn = sqlite3.connect(db)
+    docs = {kind: json.loads(after) for kind, after in conn.execute("SELECT object_type, after FROM audit_log")}
+    conn.close()
+    assert list(docs["rule"]) == [c.field for c in RULE_COLUMNS]
+    assert list(docs["policy"]) == [c.field for c in POLICY_COLUMNS] + ["rules"]
+    assert docs["rule"] == RULE.model_dump(mode="json")  # as exported: RULE holds no clear secret
+
+
 def test_policy_naming_a_missing_rule_is_refused(db: Path) -> None:
-    with pytest.raises(store.StoreError, match="names rule 'ghost'"):
+    with pytest.raises(StoreError, match="names rule 'ghost'"):
         seed(db, [], [Policy(name="p", rules=("ghost",))])
-    assert store.load_rule_set(store.connect(db, readonly=True)).policies == ()
+    assert load_rule_set(connect(db, readonly=True)).policies == ()
 
 
 def test_bad_rows_written_with_plain_sql_are_reported_not_fatal(db: Path) -> None:
@@ -76,27 +155,67 @@ def test_bad_rows_written_with_plain_sql_are_reported_not_fatal(db: Path) -> Non
                     '[{"type": "regex", "key": "a", "value": "("}]')""")
     conn.execute("INSERT INTO policies (name, hosts) VALUES ('bad-host', '[\"a b\"]')")
     conn.commit()
-    rule_set = store.load_rule_set(store.connect(db, readonly=True))
-    assert isinstance(rule_set.rules["broken-json"], InvalidRow)
-    assert "regex" in rule_set.rules["bad-regex"].error
+    rule_set = load_rule_set(connect(db, readonly=True))
+    broken, bad_regex = rule_set.rules["broken-json"], rule_set.rules["bad-regex"]
+    assert isinstance(broken, InvalidRow) and broken.error.startswith("JSONDecodeError: ")
+    assert isinstance(bad_regex, InvalidRow) and "regex" in bad_regex.error
     assert rule_set.rules["posture"] == RULE
     assert [p.name for p in rule_set.policies] == ["good"]
     assert [p.name for p in rule_set.invalid_policies] == ["bad-host"]
 
 
 def test_rules_version_moves_on_rule_changes_only(db: Path) -> None:
-    conn = store.connect(db)
-    before = store.rules_version(conn)
-    store.insert_activity(conn, [store.ActivityRecord("2026-01-01T00:00:00Z", "r", "u", "1.2.3.4", "h",
-                                                      "/", "GET", None, False, "no_matching_policy", "x", 1.0)])
-    assert store.rules_version(conn) == before
+    conn = connect(db)
+    before = rules_version(conn)
+    insert_activity(conn, [ActivityRecord(
+        at=1767225600.0, request_id="r", username="u", source_ip="1.2.3.4", host="h", path="/", method="GET",
+        policy=None, allowed=False, code="no_matching_policy", status="x", latency_ms=1.0)])
+    assert rules_version(conn) == before
     conn.execute("UPDATE policies SET priority = 1")  # no rows: still no change
     seed(db, [RULE])
-    after = store.rules_version(conn)
+    after = rules_version(conn)
     assert after[0] > before[0] and after[1] != before[1]
 
 
+def test_activity_times_are_written_as_text_and_read_back_as_epoch_seconds(db: Path) -> None:
+    at = 1772359200.123  # 2026-03-01T10:00:00.123Z, held by the float a hair below
+    record = ActivityRecord(at=at, request_id="r", username="u", source_ip="1.2.3.4", host="h", path="/",
+                            method="GET", policy="p", allowed=True, code="allowed", status="ok", latency_ms=2.5)
+    conn = connect(db)
+    insert_activity(conn, [record])
+    assert conn.execute("SELECT at FROM activity_log").fetchone() == ("2026-03-01T10:00:00.123Z",)
+    (read,) = read_activity(conn)
+    assert read == record
+    assert iso_time(read.at) == "2026-03-01T10:00:00.123Z"
+    conn.close()
+
+
+@pytest.mark.parametrize("text", ["1970-01-01T00:00:00.000Z", "2026-03-01T10:00:00.123Z",
+                                  "2026-12-31T23:59:59.999Z", "2100-02-28T12:34:56.001Z"])
+def test_iso_time_reads_back_to_the_same_text(text: str) -> None:
+    assert iso_time(parse_iso_time(text)) == text
+
+
+def test_an_activity_row_whose_time_is_not_one_fails_the_read(db: Path) -> None:
+    conn = connect(db)
+    conn.execute("INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method, allowed,"
+                 " code, status, latency_ms) VALUES ('yesterday', '', '', '', '', '/', 'GET', 0, 'x', 'x', 1)")
+    with pytest.raises(StoreError, match=r"cannot read the activity log: row 1: 'yesterday' is not a time"):
+        read_activity(conn)
+    conn.close()
+
+
+def test_a_failed_transaction_is_rolled_back(db: Path) -> None:
+    conn = connect(db)
+    with pytest.raises(StoreError, match="names rule 'ghost'"):
+        with transaction(conn, immediate=True):
+            save_rule(conn, RULE)
+            save_policy(conn, Policy(name="p", rules=("posture", "ghost")))
+    assert conn.execute("SELECT count(*) FROM rules").fetchone() == (0,)
+    conn.close()
+
+
 def test_readonly_connection_never_creates_the_file(tmp_path: Path) -> None:
-    with pytest.raises(store.StoreError):
-        store.connect(tmp_path / "absent.db", readonly=True).execute("SELECT 1")
+    with pytest.raises(StoreError):
+        connect(tmp_path / "absent.db", readonly=True).execute("SELECT 1")
     assert not (tmp_path / "absent.db").exists()
