@@ -19,8 +19,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from sidecar import store
 from sidecar.admin import cli
+from sidecar.db import ActivityRecord, connect, insert_activity, parse_iso_time, read_policies, read_rules
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from sidecar.rules.secrets import MASK
 
@@ -52,9 +52,9 @@ def count(db: Path, table: str) -> int:
 
 
 def stored_rules(db: Path) -> dict[str, Rule]:
-    conn = store.connect(db, readonly=True)
+    conn = connect(db, readonly=True)
     try:
-        return {r.name: r.rule for r in store.read_rules(conn)}
+        return {r.name: r.rule for r in read_rules(conn)}
     finally:
         conn.close()
 
@@ -101,7 +101,7 @@ def test_the_top_help_shows_a_whole_workflow() -> None:
         assert line in result.stdout
 
 
-# The command line of issue 4, a contract: scripts depend on these names.
+# The command line is a contract (README, "Admin script"): scripts depend on these names.
 CONTRACT = {
     (): ["--db", "--actor"],
     ("rule", "add"): ["--method", "--url", "--header", "--body", "--body-file", "--auth", "--username",
@@ -192,11 +192,11 @@ def test_a_clear_secret_is_stored_with_a_warning_and_shown_masked(db: Path) -> N
     (["--url", "http://x/", "--action", "regex:a.b:("],
      "rule \"r\": --action #1: regex '(' does not compile: missing ): ( (RE2 syntax, matched in linear time)"),
     (["--url", "http://x/", "--action", "regex:a.b:^(\\w+)-\\1$"],
-     "rule \"r\": --action #1: regex '^(\\\\w+)-\\\\1$' is refused: backreferences (\\1…\\9) are not supported "
-     "(RE2 syntax, matched in linear time)"),
+     ("rule \"r\": --action #1: regex '^(\\\\w+)-\\\\1$' is refused: backreferences (\\1…\\9) are not supported "
+      "(RE2 syntax, matched in linear time)")),
     (["--url", "http://x/", "--action", "regex:a.b:^(?!admin)"],
-     "rule \"r\": --action #1: regex '^(?!admin)' is refused: negative lookahead (?!…) is not supported "
-     "(RE2 syntax, matched in linear time)"),
+     ("rule \"r\": --action #1: regex '^(?!admin)' is refused: negative lookahead (?!…) is not supported "
+      "(RE2 syntax, matched in linear time)")),
     (["--url", "http://x/", "--action", "string:a:b", "--action", "equals:a:b"],
      "rule \"r\": --action #2 type: Input should be 'string', 'regex' or 'store'"),
     (["--url", "http://x/", "--action", "store:a:bad name"],
@@ -206,13 +206,13 @@ def test_a_clear_secret_is_stored_with_a_warning_and_shown_masked(db: Path) -> N
     (["--url", "http://x/", "--auth", "oauth", "--token-url", "https://idp/t", "--client-id", "c"],
      'rule "r": oauth authentication needs a token URL, a client ID and a client secret'),
     (["--url", "http://x/", "--auth", "basic", "--username", "u", "--password", "env:1X"],
-     "rule \"r\": --password: secret env:1X: env:NAME needs an environment variable name "
-     "(letters, digits and _, not first a digit)"),
+     ("rule \"r\": --password: secret env:1X: env:NAME needs an environment variable name "
+      "(letters, digits and _, not first a digit)")),
     (["--url", "http://x/", "--auth", "basic", "--username", "u", "--password", "file:"],
      'rule "r": --password: secret file:: the file path is missing'),
     (["--url", "http://x/", "--auth", "basic", "--username", "u", "--password", "ENV:PW"],
-     "rule \"r\": --password: 'ENV:' looks like a secret reference, but references are written "
-     "env:NAME or file:PATH, in lower case"),
+     ("rule \"r\": --password: 'ENV:' looks like a secret reference, but references are written "
+      "env:NAME or file:PATH, in lower case")),
     (["--url", "http://x/", "--timeout-ms", "0"], 'rule "r": --timeout-ms: Input should be greater than or equal to 1'),
     (["--url", "http://x/", "--header", "Bad Name=1"],
      "rule \"r\": --header: header name 'Bad Name' is not a valid HTTP header name"),
@@ -321,7 +321,7 @@ bad-param  yes      GET     http://z/%user_name%    none      url: unknown param
 bad-regex  yes      GET     http://z/               none      actions.0: regex '(' does not compile: missing ): ( (RE2 syntax, matched in linear time)
 good       yes      GET     http://x/?u=%username%  web
 off        no       GET     http://y/               web
-""")
+""")  # noqa: E501
     lines = admin(db, "rule", "list", "--json").stdout.splitlines()
     assert json.loads(lines[2]) == {
         "name": "good", "enabled": True, "method": "GET", "url": "http://x/?u=%username%", "headers": [],
@@ -492,33 +492,37 @@ def test_the_actor_defaults_to_safous_actor_then_the_os_user(db: Path) -> None:
 
 
 ACTIVITY = [
-    store.ActivityRecord("2026-03-01T10:00:00.000Z", "req-1", "alice", "203.0.113.7", "app.example.com",
-                         "/app/x", "GET", "web", True, "rules_passed", 'policy "web": all 1 rules met', 3.2),
-    store.ActivityRecord("2026-03-01T10:05:00.000Z", "req-2", "bob", "203.0.113.8", "app.example.com",
-                         "/app/y", "POST", "web", False, "value_mismatch",
-                         'rule "posture": data.status is "inactive", expected "active"', 8.1),
-    store.ActivityRecord("2026-03-01T10:09:00.000Z", "req-3", "", "198.51.100.1", "other.example.com",
-                         "/\x1b[2J", "GET", None, False, "no_matching_policy", "no policy matches this request", 0.4),
+    ActivityRecord(at=parse_iso_time("2026-03-01T10:00:00.000Z"), request_id="req-1", username="alice",
+                   source_ip="203.0.113.7", host="app.example.com", path="/app/x", method="GET", policy="web",
+                   allowed=True, code="rules_passed", status='policy "web": all 1 rules met', latency_ms=3.2),
+    ActivityRecord(at=parse_iso_time("2026-03-01T10:05:00.000Z"), request_id="req-2", username="bob",
+                   source_ip="203.0.113.8", host="app.example.com", path="/app/y", method="POST", policy="web",
+                   allowed=False, code="value_mismatch",
+                   status='rule "posture": data.status is "inactive", expected "active"', latency_ms=8.1),
+    ActivityRecord(at=parse_iso_time("2026-03-01T10:09:00.000Z"), request_id="req-3", username="",
+                   source_ip="198.51.100.1", host="other.example.com", path="/\x1b[2J", method="GET", policy=None,
+                   allowed=False, code="no_matching_policy", status="no policy matches this request",
+                   latency_ms=0.4),
 ]
 
 
 def test_logs_activity(db: Path) -> None:
-    store.insert_activity(store.connect(db), ACTIVITY)
+    insert_activity(connect(db), ACTIVITY)
     ok(admin(db, "logs", "activity"), """\
 AT                        REQUEST ID  USER   SOURCE IP     METHOD  HOST               PATH      POLICY  DECISION  CODE                STATUS
 2026-03-01T10:09:00.000Z  req-3       -      198.51.100.1  GET     other.example.com  /\\x1b[2J  -       deny      no_matching_policy  no policy matches this request
 2026-03-01T10:05:00.000Z  req-2       bob    203.0.113.8   POST    app.example.com    /app/y    web     deny      value_mismatch      rule "posture": data.status is "inactive", expected "active"
 2026-03-01T10:00:00.000Z  req-1       alice  203.0.113.7   GET     app.example.com    /app/x    web     allow     rules_passed        policy "web": all 1 rules met
-""")
+""")  # noqa: E501
     # --since 11:00+01:00 is 10:00 UTC: the first request is at 10:00:00, the limit keeps the newest.
     ok(admin(db, "logs", "activity", "--denied", "--since", "2026-03-01T11:00+01:00", "--limit", "1"), """\
 AT                        REQUEST ID  USER  SOURCE IP     METHOD  HOST               PATH      POLICY  CODE                STATUS
 2026-03-01T10:09:00.000Z  req-3       -     198.51.100.1  GET     other.example.com  /\\x1b[2J  -       no_matching_policy  no policy matches this request
-""")
+""")  # noqa: E501
     ok(admin(db, "logs", "activity", "--denied", "--user", "bob"), """\
 AT                        REQUEST ID  USER  SOURCE IP    METHOD  HOST             PATH    POLICY  CODE            STATUS
 2026-03-01T10:05:00.000Z  req-2       bob   203.0.113.8  POST    app.example.com  /app/y  web     value_mismatch  rule "posture": data.status is "inactive", expected "active"
-""")
+""")  # noqa: E501
     assert times(admin(db, "logs", "activity", "--since", "2026-03-01T10:05:00Z").stdout).count("req-") == 2
     lines = admin(db, "logs", "activity", "--json", "--user", "alice").stdout.splitlines()
     assert [json.loads(line) for line in lines] == [{
@@ -575,8 +579,8 @@ created policy "web"
 imported {exported}: 5 created, 0 updated, 0 deleted, 0 unchanged
 """)
     assert stored_rules(other) == stored_rules(db)
-    conn, other_conn = store.connect(db, readonly=True), store.connect(other, readonly=True)
-    assert store.read_policies(conn) == store.read_policies(other_conn)
+    conn, other_conn = connect(db, readonly=True), connect(other, readonly=True)
+    assert read_policies(conn) == read_policies(other_conn)
     conn.close()
     other_conn.close()
     assert admin(other, "export").stdout == admin(db, "export").stdout
@@ -660,6 +664,83 @@ def test_export_warns_about_rows_that_do_not_validate(db: Path) -> None:
                              "exported as stored; import refuses it until repaired\n")
 
 
+# ------------------------------------------------- rules.db: reading never creates or migrates
+
+
+def _missing(path: Path) -> str:
+    return (f"rules.db {path} does not exist (`rule add`, `policy add` and `import` create one; "
+            "other commands never do)")
+
+
+# Every command but those that add, each with what it needs to get as far as opening rules.db.
+NOT_CREATING = [
+    ["rule", "show", "r"], ["rule", "list"], ["rule", "list", "--json"], ["policy", "show", "p"],
+    ["policy", "list"], ["policy", "list", "--json"], ["logs", "audit"], ["logs", "audit", "--json"],
+    ["logs", "activity"], ["logs", "activity", "--denied", "--json"], ["export"], ["export", "out.json"],
+    ["export", "--with-secrets", "out.json"], ["test", "r"],
+    ["rule", "edit", "r", "--url", "http://x/"], ["rule", "delete", "r"], ["rule", "enable", "r"],
+    ["rule", "disable", "r"], ["policy", "edit", "p", "--priority", "1"], ["policy", "delete", "p"],
+    ["policy", "enable", "p"], ["policy", "disable", "p"],
+]
+
+
+@pytest.mark.parametrize("args", NOT_CREATING, ids=" ".join)
+def test_a_missing_rules_db_is_refused_and_not_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       args: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # where `export out.json` would write
+    refused(admin(tmp_path / "typo.db", *args), _missing(tmp_path / "typo.db"), exit_code=2)
+    assert sorted(os.listdir(tmp_path)) == []  # no typo.db, -wal, -shm, nor export file
+
+
+def test_params_needs_no_rules_db(tmp_path: Path) -> None:
+    assert admin(tmp_path / "typo.db", "params").exit_code == 0
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["rule", "add", "r", "--url", "http://x/"], ["policy", "add", "p"],
+], ids=" ".join)
+def test_adding_creates_a_missing_rules_db(tmp_path: Path, args: list[str]) -> None:
+    ok(admin(tmp_path / "new.db", *args), f'{args[0]} "{args[2]}" created\n')
+    assert count(tmp_path / "new.db", "audit_log") == 1
+
+
+def test_an_older_rules_db_is_read_as_it_is_and_left_alone(db: Path) -> None:
+    admin(db, "rule", "add", "r", "--url", "http://x/")
+    conn = sqlite3.connect(db)
+    (latest,) = conn.execute("SELECT max(name) FROM schema_migrations").fetchone()
+    conn.execute("DELETE FROM schema_migrations WHERE name = ?", (latest,))  # as if released later
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()  # every connection closed: nothing waits in a -wal
+    warning = (f"warning: rules.db {db} has an older schema ({latest} not applied): shown as it is; the "
+               "sidecar or a writing command of this version brings it up to date\n")
+    listing = "NAME  ENABLED  METHOD  URL        POLICIES\nr     yes      GET     http://x/  none\n"
+    result = admin(db, "rule", "list")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, listing, warning)
+    for args in (["rule", "show", "r"], ["policy", "list"], ["logs", "audit"], ["logs", "activity"], ["export"],
+                 ["test", "nothing"]):
+        assert admin(db, *args).stderr.startswith(warning) == (args[0] != "test"), args
+    assert db.read_bytes() == before  # not migrated, not written (a writing command migrates: test_admin_audit)
+
+
+def test_a_rules_db_that_cannot_be_read_as_it_is_says_how_to_bring_it_up_to_date(db: Path, tmp_path: Path) -> None:
+    conn = sqlite3.connect(db)
+    names = ", ".join(name for (name,) in conn.execute("SELECT name FROM schema_migrations ORDER BY name"))
+    conn.close()
+    empty = tmp_path / "empty.db"
+    empty.touch()  # an SQLite database with no tables at all
+    result = admin(empty, "rule", "list")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"Error: rules.db {empty} cannot be read without {names} (cannot read "
+                                    "rules.db: no such table: ")
+    assert result.stderr.endswith("): start the sidecar of this version, or run a writing command, to bring it "
+                                  "up to date\n")
+    assert empty.stat().st_size == 0
+    ok(admin(empty, "rule", "add", "r", "--url", "http://x/"), 'rule "r" created\n')
+    ok(admin(empty, "policy", "list"), "no policies\n")
+
+
 # ----------------------------------------------------------------- the real program
 
 
@@ -669,7 +750,7 @@ def test_the_console_script(tmp_path: Path) -> None:
     env = {**os.environ, "SAFOUS_DB": str(db), "SAFOUS_ACTOR": "ops"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=30)
+        return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=30, check=False)
 
     created = run("rule", "add", "r", "--url", "http://x/?u=%username%")
     assert (created.returncode, created.stdout, created.stderr) == (0, 'rule "r" created\n', "")

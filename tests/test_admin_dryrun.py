@@ -155,8 +155,8 @@ async def test_usage_and_configuration_errors_exit_2(db: Path, webhook: Webhook,
     add_posture(db, webhook)
     cases = [
         (["test", "postur"], 'rule "postur" does not exist — did you mean "posture"?'),
-        (["test", "posture"], 'rule "posture" cannot run: secret env:SAFOUS_SECRET_POSTURE_PW: environment '
-                              "variable SAFOUS_SECRET_POSTURE_PW is not set"),
+        (["test", "posture"], ('rule "posture" cannot run: secret env:SAFOUS_SECRET_POSTURE_PW: environment '
+                               "variable SAFOUS_SECRET_POSTURE_PW is not set")),
         (["test", "posture", "--param", "user_name=x"],
          "--param: unknown parameter %user_name% — did you mean %username%?"),
         (["test", "posture", "--param", "username"], "Invalid value for '--param': 'username' is not NAME=VALUE"),
@@ -166,7 +166,9 @@ async def test_usage_and_configuration_errors_exit_2(db: Path, webhook: Webhook,
         assert (result.exit_code, result.stdout) == (2, ""), result.output
         assert result.stderr.splitlines()[-1] == f"Error: {message}"
     result = await run(tmp_path / "absent.db", "test", "posture")
-    assert (result.exit_code, result.stderr) == (2, f"Error: {tmp_path / 'absent.db'} does not exist\n")
+    assert (result.exit_code, result.stderr) == (2, (f"Error: rules.db {tmp_path / 'absent.db'} does not exist "
+                                                     "(`rule add`, `policy add` and `import` create one; other "
+                                                     "commands never do)\n"))
     assert not (tmp_path / "absent.db").exists()
     assert webhook.requests == []
     assert count(db, "activity_log") == 0

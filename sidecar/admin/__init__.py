@@ -1,12 +1,16 @@
-"""``safous-admin``: the admins' script for rules.db (PRODUCT.md, "Who uses it and how").
+"""``safous-admin``: the admins' script for rules.db (README, "Admin script").
 
-    cli.py         the command line (click): a thin shell, one transaction per command
+    cli.py         the commands (click), each docstring its --help: a thin shell
+    options.py     the commands' options, parsed into typed values and merged into fields
+    access.py      how a command opens rules.db: readers never create or migrate it
     validation.py  what is checked before anything is written (AdminError)
-    display.py     tables and details, secrets masked, terminal-safe text
+    order.py       which earlier rule of a policy stores each value a rule uses
+    checks.py      what the sidecar will make of what is stored: problems and warnings
+    display.py     tables, details and log entries, secrets masked, terminal-safe text
     exchange.py    export / import of the whole rule and policy set
-    dryrun.py      `test`: one rule run once, as the sidecar runs it
+    dryrun.py      `test`: one rule run once, as the sidecar runs it, and its report
 
-SQL stays in ``sidecar.store``; the audit log is written by triggers there, so the script only
+SQL stays in ``sidecar.db``; the audit log is written by triggers there, so the script only
 says who the actor is.
 """
 

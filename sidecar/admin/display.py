@@ -1,4 +1,5 @@
-"""How the admin script shows things: redacted documents, tables, one object's details.
+"""How the admin script shows things: redacted documents, tables, one object's details, log
+entries, warnings.
 
 Two rules hold for everything printed:
 
@@ -17,22 +18,36 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import click
+
+from sidecar.db import ActivityRecord, AuditEntry, StoredPolicy, StoredRule, iso_time
+from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX
 from sidecar.rules.secrets import MASK, mask
-from sidecar.store import StoredPolicy, StoredRule
+
+from .validation import quoted
 
 __all__ = [
     "SECRET_HEADERS",
     "action_lines",
+    "activity_line",
+    "activity_table",
+    "audit_line",
+    "audit_table",
     "clean",
+    "counted",
     "header_lines",
+    "parameter_table",
     "policy_details",
     "policy_document",
-    "policy_row",
+    "policy_line",
+    "policy_table",
     "redact_header",
     "rule_details",
     "rule_document",
-    "rule_row",
+    "rule_line",
+    "rule_table",
     "table",
+    "warn",
 ]
 
 SECRET_HEADERS = ("authorization", "proxy-authorization")
@@ -86,7 +101,19 @@ def policy_document(stored: StoredPolicy) -> dict[str, Any]:
     return stored.policy.model_dump(mode="json") if stored.policy else dict(stored.fields)
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+def warn(*messages: str) -> None:
+    """``warning: message`` on standard error for each message: the command goes on."""
+    for message in messages:
+        click.echo(f"warning: {message}", err=True)
+
+
+def counted(n: int, kind: str) -> str:
+    """``1 rule``, ``2 policies``."""
+    plural = "policies" if kind == "policy" else kind + "s"
+    return f"{n} {kind if n == 1 else plural}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Left-aligned columns two spaces apart, cells cleaned, no trailing spaces."""
     cells = [list(headers)] + [[clean(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -198,8 +225,7 @@ def policy_details(stored: StoredPolicy, problem: str | None) -> str:
     return _details(f"policy {json.dumps(stored.name, ensure_ascii=False)}", pairs)
 
 
-def policy_row(stored: StoredPolicy) -> list[str]:
-    """``policy list``'s columns for one policy."""
+def _policy_row(stored: StoredPolicy) -> list[str]:
     doc = stored.fields
     return [stored.name, _yes(doc.get("enabled")), _text(doc.get("priority")),
             _listing(doc.get("hosts"), "any"), _text(doc.get("path_prefix")),
@@ -207,8 +233,93 @@ def policy_row(stored: StoredPolicy) -> list[str]:
             _listing(doc.get("rules"), "none")]
 
 
-def rule_row(stored: StoredRule) -> list[str]:
-    """``rule list``'s columns for one rule."""
+def _rule_row(stored: StoredRule) -> list[str]:
     doc = stored.fields
     return [stored.name, _yes(doc.get("enabled")), _text(doc.get("method")), _text(doc.get("url")),
             ", ".join(stored.policies) or "none"]
+
+
+def _with_problems(headers: Sequence[str], rows: Sequence[Sequence[str]], problems: Sequence[str | None]) -> str:
+    """``table``, with a PROBLEM column when any object has one."""
+    if not any(problems):
+        return table(headers, rows)
+    return table([*headers, "PROBLEM"], [[*row, p or ""] for row, p in zip(rows, problems, strict=True)])
+
+
+def rule_table(rules: Sequence[StoredRule], problems: Sequence[str | None]) -> str:
+    """``rule list``: one row a rule, with its problem (``problems``, in the same order)."""
+    return _with_problems(["NAME", "ENABLED", "METHOD", "URL", "POLICIES"], [_rule_row(r) for r in rules],
+                          problems)
+
+
+def policy_table(policies: Sequence[StoredPolicy], problems: Sequence[str | None]) -> str:
+    """``policy list``: one row a policy, with its problem (``problems``, in the same order)."""
+    headers = ["NAME", "ENABLED", "PRIORITY", "HOSTS", "PATH", "METHODS", "INTEGRATION", "RULES"]
+    return _with_problems(headers, [_policy_row(p) for p in policies], problems)
+
+
+def _json_line(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, ensure_ascii=False)
+
+
+def rule_line(stored: StoredRule, problem: str | None) -> str:
+    """``rule list --json``: the export's fields, secrets masked, the policies and the problem."""
+    return _json_line({**rule_document(stored), "policies": list(stored.policies), "problem": problem})
+
+
+def policy_line(stored: StoredPolicy, problem: str | None) -> str:
+    """``policy list --json``: the export's fields and the problem."""
+    return _json_line({**policy_document(stored), "problem": problem})
+
+
+def _changes(before: Any, after: Any) -> str:
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return ""
+    return ", ".join(k for k in after if k != "enabled" and before.get(k) != after.get(k))
+
+
+def audit_table(entries: Sequence[AuditEntry]) -> str:
+    """``logs audit``: one row an entry; for an edit, the settings it changed."""
+    return table(
+        ["AT", "ACTOR", "ACTION", "OBJECT", "CHANGES"],
+        [[e.at, e.actor, e.action, f"{e.object_type} {quoted(e.object_name)}",
+          _changes(e.before, e.after) if e.action == "edit" else ""] for e in entries],
+    )
+
+
+def audit_line(e: AuditEntry) -> str:
+    """``logs audit --json``: the whole entry, before and after included (secrets redacted)."""
+    return _json_line({"id": e.id, "at": e.at, "actor": e.actor, "action": e.action,
+                       "object_type": e.object_type, "object_name": e.object_name,
+                       "before": e.before, "after": e.after})
+
+
+def activity_table(records: Sequence[ActivityRecord], *, denied: bool) -> str:
+    """``logs activity``: one row a decision; ``denied`` (only denials) leaves out DECISION."""
+    headers = ["AT", "REQUEST ID", "USER", "SOURCE IP", "METHOD", "HOST", "PATH", "POLICY"]
+    headers += ["CODE", "STATUS"] if denied else ["DECISION", "CODE", "STATUS"]
+    rows = []
+    for r in records:
+        row = [iso_time(r.at), r.request_id or "-", r.username or "-", r.source_ip or "-", r.method, r.host,
+               r.path, r.policy or "-"]
+        row += [r.code, r.status] if denied else ["allow" if r.allowed else "deny", r.code, r.status]
+        rows.append(row)
+    return table(headers, rows)
+
+
+def activity_line(r: ActivityRecord) -> str:
+    """``logs activity --json``: the whole record."""
+    return _json_line({
+        "at": iso_time(r.at), "request_id": r.request_id, "username": r.username, "source_ip": r.source_ip,
+        "method": r.method, "host": r.host, "path": r.path, "policy": r.policy,
+        "allowed": r.allowed, "code": r.code, "status": r.status, "latency_ms": r.latency_ms,
+    })
+
+
+def parameter_table() -> str:
+    """``params``: every %parameter% a rule can use, and where its value comes from."""
+    rows = [[f"%{name}%", source] for name, source in PARAMETERS.items()]
+    rows.append([f"%{HEADER_PREFIX}XYZ%", "request header XYZ (name case-insensitive); empty if absent"])
+    rows.append([f"%{STORED_PREFIX}NAME%", ("value kept by a store response action of an earlier rule "
+                                            "of the same policy")])
+    return table(["PARAMETER", "SOURCE"], rows)

@@ -13,30 +13,52 @@ exported masked unless asked for with ``--with-secrets``; references (``env:NAME
 lossless without ever writing a secret to the file; into another rules.db it needs the
 secrets exported, or given as references.
 
-Import checks the whole document before writing anything (``plan_import``), then applies it in
-the caller's transaction (``apply_import``). Objects equal to the stored ones are not written,
-so importing the same document twice changes nothing and audits nothing. Objects in rules.db
-and not in the document are kept, or deleted with ``replace``.
+Import reads the file (``read_document``), checks the whole document before writing anything
+(``plan_import``), then applies it in the caller's transaction (``apply_import``). Objects
+equal to the stored ones are not written, so importing the same document twice changes nothing
+and audits nothing. Objects in rules.db and not in the document are kept, or deleted with
+``replace``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Literal, TypeVar
 
-from sidecar import store
+from sidecar import db
+from sidecar.db import ObjectKind, StoredPolicy, StoredRule
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
-from sidecar.rules.secrets import MASK, is_reference
-from sidecar.store import StoredPolicy, StoredRule
+from sidecar.rules.secrets import MASK, SecretPolicy, is_reference
 
 from .display import SECRET_HEADERS, policy_document, rule_document
-from .validation import AdminError, quoted, stored_problems, validate_policy, validate_rule
+from .validation import (
+    AdminError,
+    check_secrets,
+    quoted,
+    stored_problems,
+    validate_policy,
+    validate_rule,
+)
 
-__all__ = ["FORMAT_VERSION", "ImportPlan", "apply_import", "export_document", "plan_import"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ImportPlan",
+    "apply_import",
+    "export_document",
+    "plan_import",
+    "read_document",
+    "write_export",
+]
 
 FORMAT_VERSION = 1
+
+Change = Literal["created", "updated", "deleted"]
+_Model = TypeVar("_Model", Rule, Policy)
 
 
 def export_document(rules: list[StoredRule], policies: list[StoredPolicy], *,
@@ -59,14 +81,24 @@ class ImportPlan:
     policies: list[Policy] = field(default_factory=list)
     delete_rules: list[str] = field(default_factory=list)
     delete_policies: list[str] = field(default_factory=list)
-    changes: list[tuple[str, str, str]] = field(default_factory=list)
+    changes: list[tuple[Change, ObjectKind, str]] = field(default_factory=list)
     unchanged: int = 0
 
-    def count(self, verb: str) -> int:
+    def count(self, verb: Change) -> int:
         return sum(1 for v, _, _ in self.changes if v == verb)
 
+    def _save(self, kind: ObjectKind, models: Sequence[_Model], current: dict[str, _Model | None],
+              out: list[_Model]) -> None:
+        """Plan to save those of ``models`` that differ from the ``current`` ones, into ``out``."""
+        for model in models:
+            if model.name in current and current[model.name] == model:
+                self.unchanged += 1
+                continue
+            out.append(model)
+            self.changes.append(("updated" if model.name in current else "created", kind, model.name))
 
-def _entries(document: dict[str, Any], key: str, kind: str) -> list[dict[str, Any]]:
+
+def _entries(document: dict[str, Any], key: str, kind: ObjectKind) -> list[dict[str, Any]]:
     entries = document.get(key, [])
     if not isinstance(entries, list):
         raise AdminError(f'"{key}" must be a list')
@@ -95,7 +127,7 @@ def _unmasked(entry: dict[str, Any], current: StoredRule | None) -> dict[str, An
     headers = entry.get("headers")
     if isinstance(headers, list):
         stored_headers = [h for h in stored.get("headers") or [] if isinstance(h, list) and len(h) == 2]
-        out = []
+        out: list[Any] = []
         for pair in headers:
             if (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
                     and pair[0].lower() in SECRET_HEADERS and pair[1] == MASK):
@@ -112,9 +144,11 @@ def _unmasked(entry: dict[str, Any], current: StoredRule | None) -> dict[str, An
 
 
 def plan_import(document: Any, current_rules: list[StoredRule], current_policies: list[StoredPolicy],
-                *, replace: bool = False) -> ImportPlan:
+                *, replace: bool = False, secrets: SecretPolicy | None = None) -> ImportPlan:
     """Check ``document`` against the current rules.db and say what importing it writes.
-    Raises ``AdminError`` at the first problem; nothing has been written then."""
+    ``secrets``: the sidecar's secret policy, which the rules written must keep to (None: only
+    the syntax of their secret references is checked). Raises ``AdminError`` at the first
+    problem; nothing has been written then."""
     if not isinstance(document, dict):
         raise AdminError("the document must be a JSON object with \"rules\" and \"policies\"")
     unknown = sorted(set(document) - {"version", "rules", "policies"})
@@ -148,33 +182,50 @@ def plan_import(document: Any, current_rules: list[StoredRule], current_policies
         plan.delete_policies = sorted(set(stored_policies) - imported)
         plan.delete_rules = sorted(set(stored_rules) - touched)
         plan.changes += [("deleted", "policy", n) for n in plan.delete_policies]
-    for rule in rules:
-        current = stored_rules.get(rule.name)
-        if current is not None and current.rule == rule:
-            plan.unchanged += 1
-            continue
-        plan.rules.append(rule)
-        plan.changes.append(("updated" if current else "created", "rule", rule.name))
-    for policy in policies:
-        current_policy = stored_policies.get(policy.name)
-        if current_policy is not None and current_policy.policy == policy:
-            plan.unchanged += 1
-            continue
-        plan.policies.append(policy)
-        plan.changes.append(("updated" if current_policy else "created", "policy", policy.name))
+    plan._save("rule", rules, {n: r.rule for n, r in stored_rules.items()}, plan.rules)
+    plan._save("policy", policies, {n: p.policy for n, p in stored_policies.items()}, plan.policies)
     plan.changes += [("deleted", "rule", n) for n in plan.delete_rules]
+    for rule in plan.rules if secrets is not None else []:  # a rule kept as stored is not refused
+        try:
+            check_secrets(rule, secrets)
+        except AdminError as exc:
+            raise AdminError(f"rule {quoted(rule.name)}: {exc}") from None
     return plan
 
 
 def apply_import(conn: sqlite3.Connection, plan: ImportPlan) -> None:
-    """Write ``plan`` inside the caller's ``store.admin_transaction``. Raises ``StoreError``."""
+    """Write ``plan`` inside the caller's ``db.admin_transaction``. Raises ``StoreError``."""
     for name in plan.delete_policies:
-        store.delete_policy(conn, name)
+        db.delete_policy(conn, name)
     if plan.delete_policies:
-        store.flush_audit(conn)  # a policy created next may reuse a deleted one's id
+        db.flush_audit(conn)  # a policy created next may reuse a deleted one's id
     for rule in plan.rules:
-        store.save_rule(conn, rule)
+        db.save_rule(conn, rule)
     for policy in plan.policies:
-        store.save_policy(conn, policy)
+        db.save_policy(conn, policy)
     for name in plan.delete_rules:  # last: no policy left uses them
-        store.delete_rule(conn, name)
+        db.delete_rule(conn, name)
+
+
+def read_document(file: IO[str]) -> tuple[str, Any]:
+    """The JSON document in ``file``, and the file's name as messages say it. Raises
+    ``AdminError`` for a file that is not JSON text."""
+    source = "standard input" if file.name == "<stdin>" else file.name
+    try:
+        return source, json.load(file)
+    except json.JSONDecodeError as exc:
+        raise AdminError(f"{source}: not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except UnicodeDecodeError:
+        raise AdminError(f"{source}: not UTF-8 text") from None
+
+
+def write_export(path: str, text: str, *, with_secrets: bool) -> None:
+    """Write ``text`` to ``path``, created readable by its owner only if it holds secrets.
+    Raises ``AdminError``."""
+    mode = 0o600 if with_secrets else 0o666
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with open(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        raise AdminError(f"cannot write {path}: {exc.strerror}") from None

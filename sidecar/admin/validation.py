@@ -6,7 +6,8 @@ the closest known name), its secret references (their syntax and, with the ``Sec
 the sidecar is configured with, that they point under a secret directory or at a variable with
 the secret prefix: else the sidecar would deny with ``rule_invalid``). A policy: the model,
 that its rules exist, and that each ``%stored.NAME%`` a rule uses is stored by an earlier
-enabled rule of the policy (else the sidecar would deny every request with ``rule_invalid``).
+enabled rule of the policy (``sidecar.rules.order``; else the sidecar would deny every request with
+``rule_invalid``).
 
 Exceptions::
 
@@ -20,23 +21,26 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from sidecar.db import ObjectKind
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, Rule
+from sidecar.rules.order import Unstored, stored_dependencies
 from sidecar.rules.secrets import SecretError, SecretPolicy, check_syntax
 from sidecar.rules.templates import TemplateError, compile_rule_request
 
 __all__ = [
-    "AdminError",
     "CLI_OPTIONS",
+    "AdminError",
     "check_name",
     "check_secrets",
     "closest",
     "describe",
+    "not_found",
     "quoted",
     "stored_problem",
     "stored_problems",
@@ -59,6 +63,8 @@ _SECRET_FIELDS = ("password", "client_secret")
 _LOOKS_LIKE_REFERENCE = re.compile(r"(?i)(env|file):")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
 
 class AdminError(Exception):
     """A refused command. The message is one line; ``exit_code`` is what the script exits with."""
@@ -79,7 +85,12 @@ def closest(name: str, known: Iterable[str]) -> str:
     return f" — did you mean {quoted(match[0])}?" if match else ""
 
 
-def check_name(kind: str, name: str) -> None:
+def not_found(kind: ObjectKind, name: str, known: Sequence[str], exit_code: int = 1) -> NoReturn:
+    """Refuse a command on the ``kind`` ``name`` that does not exist, suggesting a ``known`` one."""
+    raise AdminError(f"{kind} {quoted(name)} does not exist" + closest(name, known), exit_code)
+
+
+def check_name(kind: ObjectKind, name: str) -> None:
     """Refuse a rule or policy name that would not read as one line."""
     if _CONTROL.search(name):
         raise AdminError(f"{kind} name {quoted(name)} holds control characters")
@@ -137,11 +148,7 @@ def validate_rule(fields: Mapping[str, Any], *, option_names: bool = False,
     sidecar's secret policy; None checks only the syntax of secret references (the caller then
     checks them with ``check_secrets``). Raises ``AdminError`` naming the rule and the problem."""
     name = str(fields.get("name", ""))
-    try:
-        rule = Rule.model_validate(dict(fields))
-    except ValidationError as exc:
-        raise AdminError(f"rule {quoted(name)}: {describe(exc, option_names)}") from None
-    check_name("rule", rule.name)
+    rule = _validated("rule", Rule, fields, option_names)
     try:
         check_secrets(rule, secrets, option_names=option_names)
     except AdminError as exc:
@@ -159,11 +166,7 @@ def validate_policy(fields: Mapping[str, Any], rules: Mapping[str, Rule | None],
     a stored rule that does not validate: it exists, and the sidecar will deny with
     ``rule_invalid`` until it is repaired). Raises ``AdminError``."""
     name = str(fields.get("name", ""))
-    try:
-        policy = Policy.model_validate(dict(fields))
-    except ValidationError as exc:
-        raise AdminError(f"policy {quoted(name)}: {describe(exc, option_names)}") from None
-    check_name("policy", policy.name)
+    policy = _validated("policy", Policy, fields, option_names)
     for rule_name in policy.rules:
         if rule_name not in rules:
             raise AdminError(f"policy {quoted(name)}: rule {quoted(rule_name)} does not exist"
@@ -174,25 +177,36 @@ def validate_policy(fields: Mapping[str, Any], rules: Mapping[str, Rule | None],
     return policy
 
 
+def _validated(kind: ObjectKind, model: type[_Model], fields: Mapping[str, Any], option_names: bool) -> _Model:
+    try:
+        validated = model.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise AdminError(f"{kind} {quoted(str(fields.get('name', '')))}: {describe(exc, option_names)}") from None
+    check_name(kind, str(fields["name"]))
+    return validated
+
+
 def stored_problem(policy: Policy, rules: Mapping[str, Rule | None]) -> str | None:
     """Why ``policy`` cannot run its rules in order, or None: a rule uses ``%stored.NAME%`` and
     no earlier enabled rule of the policy stores NAME. Disabled rules are skipped, as the
     sidecar skips them."""
-    stored: set[str] = set()
+    names: list[str] = []
+    steps: list[tuple[tuple[str, ...], list[str]]] = []
     for rule_name in policy.rules:
         rule = rules.get(rule_name)
         if rule is None or not rule.enabled:
             continue
         try:
-            needed = compile_rule_request(rule).stored_names
+            uses = compile_rule_request(rule).stored_names
         except TemplateError:
             continue  # reported as the rule's own problem
-        for value in needed:
-            if value not in stored:
-                return (f"rule {quoted(rule_name)} uses %stored.{value}%, which no earlier enabled "
-                        f"rule of policy {quoted(policy.name)} stores")
-        stored.update(a.value for a in rule.actions if a.type is ActionType.STORE)
-    return None
+        names.append(rule_name)
+        steps.append((uses, [a.value for a in rule.actions if a.type is ActionType.STORE]))
+    unstored = stored_dependencies(steps)
+    if not isinstance(unstored, Unstored):
+        return None
+    return (f"rule {quoted(names[unstored.index])} uses %stored.{unstored.name}%, which no earlier "
+            f"enabled rule of policy {quoted(policy.name)} stores")
 
 
 def stored_problems(policies: Iterable[Policy], rules: Mapping[str, Rule | None]) -> list[str]:

@@ -32,6 +32,7 @@ from .client import (
 )
 from .judge import AnswerJudge, RuleOutcome, judge_answer
 from .model import AuthType, Rule
+from .order import Unstored, stored_dependencies
 from .responses import CompiledActions, compile_actions
 from .secrets import SecretPolicy, resolve_secret
 from .templates import (
@@ -95,18 +96,10 @@ def _make_plan(rules: tuple[CompiledRule, ...]) -> _Plan | str:
     """The rules and, for each, the indexes of the earlier rules whose stored values it uses;
     or why they cannot run (a template for the reason, ``{policy}`` to be filled in)."""
     compiled = list(rules)
-    producers: dict[str, int] = {}
-    deps: list[list[int]] = []
-    for index, rule in enumerate(compiled):
-        needed = []
-        for name in rule.request.stored_names:
-            if name not in producers:
-                return (f'rule "{rule.name}" uses %stored.{name}%, which no earlier rule of policy '
-                        '"{policy}" stores')
-            needed.append(producers[name])
-        deps.append(sorted(set(needed)))
-        for name in rule.actions.stored_names:
-            producers[name] = index
+    deps = stored_dependencies((r.request.stored_names, r.actions.stored_names) for r in compiled)
+    if isinstance(deps, Unstored):
+        return (f'rule "{compiled[deps.index].name}" uses %stored.{deps.name}%, which no earlier rule of '
+                'policy "{policy}" stores')
     return compiled, deps
 
 

@@ -1,0 +1,97 @@
+"""How a command reaches rules.db: readers never create or change it, writers do it whole.
+
+- A reading command (``show``, ``list``, ``logs``, ``export``, ``test``) opens rules.db
+  read-only. A missing file is refused (exit 2): a mistyped ``--db`` must not leave an empty
+  database behind and report "no rules". An older schema is not migrated: it is read as it is,
+  with a warning, and if it cannot be, the error says how to bring it up to date.
+- A writing command migrates an older schema, then makes all its changes in one admin
+  transaction (the audit triggers record its actor), or none. Only the commands that add
+  (``rule add``, ``policy add``, ``import``) create a missing rules.db; the others refuse it as
+  the readers do, since there is nothing in it for them to change.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar import db
+from sidecar.db import StoredPolicy, StoredRule
+from sidecar.rules.secrets import SecretPolicy
+
+from .display import warn
+from .validation import AdminError, not_found
+
+__all__ = ["Admin", "one_policy", "one_rule"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """What every command is given (click's ``ctx.obj``): rules.db, the actor the audit log
+    records, the sidecar's secret policy."""
+
+    db: Path
+    actor: str
+    secrets: SecretPolicy
+
+    def _missing(self) -> AdminError:
+        return AdminError(f"rules.db {self.db} does not exist (`rule add`, `policy add` and `import` "
+                          "create one; other commands never do)", 2)
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """rules.db, read-only, in one read transaction. Raises ``AdminError`` (exit 2) if it
+        does not exist, or if it has an older schema that cannot be read as it is."""
+        if not self.db.exists():  # checked first for the message: mode=ro would not create it either
+            raise self._missing()
+        conn = db.connect(self.db, readonly=True)
+        try:
+            pending = ", ".join(db.pending_migrations(conn))
+            with db.transaction(conn):
+                try:
+                    yield conn
+                except db.StoreError as exc:
+                    if not pending:
+                        raise
+                    raise AdminError(f"rules.db {self.db} cannot be read without {pending} ({exc}): start "
+                                     "the sidecar of this version, or run a writing command, to bring it "
+                                     "up to date", 2) from None
+        finally:
+            conn.close()
+        if pending:
+            warn(f"rules.db {self.db} has an older schema ({pending} not applied): shown as it is; the "
+                 "sidecar or a writing command of this version brings it up to date")
+
+    @contextmanager
+    def write(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
+        """rules.db, brought up to date, in one admin transaction: all of the command's writes,
+        or none. ``create``: a missing rules.db is created (else ``AdminError``, exit 2)."""
+        if not create and not self.db.exists():
+            raise self._missing()
+        conn = db.connect(self.db, create=create)
+        try:
+            if db.pending_migrations(conn):
+                db.migrate(conn)
+            with db.admin_transaction(conn, self.actor):
+                yield conn
+        finally:
+            conn.close()
+
+
+def one_rule(conn: sqlite3.Connection, name: str, exit_code: int = 1) -> StoredRule:
+    """The rule ``name``; ``AdminError`` with a suggestion if there is none."""
+    found = db.read_rules(conn, name)
+    if not found:
+        not_found("rule", name, [r.name for r in db.read_rules(conn)], exit_code)
+    return found[0]
+
+
+def one_policy(conn: sqlite3.Connection, name: str) -> StoredPolicy:
+    """The policy ``name``; ``AdminError`` with a suggestion if there is none."""
+    found = db.read_policies(conn, name)
+    if not found:
+        not_found("policy", name, [p.name for p in db.read_policies(conn)])
+    return found[0]
