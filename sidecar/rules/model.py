@@ -1,7 +1,7 @@
 """Rules (Custom): a webhook call plus the criteria its answer must meet, as typed values.
 
-The store turns rows into these models; the admin script validates input with them before
-anything is written. Semantics: README, "Rules (Custom)".
+The database layer (``sidecar.db``) turns rows into these models; the admin script validates
+input with them before anything is written. Semantics: README, "Rules (Custom)".
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ class InvalidRow:
     """A rules or policies row that does not validate (rules.db is read by the database layer,
     which makes these; the evaluate stage reports them): ``error`` says why in one line.
 
-    For a policy, ``fallback`` is what it can still be matched as (see ``_fallback_policy``)."""
+    For a policy, ``fallback`` is what it can still be matched as: a widened match that denies
+    (``sidecar.db.rule_set``)."""
 
     kind: str
     name: str
