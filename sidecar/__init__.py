@@ -5,9 +5,9 @@ The request path, one module a stage:
     edge.read_request      CheckRequest  -> RequestAttributes   (protobuf only here and in edge)
     parameters.map_parameters  RequestAttributes -> Parameters  (pure)
     policies.PolicyIndex.match  host/path/method -> Policy | None
-    evaluation.RuleEvaluator.evaluate  Policy + Parameters -> Decision
+    rules.RuleEvaluator.evaluate  Policy + Parameters -> Decision     (the sidecar.rules package)
     edge.build_response    Decision -> CheckResponse
-    activity.ActivityLog.record  Decision -> rules.db, off the request path
+    activity.ActivityLog.record  Decision -> rules.db (sidecar.db), off the request path
 
 check.Checker strings the stages together; server.py hosts it behind grpc.aio.
 """
