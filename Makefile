@@ -29,8 +29,9 @@ run: install
 
 # The gates: lint and strict types with zero findings, then the whole suite.
 lint: install
-	$(VENV)/bin/ruff check sidecar tests proto
+	$(VENV)/bin/ruff check sidecar tests proto setup.py
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
 	$(PY) -m pytest -q
@@ -54,7 +55,17 @@ bench: install
 	$(PY) -m tests.benchmark --markdown BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) sidecar/_pb
+	rm -rf $(VENV) sidecar/_pb dist build
+
+# The sdist and the wheel (built from the sdist, generating sidecar._pb) in dist/: what the
+# Dockerfile builds and installs, and what tests/test_packaging.py installs into a new venv.
+.PHONY: dist version
+dist: install
+	$(PY) -m build --outdir dist .
+
+# The version being built (sidecar.__version__), e.g. for an image tag.
+version:
+	@sed -n 's/^__version__ = "\(.*\)"$$/\1/p' sidecar/__init__.py
 
 # The sidecar behind a real Envoy at a steady load with failing, slow and timing-out webhooks,
 # then a report (tests/soak.py). Default 5 minutes: `make soak SOAK_SECONDS=120`.

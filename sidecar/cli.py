@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from . import logs
+from . import __version__, logs
 from .settings import Settings, shown_default
 
 
@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="safous-sidecar",
         description="Safous ZTNA webhook rules as an Envoy ext_authz (gRPC) authorization sidecar.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="run the ext_authz gRPC server",

@@ -1,0 +1,398 @@
+"""The release as a platform team gets it: the sdist and the wheel, and the wheel installed.
+
+From the files the Dockerfile's build stage copies (taken from this checkout as a fresh clone
+would have them: tracked and untracked files, nothing .gitignore'd, so no sidecar/_pb), this
+module runs the Dockerfile's own build command (``python -m build``: the sdist, then the wheel
+from the sdist, generating sidecar._pb with the pinned grpcio-tools), installs that wheel into a
+new virtualenv with pip (dependencies from the package index; pip's cache makes reruns quick),
+and then:
+
+- checks what the sdist and the wheel hold (the whole package and its data, the generated code,
+  no tests) and that the generated code's own version checks pass with what the wheel requires;
+- runs the installed ``safous-admin`` to write and read rules.db and the installed
+  ``safous-sidecar serve`` behind a real Envoy (envoy/envoy.yaml), as a client sees it;
+- runs the installed server once more with the root filesystem read-only but for its rules.db
+  directory, as the image runs it (a mount namespace; skipped where ``unshare`` cannot make one);
+- holds the Dockerfile to the same build and install commands.
+
+Bounded: each build or install step has a time limit, the module runs in about a minute once
+pip's cache is warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+import tomllib
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+import sidecar
+from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from tests.envoy_harness import ENVOY_YAML, PROJECT_ROOT, render_config, run_envoy
+from tests.helpers import free_port
+
+# Building with an isolated build environment and installing the wheel's dependencies both go
+# through pip: minutes on a cold cache and a slow index, seconds on a warm one.
+STEP_TIMEOUT = 300
+pytestmark = [pytest.mark.packaging, pytest.mark.timeout(2 * STEP_TIMEOUT + 60)]
+
+DOCKERFILE = PROJECT_ROOT / "Dockerfile"
+# The Dockerfile's build stage runs exactly this in its copy of the sources, and its final stage
+# installs exactly the wheel it leaves in /dist (test_dockerfile_* below hold it to that).
+DOCKER_BUILD = "python -m build --outdir /dist ."
+DOCKER_INSTALL_WHEEL = "/dist/*.whl"
+VERSION = sidecar.__version__
+REASON_HEADER = "x-safous-denial-reason"
+GRPC_PERMISSION_DENIED = 7
+
+
+# --------------------------------------------------------------------------- the Dockerfile
+
+
+def _stages() -> list[list[str]]:
+    """The Dockerfile's stages, each a list of instructions (continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    stages: list[list[str]] = []
+    for line in lines:
+        if line.startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def _copy_sources() -> list[str]:
+    """What the build stage copies from the build context (COPY SRC... DEST)."""
+    sources: list[str] = []
+    for instruction in _stages()[0]:
+        if instruction.startswith("COPY "):
+            *srcs, _dest = instruction.split()[1:]
+            assert not any(s.startswith("--") for s in srcs), instruction
+            sources += [s.rstrip("/") for s in srcs]
+    return sources
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+
+
+def _pin(requirements: list[str], name: str) -> str:
+    (pinned,) = [r for r in requirements if Requirement(r).name == name]
+    (spec,) = Requirement(pinned).specifier
+    assert spec.operator == "==", pinned
+    return spec.version
+
+
+def test_dockerfile_builds_and_installs_what_this_module_tests():
+    build, final = _stages()[0], _stages()[-1]
+    assert f"RUN {DOCKER_BUILD}" in build
+    installs = [i for i in final if i.startswith("RUN ") and "pip install" in i]
+    assert len(installs) == 1 and installs[0].endswith(f"pip install --no-cache-dir {DOCKER_INSTALL_WHEEL}"), installs
+    assert "from=build,source=/dist,target=/dist" in installs[0]
+    # The build frontend at the version the dev extras (`make dist`) use.
+    dev = _pyproject()["project"]["optional-dependencies"]["dev"]
+    assert f"RUN pip install --no-cache-dir build=={_pin(dev, 'build')}" in build
+    # `make dist` too.
+    assert "\t$(PY) -m build --outdir dist .\n" in (PROJECT_ROOT / "Makefile").read_text()
+
+
+def test_dockerignore_lets_in_what_the_build_stage_copies():
+    lines = [line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*", "the context is an allow-list"
+    for source in _copy_sources():
+        assert f"!{source}" in rules or f"!{source}/" in rules, f".dockerignore leaves out {source}"
+
+
+def test_one_grpcio_tools_for_the_build_and_for_make_proto():
+    project = _pyproject()
+    assert _pin(project["build-system"]["requires"], "grpcio-tools") == \
+        _pin(project["project"]["optional-dependencies"]["dev"], "grpcio-tools")
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sidecar.__version__"}
+
+
+# --------------------------------------------------------------------------- build and install
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without anything that would put the repository or .venv on sys.path."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONSAFEPATH")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env.update(extra)
+    return env
+
+
+def _run(argv: list[str], *, cwd: Path, timeout: float = STEP_TIMEOUT, env: dict[str, str] | None = None) \
+        -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, cwd=cwd, env=env or _clean_env(), capture_output=True, text=True,
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, \
+        f"{argv} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _checkout_files() -> list[str]:
+    """The files a fresh clone of this checkout would hold, with the work in progress: tracked
+    and untracked, less what .gitignore keeps out."""
+    if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():
+        pytest.skip("needs a git checkout to know which files a fresh clone has")
+    out = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT).stdout
+    return sorted(f for f in out.split("\0") if f and (PROJECT_ROOT / f).is_file())
+
+
+@dataclass(frozen=True)
+class Built:
+    checkout: list[str]
+    sdist: Path
+    wheel: Path
+
+
+@dataclass(frozen=True)
+class Installed:
+    venv: Path
+    home: Path  # a directory outside the repository, the installed programs' working directory
+
+    def bin(self, name: str) -> str:
+        return str(self.venv / "bin" / name)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The Dockerfile's build context from this checkout, and ``python -m build`` run in it."""
+    checkout = _checkout_files()
+    context = tmp_path_factory.mktemp("context")
+    sources = _copy_sources()
+    for name in checkout:
+        if any(name == s or name.startswith(s + "/") for s in sources):
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, context / name)
+    assert not (context / "sidecar" / "_pb").exists()
+    dist = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, "-m", "build", "--outdir", str(dist), str(context)], cwd=context)  # DOCKER_BUILD
+    (sdist,) = dist.glob("*.tar.gz")
+    (wheel,) = dist.glob("*.whl")
+    return Built(checkout, sdist, wheel)
+
+
+@pytest.fixture(scope="module")
+def installed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel installed with pip into a new virtualenv (no repository on its sys.path)."""
+    root = tmp_path_factory.mktemp("installed")
+    venv, home = root / "venv", root / "home"
+    home.mkdir()
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=home)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(built.wheel)], cwd=home)
+    return Installed(venv, home)
+
+
+# --------------------------------------------------------------------------- what ships
+
+
+def test_sdist_builds_the_wheel_from_source_without_generated_code(built: Built):
+    with tarfile.open(built.sdist) as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    protos = {n for n in built.checkout if n.startswith("proto/")}
+    assert protos and protos <= names
+    assert {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md"} <= names
+    assert not [n for n in names if n.startswith("sidecar/_pb")]
+
+
+def test_wheel_holds_the_package_its_data_and_generated_code_and_nothing_else(built: Built):
+    with zipfile.ZipFile(built.wheel) as wheel:
+        names = set(wheel.namelist())
+        metadata = wheel.read(f"safous_sidecar-{VERSION}.dist-info/METADATA").decode()
+        entry_points = wheel.read(f"safous_sidecar-{VERSION}.dist-info/entry_points.txt").decode()
+    assert built.wheel.name == f"safous_sidecar-{VERSION}-py3-none-any.whl"
+    assert f"\nVersion: {VERSION}\n" in metadata
+
+    # Every file of the package in a checkout (code, and data such as the migrations).
+    package = {n for n in built.checkout if n.startswith("sidecar/")}
+    assert {n for n in package if n.endswith(".sql")}, "the migrations are package files"
+    assert package <= names, sorted(package - names)
+    # The generated code, for every proto.
+    generated = {n for n in names if n.startswith("sidecar/_pb/")}
+    for proto in (n for n in built.checkout if n.startswith("proto/") and n.endswith(".proto")):
+        stem = "sidecar/_pb/" + proto.removeprefix("proto/").removesuffix(".proto")
+        assert {f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"} <= generated, proto
+    assert all(n.endswith((".py", ".pyi")) for n in generated)
+    # And nothing else: no tests, no protos, no configs.
+    dist_info = {n for n in names if n.startswith(f"safous_sidecar-{VERSION}.dist-info/")}
+    assert names - package - generated - dist_info == set()
+
+    assert "safous-sidecar = sidecar.cli:main" in entry_points
+    assert "safous-admin = sidecar.admin:main" in entry_points
+
+
+def _lower_bound(requirement: Requirement) -> Version:
+    bounds = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "==", "~=")]
+    assert bounds, f"{requirement} has no lower bound"
+    return max(bounds)
+
+
+def test_wheel_requires_the_runtimes_its_generated_code_demands(built: Built):
+    """The generated modules refuse to import on an older grpcio or protobuf than the generator
+    (and on another protobuf major): the wheel's requirements must rule those out."""
+    with zipfile.ZipFile(built.wheel) as wheel:
+        requires = {r.name: r for r in (Requirement(line.removeprefix("Requires-Dist: "))
+                    for line in wheel.read(f"safous_sidecar-{VERSION}.dist-info/METADATA").decode().splitlines()
+                    if line.startswith("Requires-Dist: ") and "extra ==" not in line)}
+        sources = {n: wheel.read(n).decode() for n in wheel.namelist() if n.startswith("sidecar/_pb/")}
+    grpc_versions = {m[1] for text in sources.values()
+                     for m in re.finditer(r"GRPC_GENERATED_VERSION = '([\d.]+)'", text)}
+    pb_versions = {tuple(int(x) for x in m.groups()) for text in sources.values() for m in re.finditer(
+        r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", text)}
+    assert len(grpc_versions) == 1 and len(pb_versions) == 1, (grpc_versions, pb_versions)
+    (grpc_generated,), ((major, minor, patch),) = grpc_versions, pb_versions
+
+    assert _lower_bound(requires["grpcio"]) >= Version(grpc_generated)
+    assert _lower_bound(requires["grpcio-health-checking"]) >= Version(grpc_generated)
+    protobuf = requires["protobuf"]
+    assert _lower_bound(protobuf) >= Version(f"{major}.{minor}.{patch}")
+    assert not protobuf.specifier.contains(f"{major + 1}.0.0"), protobuf
+    assert "grpcio-tools" not in requires, "the generator is a build requirement, not a runtime one"
+
+
+# --------------------------------------------------------------------------- the installed programs
+
+
+def test_installed_programs_are_the_wheel_and_say_its_version(installed: Installed):
+    where = _run([installed.bin("python"), "-c", "import sidecar; print(sidecar.__file__)"], cwd=installed.home)
+    assert Path(where.stdout.strip()).is_relative_to(installed.venv), where.stdout
+    assert _run([installed.bin("safous-sidecar"), "--version"], cwd=installed.home).stdout == \
+        f"safous-sidecar {VERSION}\n"
+    assert _run([installed.bin("safous-admin"), "--version"], cwd=installed.home).stdout == \
+        f"safous-admin {VERSION}\n"
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    started: dict
+    log: Path
+
+
+async def _wait_listening(process: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> dict:
+    """The server's "listening" log line (JSON), once it is written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("message") == "listening":
+                    return record
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the installed server did not start (exit {process.poll()}):\n{log.read_text()}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _serve(installed: Installed, argv: list[str], env: dict[str, str]) -> AsyncIterator[Server]:
+    log = installed.home / f"sidecar-{time.monotonic_ns()}.log"
+    with open(log, "wb") as err:
+        process = subprocess.Popen(argv, cwd=installed.home, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        started = await _wait_listening(process, log)
+        yield Server(process, int(started["port"]), started, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(process.wait), 15)
+        except TimeoutError:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"the installed server did not stop on SIGTERM:\n{log.read_text()}") from None
+
+
+async def test_installed_wheel_answers_a_real_envoy(installed: Installed, upstream, tmp_path: Path):
+    db = tmp_path / "rules.db"
+    admin = [installed.bin("safous-admin"), "--db", str(db), "--actor", "packaging-test"]
+    _run([*admin, "policy", "add", "public", "--path-prefix", "/public/"], cwd=installed.home)
+    listed = _run([*admin, "policy", "list"], cwd=installed.home).stdout
+    assert "public" in listed and "/public/" in listed, listed
+
+    http_port = free_port()
+    argv = [installed.bin("safous-sidecar"), "serve", "--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",
+            "--reload-interval", "0.2"]
+    async with _serve(installed, argv, _clean_env(SAFOUS_DB=str(db))) as server:
+        assert server.started["version"] == VERSION  # which release is running, in its first lines
+        config = render_config(ENVOY_YAML, sidecar_port=server.port, upstream_port=upstream.port)
+        async with run_envoy(config, tmp_path) as envoy, \
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+            async with client.get(f"{envoy.url}/public/hello") as allowed:
+                assert allowed.status == 200
+                assert (await allowed.json())["path"] == "/public/hello"
+            async with client.get(f"{envoy.url}/private") as denied:
+                assert denied.status == 403
+                assert denied.headers[REASON_HEADER] == "no policy matches this request"
+                assert (await denied.json())["code"] == "no_matching_policy"
+            async with client.get(f"http://127.0.0.1:{http_port}/metrics") as metrics:
+                assert f'safous_build_info{{version="{VERSION}"}} 1.0' in (await metrics.text()).splitlines()
+        assert [r["path"] for r in upstream.requests] == ["/public/hello"]
+    assert server.process.returncode == 0, server.log.read_text()
+
+
+def _read_only_root(volume: Path) -> list[str]:
+    """A command prefix running the rest in a private mount namespace where the root filesystem
+    is read-only and only ``volume`` (bound onto itself first) stays writable."""
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro / && shift && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", str(volume)]
+
+
+@pytest.fixture
+def read_only_root(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    prefix = _read_only_root(volume)
+    if shutil.which("unshare") is None or subprocess.run(
+            [*prefix, "sh", "-c", f"! touch {tmp_path}/probe 2>/dev/null && touch {volume}/probe"],
+            capture_output=True, timeout=10).returncode != 0:
+        pytest.skip("cannot make the root filesystem, temporary directory included, read-only here "
+                    "(unshare --mount needs root or user namespaces)")
+    (volume / "probe").unlink()
+    yield volume, prefix
+
+
+async def test_installed_server_writes_only_its_volume(installed: Installed, read_only_root):
+    """As the image runs it: a read-only root filesystem, rules.db created, migrated and written
+    (the activity log) on the volume."""
+    volume, prefix = read_only_root
+    db = volume / "rules.db"
+    env = _clean_env(SAFOUS_DB=str(db), PYTHONDONTWRITEBYTECODE="1")  # the Dockerfile's ENV
+    argv = [*prefix, installed.bin("safous-sidecar"), "serve", "--listen", "127.0.0.1:0"]
+    async with _serve(installed, argv, env) as server:
+        request = pb.CheckRequest()
+        http = request.attributes.request.http
+        http.method, http.host, http.path, http.id = "GET", "app.example.com", "/anything", "ro-1"
+        http.headers.update({":method": "GET", ":authority": "app.example.com", ":path": "/anything"})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            response = await pb_grpc.AuthorizationStub(channel).Check(request, timeout=10)
+        assert response.status.code == GRPC_PERMISSION_DENIED  # no policy: the default, deny
+    assert server.process.returncode == 0, server.log.read_text()
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        assert conn.execute("SELECT code FROM activity_log").fetchall() == [("no_matching_policy",)]
