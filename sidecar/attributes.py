@@ -34,7 +34,8 @@ class RequestAttributes:
     ``host`` is the authority as sent (port included, if any). ``jwt_payload`` is the verified
     JWT payload put in metadata by Envoy's jwt_authn filter, or empty. ``context_extensions``
     are what the Envoy route passes (``ExtAuthzPerRoute.check_settings``), e.g. the policy it
-    binds.
+    binds. ``connection``: the check is for a TCP connection (Envoy's network ext_authz filter),
+    not an HTTP request: no method, path or headers; ``host`` is the TLS server name (SNI).
     """
 
     request_id: str
@@ -50,3 +51,4 @@ class RequestAttributes:
     sni: str = ""
     jwt_payload: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    connection: bool = False

@@ -62,7 +62,11 @@ class Checker:
             decision = (_not_bindable(snapshot, bound) if policy is None
                         else await self._decide_for(policy, snapshot, params))
             return dataclasses.replace(decision, policy_source="route")
-        policy = snapshot.index.match(attrs.host, attrs.path, attrs.method)
+        if attrs.connection:
+            policy = snapshot.index.match_connection(attrs.destination.port, attrs.sni)
+        else:
+            policy = snapshot.index.match(attrs.host, attrs.path, attrs.method,
+                                          port=attrs.destination.port, sni=attrs.sni)
         if policy is None:
             if self.default_allow:
                 return Decision.allow(Code.DEFAULT_ALLOW, "no policy matches; default action is allow")

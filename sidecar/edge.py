@@ -88,8 +88,22 @@ def _jwt_payload(request: pb.CheckRequest, namespace: str, key: str) -> Mapping[
 
 def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filters.http.jwt_authn",
                  jwt_payload_key: str = "jwt_payload") -> RequestAttributes:
-    """The attributes of a CheckRequest as plain values. Absent fields become empty values."""
+    """The attributes of a CheckRequest as plain values. Absent fields become empty values.
+
+    A CheckRequest without an HTTP request comes from Envoy's network ext_authz filter: a TCP
+    connection (``connection``), whose host is its TLS server name."""
     attrs = request.attributes
+    if not attrs.HasField("request"):
+        return RequestAttributes(
+            request_id=uuid.uuid4().hex,
+            host=attrs.tls_session.sni,
+            path="",
+            source=_peer(attrs.source),
+            destination=_peer(attrs.destination),
+            sni=attrs.tls_session.sni,
+            context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else {},
+            connection=True,
+        )
     http = attrs.request.http
     headers = _headers(http)
     path, _, query = (http.path or headers.get(":path", "/")).partition("?")

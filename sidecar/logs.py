@@ -116,8 +116,9 @@ _worker: int | None = None
 
 def write_decisions(decisions: Sequence[Any]) -> None:
     """One ``sidecar.decision`` line per decision, written in one go (called off the request
-    path with a batch). Fields: request id, policy, result, code, latency — never headers,
-    user names or reasons, which may carry what a client sent."""
+    path with a batch). Fields: request id, policy, result, code, latency, and for a denial its
+    reason (a TCP connection has no response to carry it; quoted values in it are escaped like
+    every field) — never headers or user names."""
     logger = logging.getLogger("sidecar.decision")
     if not logger.isEnabledFor(logging.INFO) or not logging.getLogger().handlers:
         return
@@ -131,12 +132,15 @@ def write_decisions(decisions: Sequence[Any]) -> None:
         if _format == "json":
             entry = {"time": iso_time(d.at), "level": "info", "logger": "sidecar.decision", "message": result,
                      "request_id": d.request_id, "policy": d.policy, "code": d.code, "latency_ms": latency}
+            if not d.allowed:
+                entry["reason"] = d.status
             if _worker is not None:
                 entry["worker"] = _worker
             lines.append(json.dumps(entry))
         else:
             lines.append(f"{iso_time(d.at)} INFO sidecar.decision: {result} request_id={text_value(d.request_id)} "
                          f"policy={text_value(d.policy)} code={text_value(d.code)} latency_ms={latency}"
+                         + ("" if d.allowed else f" reason={text_value(d.status)}")
                          + (f" worker={_worker}" if _worker is not None else ""))
     with handler.lock:  # type: ignore[union-attr]
         handler.stream.write("\n".join(lines) + "\n")

@@ -22,13 +22,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from sidecar.attributes import RequestAttributes
 from sidecar.certificates import certificate_info
 
 PARAMETERS: Mapping[str, str] = MappingProxyType({
-    "username": "JWT claim (default sub) if the request has one, else identity header (default x-safous-username)",
+    "username": ("JWT claim (default sub) if the request has one, else identity header (default "
+                 "x-safous-username); for a TCP connection, the client certificate's CN (--connection-username)"),
     "internal_addr": "destination address Envoy saw, ip:port ([v6]:port)",
     "user_agent": "the user-agent request header",
     "remote_ip": "source IP address Envoy saw",
@@ -77,6 +78,10 @@ class UnknownParameter(ValueError):
         super().__init__(message)
 
 
+ConnectionUsername = Literal["cert_cn", "none"]
+"""Where ``%username%`` comes from for a TCP connection, which has no headers."""
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityConfig:
     """Where the identity parameters come from.
@@ -85,6 +90,8 @@ class IdentityConfig:
     payload key or a dot path into nested objects and lists (``realm_access.roles``,
     ``groups.0``); a key that itself holds dots (``https://example.com/roles``) is matched
     literally first. An empty header or claim name turns that source off.
+    ``connection_username``: for a TCP connection (no headers, no JWT), ``%username%`` is the
+    client certificate's subject CN (``cert_cn``) or nothing (``none``).
     """
 
     username_header: str = "x-safous-username"
@@ -94,6 +101,7 @@ class IdentityConfig:
     jwt_username_claim: str = "sub"
     jwt_groups_claim: str = "groups"
     jwt_group_names_claim: str = "group_names"
+    connection_username: ConnectionUsername = "cert_cn"
 
     def __post_init__(self) -> None:
         for name in ("username_header", "device_id_header", "groups_header", "group_names_header"):
@@ -148,8 +156,11 @@ def map_parameters(attrs: RequestAttributes, identity: IdentityConfig) -> Parame
     cert = certificate_info(attrs.source.certificate)
     thumbprint = cert.thumbprint
     thumbprint_256 = cert.thumbprint_256
+    username = from_identity(identity.jwt_username_claim, identity.username_header)
+    if attrs.connection and not username and identity.connection_username == "cert_cn":
+        username = cert.common_name
     values = {
-        "username": from_identity(identity.jwt_username_claim, identity.username_header),
+        "username": username,
         "internal_addr": attrs.destination.address,
         "user_agent": headers.get("user-agent", ""),
         "remote_ip": attrs.source.ip,

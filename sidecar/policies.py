@@ -9,6 +9,11 @@ outcome never depends on storage order.
 
 Matching is by index, not a scan: exact hosts in a dict, wildcard suffixes in a dict walked
 label by label, so its cost grows with the labels of the host, not with the number of policies.
+
+A policy may also name destination ports and TLS server names (SNI, exact or ``*.suffix``): it
+then matches only requests and connections that arrived on them, and it is one of the policies
+that can govern a TCP connection (Envoy's network ext_authz filter sends no HTTP request:
+``PolicyIndex.match_connection``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,34 @@ class Policy(BaseModel):
     integration: bool = True
     priority: int = 100
     rules: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    sni: tuple[str, ...] = ()
+
+    @property
+    def for_connections(self) -> bool:
+        """Whether the policy also governs TCP connections (Envoy's network ext_authz filter):
+        it names destination ports or TLS server names to match them on."""
+        return bool(self.ports or self.sni)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} must be 1-65535")
+        return tuple(sorted(set(value)))
+
+    @field_validator("sni")
+    @classmethod
+    def _sni(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = []
+        for name in value:
+            name = name.strip().lower()
+            if not _HOST_LABELS.match(name) or name.startswith("["):
+                raise ValueError(f"server name {name!r} must be a name (db.example.com) or a wildcard "
+                                 "(*.example.com)")
+            names.append(name)
+        return tuple(names)
 
     @field_validator("hosts")
     @classmethod
@@ -85,12 +118,27 @@ def split_host(authority: str) -> str:
     return host.rstrip(".")
 
 
+def name_matches(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether ``name`` (lower-case) is one of ``patterns``: exact, or below a ``*.suffix``."""
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if name.endswith(pattern[1:]) and len(name) > len(pattern) - 1:
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
 def path_matches(prefix: str, path: str) -> bool:
     if prefix == "/" or path == prefix:
         return True
     if not path.startswith(prefix):
         return False
     return prefix.endswith("/") or path[len(prefix)] == "/"
+
+
+def _arrived_on(policy: Policy, port: int, sni: str) -> bool:
+    return (not policy.ports or port in policy.ports) and (not policy.sni or name_matches(policy.sni, sni.lower()))
 
 
 # Specificity of how a policy matched the host: lower sorts first.
@@ -100,7 +148,7 @@ _EXACT, _WILDCARD, _ANY = 0, 1, 2
 class PolicyIndex:
     """An immutable index of the enabled policies, built once per rules.db snapshot."""
 
-    __slots__ = ("_any", "_by_name", "_exact", "_wildcard", "size")
+    __slots__ = ("_any", "_by_name", "_connections", "_exact", "_wildcard", "size")
 
     def __init__(self, policies: Iterable[Policy]) -> None:
         exact: dict[str, list[Policy]] = defaultdict(list)
@@ -128,14 +176,29 @@ class PolicyIndex:
         self._any = order(any_host)
         self._by_name = {p.name: p for p in (*self._any, *(p for b in self._exact.values() for p in b),
                                              *(p for b in self._wildcard.values() for p in b))}
+        self._connections = tuple(sorted((p for p in self._by_name.values() if p.for_connections),
+                                         key=lambda p: (p.priority, p.name)))
         self.size = size
 
     def named(self, name: str) -> Policy | None:
         """The enabled policy called ``name`` (an Envoy route binds it), or None."""
         return self._by_name.get(name)
 
-    def match(self, authority: str, path: str, method: str) -> Policy | None:
-        """The policy governing a request, or None. ``path`` must exclude the query string."""
+    def match_connection(self, port: int, sni: str) -> Policy | None:
+        """The policy governing a TCP connection to ``port`` (with TLS server name ``sni``, or
+        ""), or None: among the policies that name ports or server names, the first by
+        priority, then name, whose ports and names (each when set) hold. A policy that names
+        neither is for HTTP only and never governs a connection."""
+        sni = sni.lower()
+        for policy in self._connections:
+            if (not policy.ports or port in policy.ports) and (not policy.sni or name_matches(policy.sni, sni)):
+                return policy
+        return None
+
+    def match(self, authority: str, path: str, method: str, *, port: int = 0, sni: str = "") -> Policy | None:
+        """The policy governing a request, or None. ``path`` must exclude the query string; a
+        policy that names ports or TLS server names matches only requests that arrived on one
+        of them (``port``: the destination port; ``sni``: the TLS server name)."""
         host = split_host(authority)
         method = method.upper()
         best: tuple[tuple[int, int, int, int, str], Policy] | None = None
@@ -145,7 +208,7 @@ class PolicyIndex:
             for policy in bucket:
                 if path_matches(policy.path_prefix, path) and (
                     not policy.methods or method in policy.methods
-                ):
+                ) and (not policy.for_connections or _arrived_on(policy, port, sni)):
                     key = (policy.priority, kind, -suffix_len, -len(policy.path_prefix), policy.name)
                     if best is None or key < best[0]:
                         best = (key, policy)

@@ -14,7 +14,7 @@ from pydantic import Field, FilePath, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .decision import DefaultAction
-from .parameters import IdentityConfig
+from .parameters import ConnectionUsername, IdentityConfig
 from .rules.secrets import (
     DEFAULT_ENV_PREFIX,
     DEFAULT_SECRET_DIRS,
@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")
     groups_header: str = Field(_IDENTITY.groups_header, description="header carrying %groups%")
     group_names_header: str = Field(_IDENTITY.group_names_header, description="header carrying %group_names%")
+    connection_username: ConnectionUsername = Field(
+        _IDENTITY.connection_username,
+        description="%username% of a TCP connection (no headers): the client certificate's subject CN, or none")
     jwt_metadata_namespace: str = Field(
         "envoy.filters.http.jwt_authn", description="metadata namespace holding the verified JWT payload")
     jwt_payload_key: str = Field(
@@ -123,6 +126,7 @@ class Settings(BaseSettings):
             jwt_username_claim=self.jwt_username_claim,
             jwt_groups_claim=self.jwt_groups_claim,
             jwt_group_names_claim=self.jwt_group_names_claim,
+            connection_username=self.connection_username,
         )
 
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import aiohttp
 
 __all__ = [
-    "PROJECT_ROOT",
     "ENVOY_DIR",
-    "ENVOY_YAML",
     "ENVOY_MTLS_YAML",
+    "ENVOY_YAML",
+    "PROJECT_ROOT",
     "EnvoyError",
     "EnvoyProcess",
     "envoy_binary",
@@ -48,6 +48,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = PROJECT_ROOT / "envoy"
 ENVOY_YAML = ENVOY_DIR / "envoy.yaml"
 ENVOY_MTLS_YAML = ENVOY_DIR / "envoy-mtls.yaml"
+ENVOY_TCP_YAML = ENVOY_DIR / "envoy-tcp.yaml"
 
 # Literals in the shipped configs (see envoy/*.yaml).
 SIDECAR_PORT_LITERAL = 9191
@@ -251,7 +252,7 @@ class EnvoyProcess:
                             if resp.status == 200 and body == "LIVE":
                                 break
                             last = f"/ready: {resp.status} {body!r}"
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, aiohttp.ClientError) as exc:
                         last = f"/ready: {exc!r}"
                 await asyncio.sleep(0.05)
             self.startup_seconds = time.monotonic() - started
@@ -271,7 +272,7 @@ class EnvoyProcess:
                 self.process.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.process.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.kill()
                 await self.process.wait()

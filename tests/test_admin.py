@@ -389,6 +389,8 @@ policy "web"
   methods      GET, POST
   integration  on
   priority     10
+  ports        any
+  sni          any
   rules        posture, device
 """)
     ok(admin(db, "policy", "list"), """\
@@ -398,7 +400,7 @@ web   yes      10        app.example.com, *.example.com  /app  GET, POST  on    
 """)
     assert json.loads(admin(db, "policy", "list", "--json").stdout.splitlines()[0]) == {
         "name": "open", "enabled": False, "hosts": [], "path_prefix": "/", "methods": [],
-        "integration": False, "priority": 100, "rules": [], "problem": None}
+        "integration": False, "priority": 100, "ports": [], "sni": [], "rules": [], "problem": None}
 
 
 def test_a_policy_naming_an_unknown_rule_is_refused(db: Path) -> None:
@@ -541,7 +543,8 @@ def test_params_lists_every_parameter_and_its_source() -> None:
     assert result.exit_code == 0
     assert lines[0] == "PARAMETER                    SOURCE"
     assert lines[1] == ("%username%                   JWT claim (default sub) if the request has one, "
-                        "else identity header (default x-safous-username)")
+                        "else identity header (default x-safous-username); for a TCP connection, the "
+                        "client certificate's CN (--connection-username)")
     assert [line.split()[0] for line in lines[1:]] == [
         "%username%", "%internal_addr%", "%user_agent%", "%remote_ip%", "%cert_thumbprint%",
         "%cert_thumbprint_upper%", "%cert_thumbprint_256%", "%cert_thumbprint_256_upper%", "%cert_name%",

@@ -218,6 +218,8 @@ def policy_details(stored: StoredPolicy, problem: str | None) -> str:
         ("methods", _listing(doc.get("methods"), "any")),
         ("integration", "on" if doc.get("integration") else "off"),
         ("priority", _text(doc.get("priority"))),
+        ("ports", _listing(doc.get("ports"), "any")),
+        ("sni", _listing(doc.get("sni"), "any")),
         ("rules", _listing(doc.get("rules"), "none")),
     ]
     if problem:

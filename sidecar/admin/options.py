@@ -189,7 +189,8 @@ def _set_list(fields: dict[str, Any], field: str, given: Sequence[Any], clear: b
     """A list option (``--header`` for ``headers``) replaces the whole list; ``--clear-headers``
     empties it."""
     if given and clear:
-        raise click.UsageError(f"give --{field[:-1]} or --clear-{field}, not both")
+        option = "--sni" if field == "sni" else f"--{field[:-1]}"
+        raise click.UsageError(f"give {option} or --clear-{field}, not both")
     if given:
         fields[field] = list(given)
     elif clear:
@@ -340,11 +341,15 @@ class PolicyOptions:
     rules: tuple[str, ...]
     integration: bool | None
     priority: int | None
+    ports: tuple[int, ...] = ()
+    sni: tuple[str, ...] = ()
     disabled: bool = False
     enabled: bool | None = None
     clear_hosts: bool = False
     clear_methods: bool = False
     clear_rules: bool = False
+    clear_ports: bool = False
+    clear_sni: bool = False
 
 
 def policy_options(edit: bool) -> Callable[[F], F]:
@@ -368,6 +373,12 @@ def policy_options(edit: bool) -> Callable[[F], F]:
                      "rules." + ("" if edit else "  [default: on]")),
         click.option("--priority", type=int, metavar="N",
                      help="Lowest number wins when several policies match." + ("" if edit else "  [default: 100]")),
+        click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
+                     help="Destination port matched; repeat for more. A policy with ports or server "
+                     "names also governs TCP connections (Envoy's network ext_authz)." + replaces),
+        click.option("--sni", multiple=True, metavar="NAME",
+                     help="TLS server name matched: db.example.com, or *.example.com; repeat for more."
+                     + replaces),
     ]
     if edit:
         options += [
@@ -375,6 +386,8 @@ def policy_options(edit: bool) -> Callable[[F], F]:
             click.option("--clear-hosts", is_flag=True, help="Match any host."),
             click.option("--clear-methods", is_flag=True, help="Match any method."),
             click.option("--clear-rules", is_flag=True, help="Run no rules (the policy then allows)."),
+            click.option("--clear-ports", is_flag=True, help="Match any destination port."),
+            click.option("--clear-sni", is_flag=True, help="Match any TLS server name."),
         ]
     else:
         options.append(click.option("--disabled", is_flag=True, help="Create it disabled (matches nothing)."))
@@ -388,6 +401,8 @@ def policy_fields(base: Mapping[str, Any], opts: PolicyOptions, *, edit: bool) -
     _set_list(fields, "hosts", opts.hosts, opts.clear_hosts)
     _set_list(fields, "methods", opts.methods, opts.clear_methods)
     _set_list(fields, "rules", opts.rules, opts.clear_rules)
+    _set_list(fields, "ports", opts.ports, opts.clear_ports)
+    _set_list(fields, "sni", opts.sni, opts.clear_sni)
     given = {"path_prefix": opts.path_prefix, "integration": opts.integration, "priority": opts.priority}
     fields.update((field, value) for field, value in given.items() if value is not None)
     _set_enabled(fields, opts.enabled, opts.disabled, edit=edit)

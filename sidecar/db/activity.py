@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from ..decision import PolicySource
 from .connection import StoreError, sqlite_utils_db, transaction, translated
 
 
@@ -36,6 +37,7 @@ class ActivityRecord(NamedTuple):
     code: str
     status: str
     latency_ms: float
+    policy_source: PolicySource = "match"
 
 
 def iso_time(epoch: float) -> str:
@@ -63,10 +65,10 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord])
         with transaction(conn, immediate=True):
             conn.executemany(
                 "INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method,"
-                " policy, allowed, code, status, latency_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " policy, allowed, code, status, latency_ms, policy_source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (iso_time(r.at), r.request_id, r.username, r.source_ip, r.host, r.path, r.method,
-                     r.policy, int(r.allowed), r.code, r.status, r.latency_ms)
+                     r.policy, int(r.allowed), r.code, r.status, r.latency_ms, r.policy_source)
                     for r in records
                 ],
             )
@@ -157,7 +159,8 @@ def read_activity(conn: sqlite3.Connection, *, denied: bool = False, user: str |
             ActivityRecord(at=_epoch(r["id"], r["at"]), request_id=r["request_id"], username=r["username"],
                            source_ip=r["source_ip"], host=r["host"], path=r["path"], method=r["method"],
                            policy=r["policy"], allowed=bool(r["allowed"]), code=r["code"],
-                           status=r["status"], latency_ms=r["latency_ms"])
+                           status=r["status"], latency_ms=r["latency_ms"],
+                           policy_source=r["policy_source"] or "match")
             for r in rows
         ]
 

@@ -64,6 +64,8 @@ POLICY_COLUMNS: tuple[Column, ...] = (
     Column("methods", "methods", "list"),
     Column("integration", "integration", "flag"),
     Column("priority", "priority"),
+    Column("ports", "ports", "list"),
+    Column("sni", "sni", "list"),
 )
 
 
