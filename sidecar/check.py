@@ -74,6 +74,10 @@ class Checker:
         return await self._decide_for(policy, snapshot, params)
 
     async def _decide_for(self, policy: Policy, snapshot: Snapshot, params: Parameters) -> Decision:
+        decision = await self._evaluate(policy, snapshot, params)
+        return decision.audited() if policy.mode == "audit" else decision
+
+    async def _evaluate(self, policy: Policy, snapshot: Snapshot, params: Parameters) -> Decision:
         if not policy.integration:
             return Decision.allow(Code.INTEGRATION_OFF, f'policy "{policy.name}": integration is off', policy.name)
         rules = snapshot.policy_rules.get(policy.name, ())

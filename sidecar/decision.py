@@ -22,6 +22,11 @@ UPSTREAM_HEADER_PREFIX = "x-safous-"
 ``x-safous-NAME``; client-sent headers in it are removed unless the decision sets them."""
 
 
+AUDIT_DENY_HEADER = UPSTREAM_HEADER_PREFIX + "audit-deny"
+"""Set on a request that an audit-mode policy would have denied: the would-be code (so the app
+can show a banner)."""
+
+
 class Code(StrEnum):
     # Allowed.
     RULES_PASSED = "rules_passed"
@@ -57,6 +62,8 @@ class Decision:
     ``upstream_headers`` are set on the request to the upstream when allowed (e.g. values kept
     by ``store`` response actions); they are ignored on a deny. ``policy_source`` says how the
     policy was chosen: matched on host, path and method, or bound by the Envoy route.
+    ``audit_deny``: allowed only because the policy is in audit mode; ``code`` and ``reason``
+    are the denial enforcement would have made.
     """
 
     allowed: bool
@@ -65,6 +72,16 @@ class Decision:
     policy: str | None = None
     upstream_headers: tuple[tuple[str, str], ...] = ()
     policy_source: PolicySource = "match"
+    audit_deny: bool = False
+
+    def audited(self) -> Decision:
+        """This decision under a policy in audit mode: a deny becomes an allow that keeps its
+        code and reason, says so (``audit_deny``) and tells the upstream
+        (``x-safous-audit-deny: CODE``); an allow stays as it is."""
+        if self.allowed:
+            return self
+        return Decision(True, self.code, self.reason, self.policy,
+                        ((AUDIT_DENY_HEADER, str(self.code)),), self.policy_source, audit_deny=True)
 
     @classmethod
     def allow(cls, code: Code, reason: str, policy: str | None = None,

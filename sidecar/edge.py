@@ -141,12 +141,19 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def result_of(decision: Decision) -> str:
+    """``allow``, ``deny``, or ``audit_deny`` (allowed by an audit-mode policy that would deny)."""
+    if decision.audit_deny:
+        return "audit_deny"
+    return "allow" if decision.allowed else "deny"
+
+
 def _metadata(decision: Decision, request_id: str, reason: str) -> struct_pb2.Struct:
     """What Envoy keeps as dynamic metadata under ``envoy.filters.http.ext_authz``, for its
     access log (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:code)%``) and later filters."""
     metadata = struct_pb2.Struct()
     fields = metadata.fields
-    fields["decision"].string_value = "allow" if decision.allowed else "deny"
+    fields["decision"].string_value = result_of(decision)
     fields["code"].string_value = decision.code
     fields["policy"].string_value = decision.policy or ""
     fields["policy_source"].string_value = decision.policy_source

@@ -127,12 +127,12 @@ def write_decisions(decisions: Sequence[Any]) -> None:
         return
     lines = []
     for d in decisions:
-        result = "allow" if d.allowed else "deny"
+        result = "audit_deny" if d.audit_deny else "allow" if d.allowed else "deny"
         latency = round(d.latency_ms, 3)
         if _format == "json":
             entry = {"time": iso_time(d.at), "level": "info", "logger": "sidecar.decision", "message": result,
                      "request_id": d.request_id, "policy": d.policy, "code": d.code, "latency_ms": latency}
-            if not d.allowed:
+            if not d.allowed or d.audit_deny:
                 entry["reason"] = d.status
             if _worker is not None:
                 entry["worker"] = _worker
@@ -140,7 +140,7 @@ def write_decisions(decisions: Sequence[Any]) -> None:
         else:
             lines.append(f"{iso_time(d.at)} INFO sidecar.decision: {result} request_id={text_value(d.request_id)} "
                          f"policy={text_value(d.policy)} code={text_value(d.code)} latency_ms={latency}"
-                         + ("" if d.allowed else f" reason={text_value(d.status)}")
+                         + ("" if d.allowed and not d.audit_deny else f" reason={text_value(d.status)}")
                          + (f" worker={_worker}" if _worker is not None else ""))
     with handler.lock:  # type: ignore[union-attr]
         handler.stream.write("\n".join(lines) + "\n")

@@ -69,7 +69,8 @@ class Metrics:
     def record_batch(self, decisions: Sequence[Any]) -> None:
         """Count a batch of activity-log decisions (``db.ActivityRecord``)."""
         for d in decisions:
-            self.decisions.labels(d.policy or NO_POLICY, "allow" if d.allowed else "deny", d.code).inc()
+            result = "audit_deny" if d.audit_deny else "allow" if d.allowed else "deny"
+            self.decisions.labels(d.policy or NO_POLICY, result, d.code).inc()
             self.check_seconds.observe(d.latency_ms / 1000)
 
     def record_call(self, rule: str, outcome: str, seconds: float) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -44,6 +45,9 @@ class Policy(BaseModel):
     rules: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
     sni: tuple[str, ...] = ()
+    mode: Literal["enforce", "audit"] = "enforce"
+    """``audit``: the rules run as in ``enforce`` mode, but the request is allowed whatever they
+    say; a would-be denial is recorded as such (``Decision.audit_deny``)."""
 
     @property
     def for_connections(self) -> bool:

@@ -82,7 +82,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             at=time.time(), request_id=attrs.request_id, username=params.values["username"] if params else "",
             source_ip=attrs.source.ip, host=attrs.host, path=attrs.path, method=attrs.method,
             policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
-            latency_ms=latency_ms, policy_source=decision.policy_source,
+            latency_ms=latency_ms, policy_source=decision.policy_source, audit_deny=decision.audit_deny,
         ))
 
 

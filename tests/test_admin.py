@@ -391,6 +391,7 @@ policy "web"
   priority     10
   ports        any
   sni          any
+  mode         enforce
   rules        posture, device
 """)
     ok(admin(db, "policy", "list"), """\
@@ -400,7 +401,8 @@ web   yes      10        app.example.com, *.example.com  /app  GET, POST  on    
 """)
     assert json.loads(admin(db, "policy", "list", "--json").stdout.splitlines()[0]) == {
         "name": "open", "enabled": False, "hosts": [], "path_prefix": "/", "methods": [],
-        "integration": False, "priority": 100, "ports": [], "sni": [], "rules": [], "problem": None}
+        "integration": False, "priority": 100, "ports": [], "sni": [], "mode": "enforce", "rules": [],
+        "problem": None}
 
 
 def test_a_policy_naming_an_unknown_rule_is_refused(db: Path) -> None:
@@ -530,7 +532,8 @@ AT                        REQUEST ID  USER  SOURCE IP    METHOD  HOST           
     assert [json.loads(line) for line in lines] == [{
         "at": "2026-03-01T10:00:00.000Z", "request_id": "req-1", "username": "alice", "source_ip": "203.0.113.7",
         "method": "GET", "host": "app.example.com", "path": "/app/x", "policy": "web", "allowed": True,
-        "code": "rules_passed", "status": 'policy "web": all 1 rules met', "latency_ms": 3.2}]
+        "audit_deny": False, "code": "rules_passed", "status": 'policy "web": all 1 rules met', "latency_ms": 3.2,
+        "policy_source": "match"}]
     ok(admin(db, "logs", "activity", "--user", "carol"), "no activity log entries\n")
     refused(admin(db, "logs", "activity", "--since", "last week"),
             "Invalid value for '--since': 'last week' is not an ISO 8601 date or time "

@@ -72,7 +72,7 @@ def test_plain_sql_edits_are_audited_with_actor_sql(db: Path) -> None:
     conn.commit()
     conn.close()
     policy = {"name": "p", "enabled": True, "hosts": [], "path_prefix": "/", "methods": [],
-              "integration": True, "priority": 100, "ports": [], "sni": [], "rules": []}
+              "integration": True, "priority": 100, "ports": [], "sni": [], "mode": "enforce", "rules": []}
     assert [(a, act, t, n, doc(b), doc(af)) for a, act, t, n, b, af in audit(db)] == [
         ("sql", "create", "rule", "r", None, rule_doc()),
         ("sql", "edit", "rule", "r", rule_doc(), rule_doc(timeout_ms=500)),

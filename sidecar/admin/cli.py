@@ -399,11 +399,13 @@ def logs_audit(admin: Admin, limit: int, since: str | None, as_json: bool) -> No
 
 @logs.command("activity")
 @click.option("--denied", is_flag=True, help="Only denied requests, with the reason (STATUS).")
+@click.option("--would-deny", is_flag=True,
+              help="Only requests a policy in audit mode allowed but would have denied (decision audit_deny).")
 @click.option("--user", metavar="U", help="Only requests of this %username%.")
 @log_options
 @click.pass_obj
-def logs_activity(admin: Admin, denied: bool, user: str | None, limit: int, since: str | None,
-                  as_json: bool) -> None:
+def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None, limit: int,
+                  since: str | None, as_json: bool) -> None:
     """Show who was allowed or denied, and why.
 
     The activity log, newest first: each decision of the sidecar with its time (UTC), request
@@ -411,7 +413,8 @@ def logs_activity(admin: Admin, denied: bool, user: str | None, limit: int, sinc
     reason the client also got in the x-safous-denial-reason header).
     """
     with admin.read() as conn:
-        records = db.read_activity(conn, denied=denied, user=user, limit=limit or None, since=since)
+        records = db.read_activity(conn, denied=denied, would_deny=would_deny, user=user, limit=limit or None,
+                                   since=since)
     if as_json:
         for record in records:
             click.echo(display.activity_line(record))

@@ -220,6 +220,7 @@ def policy_details(stored: StoredPolicy, problem: str | None) -> str:
         ("priority", _text(doc.get("priority"))),
         ("ports", _listing(doc.get("ports"), "any")),
         ("sni", _listing(doc.get("sni"), "any")),
+        ("mode", _text(doc.get("mode"))),
         ("rules", _listing(doc.get("rules"), "none")),
     ]
     if problem:
@@ -304,7 +305,8 @@ def activity_table(records: Sequence[ActivityRecord], *, denied: bool) -> str:
     for r in records:
         row = [iso_time(r.at), r.request_id or "-", r.username or "-", r.source_ip or "-", r.method, r.host,
                r.path, r.policy or "-"]
-        row += [r.code, r.status] if denied else ["allow" if r.allowed else "deny", r.code, r.status]
+        result = "audit_deny" if r.audit_deny else "allow" if r.allowed else "deny"
+        row += [r.code, r.status] if denied else [result, r.code, r.status]
         rows.append(row)
     return table(headers, rows)
 
@@ -314,7 +316,8 @@ def activity_line(r: ActivityRecord) -> str:
     return _json_line({
         "at": iso_time(r.at), "request_id": r.request_id, "username": r.username, "source_ip": r.source_ip,
         "method": r.method, "host": r.host, "path": r.path, "policy": r.policy,
-        "allowed": r.allowed, "code": r.code, "status": r.status, "latency_ms": r.latency_ms,
+        "allowed": r.allowed, "audit_deny": r.audit_deny, "code": r.code, "status": r.status,
+        "latency_ms": r.latency_ms, "policy_source": r.policy_source,
     })
 
 

@@ -343,6 +343,7 @@ class PolicyOptions:
     priority: int | None
     ports: tuple[int, ...] = ()
     sni: tuple[str, ...] = ()
+    mode: str | None = None
     disabled: bool = False
     enabled: bool | None = None
     clear_hosts: bool = False
@@ -379,6 +380,9 @@ def policy_options(edit: bool) -> Callable[[F], F]:
         click.option("--sni", multiple=True, metavar="NAME",
                      help="TLS server name matched: db.example.com, or *.example.com; repeat for more."
                      + replaces),
+        click.option("--mode", type=click.Choice(["enforce", "audit"]),
+                     help="audit: run the rules but allow whatever they say, recording what enforcement "
+                     "would have denied (logs activity --would-deny)." + ("" if edit else "  [default: enforce]")),
     ]
     if edit:
         options += [
@@ -403,7 +407,8 @@ def policy_fields(base: Mapping[str, Any], opts: PolicyOptions, *, edit: bool) -
     _set_list(fields, "rules", opts.rules, opts.clear_rules)
     _set_list(fields, "ports", opts.ports, opts.clear_ports)
     _set_list(fields, "sni", opts.sni, opts.clear_sni)
-    given = {"path_prefix": opts.path_prefix, "integration": opts.integration, "priority": opts.priority}
+    given = {"path_prefix": opts.path_prefix, "integration": opts.integration, "priority": opts.priority,
+             "mode": opts.mode}
     fields.update((field, value) for field, value in given.items() if value is not None)
     _set_enabled(fields, opts.enabled, opts.disabled, edit=edit)
     return fields

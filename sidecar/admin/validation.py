@@ -54,7 +54,8 @@ CLI_OPTIONS: Mapping[str, str] = {
     "token_url": "--token-url", "client_id": "--client-id", "client_secret": "--client-secret",
     "verification": "--verify", "actions": "--action", "timeout_ms": "--timeout-ms",
     "cache_ttl": "--cache-ttl", "hosts": "--host", "path_prefix": "--path-prefix",
-    "methods": "--method", "integration": "--integration", "priority": "--priority", "ports": "--port", "sni": "--sni",
+    "methods": "--method", "integration": "--integration", "priority": "--priority",
+    "ports": "--port", "sni": "--sni", "mode": "--mode",
     "rules": "--rule",
 }
 """Model field → the option that sets it, to word errors in the admin's terms."""

@@ -38,6 +38,7 @@ class ActivityRecord(NamedTuple):
     status: str
     latency_ms: float
     policy_source: PolicySource = "match"
+    audit_deny: bool = False
 
 
 def iso_time(epoch: float) -> str:
@@ -65,10 +66,11 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord])
         with transaction(conn, immediate=True):
             conn.executemany(
                 "INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method,"
-                " policy, allowed, code, status, latency_ms, policy_source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " policy, allowed, code, status, latency_ms, policy_source, audit_deny)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (iso_time(r.at), r.request_id, r.username, r.source_ip, r.host, r.path, r.method,
-                     r.policy, int(r.allowed), r.code, r.status, r.latency_ms, r.policy_source)
+                     r.policy, int(r.allowed), r.code, r.status, r.latency_ms, r.policy_source, int(r.audit_deny))
                     for r in records
                 ],
             )
@@ -137,14 +139,18 @@ def prune_activity(conn: sqlite3.Connection, *, older_than: str | None, keep_row
     return deleted
 
 
-def read_activity(conn: sqlite3.Connection, *, denied: bool = False, user: str | None = None,
-                  limit: int | None = None, since: str | None = None) -> list[ActivityRecord]:
-    """The newest activity log rows first, optionally only denials, one user's, or since a time
-    (in the log's format). Raises ``StoreError``, also for a row whose time is not one (only
-    plain SQL can write such a row)."""
+def read_activity(conn: sqlite3.Connection, *, denied: bool = False, would_deny: bool = False,
+                  user: str | None = None, limit: int | None = None, since: str | None = None
+                  ) -> list[ActivityRecord]:
+    """The newest activity log rows first, optionally only denials, only what audit-mode
+    policies would have denied, one user's, or since a time (in the log's format). Raises
+    ``StoreError``, also for a row whose time is not one (only plain SQL can write such a
+    row)."""
     where, args = [], []
     if denied:
         where.append("allowed = 0")
+    if would_deny:
+        where.append("audit_deny = 1")
     if user is not None:
         where.append("username = ?")
         args.append(user)
@@ -160,7 +166,7 @@ def read_activity(conn: sqlite3.Connection, *, denied: bool = False, user: str |
                            source_ip=r["source_ip"], host=r["host"], path=r["path"], method=r["method"],
                            policy=r["policy"], allowed=bool(r["allowed"]), code=r["code"],
                            status=r["status"], latency_ms=r["latency_ms"],
-                           policy_source=r["policy_source"] or "match")
+                           policy_source=r["policy_source"] or "match", audit_deny=bool(r["audit_deny"]))
             for r in rows
         ]
 

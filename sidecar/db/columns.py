@@ -66,6 +66,7 @@ POLICY_COLUMNS: tuple[Column, ...] = (
     Column("priority", "priority"),
     Column("ports", "ports", "list"),
     Column("sni", "sni", "list"),
+    Column("mode", "mode"),
 )
 
 

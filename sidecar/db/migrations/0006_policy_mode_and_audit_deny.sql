@@ -1,0 +1,5 @@
+ALTER TABLE policies ADD COLUMN mode TEXT NOT NULL DEFAULT 'enforce';
+ALTER TABLE activity_log ADD COLUMN audit_deny INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX activity_log_audit_deny ON activity_log(audit_deny) WHERE audit_deny = 1;
+DROP VIEW audit_policy_doc;
+CREATE VIEW audit_policy_doc AS SELECT id, name, doc, doc AS raw FROM (SELECT p.id, p.name, json_object('name', p.name, 'enabled', json(CASE WHEN p.enabled THEN 'true' ELSE 'false' END), 'hosts', CASE WHEN json_valid(p.hosts) THEN json(p.hosts) ELSE p.hosts END, 'path_prefix', p.path_prefix, 'methods', CASE WHEN json_valid(p.methods) THEN json(p.methods) ELSE p.methods END, 'integration', json(CASE WHEN p.integration THEN 'true' ELSE 'false' END), 'priority', p.priority, 'ports', CASE WHEN json_valid(p.ports) THEN json(p.ports) ELSE p.ports END, 'sni', CASE WHEN json_valid(p.sni) THEN json(p.sni) ELSE p.sni END, 'mode', p.mode, 'rules', (SELECT json_group_array(name) FROM (SELECT r.name FROM policy_rules pr JOIN rules r ON r.id = pr.rule_id WHERE pr.policy_id = p.id ORDER BY pr.position))) AS doc FROM policies p);
