@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -23,13 +23,14 @@ from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from .activity import ActivityLog
 from .activity_retention import ActivityRetention
 from .attributes import RequestAttributes
+from .bundles import BundleSync
 from .check import Checker
 from .db import ActivityRecord
 from .decision import Code, Decision
 from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
 from .parameters import Parameters
-from .rules import RuleEvaluator
+from .rules import RuleEvaluator, trace
 from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
 from .settings import Settings
@@ -49,11 +50,13 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         self._activity = activity
         self._jwt_namespace = settings.jwt_metadata_namespace
         self._jwt_key = settings.jwt_payload_key
+        self._trace = settings.trace
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:  # noqa: N802
         started = time.perf_counter()
         attrs: RequestAttributes | None = None
         params: Parameters | None = None
+        check_trace = trace.start() if self._trace != "off" else None
         try:
             attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
             decision, params = await self._checker.check(attrs)
@@ -65,13 +68,13 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             decision, response = _INTERNAL, _INTERNAL_RESPONSE
         latency_ms = (time.perf_counter() - started) * 1000
         try:
-            self._record(attrs, params, decision, latency_ms)
+            self._record(attrs, params, decision, latency_ms, check_trace)
         except Exception:
             log.exception("could not record a decision")
         return response
 
     def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
-                decision: Decision, latency_ms: float) -> None:
+                decision: Decision, latency_ms: float, check_trace: trace.CheckTrace | None = None) -> None:
         if attrs is None:
             self._activity.record(ActivityRecord(
                 at=time.time(), request_id="", username="", source_ip="", host="", path="", method="",
@@ -83,7 +86,26 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             source_ip=attrs.source.ip, host=attrs.host, path=attrs.path, method=attrs.method,
             policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
             latency_ms=latency_ms, policy_source=decision.policy_source, audit_deny=decision.audit_deny,
+            trace=self._trace_of(attrs, decision, check_trace),
         ))
+
+    def _trace_of(self, attrs: RequestAttributes, decision: Decision,
+                  check_trace: trace.CheckTrace | None) -> Callable[[], dict[str, Any]] | None:
+        """What builds the check's trace document in the activity writer (off the request
+        path): for denials and audit denials, or every decision with ``--trace all``."""
+        if check_trace is None or (self._trace == "denied" and decision.allowed and not decision.audit_deny):
+            return None
+        snapshot = self._checker.snapshot
+        policy = snapshot.index.named(decision.policy) if snapshot and decision.policy else None
+        order = list(policy.rules) if policy else None
+        summary = {"request_id": attrs.request_id, "method": attrs.method, "host": attrs.host, "path": attrs.path,
+                   "policy": decision.policy, "decision": edge.result_of(decision), "code": str(decision.code),
+                   "reason": decision.reason}
+
+        def document() -> dict[str, Any]:
+            return {**summary, **check_trace.document(order)}
+
+        return document
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -122,9 +144,12 @@ class Sidecar:
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
                                     self._on_rules_health)
         self.evaluator.on_call = self.metrics.record_call
+        # --bundle: the bundle owns rules and policies (sidecar.bundles).
+        self.bundles = BundleSync(settings, self._bundle_applied) if settings.bundle else None
         # A --workers worker serves its pages on a private socket; the supervisor serves --http.
         ops_listen = f"unix:{ops_socket}" if ops_socket else settings.http
-        self.ops = OpsServer(ops_listen, self.metrics, self.not_ready) if ops_listen else None
+        self.ops = OpsServer(ops_listen, self.metrics, self.not_ready,
+                             detail=self.bundles.detail if self.bundles else None) if ops_listen else None
         self.health = health.aio.HealthServicer()
         self.draining = False
         # SO_REUSEPORT only for --workers: otherwise a second sidecar on the same port would
@@ -137,6 +162,8 @@ class Sidecar:
         the gRPC health service alike)."""
         if self.draining:
             return "draining"
+        if self.bundles is not None and (waiting := self.bundles.not_ready()) is not None:
+            return waiting
         if self.checker.snapshot is None:
             return f"rules.db not loaded: {self.watcher.last_error or 'loading'}"
         if self.watcher.last_error is not None:
@@ -144,8 +171,16 @@ class Sidecar:
         return None
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
-        self.checker.snapshot = snapshot
+        # Fail closed: with --bundle, whatever rules.db held before a first revision is not served.
+        if self.bundles is None or self.bundles.applied is not None:
+            self.checker.snapshot = snapshot
         self._update_health()
+
+    async def _bundle_applied(self) -> None:
+        try:
+            await self.watcher.load(force=True)
+        except db.StoreError:
+            pass  # logged by the watcher, which retries on its next tick
 
     def _on_rules_health(self, error: str | None) -> None:
         self._update_health()
@@ -179,6 +214,8 @@ class Sidecar:
         yield counter("safous_activity_written", "Decisions written to the activity log", self.activity.written)
         yield counter("safous_activity_dropped", "Decisions the activity log had to drop", self.activity.dropped)
         yield counter("safous_activity_pruned", "Activity log rows deleted by retention", self.retention.deleted_total)
+        if self.bundles is not None:
+            yield from self.bundles.metrics()
         for metric in self.evaluator.metrics():
             family = counter if metric.kind == "counter" else gauge
             yield family(metric.name, metric.documentation, metric.value)
@@ -209,6 +246,8 @@ class Sidecar:
         self.activity.start()
         self.retention.start()
         await self.evaluator.start()
+        if self.bundles is not None:
+            await self.bundles.start()
         try:
             await self.watcher.load(force=True)
         except db.StoreError:
@@ -226,6 +265,8 @@ class Sidecar:
         await self.server.stop(self.settings.grace_period if grace is None else grace)
         if self.ops is not None:
             await self.ops.stop()
+        if self.bundles is not None:
+            await self.bundles.stop()
         await self.watcher.stop()
         await self.retention.stop()
         await self.evaluator.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, FilePath, field_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .decision import DefaultAction
@@ -19,6 +19,7 @@ from .rules.secrets import (
     DEFAULT_ENV_PREFIX,
     DEFAULT_SECRET_DIRS,
     SecretPolicy,
+    is_reference,
     parse_secret_dirs,
 )
 
@@ -69,6 +70,9 @@ class Settings(BaseSettings):
         None, gt=0, description="delete activity log rows older than this many days (off when unset)")
     activity_retention_rows: int | None = Field(
         None, ge=1, description="keep at most this many activity log rows, the newest (off when unset)")
+    trace: Literal["denied", "all", "off"] = Field(
+        "denied", description="keep the evidence behind decisions (each rule's request, answer, outcome; "
+        "safous-admin explain): for denials and audit denials, every decision, or none")
     activity_queue: int = Field(10_000, ge=1, description="decisions buffered for the activity log before dropping")
     username_header: str = Field(_IDENTITY.username_header, description="header carrying %username%")
     device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")
@@ -92,6 +96,24 @@ class Settings(BaseSettings):
     secret_env_prefix: str = Field(
         DEFAULT_ENV_PREFIX, description="env:NAME secret references may only read variables whose names start "
         "with this (not empty)")
+    bundle: str | None = Field(
+        None, description="signed rule bundle to follow: a file (e.g. a mounted ConfigMap) or an http(s):// URL; "
+        "the bundle then owns rules and policies (off when unset)")
+    bundle_poll_interval: float = Field(
+        5.0, gt=0, description="seconds between polls of --bundle (less a random 0-20 %; doubled per failure, up "
+        "to 8 times)")
+    bundle_verification_key: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="[KID=]PATH of a PEM public key (Ed25519 or P-256) bundles may be signed with, KID "
+        "defaulting to the key's RFC 7638 thumbprint; repeat the flag for more (key rotation); the variable "
+        "takes a :-separated list")
+    bundle_insecure_skip_verify: bool = Field(
+        False, description="apply bundles without checking their signature (logs a warning; tests only)")
+    bundle_ca_bundle: FilePath | None = Field(
+        None, description="PEM file of the CAs trusted for an https --bundle (the system store when unset)")
+    bundle_bearer_token: str | None = Field(
+        None, description="env:NAME or file:PATH of a bearer token sent to an http(s) --bundle (within "
+        "--secret-dir / --secret-env-prefix)")
+    bundle_max_bytes: int = Field(64 << 20, ge=1, description="largest bundle accepted, in bytes")
 
     @field_validator("listen", "http")
     @classmethod
@@ -104,6 +126,28 @@ class Settings(BaseSettings):
     @classmethod
     def _secret_dirs(cls, value: Any) -> Any:
         return parse_secret_dirs(value) if isinstance(value, (str, list, tuple)) else value
+
+    @field_validator("bundle_verification_key", mode="before")
+    @classmethod
+    def _key_list(cls, value: Any) -> Any:
+        return tuple(v for v in value.split(":") if v) if isinstance(value, str) else value
+
+    @field_validator("bundle_bearer_token")
+    @classmethod
+    def _bearer_reference(cls, value: str | None) -> str | None:
+        if value is not None and not is_reference(value):
+            raise ValueError("give the token as env:NAME or file:PATH, not in clear (it would show in process "
+                             "lists and manifests)")
+        return value
+
+    @model_validator(mode="after")
+    def _bundle_keys(self) -> Settings:
+        if self.bundle and not self.bundle_verification_key and not self.bundle_insecure_skip_verify:
+            raise ValueError("--bundle needs --bundle-verification-key (the public key bundles are signed with), "
+                             "or an explicit --bundle-insecure-skip-verify")
+        if self.bundle_bearer_token is not None:
+            self.secret_policy.check(self.bundle_bearer_token)
+        return self
 
     @field_validator("secret_env_prefix")
     @classmethod

@@ -533,7 +533,7 @@ AT                        REQUEST ID  USER  SOURCE IP    METHOD  HOST           
         "at": "2026-03-01T10:00:00.000Z", "request_id": "req-1", "username": "alice", "source_ip": "203.0.113.7",
         "method": "GET", "host": "app.example.com", "path": "/app/x", "policy": "web", "allowed": True,
         "audit_deny": False, "code": "rules_passed", "status": 'policy "web": all 1 rules met', "latency_ms": 3.2,
-        "policy_source": "match"}]
+        "policy_source": "match", "trace": False}]
     ok(admin(db, "logs", "activity", "--user", "carol"), "no activity log entries\n")
     refused(admin(db, "logs", "activity", "--since", "last week"),
             "Invalid value for '--since': 'last week' is not an ISO 8601 date or time "

@@ -317,7 +317,7 @@ def activity_line(r: ActivityRecord) -> str:
         "at": iso_time(r.at), "request_id": r.request_id, "username": r.username, "source_ip": r.source_ip,
         "method": r.method, "host": r.host, "path": r.path, "policy": r.policy,
         "allowed": r.allowed, "audit_deny": r.audit_deny, "code": r.code, "status": r.status,
-        "latency_ms": r.latency_ms, "policy_source": r.policy_source,
+        "latency_ms": r.latency_ms, "policy_source": r.policy_source, "trace": r.traced,
     })
 
 
@@ -328,3 +328,36 @@ def parameter_table() -> str:
     rows.append([f"%{STORED_PREFIX}NAME%", ("value kept by a store response action of an earlier rule "
                                             "of the same policy")])
     return table(["PARAMETER", "SOURCE"], rows)
+
+
+def trace_report(doc: Mapping[str, Any]) -> str:
+    """``explain``: a trace as a readable report, terminal-safe (answers are third-party text)."""
+    def line(text: str) -> str:
+        return clean(str(text))
+
+    out = [line(f"request {doc.get('request_id')}: {doc.get('method') or '(connection)'} "
+                f"{doc.get('host')}{doc.get('path')}"),
+           line(f"decision {doc.get('decision')} ({doc.get('code')}), policy {json.dumps(doc.get('policy'))}"),
+           line(f"  {doc.get('reason')}")]
+    for number, rule in enumerate(doc.get("rules", ()), start=1):
+        timing = f", {rule['ms']} ms" if "ms" in rule else ""
+        out.append("")
+        out.append(line(f"rule {number} {json.dumps(rule.get('rule'))}: {rule.get('outcome')} "
+                        f"({rule.get('source')}{timing})"))
+        request = rule.get("request")
+        if isinstance(request, dict):
+            out.append(line(f"  request  {request.get('method')} {request.get('url')}"))
+            out.extend(line(f"           {name}: {value}") for name, value in request.get("headers", ()))
+            if request.get("body") is not None:
+                out.append(line(f"  body     {request['body']}"))
+        answer = rule.get("answer")
+        if isinstance(answer, dict):
+            out.append(line(f"  answer   HTTP {answer.get('status')} {answer.get('content_type') or '-'} "
+                            f"({answer.get('bytes')} bytes)"))
+            out.append(line(f"           {answer.get('body')}"))
+        if rule.get("reason"):
+            out.append(line(f"  reason   {rule['reason']}"))
+    if doc.get("cut"):
+        out.append("")
+        out.append("(the trace was cut to stay under 16 KiB)")
+    return "\n".join(out)

@@ -7,10 +7,11 @@ milliseconds in rules.db (``iso_time``), so that they sort and compare as text t
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -39,6 +40,10 @@ class ActivityRecord(NamedTuple):
     latency_ms: float
     policy_source: PolicySource = "match"
     audit_deny: bool = False
+    # The evidence behind the decision, built when written (off the request path), or None.
+    # Read back, ``traced`` says whether a trace is stored for the row.
+    trace: Callable[[], dict[str, Any]] | None = None
+    traced: bool = False
 
 
 def iso_time(epoch: float) -> str:
@@ -58,22 +63,70 @@ def parse_iso_time(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord]) -> None:
-    """Append decisions to the activity log in one transaction. Raises ``StoreError``."""
+_INSERT = ("INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method, policy, allowed,"
+           " code, status, latency_ms, policy_source, audit_deny) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+TRACE_MAX_BYTES = 16 * 1024
+"""A stored trace's size at most (UTF-8): past it, its request bodies and answers are cut."""
+DEFAULT_TRACE_KEEP = 4096
+"""Traces kept at most, the newest (so at most 64 MiB), whatever the activity log's retention."""
+
+
+def _row(r: ActivityRecord) -> tuple[Any, ...]:
+    return (iso_time(r.at), r.request_id, r.username, r.source_ip, r.host, r.path, r.method, r.policy,
+            int(r.allowed), r.code, r.status, r.latency_ms, r.policy_source, int(r.audit_deny))
+
+
+def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
+                    keep_traces: int = DEFAULT_TRACE_KEEP) -> None:
+    """Append decisions to the activity log in one transaction, with their traces (at most
+    ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
     if not records:
         return
     with translated("cannot write the activity log"):
         with transaction(conn, immediate=True):
-            conn.executemany(
-                "INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method,"
-                " policy, allowed, code, status, latency_ms, policy_source, audit_deny)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (iso_time(r.at), r.request_id, r.username, r.source_ip, r.host, r.path, r.method,
-                     r.policy, int(r.allowed), r.code, r.status, r.latency_ms, r.policy_source, int(r.audit_deny))
-                    for r in records
-                ],
-            )
+            if not any(r.trace is not None for r in records):
+                conn.executemany(_INSERT, [_row(r) for r in records])
+                return
+            for r in records:
+                activity_id = conn.execute(_INSERT, _row(r)).lastrowid
+                if r.trace is not None:
+                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)",
+                                 (activity_id, trace_json(r.trace())))
+            conn.execute("DELETE FROM traces WHERE id <= (SELECT id FROM traces ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                         (keep_traces,))
+
+
+def trace_json(doc: dict[str, Any]) -> str:
+    """``doc`` as stored: JSON, at most ``TRACE_MAX_BYTES`` (request bodies and answers cut
+    first, then the rules dropped from the end)."""
+    def dumped() -> str:
+        return json.dumps(doc, ensure_ascii=False)
+
+    text = dumped()
+    if len(text.encode()) <= TRACE_MAX_BYTES:
+        return text
+    for rule in doc.get("rules", ()):
+        for part in ("request", "answer"):
+            if isinstance(rule.get(part), dict) and rule[part].get("body"):
+                rule[part]["body"] = "(cut: a trace is kept under 16 KiB)"
+    text = dumped()
+    while len(text.encode()) > TRACE_MAX_BYTES and doc.get("rules"):
+        doc["rules"].pop()
+        doc["cut"] = True
+        text = dumped()
+    return text
+
+
+def read_trace(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """The newest trace of a request, or None. Raises ``StoreError``."""
+    with translated("cannot read the traces"):
+        row = conn.execute(
+            "SELECT t.doc FROM traces t JOIN activity_log a ON a.id = t.activity_id WHERE a.request_id = ? "
+            "ORDER BY t.id DESC LIMIT 1", (request_id,)).fetchone()
+    if row is None:
+        return None
+    doc: dict[str, Any] = json.loads(row[0])
+    return doc
 
 
 # SQLite has one writer at a time, and a connection waiting for the lock does not queue: its
@@ -157,16 +210,18 @@ def read_activity(conn: sqlite3.Connection, *, denied: bool = False, would_deny:
     if since:
         where.append("at >= ?")
         args.append(since)
+    sql = ("SELECT a.*, EXISTS(SELECT 1 FROM traces t WHERE t.activity_id = a.id) AS traced FROM activity_log a"
+           + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at DESC, id DESC"
+           + (" LIMIT ?" if limit else ""))
     with translated("cannot read the activity log"):
-        rows = sqlite_utils_db(conn).table("activity_log").rows_where(
-            " AND ".join(where) or None, args, order_by="at DESC, id DESC", limit=limit,
-        )
+        rows = sqlite_utils_db(conn).query(sql, [*args, *([limit] if limit else [])])
         return [
             ActivityRecord(at=_epoch(r["id"], r["at"]), request_id=r["request_id"], username=r["username"],
                            source_ip=r["source_ip"], host=r["host"], path=r["path"], method=r["method"],
                            policy=r["policy"], allowed=bool(r["allowed"]), code=r["code"],
                            status=r["status"], latency_ms=r["latency_ms"],
-                           policy_source=r["policy_source"] or "match", audit_deny=bool(r["audit_deny"]))
+                           policy_source=r["policy_source"] or "match", audit_deny=bool(r["audit_deny"]),
+                           traced=bool(r["traced"]))
             for r in rows
         ]
 

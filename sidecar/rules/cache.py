@@ -144,6 +144,10 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether a call for ``key`` is in flight now (a caller would share it)."""
+        return key in self._flights
+
     async def do(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
         flight = self._flights.get(key)
         if flight is None:

@@ -20,7 +20,7 @@ from typing import Any
 from ..decision import UPSTREAM_HEADER_PREFIX, Code, Decision
 from ..parameters import STORED_PREFIX, Parameters
 from ..policies import Policy
-from . import CallObserver, EvaluatorMetric
+from . import CallObserver, EvaluatorMetric, trace
 from .cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
 from .client import (
     BasicAuth,
@@ -265,15 +265,22 @@ class WebhookEvaluator:
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
+                trace.note(rule.name, "cache", failure=cached.failure)
                 return cached
         try:
             request = rule.request.render(lookup)
         except UnsafeParameter as exc:
-            return RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
+            outcome = RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
+            trace.note(rule.name, "not sent", failure=outcome.failure)
+            return outcome
         return request, key
 
     async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
-        return await self.flights.do(key, lambda: self._call(rule, request, key))
+        shared = key in self.flights
+        outcome = await self.flights.do(key, lambda: self._call(rule, request, key))
+        if shared:
+            trace.note(rule.name, "shared", failure=outcome.failure)
+        return outcome
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
         started = time.perf_counter()
@@ -290,12 +297,23 @@ class WebhookEvaluator:
         """The call and the judging of its answer, both within the rule's timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + rule.timeout
+        started = time.perf_counter()
+        noted = trace.note(rule.name, "call")
+        if noted is not None:
+            noted.request = request
         try:
             response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
         except WebhookFailure as exc:
-            return RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
-        return await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
-                                       response.status, response.body, deadline=deadline)
+            outcome = RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
+        else:
+            if noted is not None:
+                noted.status, noted.content_type = response.status, response.content_type
+                noted.answer, noted.answer_bytes = response.body[:trace.EXCERPT_BYTES], len(response.body)
+            outcome = await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
+                                              response.status, response.body, deadline=deadline)
+        if noted is not None:
+            noted.failure, noted.seconds = outcome.failure, time.perf_counter() - started
+        return outcome
 
 
 def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome:

@@ -1,0 +1,120 @@
+"""The evidence behind a decision: what each rule of the policy sent, got back and made of it.
+
+While a check runs, the evaluator notes each rule in the check's ``CheckTrace`` (found through a
+context variable, so the evaluator's signature and its tasks need nothing more: a task inherits
+its creator's context, and a shared webhook call runs in the context of the check that started
+it). Noting is a few attribute writes; the document is built later, off the request path, by
+the activity log's writer (``CheckTrace.document``).
+
+Masked in every document: the values of ``Authorization`` and ``Proxy-Authorization`` headers
+of the rule (the authentication the HTTP client adds is never part of the rendered request).
+Bounded: a request body and an answer are kept to their first ``EXCERPT_BYTES`` bytes.
+Answers may hold personal data: traces live as long as their activity log rows.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .templates import WebhookRequest
+
+__all__ = ["EXCERPT_BYTES", "MASK", "CheckTrace", "RuleTrace", "current", "note", "start"]
+
+EXCERPT_BYTES = 4096
+MASK = "••••••"
+_MASKED_HEADERS = frozenset({"authorization", "proxy-authorization"})
+
+Source = Literal["call", "shared", "cache", "not sent", "not run"]
+"""How a rule's outcome came about: its own webhook call; a call made at the same moment for an
+identical request (single flight); the decision cache; refused before sending (an unsafe
+parameter); not run at all (an earlier rule already decided, or a rule it depends on failed)."""
+
+
+@dataclass(slots=True)
+class RuleTrace:
+    rule: str
+    source: Source = "not run"
+    request: WebhookRequest | None = None
+    status: int | None = None
+    content_type: str = ""
+    answer: bytes = b""
+    answer_bytes: int = 0
+    failure: tuple[str, str] | None = None
+    seconds: float | None = None
+
+
+@dataclass(slots=True)
+class CheckTrace:
+    """The rules of one check, in the order they were noted (policy order is restored by
+    ``document``)."""
+
+    rules: dict[str, RuleTrace] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def rule(self, name: str) -> RuleTrace:
+        entry = self.rules.get(name)
+        if entry is None:
+            entry = self.rules[name] = RuleTrace(name)
+        return entry
+
+    def document(self, order: list[str] | None = None) -> dict[str, Any]:
+        """The trace as JSON-ready data, rules in ``order`` (the policy's) when given."""
+        names = order or list(self.rules)
+        return {"rules": [_rule_document(self.rules.get(name) or RuleTrace(name)) for name in names]}
+
+
+_current: contextvars.ContextVar[CheckTrace | None] = contextvars.ContextVar("safous_trace", default=None)
+
+
+def current() -> CheckTrace | None:
+    return _current.get()
+
+
+def start() -> CheckTrace:
+    """A new trace for the check running in this context."""
+    trace = CheckTrace()
+    _current.set(trace)
+    return trace
+
+
+def note(rule: str, source: Source, *, failure: tuple[str, str] | None = None) -> RuleTrace | None:
+    """Note how ``rule`` was decided in the current check's trace (None when not tracing)."""
+    trace = _current.get()
+    if trace is None:
+        return None
+    entry = trace.rule(rule)
+    entry.source = source
+    if failure is not None:
+        entry.failure = failure
+    return entry
+
+
+def _rule_document(entry: RuleTrace) -> dict[str, Any]:
+    doc: dict[str, Any] = {"rule": entry.rule, "source": entry.source}
+    if entry.request is not None:
+        request = entry.request
+        doc["request"] = {
+            "method": request.method,
+            "url": request.url,
+            "headers": [[name, MASK if name.lower() in _MASKED_HEADERS else value]
+                        for name, value in request.headers],
+            "body": _excerpt(request.body) if request.body is not None else None,
+        }
+    if entry.status is not None:
+        doc["answer"] = {"status": entry.status, "content_type": entry.content_type,
+                         "bytes": entry.answer_bytes, "body": _excerpt(entry.answer)}
+    doc["outcome"] = "held" if entry.failure is None and entry.source != "not run" else (
+        entry.failure[0] if entry.failure else "not run")
+    if entry.failure is not None:
+        doc["reason"] = entry.failure[1]
+    if entry.seconds is not None:
+        doc["ms"] = round(entry.seconds * 1000, 3)
+    return doc
+
+
+def _excerpt(data: bytes) -> str:
+    text = data[:EXCERPT_BYTES].decode("utf-8", "replace")
+    return text + ("…" if len(data) > EXCERPT_BYTES else "")
