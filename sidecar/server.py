@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import __version__, db, edge, logs
+from . import __version__, db, edge, logs, tracing
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from .activity import ActivityLog
@@ -53,6 +53,20 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         self._trace = settings.trace
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:  # noqa: N802
+        if tracing.enabled():
+            return await self._traced_check(request, context)
+        return await self._check(request)
+
+    async def _traced_check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
+        """``_check`` in a span that joins Envoy's trace (its gRPC call's ``traceparent``, else
+        the request's)."""
+        metadata = {key: value for key, value in (context.invocation_metadata() or ())
+                    if isinstance(value, str)}
+        headers = dict(request.attributes.request.http.headers)
+        with tracing.check_span((metadata, headers)) as span:
+            return await self._check(request, span)
+
+    async def _check(self, request: pb.CheckRequest, span: Any = None) -> pb.CheckResponse:
         started = time.perf_counter()
         attrs: RequestAttributes | None = None
         params: Parameters | None = None
@@ -67,6 +81,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             log.exception("check failed at the edge")
             decision, response = _INTERNAL, _INTERNAL_RESPONSE
         latency_ms = (time.perf_counter() - started) * 1000
+        if span is not None:
+            cached = sum(1 for r in check_trace.rules.values() if r.source == "cache") if check_trace else 0
+            span.set_attributes({"safous.decision": edge.result_of(decision), "safous.code": str(decision.code),
+                                 "safous.policy": decision.policy or "", "safous.rules_from_cache": cached})
         try:
             self._record(attrs, params, decision, latency_ms, check_trace)
         except Exception:
@@ -227,6 +245,8 @@ class Sidecar:
         applied = await asyncio.to_thread(db.ensure_database, self.settings.db)
         if applied:
             log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
+        if await asyncio.to_thread(tracing.configure):
+            log.info("OpenTelemetry traces on (OTLP/HTTP)")
         pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
             AuthorizationService(self.checker, self.activity, self.settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -271,6 +291,7 @@ class Sidecar:
         await self.retention.stop()
         await self.evaluator.close()
         await self.activity.close()
+        await asyncio.to_thread(tracing.shutdown)  # exports the spans still buffered
         self.loop_lag.stop()
         log.info("stopped", extra={"activity_written": self.activity.written,
                                    "activity_dropped": self.activity.dropped})

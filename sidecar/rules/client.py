@@ -65,6 +65,7 @@ from types import TracebackType
 import aiohttp
 from yarl import URL
 
+from sidecar import tracing
 from sidecar.decision import Code
 from sidecar.rules.oauth import (
     IssuedToken,
@@ -253,20 +254,23 @@ class WebhookClient:
         except ValueError as exc:
             raise WebhookFailure(Code.WEBHOOK_UNREACHABLE, "webhook URL cannot be requested") from exc
         try:
-            async with session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,
-            ) as response:
-                body = await _read_body(response, limit)
-                if body is None:
-                    raise WebhookFailure(
-                        Code.RESPONSE_TOO_LARGE, f"webhook response exceeds {_size(limit)}"
-                    )
-                content_type = response.headers.get(aiohttp.hdrs.CONTENT_TYPE, "")
-                return WebhookResponse(response.status, body, content_type)
+            with tracing.outgoing_span("webhook call", request.method, url.host or "", headers) as span:
+                async with session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=request.body,
+                    allow_redirects=False,
+                ) as response:
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", response.status)
+                    body = await _read_body(response, limit)
+                    if body is None:
+                        raise WebhookFailure(
+                            Code.RESPONSE_TOO_LARGE, f"webhook response exceeds {_size(limit)}"
+                        )
+                    content_type = response.headers.get(aiohttp.hdrs.CONTENT_TYPE, "")
+                    return WebhookResponse(response.status, body, content_type)
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, TimeoutError):
                 raise  # only asyncio.timeout bounds a call; the caller words it
@@ -277,16 +281,20 @@ class WebhookClient:
         shared session. Raises ``OAuthError``."""
         session = self._require_session()
         request = token_request(auth)
+        headers = list(request.headers)
         try:
-            async with session.post(
-                request.url, headers=request.headers, data=request.body, allow_redirects=False
-            ) as response:
-                body = await _read_body(response, MAX_TOKEN_RESPONSE_BYTES)
-                if body is None:
-                    raise OAuthError(
-                        f"OAuth token response exceeds {_size(MAX_TOKEN_RESPONSE_BYTES)}"
-                    )
-                status = response.status
+            with tracing.outgoing_span("oauth token", "POST", URL(request.url).host or "", headers) as span:
+                async with session.post(
+                    request.url, headers=headers, data=request.body, allow_redirects=False
+                ) as response:
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", response.status)
+                    body = await _read_body(response, MAX_TOKEN_RESPONSE_BYTES)
+                    if body is None:
+                        raise OAuthError(
+                            f"OAuth token response exceeds {_size(MAX_TOKEN_RESPONSE_BYTES)}"
+                        )
+                    status = response.status
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, TimeoutError):
                 raise
