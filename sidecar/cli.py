@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         env = "SAFOUS_" + name.upper()
         # A list setting is a repeatable flag; given once or more, it replaces the variable's list.
         repeated = typing.get_origin(field.annotation) in (list, tuple)
+        if field.annotation is bool:  # a switch: given means true
+            serve.add_argument(flag, dest=name, default=None, action="store_const", const="true",
+                               help=f"{field.description} [env {env}=true]".replace("%", "%%"))
+            continue
         serve.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
                            action="append" if repeated else "store",
                            help=f"{field.description} [env {env}, default {shown_default(field.default)}]"

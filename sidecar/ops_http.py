@@ -2,7 +2,8 @@
 
 ``/healthz`` answers 200 while the process runs. ``/readyz`` answers 200 only when rules.db is
 loaded, the last reload worked and the sidecar is not draining — the same condition as the gRPC
-health service's SERVING — and 503 with the reason otherwise.
+health service's SERVING — and 503 with the reason otherwise; either way followed by the
+``detail`` lines, if any (with ``--bundle``: the revision answering, the last failure).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ class OpsServer:
     serves the pod's port and reads each worker's pages from its socket)."""
 
     def __init__(self, listen: str, metrics: Metrics, not_ready: Callable[[], str | None], *,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, detail: Callable[[], str] | None = None) -> None:
         self._unix = listen.removeprefix("unix:") if listen.startswith("unix:") else None
         self._host, self._port = ("", 0) if self._unix else split_host_port(listen)
         self._metrics = metrics
         self._not_ready = not_ready
+        self._detail = detail
         self._reuse_port = reuse_port
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -60,9 +62,10 @@ class OpsServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         reason = self._not_ready()
+        detail = self._detail() if self._detail is not None else ""
         if reason is None:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+            return web.Response(text="ready\n" + detail)
+        return web.Response(status=503, text=f"not ready: {reason}\n" + detail)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.exposition(),

@@ -8,6 +8,9 @@
   transaction (the audit triggers record its actor), or none. Only the commands that add
   (``rule add``, ``policy add``, ``import``) create a missing rules.db; the others refuse it as
   the readers do, since there is nothing in it for them to change.
+- A rules.db that a sidecar's ``--bundle`` manages (``bundle_state`` has a row) is not changed:
+  the next bundle would undo the change, and one sidecar would answer differently from the
+  fleet until then. ``--force`` writes anyway, and the audit log's actor says so.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Admin:
     db: Path
     actor: str
     secrets: SecretPolicy
+    force: bool = False
 
     def _missing(self) -> AdminError:
         return AdminError(f"rules.db {self.db} does not exist (`rule add`, `policy add` and `import` "
@@ -75,7 +79,16 @@ class Admin:
         try:
             if db.pending_migrations(conn):
                 db.migrate(conn)
-            with db.admin_transaction(conn, self.actor):
+            actor = self.actor
+            bundle = db.read_bundle_state(conn)
+            if bundle is not None:
+                if not self.force:
+                    raise AdminError(f"rules.db {self.db} is managed by the bundle {bundle.source} (revision "
+                                     f"{bundle.revision}): change the rules where the bundle is built and publish "
+                                     "a new one, or give --force to change this copy anyway (audited; the next "
+                                     "bundle undoes it)", 2)
+                actor = f"{actor} (--force over bundle {bundle.revision})"
+            with db.admin_transaction(conn, actor):
                 yield conn
         finally:
             conn.close()

@@ -24,6 +24,7 @@ from sidecar.db import ObjectKind
 
 from . import checks, display
 from .access import Admin, one_policy, one_rule
+from .bundle import bundle
 from .options import (
     PolicyOptions,
     RuleOptions,
@@ -81,7 +82,7 @@ Run any command with --help for its options."""
 @root_options
 @click.pass_context
 def cli(ctx: click.Context, db: Path, actor: str | None, secret_dirs: tuple[str, ...],
-        secret_env_prefix: str | None) -> None:
+        secret_env_prefix: str | None, force: bool) -> None:
     """Manage the rules and policies of the Safous sidecar (Envoy ext_authz) in rules.db.
 
     A rule is a webhook call plus the criteria its answer must meet; a policy matches requests
@@ -92,7 +93,7 @@ def cli(ctx: click.Context, db: Path, actor: str | None, secret_dirs: tuple[str,
     Secret references are checked against the sidecar's settings: give --secret-dir and
     --secret-env-prefix (or their variables) as the sidecar has them.
     """
-    ctx.obj = Admin(db, actor_name(actor), secret_policy(secret_dirs, secret_env_prefix))
+    ctx.obj = Admin(db, actor_name(actor), secret_policy(secret_dirs, secret_env_prefix), force)
 
 
 def _switch(admin: Admin, kind: ObjectKind, name: str, enabled: bool) -> None:
@@ -422,6 +423,27 @@ def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None
         click.echo(display.activity_table(records, denied=denied) if records else "no activity log entries")
 
 
+@cli.command("explain")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True, help="The trace as one JSON document.")
+@click.pass_obj
+def explain(admin: Admin, request_id: str, as_json: bool) -> None:
+    """Why was REQUEST_ID decided so? The evidence the sidecar kept.
+
+    For each rule of the policy, in order: how its outcome came about (its own webhook call,
+    a call shared with an identical one, the cache), the request sent (Authorization values
+    masked), the answer (its first 4 KiB), the outcome and how long it took. The sidecar keeps
+    a trace for every denial and audit denial (--trace denied, its default), as long as the
+    activity log row; exit 1 when there is none.
+    """
+    with admin.read() as conn:
+        doc = db.read_trace(conn, request_id)
+    if doc is None:
+        raise click.ClickException(f"no trace of request {request_id!r} (the sidecar keeps one for each denial; "
+                                   "see logs activity)")
+    click.echo(json.dumps(doc, ensure_ascii=False) if as_json else display.trace_report(doc))
+
+
 # ------------------------------------------------------------------------- params
 
 
@@ -525,6 +547,30 @@ def import_(admin: Admin, file: IO[str], replace: bool) -> None:
         click.echo(f"{verb} {kind} {quoted(name)}")
     click.echo(f"imported {source}: {plan.count('created')} created, {plan.count('updated')} updated, "
                f"{plan.count('deleted')} deleted, {plan.unchanged} unchanged")
+
+
+# ------------------------------------------------------------------------------ ui
+
+
+@cli.command("ui")
+@click.option("--listen", default="127.0.0.1:8001", show_default=True, metavar="HOST:PORT",
+              help="Where the portal listens (port 0: any free port). It has no login: keep it on loopback.")
+@click.pass_obj
+def ui(admin: Admin, listen: str) -> None:
+    """Browse rules.db in a web browser, read-only.
+
+    The admins' portal (Datasette): the activity log (who was denied and why, with facets, a
+    time range, search on the reason and charts), the audit log (who changed what, before and
+    after), the rules and policies as this script shows them, and canned queries. Secrets
+    never reach it, and it never writes rules.db: a running sidecar writes on meanwhile.
+    Ctrl-C stops it.
+    """
+    from .portal import serve  # datasette: loaded only for this command
+
+    serve(admin, listen)
+
+
+cli.add_command(bundle)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -89,7 +89,7 @@ def _enum_words(enum: type[E]) -> dict[E, str]:
 
 def root_options(function: F) -> F:
     """``safous-admin``'s own options: ``db``, ``actor``, ``secret_dirs``, ``secret_env_prefix``
-    (the last two read with ``secret_policy``)."""
+    (the last two read with ``secret_policy``), ``force``."""
     return apply([
         click.option("--db", type=click.Path(dir_okay=False, path_type=Path), envvar="SAFOUS_DB",
                      default="rules.db", show_default=True, show_envvar=True,
@@ -108,6 +108,9 @@ def root_options(function: F) -> F:
                      help="env:NAME secret references may only read variables whose names start with "
                      "this, as the sidecar's --secret-env-prefix.  [env var: SAFOUS_SECRET_ENV_PREFIX; "
                      f"default: {DEFAULT_ENV_PREFIX}]"),
+        click.option("--force", is_flag=True,
+                     help="Change a rules.db that a sidecar's --bundle manages (the audit log marks it; the "
+                     "next bundle undoes it)."),
     ])(function)
 
 

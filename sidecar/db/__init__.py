@@ -9,6 +9,7 @@ Where things are:
 - ``objects``: rules and policies as the admin script reads and writes them.
 - ``audit``: the audit log (written by triggers) and the admin script's transaction.
 - ``activity``: the activity log: appending, pruning, reading.
+- ``bundle_state``: which signed bundle a rules.db holds (``safous-sidecar serve --bundle``).
 
 Connections use WAL (readers never block the admin's writes, and the other way round) and a
 busy timeout. Every function here blocks: the server calls them through ``asyncio.to_thread``
@@ -32,8 +33,10 @@ from .activity import (
     parse_iso_time,
     prune_activity,
     read_activity,
+    read_trace,
 )
 from .audit import AuditEntry, admin_transaction, flush_audit, read_audit
+from .bundle_state import BundleState, read_bundle_state, write_bundle_state
 from .connection import BUSY_TIMEOUT_MS, StoreError, connect, file_identity, transaction
 from .migrations import ensure_database, migrate, pending_migrations
 from .objects import (
@@ -55,6 +58,7 @@ __all__ = [
     "PRUNE_PAUSE",
     "ActivityRecord",
     "AuditEntry",
+    "BundleState",
     "ObjectKind",
     "RowMemo",
     "RuleSet",
@@ -78,11 +82,14 @@ __all__ = [
     "prune_activity",
     "read_activity",
     "read_audit",
+    "read_bundle_state",
     "read_policies",
     "read_rules",
+    "read_trace",
     "rules_version",
     "save_policy",
     "save_rule",
     "set_enabled",
     "transaction",
+    "write_bundle_state",
 ]

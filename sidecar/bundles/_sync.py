@@ -1,0 +1,269 @@
+"""The sidecar's side of bundles (``serve --bundle SOURCE``): poll the source, verify, apply to
+rules.db, report.
+
+With ``--bundle`` set the bundle owns rules and policies. Each new version of the source is
+verified (signature by key id, content hash, no literal secret), validated exactly as the admin
+script validates an import, then applied in one ``admin_transaction`` with actor
+``bundle:<revision>`` together with its ``bundle_state`` row; the rules watcher then reloads it
+(asked at once, so a new revision answers without waiting for the next reload tick).
+
+Fail closed, keep the last good: anything that goes wrong (``BundleRefused``, whatever the
+reason) changes nothing in rules.db, so the last applied revision keeps answering; the reason
+is logged once per change of reason (``bundle not applied``), counted by reason
+(``safous_bundle_activation_failures_total``) and shown by ``/readyz``. Only a sequence greater
+than the applied one is applied: a replayed old bundle cannot roll a fix back.
+
+Start-up: a rules.db holding an applied revision serves it at once; one without is not ready
+(the checker denies ``not_ready``) until a first revision applies.
+
+Polling: every ``--bundle-poll-interval`` seconds, less a random 0-20 % (sidecars started
+together spread out, and the interval stays a bound); while the source fails, the interval
+doubles per failure up to 8 times itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sidecar import db
+from sidecar.rules.secrets import SecretPolicy, resolve_secret
+from sidecar.settings import Settings
+
+from ._format import (
+    REFUSAL_REASONS,
+    Bundle,
+    BundleRefused,
+    RefusalReason,
+    VerificationKey,
+    load_verification_key,
+    parse_bundle,
+)
+from ._sources import BundleSource, FileSource, HttpSource
+
+__all__ = ["BundleSync", "apply_bundle", "open_source"]
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 8  # times the poll interval
+FETCH_RESULTS = ("200", "304", "failed")
+
+
+def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy) -> bool:
+    """Apply ``bundle`` to the rules.db at ``path`` in one transaction, audited with actor
+    ``bundle:<revision>``. Returns False when that very revision is already applied (nothing
+    written, nothing audited). Blocks. Raises ``BundleRefused`` (older_revision,
+    invalid_content, store_error); nothing is written then."""
+    # The admin script's own validation and import: what it refuses, a bundle cannot bring in.
+    from sidecar.admin.exchange import apply_import, plan_import
+    from sidecar.admin.validation import AdminError
+
+    try:
+        conn = db.connect(path, create=False)
+    except db.StoreError as exc:
+        raise BundleRefused("store_error", str(exc)) from None
+    try:
+        with db.admin_transaction(conn, f"bundle:{bundle.revision}"):
+            state = db.read_bundle_state(conn)
+            if state is not None:
+                if state.sequence == bundle.sequence and state.content_sha256 == bundle.content_sha256:
+                    return False
+                if bundle.sequence <= state.sequence:
+                    raise BundleRefused("older_revision", f"revision {bundle.revision} is not newer than the "
+                                        f"applied {state.revision}: to roll back, build a new bundle from the "
+                                        "older content")
+            try:
+                plan = plan_import(bundle.document, db.read_rules(conn), db.read_policies(conn), replace=True,
+                                   secrets=secrets)
+            except AdminError as exc:
+                raise BundleRefused("invalid_content", str(exc)) from None
+            apply_import(conn, plan)
+            db.write_bundle_state(conn, db.BundleState(bundle.revision, bundle.sequence, bundle.content_sha256,
+                                                       bundle.key_id, source))
+    except db.StoreError as exc:
+        raise BundleRefused("store_error", str(exc)) from None
+    finally:
+        conn.close()
+    return True
+
+
+def open_source(settings: Settings) -> BundleSource:
+    """The source ``--bundle`` names: an http(s) URL, else a file path."""
+    spec = settings.bundle or ""
+    if spec.startswith(("http://", "https://")):
+        reference, policy = settings.bundle_bearer_token, settings.secret_policy
+        return HttpSource(spec, settings.bundle_max_bytes,
+                          ca_bundle=str(settings.bundle_ca_bundle) if settings.bundle_ca_bundle else None,
+                          bearer=(lambda: resolve_secret(reference, policy)) if reference else None)
+    return FileSource(Path(spec), settings.bundle_max_bytes)
+
+
+class BundleSync:
+    """Follows ``--bundle`` for one sidecar. ``on_applied`` is awaited after each revision
+    applied (the server reloads rules.db then). ``rng``: a random number in [0, 1) for the jitter."""
+
+    def __init__(self, settings: Settings, on_applied: Callable[[], Awaitable[None]], *,
+                 source: BundleSource | None = None, rng: Callable[[], float] = random.random) -> None:
+        self._db = settings.db
+        self._secrets = settings.secret_policy
+        self._interval = settings.bundle_poll_interval
+        self._verify = not settings.bundle_insecure_skip_verify
+        self._key_specs = settings.bundle_verification_key
+        self._keys: dict[str, VerificationKey] = {}
+        self.source = source or open_source(settings)
+        self._on_applied = on_applied
+        self._rng = rng
+        self._task: asyncio.Task[None] | None = None
+        self.applied: db.BundleState | None = None
+        self.last_activation: float | None = None
+        self.last_failure: tuple[RefusalReason, str] | None = None
+        self.failures_in_row = 0
+        self.fetches = dict.fromkeys(FETCH_RESULTS, 0)
+        self.refusals: dict[RefusalReason, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+
+    async def start(self) -> None:
+        """Read the verification keys and the applied revision, then poll (the first time at
+        once). Raises ValueError (a key) or ``StoreError``."""
+        keys = [load_verification_key(spec) for spec in self._key_specs]
+        self._keys = {k.key_id: k for k in keys}
+        if not self._verify:
+            log.warning("bundle signatures are NOT verified (--bundle-insecure-skip-verify): whoever can write "
+                        "the source decides what this sidecar allows", extra={"source": self.source.name})
+        self.applied = await asyncio.to_thread(self._read_state)
+        if self.applied is not None:
+            self.last_activation = _timestamp(self.applied.applied_at)
+        log.info("following bundle", extra={"source": self.source.name, "keys": sorted(self._keys),
+                                            "revision": self.applied.revision if self.applied else None})
+        self._task = asyncio.create_task(self._run(), name="bundle-sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.source.close()
+
+    def _read_state(self) -> db.BundleState | None:
+        conn = db.connect(self._db, readonly=True)
+        try:
+            return db.read_bundle_state(conn)
+        finally:
+            conn.close()
+
+    def next_delay(self) -> float:
+        """Seconds until the next poll: the interval (doubled per failure in a row, at most 8
+        times), less a random 0-20 %."""
+        factor = min(2 ** self.failures_in_row, _MAX_BACKOFF)
+        return float(self._interval * factor * (1 - 0.2 * self._rng()))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:  # a bug here must not end the polling; the last good keeps serving
+                log.exception("bundle poll failed")
+            await asyncio.sleep(self.next_delay())
+
+    async def poll_once(self) -> str:
+        """One poll: ``applied``, ``unchanged``, ``refused`` or ``failed`` (the source)."""
+        try:
+            fetched = await self.source.fetch()
+        except BundleRefused as exc:
+            self.fetches["failed"] += 1
+            self.failures_in_row += 1
+            self._refused(exc)
+            return "failed"
+        self.failures_in_row = 0
+        if self.last_failure is not None and self.last_failure[0] in ("fetch_failed", "too_large", "truncated"):
+            log.info("bundle source readable again", extra={"source": self.source.name})
+            self.last_failure = None
+        if fetched is None:
+            self.fetches["304"] += 1
+            return "unchanged"
+        self.fetches["200"] += 1
+        if fetched.tag == self.source.remembered:
+            return "unchanged"
+        try:
+            bundle, applied = await asyncio.to_thread(self._verify_and_apply, fetched.body)
+        except BundleRefused as exc:
+            if exc.reason != "store_error":  # a busy rules.db is retried; a bad bundle is not re-read
+                self.source.remember(fetched.tag)
+            self._refused(exc)
+            return "refused"
+        self.source.remember(fetched.tag)
+        if not applied:
+            return "unchanged"
+        self.applied = await asyncio.to_thread(self._read_state)
+        self.last_activation = time.time()
+        self.last_failure = None
+        log.info("bundle applied", extra={"revision": bundle.revision, "source": self.source.name,
+                                          "key_id": bundle.key_id})
+        await self._on_applied()
+        return "applied"
+
+    def _verify_and_apply(self, body: bytes) -> tuple[Bundle, bool]:
+        bundle = parse_bundle(body, self._keys, verify=self._verify)
+        return bundle, apply_bundle(self._db, bundle, self.source.name, self._secrets)
+
+    def _refused(self, exc: BundleRefused) -> None:
+        self.refusals[exc.reason] += 1
+        failure = (exc.reason, str(exc))
+        if failure != self.last_failure:
+            log.error("bundle not applied", extra={"reason": exc.reason, "error": str(exc),
+                                                   "source": self.source.name,
+                                                   "revision": self.applied.revision if self.applied else None})
+        self.last_failure = failure
+
+    def not_ready(self) -> str | None:
+        """Why the sidecar is not ready on account of bundles: no revision applied yet."""
+        if self.applied is not None:
+            return None
+        why = f": {self.last_failure[0]}: {self.last_failure[1]}" if self.last_failure else ""
+        return f"no bundle revision applied yet from {self.source.name}{why}"
+
+    def detail(self) -> str:
+        """Lines for /readyz: the revision answering and the last failure, if any."""
+        lines = []
+        if self.applied is not None:
+            lines.append(f"bundle: revision {self.applied.revision} from {self.applied.source}, "
+                         f"applied {self.applied.applied_at}")
+        if self.last_failure is not None:
+            lines.append(f"bundle: last failure: {self.last_failure[0]}: {self.last_failure[1]}")
+        return "".join(line + "\n" for line in lines)
+
+    def metrics(self) -> Iterator[Any]:
+        info = GaugeMetricFamily("safous_bundle_revision_info", "The bundle revision this sidecar answers by "
+                                 "(1; absent before the first)", labels=["revision"])
+        if self.applied is not None:
+            info.add_metric([self.applied.revision], 1)
+        yield info
+        yield GaugeMetricFamily("safous_bundle_last_activation_timestamp_seconds",
+                                "When the answering revision was applied (0: none yet)",
+                                value=self.last_activation or 0)
+        failures = CounterMetricFamily("safous_bundle_activation_failures", "Bundles or downloads not "
+                                       "applied, by reason", labels=["reason"])
+        for reason, count in self.refusals.items():
+            failures.add_metric([reason], count)
+        yield failures
+        fetches = CounterMetricFamily("safous_bundle_fetches", "Polls of the bundle source by result: 200 "
+                                      "(a new version read), 304 (unchanged), failed", labels=["result"])
+        for result, count in self.fetches.items():
+            fetches.add_metric([result], count)
+        yield fetches
+
+
+def _timestamp(iso: str) -> float | None:
+    try:
+        return db.parse_iso_time(iso)
+    except ValueError:
+        return None

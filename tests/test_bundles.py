@@ -1,0 +1,392 @@
+"""Signed bundles (issue 13): built by the admin script, followed by real sidecars from an HTTP
+server and from a kubelet-style ConfigMap directory; every refusal changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from click.testing import CliRunner, Result
+
+from sidecar import db as store
+from sidecar.admin import cli
+from sidecar.bundles import (
+    BundleRefused,
+    build_bundle,
+    content_hash,
+    load_signing_key,
+    load_verification_key,
+    parse_bundle,
+)
+from tests.conftest import StartSidecar, check_request
+from tests.helpers import ServerLog, code_of, eventually, free_port, metric, ops_get, serving, start_server
+
+ALLOW_ALL = {"version": 1, "rules": [], "policies": [
+    {"name": "app", "hosts": ["app.example.com"], "rules": []}]}
+DENY_ALL: dict[str, Any] = {"version": 1, "rules": [], "policies": []}  # no policy: the default action, deny
+
+
+def admin(db: Path, *args: str) -> Result:
+    runner = CliRunner(env={"SAFOUS_DB": None, "SAFOUS_ACTOR": None, "SAFOUS_SECRET_DIR": None,
+                            "SAFOUS_SECRET_ENV_PREFIX": None})
+    return runner.invoke(cli, ["--db", str(db), "--actor", "alice", *args], catch_exceptions=False)
+
+
+@dataclass
+class Keys:
+    dir: Path
+
+    def make(self, name: str, algorithm: str = "ed25519") -> tuple[Path, Path, str]:
+        """``bundle keygen``: (private, public, key id)."""
+        result = admin(self.dir / "unused.db", "bundle", "keygen", str(self.dir / name), "--algorithm", algorithm)
+        assert result.exit_code == 0, result.output
+        return self.dir / f"{name}.key", self.dir / f"{name}.pub", result.output.split("key id ")[1].split()[0]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path)
+
+
+def signed(payload: dict[str, Any], key_file: Path, kid: str, alg: str = "EdDSA") -> bytes:
+    """A JWS over any payload: what a forger with the key (or a broken builder) could publish."""
+    key = load_signing_key(key_file.read_bytes(), str(key_file))
+    return jwt.PyJWS().encode(json.dumps(payload).encode(), key, algorithm=alg, headers={"kid": kid}).encode()
+
+
+def payload_of(document: dict[str, Any], sequence: int) -> dict[str, Any]:
+    digest = content_hash(document)
+    return {"format": 1, "revision": f"{sequence}-{digest[:12]}", "sequence": sequence, "created_at": "",
+            "content_sha256": digest, "document": document}
+
+
+def bundle_of(document: dict[str, Any], key_file: Path, sequence: int, kid: str | None = None) -> bytes:
+    key = load_signing_key(key_file.read_bytes(), str(key_file))
+    return build_bundle(document, key, key_id=kid, sequence=sequence)[0].encode()
+
+
+# --- the format: a table of what is refused ----------------------------------------------------
+
+def test_parse_refuses_what_the_channel_can_do(keys: Keys) -> None:
+    private, public, kid = keys.make("good")
+    other, _, other_kid = keys.make("other", "es256")
+    trusted = {kid: load_verification_key(str(public))}
+    good = bundle_of(ALLOW_ALL, private, 5)
+    head, body, signature = good.decode().split(".")
+    tampered_doc = base64.urlsafe_b64encode(
+        base64.urlsafe_b64decode(body + "==").replace(b'"app.example.com"', b'"www.example.com"')).rstrip(b"=")
+    literal = {"version": 1, "policies": [], "rules": [
+        {"name": "r", "url": "https://x.example/", "auth_type": "basic", "username": "u", "password": "hunter2"}]}
+    header_none = base64.urlsafe_b64encode(b'{"alg":"none","kid":"%s"}' % kid.encode()).rstrip(b"=").decode()
+    cases: list[tuple[str, bytes, str]] = [
+        ("tampered payload", f"{head}.{tampered_doc.decode()}.{signature}".encode(), "bad_signature"),
+        ("signed by another key under a trusted id", bundle_of(ALLOW_ALL, other, 6, kid=kid), "bad_signature"),
+        ("unknown key id", bundle_of(ALLOW_ALL, other, 6), "unknown_key"),
+        ("plain JSON", json.dumps(payload_of(ALLOW_ALL, 6)).encode(), "unsigned"),
+        ("alg none", f"{header_none}.{body}.".encode(), "unsigned"),
+        ("truncated", good[: len(good) // 2], "malformed"),
+        ("truncated signature", good[:-10], "bad_signature"),
+        ("not a bundle", b"\x00\xff garbage", "malformed"),
+        ("content hash lies", signed({**payload_of(ALLOW_ALL, 7), "document": DENY_ALL}, private, kid), "malformed"),
+        ("literal secret", signed(payload_of(literal, 7), private, kid), "literal_secret"),
+    ]
+    for what, data, reason in cases:
+        with pytest.raises(BundleRefused) as refused:
+            parse_bundle(data, trusted)
+        assert refused.value.reason == reason, (what, str(refused.value))
+    assert other_kid not in str(parse_bundle(good, trusted))
+    assert parse_bundle(good, trusted).revision == f"5-{content_hash(ALLOW_ALL)[:12]}"
+
+
+# --- the admin script --------------------------------------------------------------------------
+
+def test_build_refuses_literal_secrets_and_keys_on_the_command_line(tmp_path: Path, keys: Keys) -> None:
+    private, _, kid = keys.make("signing")
+    author = tmp_path / "author.db"
+    assert admin(author, "rule", "add", "r", "--url", "https://x.example/", "--auth", "basic", "--username", "u",
+                 "--password", "hunter2").exit_code == 0
+    refused = admin(author, "bundle", "build", str(tmp_path / "b.jws"), "--signing-key", str(private))
+    assert refused.exit_code == 1
+    assert refused.output.endswith(
+        'Error: rule "r": password is a literal secret; a bundle carries only references: `safous-admin rule edit '
+        "r --password env:SAFOUS_SECRET_...` (or file:PATH) and give each sidecar the secret under that name\n")
+    assert not (tmp_path / "b.jws").exists()
+    assert admin(author, "rule", "edit", "r", "--password", "env:SAFOUS_SECRET_PW").exit_code == 0
+    inline = admin(author, "bundle", "build", str(tmp_path / "b.jws"), "--signing-key", private.read_text())
+    assert inline.exit_code == 2 and "ends up in shell history" in inline.output
+    built = admin(author, "bundle", "build", str(tmp_path / "b.jws"), "--signing-key", str(private),
+                  "--sequence", "42")
+    assert built.exit_code == 0, built.output
+    assert built.output.startswith("bundle ") and "revision 42-" in built.output and kid in built.output
+    status = admin(author, "bundle", "status")
+    assert (status.exit_code, status.output) == (1, f"rules.db {author}: no bundle applied\n")
+
+
+# --- real sidecars and a bundle server ---------------------------------------------------------
+
+@dataclass
+class BundleServer:
+    """Serves the published bundle with an ETag, counting answers; ``down`` answers 503;
+    ``truncate`` announces more bytes than it sends."""
+
+    body: bytes = b""
+    down: bool = False
+    truncate: bool = False
+    counts: dict[int, int] = field(default_factory=dict)
+    url: str = ""
+
+    def publish(self, data: bytes) -> None:
+        self.body = data
+
+
+@pytest.fixture
+async def bundle_server() -> AsyncIterator[BundleServer]:
+    server = BundleServer()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if server.down:
+            server.counts[503] = server.counts.get(503, 0) + 1
+            return web.Response(status=503)
+        etag = '"' + hashlib.sha256(server.body).hexdigest()[:16] + '"'
+        if request.headers.get("If-None-Match") == etag:
+            server.counts[304] = server.counts.get(304, 0) + 1
+            return web.Response(status=304, headers={"ETag": etag})
+        server.counts[200] = server.counts.get(200, 0) + 1
+        if server.truncate:
+            response = web.StreamResponse(headers={"ETag": etag, "Content-Length": str(len(server.body))})
+            await response.prepare(request)
+            await response.write(server.body[: len(server.body) // 2])
+            request.transport.close()  # type: ignore[union-attr]
+            return response
+        return web.Response(body=server.body, headers={"ETag": etag})
+
+    app = web.Application()
+    app.router.add_get("/bundle.jws", handle)
+    async with serving(app) as port:
+        server.url = f"http://127.0.0.1:{port}/bundle.jws"
+        yield server
+
+
+@dataclass
+class Process:
+    log: ServerLog
+    port: int
+    ops: int
+    db: Path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.log.close()
+
+
+INTERVAL = 0.5
+
+
+def start(processes: list[Process], db: Path, source: str, public: Path) -> Process:
+    ops = free_port()
+    log, port = start_server(db, "--bundle", source, "--bundle-verification-key", str(public),
+                             "--bundle-poll-interval", str(INTERVAL), "--reload-interval", "0.2",
+                             "--http", f"127.0.0.1:{ops}")
+    process = Process(log, port, ops, db)
+    processes.append(process)
+    return process
+
+
+async def decision(authz: Any, process: Process) -> str:
+    return code_of(await authz(process.port).Check(check_request("/"), timeout=5))
+
+
+async def all_answer(authz: Any, fleet: list[Process], expected: str, within: float) -> float:
+    """Seconds until every sidecar of ``fleet`` answers ``expected``; fails after ``within``."""
+    started = time.monotonic()
+
+    async def converged() -> bool:
+        return all([await decision(authz, p) == expected for p in fleet])
+
+    await eventually(converged, timeout=within, interval=0.05, what=f"every sidecar answers {expected}")
+    return time.monotonic() - started
+
+
+async def failures(process: Process, reason: str) -> float:
+    _, page = await ops_get(process.ops, "/metrics")
+    return metric(page, "safous_bundle_activation_failures_total", reason=reason)
+
+
+async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
+        tmp_path: Path, keys: Keys, bundle_server: BundleServer, processes: list[Process], authz: Any) -> None:
+    private, public, kid = keys.make("signing")
+    other, _, _ = keys.make("other")
+    author = tmp_path / "author.db"
+    assert admin(author, "policy", "add", "app", "--host", "app.example.com").exit_code == 0
+    out = tmp_path / "bundle.jws"
+    assert admin(author, "bundle", "build", str(out), "--signing-key", str(private)).exit_code == 0
+    bundle_server.publish(out.read_bytes())
+    fleet = [start(processes, tmp_path / f"sidecar{i}.db", bundle_server.url, public) for i in range(3)]
+    await all_answer(authz, fleet, "allowed", within=INTERVAL + 3)
+
+    # Revision after revision: every sidecar flips within the poll interval plus one second.
+    for expected, change in (("no_matching_policy", ("policy", "disable", "app")),
+                             ("allowed", ("policy", "enable", "app"))):
+        assert admin(author, *change).exit_code == 0
+        assert admin(author, "bundle", "build", str(out), "--signing-key", str(private)).exit_code == 0
+        bundle_server.publish(out.read_bytes())
+        assert await all_answer(authz, fleet, expected, within=INTERVAL + 1) <= INTERVAL + 1
+    revision = json.loads(base64.urlsafe_b64decode(out.read_text().split(".")[1] + "=="))["revision"]
+    for process in fleet:
+        _, page = await ops_get(process.ops, "/metrics")
+        assert metric(page, "safous_bundle_revision_info", revision=revision) == 1
+        await eventually(lambda p=process: _fetched_unchanged(p), timeout=INTERVAL * 3, what="a 304")
+        audit = admin(process.db, "logs", "audit", "--json").output.splitlines()
+        assert {json.loads(line)["actor"] for line in audit} <= {f"bundle:{r}" for r in _revisions(process.db)}
+    assert bundle_server.counts[304] > 0
+
+    # Each refusal keeps the last good revision answering, with its reason in the metric,
+    # the log and /readyz.
+    good = out.read_bytes()
+    invalid = {"version": 1, "rules": [{"name": "r", "url": "ftp://x.example/"}], "policies": []}
+    literal = {"version": 1, "policies": [], "rules": [
+        {"name": "r", "url": "https://x.example/", "auth_type": "basic", "username": "u", "password": "hunter2"}]}
+    head, body, signature = good.decode().strip().split(".")
+    now = int(time.time() * 1000)
+    refusals = [
+        ("bad_signature", f"{head}.{body[:-4]}AAAA.{signature}".encode()),
+        ("bad_signature", bundle_of(DENY_ALL, other, now + 1, kid=kid)),
+        ("unknown_key", bundle_of(DENY_ALL, other, now + 2)),
+        ("unsigned", json.dumps(payload_of(DENY_ALL, now + 3)).encode()),
+        ("older_revision", bundle_of(DENY_ALL, private, 1)),
+        ("invalid_content", signed(payload_of(invalid, now + 4), private, kid)),
+        ("literal_secret", signed(payload_of(literal, now + 5), private, kid)),
+    ]
+    for reason, data in refusals:
+        before = [await failures(p, reason) for p in fleet]
+        bundle_server.publish(data)
+        for process, count in zip(fleet, before, strict=True):
+            await eventually(lambda p=process, c=count, r=reason: _more(p, r, c), timeout=INTERVAL + 3,
+                             what=f"{reason} counted")
+        assert [await decision(authz, p) for p in fleet] == ["allowed"] * 3, reason
+        status, text = await ops_get(fleet[0].ops, "/readyz")
+        assert status == 200 and f"bundle: last failure: {reason}: " in text
+        assert any(e["reason"] == reason for e in fleet[0].log.entries("bundle not applied"))
+    bundle_server.truncate = True
+    bundle_server.publish(bundle_of(DENY_ALL, private, now + 6))
+    await eventually(lambda: _more(fleet[0], "truncated", 0), timeout=INTERVAL + 3, what="truncated counted")
+    bundle_server.truncate = False
+    assert [await decision(authz, p) for p in fleet] == ["allowed"] * 3
+
+    # The source goes away: nothing changes, a restarted sidecar serves its persisted revision
+    # at once, an empty one is not ready and denies not_ready until the source returns.
+    bundle_server.publish(good)
+    await asyncio.sleep(INTERVAL * 2)
+    bundle_server.down = True
+    down_since = time.monotonic()
+    fleet[0].log.close()
+    restarted = start(processes, fleet[0].db, bundle_server.url, public)
+    status, _ = await ops_get(restarted.ops, "/readyz")
+    assert status == 200 and await decision(authz, restarted) == "allowed"
+    empty = start(processes, tmp_path / "empty.db", bundle_server.url, public)
+    status, text = await eventually(lambda: _readyz_mentions(empty, "fetch_failed: HTTP 503"), timeout=2)
+    assert status == 503 and text.startswith(f"not ready: no bundle revision applied yet from {bundle_server.url}")
+    assert await decision(authz, empty) == "not_ready"
+    while time.monotonic() - down_since < 3:
+        assert [await decision(authz, p) for p in (restarted, *fleet[1:])] == ["allowed"] * 3
+        await asyncio.sleep(0.1)
+    _, page = await ops_get(fleet[1].ops, "/metrics")
+    assert metric(page, "safous_bundle_fetches_total", result="failed") > 0
+    bundle_server.down = False
+    await all_answer(authz, [empty], "allowed", within=INTERVAL * 8 + 2)
+    status, _ = await ops_get(empty.ops, "/readyz")
+    assert status == 200
+
+
+def _revisions(db: Path) -> list[str]:
+    entries = admin(db, "logs", "audit", "--json").output.splitlines()
+    return [json.loads(e)["actor"].removeprefix("bundle:") for e in entries]
+
+
+async def _readyz_mentions(process: Process, text: str) -> tuple[int, str] | None:
+    status, page = await ops_get(process.ops, "/readyz")
+    return (status, page) if text in page else None
+
+
+async def _fetched_unchanged(process: Process) -> bool:
+    _, page = await ops_get(process.ops, "/metrics")
+    return metric(page, "safous_bundle_fetches_total", result="304") > 0
+
+
+async def _more(process: Process, reason: str, than: float) -> bool:
+    return await failures(process, reason) > than
+
+
+# --- a kubelet-mounted ConfigMap ---------------------------------------------------------------
+
+def mount(directory: Path, data: bytes, version: str) -> None:
+    """What the kubelet does on a ConfigMap update: a new timestamped directory, then the
+    ``..data`` link swapped to it atomically; ``bundle.jws`` is a link through ``..data``."""
+    target = directory / f"..{version}"
+    target.mkdir()
+    (target / "bundle.jws").write_bytes(data)
+    link = directory / "..data_tmp"
+    link.symlink_to(target.name)
+    os.replace(link, directory / "..data")
+    if not (directory / "bundle.jws").is_symlink():
+        (directory / "bundle.jws").symlink_to("..data/bundle.jws")
+
+
+async def test_a_configmap_update_is_applied_and_an_unchanged_one_is_not(
+        tmp_path: Path, keys: Keys, start_sidecar: StartSidecar, authz: Any, db: Path) -> None:
+    private, public, _ = keys.make("signing")
+    configmap = tmp_path / "configmap"
+    configmap.mkdir()
+    mount(configmap, bundle_of(ALLOW_ALL, private, 1), "2026_01_01_00_00_00.1")
+    sidecar = await start_sidecar(bundle=str(configmap / "bundle.jws"), bundle_verification_key=(str(public),),
+                                  bundle_poll_interval=0.2)
+    stub = authz(sidecar.port)
+    await eventually(lambda: stub.Check(check_request("/")), timeout=1)
+    assert code_of(await eventually(lambda: _allowed(stub), timeout=2)) == "allowed"
+    assert sidecar.bundles is not None
+    audit_rows = len(store.read_audit(store.connect(db, readonly=True)))
+    fetched = sidecar.bundles.fetches["304"]
+    await eventually(lambda: sidecar.bundles is not None and sidecar.bundles.fetches["304"] > fetched + 3)
+    assert len(store.read_audit(store.connect(db, readonly=True))) == audit_rows
+    mount(configmap, bundle_of(DENY_ALL, private, 2), "2026_01_01_00_01_00.2")
+    started = time.monotonic()
+    await eventually(lambda: _denied(stub), timeout=1.2)
+    assert time.monotonic() - started < 1.2
+    assert sidecar.bundles.applied is not None and sidecar.bundles.applied.sequence == 2
+
+    # The admin script leaves a bundle-managed rules.db alone, unless --force (audited as such).
+    revision = sidecar.bundles.applied.revision
+    refused = admin(db, "policy", "add", "local", "--host", "local.example.com")
+    assert (refused.exit_code, refused.output) == (2, (
+        f"Error: rules.db {db} is managed by the bundle {configmap / 'bundle.jws'} (revision {revision}): change "
+        "the rules where the bundle is built and publish a new one, or give --force to change this copy anyway "
+        "(audited; the next bundle undoes it)\n"))
+    assert admin(db, "--force", "policy", "add", "local", "--host", "local.example.com").exit_code == 0
+    [latest, *_] = store.read_audit(store.connect(db, readonly=True))
+    assert (latest.actor, latest.object_name) == (f"alice (--force over bundle {revision})", "local")
+    status = admin(db, "bundle", "status")
+    assert status.exit_code == 0 and status.output.startswith(f"revision  {revision}\napplied   ")
+
+
+async def _allowed(stub: Any) -> Any:
+    response = await stub.Check(check_request("/"))
+    return response if code_of(response) == "allowed" else None
+
+
+async def _denied(stub: Any) -> bool:
+    return code_of(await stub.Check(check_request("/"))) == "no_matching_policy"
