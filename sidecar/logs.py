@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .db import iso_time
+from .db import ActivityRecord, iso_time, parse_iso_time
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -116,9 +116,11 @@ _worker: int | None = None
 
 def write_decisions(decisions: Sequence[Any]) -> None:
     """One ``sidecar.decision`` line per decision, written in one go (called off the request
-    path with a batch). Fields: request id, policy, result, code, latency, and for a denial its
-    reason (a TCP connection has no response to carry it; quoted values in it are escaped like
-    every field) — never headers or user names."""
+    path with a batch). JSON lines carry the whole activity log record — the fleet's activity
+    feed, read back by ``decision_from_log_line`` (``safous-admin logs activity --from-log``);
+    text lines the request id, policy, result, code, latency and a denial's reason (a TCP
+    connection has no response to carry it). Client values are JSON- or logfmt-escaped; never a
+    header or a secret."""
     logger = logging.getLogger("sidecar.decision")
     if not logger.isEnabledFor(logging.INFO) or not logging.getLogger().handlers:
         return
@@ -131,9 +133,9 @@ def write_decisions(decisions: Sequence[Any]) -> None:
         latency = round(d.latency_ms, 3)
         if _format == "json":
             entry = {"time": iso_time(d.at), "level": "info", "logger": "sidecar.decision", "message": result,
-                     "request_id": d.request_id, "policy": d.policy, "code": d.code, "latency_ms": latency}
-            if not d.allowed or d.audit_deny:
-                entry["reason"] = d.status
+                     "request_id": d.request_id, "policy": d.policy, "code": d.code, "latency_ms": latency,
+                     "reason": d.status, "username": d.username, "source_ip": d.source_ip, "method": d.method,
+                     "host": d.host, "path": d.path, "policy_source": d.policy_source}
             if _worker is not None:
                 entry["worker"] = _worker
             lines.append(json.dumps(entry))
@@ -145,6 +147,29 @@ def write_decisions(decisions: Sequence[Any]) -> None:
     with handler.lock:  # type: ignore[union-attr]
         handler.stream.write("\n".join(lines) + "\n")
         handler.stream.flush()
+
+
+def decision_from_log_line(line: str) -> ActivityRecord | None:
+    """The activity record of a JSON ``sidecar.decision`` line, or None for any other line.
+    Whatever precedes the first ``{`` is ignored (``kubectl logs --prefix`` adds the pod)."""
+    start = line.find("{")
+    if start < 0:
+        return None
+    try:
+        entry = json.loads(line[start:])
+        if not isinstance(entry, dict) or entry.get("logger") != "sidecar.decision":
+            return None
+        result = entry["message"]
+        return ActivityRecord(
+            at=parse_iso_time(entry["time"]), request_id=str(entry.get("request_id", "")),
+            username=str(entry.get("username", "")), source_ip=str(entry.get("source_ip", "")),
+            host=str(entry.get("host", "")), path=str(entry.get("path", "")), method=str(entry.get("method", "")),
+            policy=entry.get("policy"), allowed=result != "deny", code=str(entry.get("code", "")),
+            status=str(entry.get("reason", "")), latency_ms=float(entry.get("latency_ms", 0.0)),
+            policy_source="route" if entry.get("policy_source") == "route" else "match",
+            audit_deny=result == "audit_deny")
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def configure(fmt: str, level: str, worker: int | None = None) -> None:

@@ -21,6 +21,7 @@ import click
 
 from sidecar import __version__, db
 from sidecar.db import ObjectKind
+from sidecar.logs import decision_from_log_line
 
 from . import checks, display
 from .access import Admin, one_policy, one_rule
@@ -403,19 +404,28 @@ def logs_audit(admin: Admin, limit: int, since: str | None, as_json: bool) -> No
 @click.option("--would-deny", is_flag=True,
               help="Only requests a policy in audit mode allowed but would have denied (decision audit_deny).")
 @click.option("--user", metavar="U", help="Only requests of this %username%.")
+@click.option("--from-log", "from_log", type=click.File("r"), metavar="FILE",
+              help="Read the sidecars' JSON decision log lines (a file, or - for standard input) instead of "
+              "rules.db: the activity of a whole fleet, e.g. kubectl logs -l app=APP -c safous-sidecar | "
+              "safous-admin logs activity --from-log -")
 @log_options
 @click.pass_obj
-def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None, limit: int,
-                  since: str | None, as_json: bool) -> None:
+def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None, from_log: IO[str] | None,
+                  limit: int, since: str | None, as_json: bool) -> None:
     """Show who was allowed or denied, and why.
 
     The activity log, newest first: each decision of the sidecar with its time (UTC), request
     id, user, source IP, request, policy, decision, code and status (why: for a denial, the
     reason the client also got in the x-safous-denial-reason header).
     """
-    with admin.read() as conn:
-        records = db.read_activity(conn, denied=denied, would_deny=would_deny, user=user, limit=limit or None,
-                                   since=since)
+    if from_log is not None:
+        records = display.filter_activity(
+            (r for line in from_log if (r := decision_from_log_line(line)) is not None),
+            denied=denied, would_deny=would_deny, user=user, limit=limit or None, since=since)
+    else:
+        with admin.read() as conn:
+            records = db.read_activity(conn, denied=denied, would_deny=would_deny, user=user,
+                                       limit=limit or None, since=since)
     if as_json:
         for record in records:
             click.echo(display.activity_line(record))
