@@ -136,6 +136,8 @@ class Supervisor:
                 if slot.process is not None and slot.process.is_alive() and slot.process.pid:
                     os.kill(slot.process.pid, signal.SIGTERM)
             await asyncio.gather(*watchers)
+            # A worker's sentinel can close before its exit status can be read: wait for it.
+            await asyncio.gather(*(asyncio.to_thread(s.process.join, 10) for s in self._slots if s.process))
         finally:
             if runner is not None:
                 await runner.cleanup()

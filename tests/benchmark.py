@@ -31,7 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, free_port
+
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 REPEATS = 3
 START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
@@ -79,12 +80,6 @@ def _webhook_main(port: int) -> None:
 
 
 # ----------------------------------------------------------------------- plumbing
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_port(port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
@@ -221,24 +216,24 @@ async def _drive_unique(port: int, duration: float, concurrency: int) -> tuple[f
 
 def make_db(path: Path, webhook: str, *, policies: int = 1, rules_per_policy: int = 0, integration: bool = True,
             cache_ttl: float = 0, endpoint: str = "instant", url_param: str = "%username%") -> Path:
-    from sidecar import store
+    from sidecar import db
     from sidecar.policies import Policy
     from sidecar.rules.model import ActionType, ResponseAction, Rule
 
-    store.ensure_database(path)
-    conn = store.connect(path)
-    with store.transaction(conn, immediate=True):
+    db.ensure_database(path)
+    conn = db.connect(path)
+    with db.transaction(conn, immediate=True):
         for p in range(policies):
             names = []
             for r in range(rules_per_policy):
                 rule = Rule(name=f"r{p}-{r}", url=f"{webhook}/{endpoint}?u={url_param}&n={r}", cache_ttl=cache_ttl,
                             actions=(ResponseAction(type=ActionType.STRING, key="status", value="active"),
                                      ResponseAction(type=ActionType.STORE, key="tier", value=f"tier{r}")))
-                store.save_rule(conn, rule)
+                db.save_rule(conn, rule)
                 names.append(rule.name)
             host = "app.example.com" if p == policies // 2 else f"h{p}.example.com"
-            store.save_policy(conn, Policy(name=f"p{p}", hosts=(host,), integration=integration,
-                                           rules=tuple(names)))
+            db.save_policy(conn, Policy(name=f"p{p}", hosts=(host,), integration=integration,
+                                        rules=tuple(names)))
     conn.close()
     return path
 
@@ -389,7 +384,8 @@ def through_envoy(db: Path, duration: float, work: Path) -> list[Result]:
                            extra={"route: { cluster: app }": direct})
     no_authz = config.replace(direct, direct + "\n                typed_per_filter_config:\n"
                               "                  envoy.filters.http.ext_authz:\n"
-                              '                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute\n'
+                              '                    "@type": '
+                              'type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute\n'
                               "                    disabled: true")
     results = []
     from tests.envoy_harness import envoy_binary

@@ -32,12 +32,12 @@ __all__ = [
     "CA",
     "CertKey",
     "TlsDir",
+    "client_ssl_context",
     "make_ca",
-    "make_server_cert",
     "make_client_cert",
     "make_foreign_client_cert",
+    "make_server_cert",
     "make_tls_dir",
-    "client_ssl_context",
 ]
 
 _VALIDITY = _dt.timedelta(days=2)
@@ -125,7 +125,7 @@ def _leaf(
     usage: x509.ObjectIdentifier,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -165,7 +165,7 @@ def make_ca(
 ) -> CA:
     """Create a self-signed CA; writes ``<stem>.crt`` and ``<stem>.key`` into ``directory``."""
     key = _new_key()
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     name = _name(common_name, "Safous tests")
     cert = (
         x509.CertificateBuilder()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,26 +11,27 @@ import grpc
 import pytest
 from aiohttp import web
 
-from sidecar import store
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from sidecar.db import connect, ensure_database, save_policy, save_rule, transaction
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.certs import TlsDir, make_tls_dir
+from tests.helpers import closed_port, serving
 
 
 def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) -> None:
     """Write rules and policies into rules.db (creating it), in one transaction."""
-    store.ensure_database(db)
-    conn = store.connect(db)
+    ensure_database(db)
+    conn = connect(db)
     try:
-        with store.transaction(conn, immediate=True):
+        with transaction(conn, immediate=True):
             for rule in rules:
-                store.save_rule(conn, rule)
+                save_rule(conn, rule)
             for policy in policies:
-                store.save_policy(conn, policy)
+                save_policy(conn, policy)
     finally:
         conn.close()
 
@@ -70,7 +71,7 @@ def denial_reason(response: pb.CheckResponse) -> str | None:
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     path = tmp_path / "rules.db"
-    store.ensure_database(path)
+    ensure_database(path)
     return path
 
 
@@ -134,16 +135,15 @@ async def upstream() -> AsyncIterator[Upstream]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with serving(app) as port:
         yield Upstream(port, seen)
-    finally:
-        await runner.cleanup()
 
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test (``helpers.closed_port``)."""
+    with closed_port() as port:
+        yield port
 
 
 @pytest.fixture
@@ -183,15 +183,9 @@ async def webhook() -> AsyncIterator[Webhook]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    hook.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    try:
+    async with serving(app) as port:
+        hook.url = f"http://127.0.0.1:{port}"
         yield hook
-    finally:
-        await runner.cleanup()
 
 
 def answer(payload: object, status: int = 200, *, delay: float = 0, jsonp: str | None = None

@@ -48,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.benchmark import ROOT, free_port, process, rss_mb
+from tests.benchmark import process, rss_mb
+from tests.helpers import ROOT, eventually, free_port
 
 # ------------------------------------------------------------------------------ load shape
 
@@ -339,7 +340,8 @@ class Report:
         lines.append("--------")
         for name, ok, detail in self.criteria():
             lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
-        lines.append(f"\n{'PASS' if self.passed else 'FAIL'}" + (f"  (logs in {self.workdir})" if self.workdir and not self.passed else ""))
+        logs = f"  (logs in {self.workdir})" if self.workdir and not self.passed else ""
+        lines.append(f"\n{'PASS' if self.passed else 'FAIL'}{logs}")
         return "\n".join(lines)
 
 
@@ -514,10 +516,17 @@ async def run_soak(duration: float = 300, rate: float = 150, *, max_in_flight: i
                 await drive(envoy.url, report)
                 stop.set()
                 await sampler
-                await asyncio.sleep(0.5)  # the activity writer flushes every 0.2 s
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-                    async with session.get(f"http://127.0.0.1:{http_port}/metrics") as resp:
-                        report.metrics = parse_metrics(await resp.text())
+                    async def flushed() -> bool:
+                        async with session.get(f"http://127.0.0.1:{http_port}/metrics") as resp:
+                            report.metrics = parse_metrics(await resp.text())
+                        logged = report.metrics.get("written", 0) + report.metrics.get("dropped", 0)
+                        return logged >= report.decisions
+
+                    # The activity writer flushes every 0.2 s. Shown as they are if they never add
+                    # up: the verdict reads the activity log itself, after the stop.
+                    with contextlib.suppress(AssertionError):
+                        await eventually(flushed, timeout=5, interval=0.05)
                     async with session.get(f"{webhook_url}/stats") as resp:
                         report.webhook_calls = await resp.json()
                 stats = await envoy.stats("ext_authz")

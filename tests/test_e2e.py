@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import subprocess
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from aiohttp import web
 
 from sidecar.parameters import PARAMETERS
@@ -20,6 +18,7 @@ from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.certs import client_ssl_context, make_client_cert, make_foreign_client_cert
 from tests.conftest import answer, seed
 from tests.envoy_harness import ENVOY_MTLS_YAML, ENVOY_YAML, render_config, run_envoy
+from tests.helpers import http_get
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,31 +42,25 @@ async def posture(request: web.Request) -> web.Response:
     return web.json_response({"status": "compliant" if compliant else "unknown", "tier": "gold"})
 
 
-async def get(url: str, **kwargs) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(url, **kwargs) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
-
-
 async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, webhook, tmp_path: Path) -> None:
     webhook.routes["/posture"] = posture
     seed(db, [posture_rule(webhook.url)], POLICIES)
     sidecar = await start_sidecar()
     config = render_config(ENVOY_YAML, sidecar_port=sidecar.port, upstream_port=upstream.port)
     async with run_envoy(config, tmp_path) as envoy:
-        status, _, body = await get(f"{envoy.url}/public/page?x=1")
+        status, _, body = await http_get(f"{envoy.url}/public/page?x=1")
         assert status == 200
         assert json.loads(body)["path"] == "/public/page?x=1"
 
         # The webhook's criteria are met: the app gets the request, with the stored value,
         # and not the client's forged copy of it.
-        status, _, body = await get(f"{envoy.url}/app/home",
+        status, _, body = await http_get(f"{envoy.url}/app/home",
                                     headers={"x-device": "laptop-42", "x-safous-tier": "forged"})
         assert status == 200
         assert ["x-safous-tier", "gold"] in json.loads(body)["headers"]
         assert ["x-safous-tier", "forged"] not in json.loads(body)["headers"]
 
-        status, headers, body = await get(f"{envoy.url}/app/home",
+        status, headers, body = await http_get(f"{envoy.url}/app/home",
                                           headers={"x-device": "phone-1", "x-safous-username": "mallory"})
         assert status == 403
         assert headers["x-safous-denial-reason"] == (
@@ -76,12 +69,12 @@ async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, w
         denial = json.loads(body)
         assert denial["code"] == "value_mismatch" and denial["error"] == "access_denied"
 
-        status, headers, _ = await get(f"{envoy.url}/admin")
+        status, headers, _ = await http_get(f"{envoy.url}/admin")
         assert status == 403
         assert headers["x-safous-denial-reason"] == "no policy matches this request"
 
         # Envoy normalises the path before the sidecar matches it.
-        status, _, _ = await get(f"{envoy.url}/public/../app/home", allow_redirects=False)
+        status, _, _ = await http_get(f"{envoy.url}/public/../app/home", allow_redirects=False)
         assert status == 403
     assert len(upstream.requests) == 2
     assert webhook.seen("/posture")[0]["path"] == "/posture?device=laptop-42&ip=127.0.0.1"
@@ -130,7 +123,7 @@ async def test_forged_safous_headers_are_removed_even_if_envoy_does_not_strip_th
     seen = {}
     async with run_envoy(config, tmp_path) as envoy:
         for path in ("/app/home", "/public/page", "/no-policy"):
-            status, _, body = await get(f"{envoy.url}{path}", headers=forged)
+            status, _, body = await http_get(f"{envoy.url}{path}", headers=forged)
             assert status == 200, path
             seen[path] = safous_headers(body)
     assert len(webhook.seen("/token")) == 1
@@ -143,14 +136,11 @@ async def test_forged_safous_headers_are_removed_even_if_envoy_does_not_strip_th
     assert seen["/no-policy"] == {"x-safous-username": "alice"}
 
 
-async def test_sidecar_down_is_a_fast_403(upstream, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    config = render_config(ENVOY_YAML, sidecar_port=closed_port, upstream_port=upstream.port)
+async def test_sidecar_down_is_a_fast_403(upstream, tmp_path: Path, refused_port: int) -> None:
+    config = render_config(ENVOY_YAML, sidecar_port=refused_port, upstream_port=upstream.port)
     async with run_envoy(config, tmp_path) as envoy:
         started = time.monotonic()
-        status, headers, body = await get(f"{envoy.url}/public/page")
+        status, headers, body = await http_get(f"{envoy.url}/public/page")
         elapsed = time.monotonic() - started
     assert status == 403 and body == b"" and "x-safous-denial-reason" not in headers
     # Envoy fails fast on a refused connection instead of waiting for its 1.5 s check timeout.
@@ -181,12 +171,12 @@ async def test_mtls_certificate_parameters_reach_the_webhook(db: Path, start_sid
     async with run_envoy(config, tmp_path) as envoy:
         url = f"https://localhost:{envoy.port}"
         for path in ("/app/x", "/app/y"):
-            status, _, _ = await get(f"{url}{path}", ssl=client_ssl_context(tls.ca.cert_path, client),
+            status, _, _ = await http_get(f"{url}{path}", ssl=client_ssl_context(tls.ca.cert_path, client),
                                      headers={"user-agent": "e2e-agent"})
             assert status == 200
         foreign = make_foreign_client_cert(tmp_path)
         with pytest.raises(aiohttp.ClientError):
-            await get(f"{url}/app/z", ssl=client_ssl_context(tls.ca.cert_path, foreign))
+            await http_get(f"{url}/app/z", ssl=client_ssl_context(tls.ca.cert_path, foreign))
     first, second = (json.loads(r["body"]) for r in webhook.seen("/params"))
     sha1 = openssl_fingerprint(client.cert_path, "sha1")
     sha256 = openssl_fingerprint(client.cert_path, "sha256")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import ssl
 import time
 import urllib.parse
@@ -40,13 +39,12 @@ from tests.envoy_harness import (
     render_config,
     run_envoy,
 )
+from tests.helpers import OK, PERMISSION_DENIED
 
 pytestmark = pytest.mark.timeout(30)
 
 REASON_HEADER = "x-safous-denial-reason"
 ADDED_HEADER = "x-safous-authorized-by"  # set by the servicer on allow (ok_response.headers)
-GRPC_OK = 0
-GRPC_PERMISSION_DENIED = 7
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -65,7 +63,7 @@ class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):
             await asyncio.sleep(float(path.split("/")[2].split("?")[0]))
         if path.startswith("/deny"):
             return external_auth_pb2.CheckResponse(
-                status=status_pb2.Status(code=GRPC_PERMISSION_DENIED, message="denied by test"),
+                status=status_pb2.Status(code=PERMISSION_DENIED, message="denied by test"),
                 denied_response=external_auth_pb2.DeniedHttpResponse(
                     status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
                     headers=[
@@ -82,7 +80,7 @@ class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):
                 ),
             )
         return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=GRPC_OK),
+            status=status_pb2.Status(code=OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=[
                     base_pb2.HeaderValueOption(
@@ -257,22 +255,17 @@ async def test_escaped_slash_is_redirected_before_the_check(envoy, authz, upstre
     assert authz.servicer.requests[0].attributes.request.http.path == "/admin"
 
 
-async def test_sidecar_down_is_a_fast_403(upstream, tmp_path):
-    # A bound but not listening socket: connections to it are refused, and nobody else can
-    # take the port while the test runs.
-    with socket.socket() as hole:
-        hole.bind(("127.0.0.1", 0))
-        dead_port = hole.getsockname()[1]
-        text = render_config(ENVOY_YAML, sidecar_port=dead_port, upstream_port=upstream.port)
-        async with run_envoy(text, tmp_path) as envoy:
-            async with _session() as s:
-                t0 = time.monotonic()
-                async with s.get(f"{envoy.url}/anything") as r:
-                    elapsed = time.monotonic() - t0
-                    assert r.status == 403
-                    assert REASON_HEADER not in r.headers
-                    assert await r.read() == b""
-            stats = await envoy.stats()
+async def test_sidecar_down_is_a_fast_403(upstream, tmp_path, refused_port):
+    text = render_config(ENVOY_YAML, sidecar_port=refused_port, upstream_port=upstream.port)
+    async with run_envoy(text, tmp_path) as envoy:
+        async with _session() as s:
+            t0 = time.monotonic()
+            async with s.get(f"{envoy.url}/anything") as r:
+                elapsed = time.monotonic() - t0
+                assert r.status == 403
+                assert REASON_HEADER not in r.headers
+                assert await r.read() == b""
+        stats = await envoy.stats()
     assert elapsed < 1.0, elapsed
     assert upstream.requests == []
     assert stats["http.ingress_http.ext_authz.error"] >= 1

@@ -14,7 +14,7 @@ from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, seed
 from tests.envoy_harness import ENVOY_YAML, EnvoyProcess, render_config, run_envoy
-from tests.test_e2e import get
+from tests.helpers import http_get as get
 
 # Host-agnostic policies; "reports" matches nothing by itself (another host): only the
 # /reports/ route, which binds it, reaches it.

@@ -1,4 +1,4 @@
-"""Bad CheckRequests (issue 7, item 3): whatever Envoy — or anything that reaches the port —
+"""Bad CheckRequests: whatever Envoy — or anything that reaches the port —
 sends, the sidecar never raises, never crashes, and never allows because it misread a request.
 
 The messages are the generated ``CheckRequest`` type, built field by field by hypothesis:
@@ -38,8 +38,8 @@ from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.parameters import PARAMETERS, IdentityConfig, map_parameters
 from sidecar.policies import Policy
 from tests.conftest import check_request, denial_reason, seed
+from tests.helpers import OK, PERMISSION_DENIED
 
-OK, PERMISSION_DENIED = 0, 7
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
 
@@ -401,7 +401,8 @@ async def test_check_answers_every_parseable_request_and_only_allows_the_policy_
 
 
 async def test_requests_shaped_as_named_edge_cases(db: Path, start_sidecar, authz) -> None:
-    """The cases the issue names, each once, whatever hypothesis happens to draw."""
+    """Named edge cases (empty and huge values, raw bytes, certificates, odd addresses, JWT
+    metadata of every JSON type), each once, whatever hypothesis happens to draw."""
     seed(db, [], [ONLY_POLICY])
     stub = authz((await start_sidecar()).port)
 
@@ -500,9 +501,11 @@ async def test_random_bytes_at_the_grpc_port(one_sidecar: OneSidecar, fuzz_state
     try:
         raw = await one_sidecar.raw_check(data)
     except grpc.aio.AioRpcError as exc:
-        # Only a message protobuf cannot parse may fail, and never as OK.
+        # Only a message protobuf cannot parse may fail: gRPC's own error, no CheckResponse
+        # (Envoy denies on it).
         assert parsed is None, f"parseable message answered with gRPC {exc.code()}"
-        assert exc.code() != grpc.StatusCode.OK
+        assert exc.code() is grpc.StatusCode.UNKNOWN, exc
+        assert "Error parsing message" in (exc.details() or ""), exc
         event(f"unparseable: gRPC {exc.code().name}")
     else:
         assert parsed is not None

@@ -1,6 +1,6 @@
 """Client-sent ``x-safous-*`` request headers: the sidecar has Envoy remove the ones the decision
 neither sets nor decided on, so the upstream's view of that namespace never depends on the Envoy
-config alone (PRODUCT.md, "Threat model": Envoy's configuration is a second line of defence).
+config alone: Envoy's configuration is a second line of defence (README, "Security guarantees").
 
 The allow-path through a real Envoy whose strip is turned off is in test_e2e.py; here: the rule
 on plain values, the CheckResponse, the server's answer over gRPC, and the JWT case end to end.
@@ -18,13 +18,14 @@ from sidecar.attributes import RequestAttributes
 from sidecar.check import Checker
 from sidecar.decision import Code, Decision
 from sidecar.edge import build_response
-from sidecar.rules import UnavailableEvaluator
 from sidecar.parameters import IdentityConfig, map_parameters
 from sidecar.policies import Policy
+from sidecar.rules import UnavailableEvaluator
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
 from tests.envoy_harness import render_config, run_envoy
-from tests.test_e2e import WITHOUT_ENVOY_STRIP, get, safous_headers
+from tests.helpers import OK, PERMISSION_DENIED, http_get
+from tests.test_e2e import WITHOUT_ENVOY_STRIP, safous_headers
 from tests.test_jwt_e2e import (
     ENVOY_JWT_YAML,
     JWKS_PATH_LITERAL,
@@ -43,8 +44,9 @@ IDENTITY = {"x-safous-username": "alice", "x-safous-device-id": "laptop-42",
             "x-safous-groups": "eng", "x-safous-group-names": "Engineering"}
 
 
-def to_remove(headers: dict[str, str], decision: Decision, *, identity: IdentityConfig = IdentityConfig(),
+def to_remove(headers: dict[str, str], decision: Decision, *, identity: IdentityConfig | None = None,
               jwt: dict[str, Any] | None = None) -> tuple[str, ...]:
+    identity = identity or IdentityConfig()
     checker = Checker(identity, "deny", UnavailableEvaluator())
     attrs = RequestAttributes(request_id="r1", headers={**ROUTINE, **headers}, jwt_payload=jwt or {})
     return checker.headers_to_remove(attrs, map_parameters(attrs, identity), decision)
@@ -93,13 +95,13 @@ def test_an_evaluators_header_names_are_matched_case_insensitively() -> None:
 
 def test_build_response_lists_the_headers_to_remove_on_an_allow_only() -> None:
     allowed = build_response(STORES_TOKEN, "r1", ("x-safous-role", "x-safous-denial-reason"))
-    assert allowed.status.code == 0 and allowed.WhichOneof("http_response") == "ok_response"
+    assert allowed.status.code == OK and allowed.WhichOneof("http_response") == "ok_response"
     assert list(allowed.ok_response.headers_to_remove) == ["x-safous-role", "x-safous-denial-reason"]
     assert [(h.header.key, h.header.value) for h in allowed.ok_response.headers] == [
         ("x-safous-token", "from-webhook")]
 
     denied = build_response(DENY, "r1", ("x-safous-role",))
-    assert denied.status.code == 7 and denied.WhichOneof("http_response") == "denied_response"
+    assert denied.status.code == PERMISSION_DENIED and denied.WhichOneof("http_response") == "denied_response"
 
     assert list(build_response(ALLOW, "r1").ok_response.headers_to_remove) == []
 
@@ -111,7 +113,7 @@ async def test_the_servers_answer_names_the_forged_headers(db: Path, start_sidec
 
     for path in ("/public/x", "/elsewhere"):
         response = await stub.Check(check_request(path, headers=headers))
-        assert response.status.code == 0, path
+        assert response.status.code == OK, path
         assert list(response.ok_response.headers_to_remove) == ["x-safous-role"], path
 
 
@@ -128,7 +130,7 @@ async def test_with_jwt_identity_the_app_never_sees_a_forged_username(
     config = render_config(ENVOY_JWT_YAML, sidecar_port=sidecar.port, upstream_port=upstream.port,
                            extra={JWKS_PATH_LITERAL: str(jwks), **WITHOUT_ENVOY_STRIP})
     async with run_envoy(config, tmp_path) as envoy:
-        status, _, body = await get(f"{envoy.url}/app/home", headers={
+        status, _, body = await http_get(f"{envoy.url}/app/home", headers={
             **bearer(key.sign(claims(groups=None))), "x-safous-username": "mallory",
             "x-safous-groups": "admins", "x-safous-device-id": "laptop-42", "x-safous-role": "admin"})
         assert status == 200, body

@@ -20,17 +20,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.decision import Code
-from sidecar.rules.judge import INLINE_BYTES, MAX_STORED_VALUE_BYTES, AnswerJudge
 from sidecar.policies import Policy
-from sidecar.rules.responses import compile_actions
+from sidecar.rules.judge import INLINE_BYTES, MAX_STORED_VALUE_BYTES, AnswerJudge
 from sidecar.rules.model import Rule, Verification
+from sidecar.rules.responses import compile_actions
 from tests.conftest import check_request, denial_reason, seed
+from tests.helpers import OK, code_of, eventually
 from tests.test_faults_webhook import (  # noqa: F401
     ACTIVE,
     PASSING,
     RawServer,
     action,
-    code_of,
     raw,
     respond,
 )
@@ -55,7 +55,7 @@ def rules_for(server: RawServer, **extra: Rule) -> list[Rule]:
 async def unrelated_check_time(stub: Any) -> float:
     started = time.perf_counter()
     response = await stub.Check(check_request("/open"))
-    assert response.status.code == 0
+    assert response.status.code == OK
     return time.perf_counter() - started
 
 
@@ -77,7 +77,7 @@ async def test_a_catastrophic_regex_matches_in_linear_time(
     assert code_of(denied) == "regex_mismatch"
     assert denial_reason(denied) == f'rule "evil": v "{"a" * 30}!" does not match /^(a+)+$/'
     assert time.perf_counter() - started < 1
-    assert unrelated < UNRELATED_DELAY
+    assert unrelated < UNRELATED_DELAY, f"an unrelated check took {unrelated * 1000:.0f} ms"
 
 
 @pytest.mark.parametrize(("pattern", "construct"), [
@@ -126,7 +126,7 @@ async def test_large_answers_are_judged_off_the_loop_within_the_rules_deadline(
         return code_of(response), time.perf_counter() - started
 
     async def unrelated_checks() -> float:
-        await asyncio.sleep(0.05)  # once the answers are arriving
+        await eventually(lambda: len(raw.seen("/numbers")) == 8, what="the answers being sent")
         return max([await unrelated_check_time(stub) for _ in range(10)])
 
     *results, worst_unrelated = await asyncio.gather(
@@ -134,9 +134,9 @@ async def test_large_answers_are_judged_off_the_loop_within_the_rules_deadline(
 
     for code, elapsed in results:
         assert code in ("allowed", "webhook_timeout")
-        assert elapsed < 1.0 + 0.3  # the deadline, plus a margin for a loaded machine
+        assert elapsed < 1.0 + 0.3, elapsed  # the deadline, plus a margin for a loaded machine
     assert ("allowed", ) in {(code,) for code, _ in results}  # the first ones are judged
-    assert worst_unrelated < UNRELATED_DELAY
+    assert worst_unrelated < UNRELATED_DELAY, f"an unrelated check took {worst_unrelated * 1000:.0f} ms"
 
 
 async def test_a_huge_stored_value_fails_the_rule_and_is_not_kept(
@@ -164,7 +164,7 @@ async def test_a_huge_stored_value_fails_the_rule_and_is_not_kept(
         f'rule "huge": the value stored as "token" is {MiB - 100 - 0} bytes, more than the '
         f"{MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")
     assert sidecar.evaluator.cache.bytes < 20 * 1024  # failures cached, but not their values
-    assert fits.status.code == 0
+    assert fits.status.code == OK
     assert {h.header.key: h.header.value for h in fits.ok_response.headers} == {
         "x-safous-token": "t" * MAX_STORED_VALUE_BYTES}
 
@@ -236,6 +236,9 @@ DECIDED = {"allowed", "regex_mismatch", "key_missing", "response_invalid", "resp
 
 
 @HYPOTHESIS
+# A failing example is a large answer: hypothesis warns that its repr is large, and the warning
+# (an error here) would hide the failure itself.
+@pytest.mark.filterwarnings("ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning")
 @given(body=ANSWERS, pattern=st.integers(0, len(PATTERNS) - 1))
 async def test_any_answer_is_decided_within_the_deadline_without_holding_other_checks(
         body: bytes, pattern: int, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
@@ -256,8 +259,8 @@ async def test_any_answer_is_decided_within_the_deadline_without_holding_other_c
     elapsed = time.perf_counter() - started
 
     assert code_of(response) in DECIDED
-    assert elapsed < DEADLINE_MS / 1000 + 0.3
-    assert unrelated < UNRELATED_DELAY
+    assert elapsed < DEADLINE_MS / 1000 + 0.3, f"decided in {elapsed * 1000:.0f} ms"
+    assert unrelated < UNRELATED_DELAY, f"an unrelated check took {unrelated * 1000:.0f} ms"
 
 
 def judge_processes() -> list[multiprocessing.Process]:
@@ -330,7 +333,7 @@ async def test_an_answer_with_a_lone_surrogate_is_invalid_not_an_internal_error(
 
 @pytest.mark.parametrize(("field", "value"), [("store", "tok\n"), ("header", "X-Foo\n")])
 def test_names_with_a_trailing_newline_are_refused(field: str, value: str) -> None:
-    with pytest.raises(ValueError, match="must be|not a valid HTTP header name"):
+    with pytest.raises(ValueError, match=r"must be|not a valid HTTP header name"):
         if field == "store":
             action("store", "token", value)
         else:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import re
 import unicodedata
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -20,7 +19,7 @@ from urllib.parse import parse_qsl, unquote
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar import store
+from sidecar.db import connect, delete_policy, delete_rule, transaction
 from sidecar.decision import Code, Decision
 from sidecar.edge import (
     MAX_REASON_LENGTH,
@@ -31,14 +30,12 @@ from sidecar.edge import (
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
 from tests.conftest import check_request, denial_reason, seed
+from tests.helpers import OK, PERMISSION_DENIED, eventually
 from tests.test_faults_webhook import (  # noqa: F401
     ACTIVE,
-    DENIED,
-    OK,
     RawRequest,
     RawServer,
     action,
-    closed_port,
     raw,
     respond,
 )
@@ -49,7 +46,8 @@ from tests.test_faults_webhook import (  # noqa: F401
 SPECIAL = st.sampled_from([
     "\r\n", "\n", "\r", "\0", "\r\nX-Injected: 1", "\t", " ", ":", '"', "'", "\\", "\\u0000",
     "%", "%%", "%0d%0a", "%2F", "%username%", "%headers.x-v%", "{}", "{0}", "%s", "/", "../",
-    "?", "#", "&", "=", "&fixed=2", "@evil.example", "+", ";", ",", "é", "\u2028", "\u2029", "\x85", "\x9f", "..", ".", "..;", "．．", "\u202e",
+    "?", "#", "&", "=", "&fixed=2", "@evil.example", "+", ";", ",", "é", "\u2028", "\u2029", "\x85", "\x9f",
+    "..", ".", "..;", "．．", "\u202e",
     "😀", "\x7f", "\x01", "\x1b[31m", "\ufeff", "</script>", "null", "]}", '","x":"',
 ])
 VALUE = st.one_of(
@@ -93,7 +91,7 @@ def printable_ascii_line(text: str) -> bool:
 def assert_header_safe(response: Any) -> str:
     """The denial as Envoy gets it: one printable-ASCII line of at most 256 characters, the
     same in the header, the JSON body and the gRPC status message."""
-    assert response.status.code == DENIED
+    assert response.status.code == PERMISSION_DENIED
     reason = denial_reason(response)
     assert reason is not None
     assert printable_ascii_line(reason) and len(reason) <= MAX_REASON_LENGTH
@@ -106,13 +104,11 @@ def assert_header_safe(response: Any) -> str:
 
 async def wait_for_policy(stub: Any, path: str) -> None:
     """Until the sidecar has loaded the policy at ``path`` (it reloads every 50 ms)."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    async def loaded() -> bool:
         response = await stub.Check(check_request(path))
-        if json.loads(response.denied_response.body or b"{}").get("code") != "no_matching_policy":
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the policy at {path} was never loaded")
+        return json.loads(response.denied_response.body or b"{}").get("code") != "no_matching_policy"
+
+    await eventually(loaded, what=f"the policy at {path} loaded")
 
 
 # --- the webhook request ------------------------------------------------------------------
@@ -276,7 +272,8 @@ NAME = st.one_of(VALUE.map(lambda s: s[:120] or "x"),
 @settings(HYPOTHESIS, max_examples=8)
 @given(names=st.lists(NAME, min_size=10, max_size=10, unique=True))
 async def test_rule_names_reach_envoy_as_one_safe_line(
-        names: list[str], db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        names: list[str], db: Path, start_sidecar: Any, authz: Any, raw: RawServer,  # noqa: F811
+        refused_port: int) -> None:
     """Rule names are free text (up to 128 characters) and every rule reason names its rule.
     Ten rules per example, written to rules.db together and picked up by one reload: half
     judged (``value_mismatch``, the name JSON-quoted), half unreachable (the name as is)."""
@@ -284,22 +281,21 @@ async def test_rule_names_reach_envoy_as_one_safe_line(
         raw.routes["/blocked"] = respond(200, b'{"status": "blocked"}')
         raw.stub = authz((await start_sidecar()).port)  # type: ignore[attr-defined]
         raw.batch = 0  # type: ignore[attr-defined]
-        raw.refused = closed_port()  # type: ignore[attr-defined]
         raw.previous = []  # type: ignore[attr-defined]
     stub = raw.stub  # type: ignore[attr-defined]
     raw.batch += 1  # type: ignore[attr-defined]
     batch = raw.batch  # type: ignore[attr-defined]
     # The previous batch goes (rules.db stays small); names are unique across batches too.
-    conn = store.connect(db)
+    conn = connect(db)
     try:
-        with store.transaction(conn, immediate=True):
+        with transaction(conn, immediate=True):
             for i, name in enumerate(raw.previous):  # type: ignore[attr-defined]
-                store.delete_policy(conn, f"p{batch - 1}-{i}")
-                store.delete_rule(conn, name)
+                delete_policy(conn, f"p{batch - 1}-{i}")
+                delete_rule(conn, name)
     finally:
         conn.close()
     names = raw.previous = [f"{name}#{batch}" for name in names]  # type: ignore[attr-defined]
-    refused_url = f"http://127.0.0.1:{raw.refused}/x"  # type: ignore[attr-defined]
+    refused_url = f"http://127.0.0.1:{refused_port}/x"
     rules = [Rule(name=name, url=raw.url + "/blocked" if i % 2 == 0 else refused_url,
                   actions=ACTIVE) for i, name in enumerate(names)]
     seed(db, rules, [Policy(name=f"p{batch}-{i}", path_prefix=f"/b{batch}/{i}", rules=(name,))
@@ -329,7 +325,7 @@ async def test_rule_names_reach_envoy_as_one_safe_line(
 # --- the edge, pure -----------------------------------------------------------------------
 
 @settings(max_examples=500, deadline=None)
-@given(reason=st.one_of(VALUE, st.text()), code=st.sampled_from([c for c in Code]))
+@given(reason=st.one_of(VALUE, st.text()), code=st.sampled_from(list(Code)))
 def test_any_reason_becomes_one_safe_header_line(reason: str, code: Code) -> None:
     response = build_response(Decision.deny(code, reason), "req-1")
     header = assert_header_safe(response)

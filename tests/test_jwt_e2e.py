@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -28,6 +27,7 @@ from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, seed
 from tests.envoy_harness import ENVOY_DIR, EnvoyProcess, render_config, run_envoy
+from tests.helpers import http_get
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,12 +88,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-async def get(url: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(url, **kwargs) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
-
-
 @dataclass
 class Stack:
     envoy: EnvoyProcess
@@ -133,7 +127,7 @@ def activity(db: Path) -> list[tuple[str, int, str]]:
 async def test_jwt_claims_reach_the_webhook(db: Path, start_sidecar, upstream, webhook, tmp_path: Path) -> None:
     async with jwt_stack(db, start_sidecar, upstream, webhook, tmp_path) as stack:
         token = stack.key.sign(claims())
-        status, _, body = await get(f"{stack.envoy.url}/app/home", headers=bearer(token))
+        status, _, body = await http_get(f"{stack.envoy.url}/app/home", headers=bearer(token))
         assert status == 200, body
         app_headers = dict(json.loads(body)["headers"])
         # forward: false -- the app never gets the bearer token.
@@ -141,7 +135,7 @@ async def test_jwt_claims_reach_the_webhook(db: Path, start_sidecar, upstream, w
 
         # A client-sent identity header does not override the token's identity (and is
         # stripped before it could reach the sidecar or the app).
-        status, _, body = await get(f"{stack.envoy.url}/app/home",
+        status, _, body = await http_get(f"{stack.envoy.url}/app/home",
                                     headers={**bearer(token), "x-safous-username": "mallory",
                                              "x-safous-groups": "admins"})
         assert status == 200, body
@@ -189,7 +183,7 @@ async def test_no_valid_jwt_is_refused_by_envoy(db: Path, start_sidecar, upstrea
             ("token in the query", f"?access_token={valid}", {}, 401, b"Jwt is missing"),
         ]
         for case, query, headers, expected_status, expected_body in refused:
-            status, response_headers, body = await get(url + query, headers=headers)
+            status, response_headers, body = await http_get(url + query, headers=headers)
             assert (status, body) == (expected_status, expected_body), case
             assert response_headers["www-authenticate"].startswith("Bearer realm="), case
             assert "x-safous-denial-reason" not in response_headers, case
@@ -198,7 +192,7 @@ async def test_no_valid_jwt_is_refused_by_envoy(db: Path, start_sidecar, upstrea
         # ... and Envoy never asked the sidecar about them.
         assert [counters[f"http.ingress_http.ext_authz.{name}"] for name in ("ok", "denied", "error")] == [0, 0, 0]
         # The same valid token still works: the refusals above were the tokens' fault.
-        status, _, _ = await get(url, headers=bearer(valid))
+        status, _, _ = await http_get(url, headers=bearer(valid))
         assert status == 200
     # Nothing refused reached the webhook or the app, nor the sidecar's activity log.
     assert len(webhook.seen("/identity")) == 1 and len(upstream.requests) == 1
@@ -209,10 +203,10 @@ async def test_no_valid_jwt_is_refused_by_envoy(db: Path, start_sidecar, upstrea
 async def test_username_claim_is_configurable(db: Path, start_sidecar, upstream, webhook, tmp_path: Path) -> None:
     async with jwt_stack(db, start_sidecar, upstream, webhook, tmp_path,
                          jwt_username_claim="email") as stack:
-        status, _, body = await get(f"{stack.envoy.url}/app/home", headers=bearer(stack.key.sign(claims())))
+        status, _, body = await http_get(f"{stack.envoy.url}/app/home", headers=bearer(stack.key.sign(claims())))
         assert status == 200, body
         # A token without that claim: %username% is empty (the header fallback was stripped).
-        status, _, body = await get(f"{stack.envoy.url}/app/home",
+        status, _, body = await http_get(f"{stack.envoy.url}/app/home",
                                     headers={**bearer(stack.key.sign(claims(email=None))),
                                              "x-safous-username": "mallory"})
         assert status == 200, body

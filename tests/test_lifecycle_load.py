@@ -16,9 +16,7 @@ import json
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +26,13 @@ import pytest
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
-from tests.benchmark import free_port
 from tests.conftest import Webhook, check_request, seed
 from tests.envoy_harness import run_envoy
+from tests.helpers import ROOT, ServerLog, activity_paths, code_of, eventually, free_port, start_server
 from tests.soak import envoy_config
-from tests.test_lifecycle import ROOT, reap, start_server
 
 WEBHOOK_DELAY = 0.3   # every webhook answer takes this long: checks pile up in flight
 GRACE = 5.0
@@ -50,63 +46,18 @@ SURELY_ARRIVED = 0.25
 FRESH = [("grpc.use_local_subchannel_pool", 1)]  # a channel of its own: a new connection
 
 
-class ServerLog:
-    """Reads the server's stderr (JSON lines) in a thread, so a busy server never blocks on a
-    full pipe; :meth:`close` waits for the end of the stream and reaps the process."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._thread.join(10)
-        reap(self.proc)
-
-    def entries(self, message: str) -> list[dict]:
-        found = []
-        for line in list(self.lines):
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if entry.get("message") == message:
-                    found.append(entry)
-        return found
-
-    def entry(self, message: str) -> dict | None:
-        return next(iter(self.entries(message)), None)
-
-
 def rule(webhook_url: str, timeout_ms: int = 2000) -> Rule:
     return Rule(name="posture", url=f"{webhook_url}/decide?k=%headers.x-soak%", timeout_ms=timeout_ms,
                 actions=(ResponseAction(type=ActionType.STRING, key="status", value="active"),))
 
 
-def activity_paths(db: Path) -> list[str]:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return [path for (path,) in conn.execute("SELECT path FROM activity_log")]
-
-
 @dataclass
 class Call:
     path: str
-    expected: str       # "allow" or the denial code
+    expected: str       # "allowed" or the denial code
     started: float
     ended: float
-    outcome: str        # "allow", a denial code, or a gRPC status name
-
-
-def outcome_of(response: pb.CheckResponse) -> str:
-    if response.status.code == 0:
-        return "allow"
-    return json.loads(response.denied_response.body)["code"]
+    outcome: str        # "allowed", a denial code, or a gRPC status name
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -119,15 +70,14 @@ async def test_sigterm_under_load_finishes_in_flight_checks(tmp_path: Path, webh
     webhook.routes["/decide"] = decide
     db = tmp_path / "rules.db"
     seed(db, [rule(webhook.url)], [Policy(name="app", path_prefix="/app", rules=("posture",))])
-    port = free_port()
-    proc, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}",
-                                      "--grace-period", str(GRACE), "--workers", str(workers))
-    log = ServerLog(proc)
-    while len(log.entries("listening")) < workers - 1:  # start_server read the first one
-        assert proc.poll() is None
-        await asyncio.sleep(0.05)
+    port = free_port()  # --workers needs a fixed port
+    log, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}",
+                                     "--grace-period", str(GRACE), "--workers", str(workers))
+    proc = log.proc
+    await asyncio.to_thread(log.wait_for, "listening", workers)
     loop = asyncio.get_running_loop()
     calls: list[Call] = []
+    rounds = [0] * CONCURRENCY  # checks answered, per client
     counter = itertools.count()
     stop_at: float | None = None
     try:
@@ -145,30 +95,37 @@ async def test_sigterm_under_load_finishes_in_flight_checks(tmp_path: Path, webh
                     request = check_request(path, headers={"x-soak": f"{kind}-{n}"})
                     started = loop.time()
                     try:
-                        outcome = outcome_of(await stub.Check(request, timeout=10))
+                        outcome = code_of(await stub.Check(request, timeout=10))
                     except grpc.aio.AioRpcError as exc:
                         outcome = exc.code().name
-                    calls.append(Call(path, "allow" if kind == "yes" else "value_mismatch", started,
+                    calls.append(Call(path, "allowed" if kind == "yes" else "value_mismatch", started,
                                       loop.time(), outcome))
-                    if outcome not in ("allow", "value_mismatch"):
-                        await asyncio.sleep(0.02)
+                    rounds[index] += 1
+                    if outcome not in ("allowed", "value_mismatch"):
+                        await asyncio.sleep(0.02)  # refused: the server is going, no busy loop
 
             clients = [asyncio.create_task(client(i)) for i in range(CONCURRENCY)]
-            await asyncio.sleep(1.0)  # steady state: about three rounds of slow checks
+            # Steady state: every client has had two slow checks answered and waits on its third.
+            await eventually(lambda: min(rounds) >= 2, timeout=10, what="two rounds of checks")
             signalled = loop.time()
             proc.send_signal(signal.SIGTERM)
 
             # While the checks in flight still wait on the webhook: new connections are refused.
-            await asyncio.sleep(0.1)
-            draining = proc.poll() is None
-            refused_tcp = False
+            def refuses_connections() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except ConnectionRefusedError:
-                refused_tcp = True
+                refused_tcp = await eventually(refuses_connections, timeout=GRACE, interval=0.01)
+            except AssertionError:
+                refused_tcp = False
+            draining = proc.poll() is None
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FRESH) as fresh:
                 try:
-                    fresh_check = outcome_of(await pb_grpc.AuthorizationStub(fresh).Check(
+                    fresh_check = code_of(await pb_grpc.AuthorizationStub(fresh).Check(
                         check_request("/app/yes/fresh", headers={"x-soak": "yes-fresh"}), timeout=1))
                 except grpc.aio.AioRpcError as exc:
                     fresh_check = exc.code().name
@@ -235,9 +192,9 @@ async def test_restart_under_load_serves_an_admin_edit_committed_before_sigterm(
     port = free_port()  # fixed: Envoy's cluster points at it across the restart
     # The first sidecar polls rules.db only every 30 s, so it cannot have picked the edit up
     # before it stops: only the restarted one can serve it, from what was committed.
-    proc_a, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}",
-                                        "--reload-interval", "30")
-    log_a = ServerLog(proc_a)
+    log_a, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}",
+                                       "--reload-interval", "30")
+    proc_a = log_a.proc
     log_b: ServerLog | None = None
     loop = asyncio.get_running_loop()
     seen: list[tuple[float, int, str]] = []   # (sent at, HTTP status, decision code)
@@ -257,7 +214,7 @@ async def test_restart_under_load_serves_an_admin_edit_committed_before_sigterm(
                         except (TimeoutError, aiohttp.ClientError) as exc:
                             errors.append(repr(exc))
                             return
-                        code = "allow" if resp.status == 200 else ""
+                        code = "allowed" if resp.status == 200 else ""
                         with contextlib.suppress(ValueError, KeyError, TypeError):
                             code = json.loads(body)["code"]
                         seen.append((sent, resp.status, code))
@@ -273,7 +230,7 @@ async def test_restart_under_load_serves_an_admin_edit_committed_before_sigterm(
                         await asyncio.wait(pending)
 
             driver = asyncio.create_task(load())
-            await asyncio.sleep(1.0)
+            await eventually(lambda: len(seen) >= 50, what="50 answers through Envoy")
             edit = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sidecar.admin", "--db", str(db), "--actor", "ops", "rule", "edit",
                 "posture", "--action", "string:status:suspended", cwd=ROOT,
@@ -284,10 +241,11 @@ async def test_restart_under_load_serves_an_admin_edit_committed_before_sigterm(
             proc_a.send_signal(signal.SIGTERM)
             exit_a = await asyncio.to_thread(proc_a.wait, GRACE + 10)
             stopped_a = loop.time()
-            proc_b, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}")
-            log_b = ServerLog(proc_b)
+            log_b, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}")
+            proc_b = log_b.proc
             ready = loop.time()
-            await asyncio.sleep(1.5)
+            await eventually(lambda: len([s for s in seen if s[0] > ready]) >= 50, timeout=10,
+                             what="50 answers from the restarted sidecar")
             done.set()
             await driver
         proc_b.send_signal(signal.SIGTERM)
@@ -301,9 +259,9 @@ async def test_restart_under_load_serves_an_admin_edit_committed_before_sigterm(
     assert not errors, errors[:5]
     assert all(status in (200, 403) for _, status, _ in seen)
     # Before the edit: allowed.
-    assert {code for sent, _, code in seen if sent < committed - 0.2} == {"allow"}
+    assert {code for sent, _, code in seen if sent < committed - 0.2} == {"allowed"}
     # Nothing is allowed once the first sidecar is gone (Envoy fails closed while none runs) ...
-    assert not [s for s in seen if s[0] > stopped_a and s[2] == "allow"]
+    assert not [s for s in seen if s[0] > stopped_a and s[2] == "allowed"]
     # ... and the restarted sidecar serves the edit, to every request it decides.
     after = [code for sent, _, code in seen if sent > ready]
     assert len(after) >= 50

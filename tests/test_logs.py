@@ -17,8 +17,8 @@ from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.logs import TextFormatter, text_message, text_value
 from sidecar.policies import Policy
 from tests.conftest import check_request, seed
+from tests.helpers import OK, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 FORGED = "2026-11-29T00:00:00Z INFO sidecar.decision: allow request_id=forged policy=app code=rules_passed"
 # Every character that str.splitlines (and so many log viewers) takes for the end of a line.
 LINE_BREAKS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
@@ -111,7 +111,7 @@ def test_forged_request_ids_write_no_forged_lines(tmp_path: Path) -> None:
             stub = pb_grpc.AuthorizationStub(channel)
             for request_id in request_ids:
                 response = stub.Check(check_request("/", headers={"x-request-id": request_id}))
-                assert response.status.code == 0
+                assert response.status.code == OK
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         output = proc.stderr.read().decode()

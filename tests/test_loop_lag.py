@@ -16,15 +16,7 @@ from sidecar.policies import Policy
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.conftest import seed
-from tests.test_operations import http_get, metric, wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock, eventually, metric, ops_get
 
 
 def stall_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -74,18 +66,18 @@ async def test_a_blocked_event_loop_shows_in_metrics_and_logs(db: Path, caplog: 
                     metric(text, "safous_event_loop_lag_seconds_bucket", le="0.25"))
 
         async def ticked() -> bool:
-            return lag_counts((await http_get(sidecar.ops.port, "/metrics"))[1])[0] > 0
+            return lag_counts((await ops_get(sidecar.ops.port, "/metrics"))[1])[0] > 0
 
-        await wait_until(ticked)
+        await eventually(ticked)
         assert stall_warnings(caplog) == [] or all(r.lag_ms < 250 for r in stall_warnings(caplog))
 
         asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # a blocking call on the loop
 
         async def stalled() -> bool:
-            count, up_to_250ms = lag_counts((await http_get(sidecar.ops.port, "/metrics"))[1])
+            count, up_to_250ms = lag_counts((await ops_get(sidecar.ops.port, "/metrics"))[1])
             return count - up_to_250ms >= 1
 
-        await wait_until(stalled)
+        await eventually(stalled)
         warnings = [r for r in stall_warnings(caplog) if r.lag_ms >= 250]
         assert len(warnings) == 1
         assert re.fullmatch(r"event loop stalled for \d+ ms", warnings[0].getMessage())

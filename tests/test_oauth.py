@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.decision import Code
+from sidecar.rules.client import WebhookClient
 from sidecar.rules.oauth import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
@@ -28,8 +29,8 @@ from sidecar.rules.oauth import (
     refresh_margin,
     token_lifetime,
 )
-from sidecar.rules.client import WebhookClient
-from tests.test_webhook import Api, Serve, closed_port, failure, get, serve  # noqa: F401
+from tests.helpers import FakeClock, eventually
+from tests.test_webhook import Api, Serve, failure, get, serve  # noqa: F401
 
 SECRET = "s3cr:et/+&% é"
 CLIENT_ID = "my client:1"
@@ -111,11 +112,14 @@ def test_a_usable_token_response() -> None:
 
 @dataclass
 class TokenEndpoint:
-    """A token endpoint: answers ``answer(n)`` to its request number n (from 0), after ``delay``."""
+    """A token endpoint: answers ``answer(n)`` to its request number n (from 0), after ``delay``
+    seconds, or once ``held`` is set if it is given."""
 
     api: Api
     answer: Callable[[int], tuple[int, Any]]
     delay: float = 0.0
+    held: asyncio.Event | None = None
+    answered: int = 0
 
     @property
     def requests(self) -> int:
@@ -139,9 +143,12 @@ async def idp(serve: Serve) -> TokenEndpoint:  # noqa: F811
     async def handler(request: web.Request) -> web.StreamResponse:
         n = endpoint.requests - 1  # this request is already recorded
         if endpoint.delay:
-            await asyncio.sleep(endpoint.delay)
+            await asyncio.sleep(endpoint.delay)  # a slow endpoint: what the test is about
+        if endpoint.held is not None:
+            await asyncio.wait_for(endpoint.held.wait(), 10)
         status, document = endpoint.answer(n)
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        endpoint.answered += 1
         return web.Response(status=status, body=body, content_type="application/json")
 
     endpoint = TokenEndpoint(await serve(handler), tokens())
@@ -161,21 +168,13 @@ def bearers(api: Api) -> list[str]:
     return [s.values("Authorization")[0] for s in api.seen]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def client(clock: Clock) -> AsyncIterator[WebhookClient]:
+async def client(clock: FakeClock) -> AsyncIterator[WebhookClient]:
     async with WebhookClient(clock=clock) as webhook_client:
         yield webhook_client
 
@@ -219,7 +218,7 @@ async def test_concurrent_calls_share_one_token_request(serve: Serve, idp: Token
 @pytest.mark.parametrize(("expires_in", "kept"), [(100, 90.0), (3600, 3570.0),
                                                   (None, 270.0), (0, 0.9)])
 async def test_a_token_is_reused_until_shortly_before_it_expires(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: Clock,  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: FakeClock,  # noqa: F811
         expires_in: Any, kept: float) -> None:
     idp.answer = tokens(expires_in)
     api = await serve(accepts("tok-0", "tok-1"))
@@ -326,9 +325,10 @@ async def test_an_unusable_token_endpoint_fails_the_call(
 
 
 async def test_an_unreachable_token_endpoint_fails_the_call(serve: Serve,  # noqa: F811
-                                                            client: WebhookClient) -> None:
+                                                            client: WebhookClient,
+                                                            refused_port: int) -> None:
     api = await serve(accepts("t"))
-    credentials = OAuthAuth(f"http://127.0.0.1:{closed_port()}/token", CLIENT_ID, SECRET)
+    credentials = OAuthAuth(f"http://127.0.0.1:{refused_port}/token", CLIENT_ID, SECRET)
 
     failed = await failure(client.call(get(api.url + "/"), timeout=2, auth=credentials))
 
@@ -338,7 +338,7 @@ async def test_an_unreachable_token_endpoint_fails_the_call(serve: Serve,  # noq
 
 
 async def test_an_outage_costs_one_token_request_per_second(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: Clock) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: FakeClock) -> None:  # noqa: F811
     idp.delay = 0.05
     idp.answer = lambda n: (503, {"error": "temporarily_unavailable"})
     api = await serve(accepts("tok-1"))
@@ -361,16 +361,17 @@ async def test_an_outage_costs_one_token_request_per_second(
 
 async def test_a_slow_token_endpoint_times_the_call_out_but_its_token_is_kept(
         serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:  # noqa: F811
-    idp.delay = 0.3
+    idp.held = asyncio.Event()  # answers only once the call has timed out
     api = await serve(accepts("tok-0"))
 
     failed = await failure(client.call(get(api.url + "/"), timeout=0.1, auth=auth(idp)))
     assert (failed.code, failed.reason) == (
         Code.WEBHOOK_TIMEOUT, "OAuth token endpoint did not answer within 100 ms")
 
-    await asyncio.sleep(0.35)
-    assert (await client.call(get(api.url + "/"), timeout=0.2, auth=auth(idp))).status == 200
-    assert idp.requests == 1
+    idp.held.set()
+    await eventually(lambda: idp.answered == 1, what="the token answer")
+    assert (await client.call(get(api.url + "/"), timeout=2, auth=auth(idp))).status == 200
+    assert idp.requests == 1  # the token request outlived its call, and its token is used
 
 
 async def test_closing_the_client_cancels_a_token_request_cleanly(
@@ -380,8 +381,7 @@ async def test_closing_the_client_cancels_a_token_request_cleanly(
     client = WebhookClient()
     await client.start()
     call = asyncio.create_task(client.call(get(api.url + "/"), timeout=5, auth=auth(idp)))
-    while idp.requests == 0:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: idp.requests == 1, what="the token request")
 
     call.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,31 +14,9 @@ from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
 from tests.certs import make_client_cert, make_foreign_client_cert, make_server_cert
 from tests.conftest import answer, check_request, seed
-from tests.envoy_harness import render_config, run_envoy
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
-            return resp.status, await resp.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f"{k}=\"{v}\"" for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + ("{" + want + "}" if labels else " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
+from tests.envoy_harness import ENVOY_DIR, render_config, run_envoy
+from tests.helpers import OK, PERMISSION_DENIED, eventually, metric, start_server
+from tests.helpers import ops_get as http_get
 
 
 async def test_metrics_change_as_checks_are_made(db, start_sidecar, webhook, upstream, tmp_path) -> None:
@@ -54,17 +26,18 @@ async def test_metrics_change_as_checks_are_made(db, start_sidecar, webhook, ups
     seed(db, [rule], [Policy(name="app", path_prefix="/app", rules=("posture",))])
     sidecar = await start_sidecar(http="127.0.0.1:0")
     before = (await http_get(sidecar.ops.port, "/metrics"))[1]
-    assert metric(before, "safous_decisions_total", policy="app", result="allow", code="rules_passed") == 0
-    config = render_config(ROOT / "envoy" / "envoy.yaml", sidecar_port=sidecar.port, upstream_port=upstream.port)
+    assert metric(before, "safous_decisions_total", default=0, policy="app", result="allow", code="rules_passed") == 0
+    config = render_config(ENVOY_DIR / "envoy.yaml", sidecar_port=sidecar.port, upstream_port=upstream.port)
     async with run_envoy(config, tmp_path) as envoy:
         assert [(await http_get(envoy.port, path))[0] for path in ("/app/a", "/app/b", "/app/c", "/elsewhere")] \
             == [200, 200, 200, 403]
 
     async def counted() -> bool:
         text = (await http_get(sidecar.ops.port, "/metrics"))[1]
-        return metric(text, "safous_decisions_total", policy="app", result="allow", code="rules_passed") == 3
+        return metric(text, "safous_decisions_total", default=0, policy="app", result="allow",
+                      code="rules_passed") == 3
 
-    await wait_until(counted)  # decisions are counted by the activity log's batches
+    await eventually(counted)  # decisions are counted by the activity log's batches
     text = (await http_get(sidecar.ops.port, "/metrics"))[1]
     assert metric(text, "safous_decisions_total", policy="(none)", result="deny", code="no_matching_policy") == 1
     assert metric(text, "safous_webhook_calls_total", rule="posture", outcome="ok") == 1
@@ -94,20 +67,20 @@ async def test_readiness_follows_rules_db(db, start_sidecar, authz, tmp_path: Pa
         async def unready() -> bool:
             return (await http_get(sidecar.ops.port, "/readyz"))[0] == 503
 
-        await wait_until(unready)
-        status, body = await http_get(sidecar.ops.port, "/readyz")
+        await eventually(unready)
+        _, body = await http_get(sidecar.ops.port, "/readyz")
         assert "rules.db reload failed" in body
         assert await grpc_status() == health_pb2.HealthCheckResponse.NOT_SERVING
         assert (await http_get(sidecar.ops.port, "/healthz"))[0] == 200
         # Checks go on from the last good rules.
-        assert (await stub.Check(check_request("/x"))).status.code == 0
+        assert (await stub.Check(check_request("/x"))).status.code == OK
 
         moved.rename(db)
 
         async def ready() -> bool:
             return (await http_get(sidecar.ops.port, "/readyz"))[0] == 200
 
-        await wait_until(ready)
+        await eventually(ready)
         assert await grpc_status() == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -122,17 +95,8 @@ def test_logs_never_hold_secrets(tmp_path: Path) -> None:
              client_id="cid", client_secret="env:SAFOUS_SECRET_TEST_CLIENT"),
     ]
     seed(db, rules, [Policy(name="p", rules=("basic", "oauth"))])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen", "127.0.0.1:0", "--log-level", "debug"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "SAFOUS_SECRET_TEST_CLIENT": client_secret})
-    lines = []
+    log, port = start_server(db, "--log-level", "debug", env={"SAFOUS_SECRET_TEST_CLIENT": client_secret})
     try:
-        while True:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if '"listening"' in line:
-                port = json.loads(line)["port"]
-                break
         pem = "-----BEGIN%20CERTIFICATE-----%0AMIIBfake%0A-----END%20CERTIFICATE-----%0A"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.AuthorizationStub(channel)
@@ -140,16 +104,12 @@ def test_logs_never_hold_secrets(tmp_path: Path) -> None:
                 response = stub.Check(check_request("/", certificate=pem, headers={
                     "authorization": "Bearer client-token-SECRET", "cookie": "session=cookie-SECRET",
                     "proxy-authorization": "Basic proxy-SECRET"}))
-                assert response.status.code == 7
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-        lines.extend(proc.stderr.read().splitlines())
+                assert response.status.code == PERMISSION_DENIED
+        log.proc.send_signal(signal.SIGTERM)
+        assert log.proc.wait(timeout=15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    text = "\n".join(lines)
+        log.close()
+    text = "".join(log.lines)
     assert '"sidecar.decision"' in text  # the run did log its decisions
     for secret in (password, client_secret, "client-token-SECRET", "cookie-SECRET", "proxy-SECRET",
                    "BEGIN%20CERTIFICATE", "MIIBfake"):
@@ -168,15 +128,16 @@ async def test_tls_listener_requires_envoys_client_certificate(db, start_sidecar
     # A plaintext or certificate-less client cannot ask.
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca.cert_path.read_bytes())
     async with grpc.aio.secure_channel(f"localhost:{sidecar.port}", creds) as channel:
-        with pytest.raises(grpc.aio.AioRpcError):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb_grpc.AuthorizationStub(channel).Check(check_request("/"), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE  # the handshake failed: no answer
 
     ca_file = sidecar_tls / "ca.crt"
     ca_file.write_bytes(tls.ca.cert_path.read_bytes())
 
     def config(client: Path, key: Path) -> str:
         return render_config(
-            ROOT / "envoy" / "envoy-sidecar-tls.yaml", sidecar_port=sidecar.port, upstream_port=upstream.port,
+            ENVOY_DIR / "envoy-sidecar-tls.yaml", sidecar_port=sidecar.port, upstream_port=upstream.port,
             extra={"/etc/safous/sidecar-tls/envoy-client.crt": str(client),
                    "/etc/safous/sidecar-tls/envoy-client.key": str(key),
                    "/etc/safous/sidecar-tls/ca.crt": str(ca_file)})

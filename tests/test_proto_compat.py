@@ -361,7 +361,7 @@ def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
 
 def build_responses() -> dict[str, external_auth_pb2.CheckResponse]:
     """One CheckResponse of each kind the sidecar sends, every field Envoy defines set once."""
-    HVO = base_pb2.HeaderValueOption
+    hvo = base_pb2.HeaderValueOption
     detail = any_pb2.Any()
     detail.Pack(http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable))
     return {
@@ -371,8 +371,8 @@ def build_responses() -> dict[str, external_auth_pb2.CheckResponse]:
                 status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
                 headers=[
                     _header("x-safous-denial-reason", "value_mismatch: rule device-check",
-                            append_action=HVO.OVERWRITE_IF_EXISTS_OR_ADD),
-                    _header("content-type", "application/json", append_action=HVO.OVERWRITE_IF_EXISTS_OR_ADD),
+                            append_action=hvo.OVERWRITE_IF_EXISTS_OR_ADD),
+                    _header("content-type", "application/json", append_action=hvo.OVERWRITE_IF_EXISTS_OR_ADD),
                 ],
                 body='{"allowed": false, "code": "value_mismatch", "reason": "Zoë ✓"}',
             ),
@@ -382,12 +382,12 @@ def build_responses() -> dict[str, external_auth_pb2.CheckResponse]:
             status=status_pb2.Status(code=0),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=[
-                    _header("x-safous-user", "alice", append_action=HVO.OVERWRITE_IF_EXISTS_OR_ADD),
+                    _header("x-safous-user", "alice", append_action=hvo.OVERWRITE_IF_EXISTS_OR_ADD),
                     _header("x-safous-stored-token", "", append=wrappers_pb2.BoolValue(value=False),
                             keep_empty_value=True),
                 ],
                 headers_to_remove=["x-safous-username", "authorization"],
-                response_headers_to_add=[_header("x-safous-policy", "p1", append_action=HVO.ADD_IF_ABSENT)],
+                response_headers_to_add=[_header("x-safous-policy", "p1", append_action=hvo.ADD_IF_ABSENT)],
                 query_parameters_to_set=[base_pb2.QueryParameter(key="user", value="alice")],
                 query_parameters_to_remove=["token", "debug"],
                 dynamic_metadata=_struct({"deprecated": True}),
@@ -397,7 +397,7 @@ def build_responses() -> dict[str, external_auth_pb2.CheckResponse]:
             status=status_pb2.Status(code=13, message="internal_error", details=[detail]),
             error_response=external_auth_pb2.DeniedHttpResponse(
                 status=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
-                headers=[_header("x-raw", raw=b"\xff\x00 raw", append_action=HVO.OVERWRITE_IF_EXISTS)],
+                headers=[_header("x-raw", raw=b"\xff\x00 raw", append_action=hvo.OVERWRITE_IF_EXISTS)],
             ),
         ),
     }

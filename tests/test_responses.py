@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from sidecar.decision import Code
+from sidecar.rules.model import ResponseAction, Verification
 from sidecar.rules.responses import (
     ActionResult,
     KeyMissing,
@@ -19,7 +20,6 @@ from sidecar.rules.responses import (
     status_failure,
     value_at,
 )
-from sidecar.rules.model import ResponseAction, Verification
 
 JSON = Verification.JSON
 JSONP = Verification.JSONP
@@ -79,7 +79,7 @@ def test_deep_nesting_is_invalid_not_a_crash(verification: Verification, opening
     body = opening * depth + b"1" + closing * depth
     if verification is JSONP:
         body = b"cb(" + body + b")"
-    with pytest.raises(ResponseInvalid, match="^response is nested too deeply$"):
+    with pytest.raises(ResponseInvalid, match=r"^response is nested too deeply$"):
         parse_response(body, verification)
 
 

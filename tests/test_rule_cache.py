@@ -10,18 +10,11 @@ from sidecar.policies import Policy
 from sidecar.rules.cache import DecisionCache, SingleFlight
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import OK, PERMISSION_DENIED, FakeClock, eventually, webhook_evaluator
 
 
 def test_entries_expire_after_their_ttl() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache: DecisionCache[str] = DecisionCache(10, clock)
     cache.put("r", "k", "v", ttl=5)
     assert cache.get("k") == "v"
@@ -60,52 +53,62 @@ def test_forget_rule_drops_only_that_rules_entries() -> None:
 
 async def test_single_flight_makes_one_call_for_concurrent_equal_keys() -> None:
     flights: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
     calls = 0
 
     async def call() -> int:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.05)
+        await release.wait()  # in flight until every caller has come
         return 42
 
-    results = await asyncio.gather(*(flights.do("k", call) for _ in range(50)))
-    assert results == [42] * 50 and calls == 1 and len(flights) == 0
+    callers = [asyncio.create_task(flights.do("k", call)) for _ in range(50)]
+    await eventually(lambda: calls == 1)  # the call task starts after the 50 callers joined
+    release.set()
+    assert await asyncio.gather(*callers) == [42] * 50
+    assert calls == 1 and len(flights) == 0
     assert await flights.do("k", call) == 42 and calls == 2  # later calls are new calls
 
 
 async def test_one_caller_giving_up_does_not_cancel_the_call_for_others() -> None:
     flights: SingleFlight[str] = SingleFlight()
-    started = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
+    calls = 0
 
     async def call() -> str:
+        nonlocal calls
+        calls += 1
         started.set()
-        await asyncio.sleep(0.1)
+        await release.wait()
         return "done"
 
     first = asyncio.create_task(flights.do("k", call))
     await started.wait()
     second = asyncio.create_task(flights.do("k", call))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop, not a wait: the second caller joins the flight
     first.cancel()
-    assert await second == "done"
     with pytest.raises(asyncio.CancelledError):
         await first
+    release.set()
+    assert await second == "done"
+    assert calls == 1  # the second caller got the first caller's call, not one of its own
 
 
 async def test_the_call_is_cancelled_when_nobody_waits() -> None:
     flights: SingleFlight[str] = SingleFlight()
-    cancelled = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def call() -> str:
+        started.set()
         try:
-            await asyncio.sleep(10)
+            await asyncio.Event().wait()  # never answers
         except asyncio.CancelledError:
             cancelled.set()
             raise
         return "never"
 
     waiter = asyncio.create_task(flights.do("k", call))
-    await asyncio.sleep(0.01)
+    await started.wait()
     waiter.cancel()
     await asyncio.wait_for(cancelled.wait(), 1)
     assert len(flights) == 0
@@ -113,13 +116,21 @@ async def test_the_call_is_cancelled_when_nobody_waits() -> None:
 
 async def test_a_failure_reaches_every_waiter() -> None:
     flights: SingleFlight[str] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
 
     async def call() -> str:
-        await asyncio.sleep(0.01)
+        nonlocal calls
+        calls += 1
+        await release.wait()
         raise RuntimeError("boom")
 
-    results = await asyncio.gather(*(flights.do("k", call) for _ in range(3)), return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) for r in results)
+    callers = [asyncio.create_task(flights.do("k", call)) for _ in range(3)]
+    await eventually(lambda: calls == 1)
+    release.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert [str(r) for r in results] == ["boom"] * 3 and all(isinstance(r, RuntimeError) for r in results)
+    assert calls == 1  # one failed call, shared: not one call per waiter
 
 
 # ------------------------------------------------------------------- through the sidecar
@@ -136,7 +147,7 @@ async def test_cached_decisions_skip_the_webhook(db, start_sidecar, authz, webho
     stub = authz(sidecar.port)
     for user in ("alice", "alice", "alice", "bob", "bob"):
         response = await stub.Check(check_request("/", headers={"x-safous-username": user}))
-        assert response.status.code == 0
+        assert response.status.code == OK
     # Equal parameters share an entry, different ones do not.
     assert [r["path"] for r in webhook.requests] == ["/p?u=alice", "/p?u=bob"]
     assert sidecar.evaluator.cache.hits == 3
@@ -144,12 +155,14 @@ async def test_cached_decisions_skip_the_webhook(db, start_sidecar, authz, webho
 
 async def test_cache_entries_expire(db, start_sidecar, authz, webhook) -> None:
     webhook.routes["/p"] = answer({"status": "active"})
-    seed(db, [posture(webhook.url, cache_ttl=0.3)], [Policy(name="app", rules=("posture",))])
-    stub = authz((await start_sidecar()).port)
+    seed(db, [posture(webhook.url, cache_ttl=60)], [Policy(name="app", rules=("posture",))])
+    clock = FakeClock()
+    stub = authz((await start_sidecar(webhook_evaluator(clock))).port)
     await stub.Check(check_request("/"))
+    clock.advance(59.9)
     await stub.Check(check_request("/"))
     assert len(webhook.requests) == 1
-    await asyncio.sleep(0.4)
+    clock.advance(0.2)
     await stub.Check(check_request("/"))
     assert len(webhook.requests) == 2
 
@@ -157,14 +170,17 @@ async def test_cache_entries_expire(db, start_sidecar, authz, webhook) -> None:
 async def test_failures_are_cached_only_for_the_failure_ttl(db, start_sidecar, authz, webhook) -> None:
     webhook.routes["/p"] = answer({"error": "down"}, status=503)
     seed(db, [posture(webhook.url, cache_ttl=60)], [Policy(name="app", rules=("posture",))])
-    stub = authz((await start_sidecar(cache_failure_ttl=0.3)).port)
+    clock = FakeClock()
+    stub = authz((await start_sidecar(webhook_evaluator(clock, failure_ttl=5))).port)
     for _ in range(3):
-        assert (await stub.Check(check_request("/"))).status.code == 7
-    assert len(webhook.requests) == 1
+        assert (await stub.Check(check_request("/"))).status.code == PERMISSION_DENIED
+        clock.advance(1.6)
+    assert len(webhook.requests) == 1  # 4.8 s: the failure is still remembered
     webhook.routes["/p"] = answer({"status": "active"})  # the outage ends
-    await asyncio.sleep(0.4)
-    assert (await stub.Check(check_request("/"))).status.code == 0
-    assert (await stub.Check(check_request("/"))).status.code == 0  # and this answer is cached
+    clock.advance(0.3)
+    assert (await stub.Check(check_request("/"))).status.code == OK
+    clock.advance(55)
+    assert (await stub.Check(check_request("/"))).status.code == OK  # and this answer is cached
     assert len(webhook.requests) == 2
 
 
@@ -173,29 +189,49 @@ async def test_a_changed_rule_does_not_use_old_decisions(db, start_sidecar, auth
     seed(db, [posture(webhook.url, cache_ttl=60)], [Policy(name="app", rules=("posture",))])
     sidecar = await start_sidecar()
     stub = authz(sidecar.port)
-    assert (await stub.Check(check_request("/"))).status.code == 0
+    assert (await stub.Check(check_request("/"))).status.code == OK
     version = sidecar.checker.snapshot.version
     changed = posture(webhook.url, cache_ttl=60).model_copy(
         update={"actions": (ResponseAction(type=ActionType.STRING, key="status", value="gold"),)})
     seed(db, [changed])
-    for _ in range(100):
-        if sidecar.checker.snapshot.version > version:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: sidecar.checker.snapshot.version > version, what="the reload")
     response = await stub.Check(check_request("/"))
-    assert response.status.code == 7  # judged anew against the new criterion
+    assert response.status.code == PERMISSION_DENIED  # judged anew against the new criterion
     assert len(webhook.requests) == 2
-    await asyncio.sleep(0.05)
-    assert len(sidecar.evaluator.cache) == 1  # the old rule's entry is gone
+    assert len(sidecar.evaluator.cache) == 1  # the old rule's entry is gone, the new one is in
 
 
 async def test_concurrent_equal_checks_make_one_webhook_call(db, start_sidecar, authz, webhook) -> None:
-    webhook.routes["/p"] = answer({"status": "active"}, delay=0.2)
+    release = asyncio.Event()
+
+    async def held(request):
+        await asyncio.wait_for(release.wait(), 10)
+        return await answer({"status": "active"})(request)
+
+    webhook.routes["/p"] = held
     seed(db, [posture(webhook.url)], [Policy(name="app", rules=("posture",))])  # cache off
-    stub = authz((await start_sidecar()).port)
-    results = await asyncio.gather(*(stub.Check(check_request("/", headers={"x-safous-username": "eve"}))
-                                     for _ in range(20)))
-    assert all(r.status.code == 0 for r in results)
+    sidecar = await start_sidecar()
+    stub = authz(sidecar.port)
+    joined = count_callers(sidecar.evaluator.flights)
+    checks = [asyncio.ensure_future(stub.Check(check_request("/", headers={"x-safous-username": "eve"})))
+              for _ in range(20)]
+    await eventually(lambda: joined[0] == 20, what="20 checks waiting on the webhook")
+    release.set()
+    assert [r.status.code for r in await asyncio.gather(*checks)] == [OK] * 20
     assert len(webhook.requests) == 1
     await stub.Check(check_request("/", headers={"x-safous-username": "eve"}))
     assert len(webhook.requests) == 2  # no cache: a later check calls again
+
+
+def count_callers(flights: SingleFlight) -> list[int]:
+    """Counts (in ``[0]``) the callers of ``flights.do`` from now on: checks that got as far as
+    the webhook call, whether they start it or join one in flight."""
+    callers = [0]
+    do = flights.do
+
+    def counted(key, call):
+        callers[0] += 1
+        return do(key, call)
+
+    flights.do = counted
+    return callers

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import sqlite3
-import time
 
 import pytest
 from aiohttp import web
@@ -16,16 +15,11 @@ from hypothesis import strategies as st
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
 from tests.conftest import answer, check_request, denial_reason, seed
-
-OK, DENIED = 0, 7
+from tests.helpers import OK, PERMISSION_DENIED, code_of, eventually
 
 
 def action(kind: str, key: str, value: str) -> ResponseAction:
     return ResponseAction(type=ActionType(kind), key=key, value=value)
-
-
-def code_of(response) -> str:
-    return json.loads(response.denied_response.body)["code"] if response.status.code else "allowed"
 
 
 async def start(db, start_sidecar, authz, rules, **policy):
@@ -84,7 +78,7 @@ async def test_criteria_not_met_denies_with_the_rule_and_criterion(db, start_sid
                 actions=(action("string", "data.status", "active"),))
     _, stub = await start(db, start_sidecar, authz, [rule])
     response = await stub.Check(check_request("/"))
-    assert response.status.code == DENIED
+    assert response.status.code == PERMISSION_DENIED
     assert code_of(response) == "value_mismatch"
     assert denial_reason(response) == 'rule "device-posture": data.status is "inactive", expected "active"'
 
@@ -123,18 +117,27 @@ async def test_a_stored_value_no_earlier_rule_provides_is_invalid(db, start_side
 
 
 async def test_rules_run_concurrently(db, start_sidecar, authz, webhook) -> None:
-    webhook.routes["/slow"] = answer({"ok": "1"}, delay=0.4)
-    rules = [Rule(name=f"r{i}", url=webhook.url + "/slow", actions=(action("string", "ok", "1"),))
+    all_called = asyncio.Event()
+
+    async def meet(request: web.Request) -> web.Response:
+        # Answers once the three rules have all called: rules run one after the other would
+        # leave the first waiting here until its timeout.
+        if len(webhook.seen("/meet")) == 3:
+            all_called.set()
+        await asyncio.wait_for(all_called.wait(), 5)
+        return web.json_response({"ok": "1"})
+
+    webhook.routes["/meet"] = meet
+    rules = [Rule(name=f"r{i}", url=webhook.url + "/meet", timeout_ms=2000, actions=(action("string", "ok", "1"),))
              for i in range(3)]
     _, stub = await start(db, start_sidecar, authz, rules)
-    started = time.monotonic()
-    assert (await stub.Check(check_request("/"))).status.code == OK
-    assert time.monotonic() - started < 1.0  # 3 × 0.4 s in a row would be 1.2 s
+    response = await stub.Check(check_request("/"))
+    assert response.status.code == OK, denial_reason(response)
     assert len(webhook.requests) == 3
 
 
 async def test_first_failing_rule_in_policy_order_is_reported(db, start_sidecar, authz, webhook) -> None:
-    webhook.routes["/slow-no"] = answer({"ok": "0"}, delay=0.3)
+    webhook.routes["/slow-no"] = answer({"ok": "0"}, delay=0.3)  # fails last, reported first
     webhook.routes["/fast-no"] = answer({"ok": "0"})
     rules = [Rule(name="first", url=webhook.url + "/slow-no", actions=(action("string", "ok", "1"),)),
              Rule(name="second", url=webhook.url + "/fast-no", actions=(action("string", "ok", "1"),))]
@@ -148,11 +151,11 @@ async def test_remaining_calls_are_cancelled_once_the_decision_is_known(db, star
 
     async def hang(request: web.Request) -> web.Response:
         # aiohttp does not cancel handlers on disconnect: watch the connection instead.
-        for _ in range(600):
-            if request.transport is None or request.transport.is_closing():
-                cancelled.set()  # the sidecar dropped the call
-                break
-            await asyncio.sleep(0.05)
+        def dropped() -> bool:
+            return request.transport is None or request.transport.is_closing()
+
+        await eventually(dropped, timeout=30, what="the sidecar dropping the call")
+        cancelled.set()
         return web.json_response({})
 
     webhook.routes["/no"] = answer({"ok": "0"})
@@ -181,7 +184,7 @@ async def test_remaining_calls_are_cancelled_once_the_decision_is_known(db, star
 async def test_failure_codes(db, start_sidecar, authz, webhook, handler_payload, rule_update, code, reason) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         if "delay" in handler_payload:
-            await asyncio.sleep(handler_payload["delay"])
+            await asyncio.sleep(handler_payload["delay"])  # slower than the rule's timeout
         if "raw" in handler_payload:
             return web.Response(body=handler_payload["raw"], content_type="application/json")
         if "big" in handler_payload:
@@ -194,20 +197,16 @@ async def test_failure_codes(db, start_sidecar, authz, webhook, handler_payload,
     rule = Rule.model_validate({**rule.model_dump(), **rule_update})
     _, stub = await start(db, start_sidecar, authz, [rule])
     response = await stub.Check(check_request("/"))
-    assert response.status.code == DENIED
+    assert response.status.code == PERMISSION_DENIED
     assert code_of(response) == code
     assert denial_reason(response).startswith('rule "r": ')
     if reason:
         assert denial_reason(response) == reason
 
 
-async def test_unreachable_webhook(db, start_sidecar, authz) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, stub = await start(db, start_sidecar, authz, [Rule(name="down", url=f"http://127.0.0.1:{port}/x")])
+async def test_unreachable_webhook(db, start_sidecar, authz, refused_port) -> None:
+    rule = Rule(name="down", url=f"http://127.0.0.1:{refused_port}/x")
+    _, stub = await start(db, start_sidecar, authz, [rule])
     response = await stub.Check(check_request("/"))
     assert code_of(response) == "webhook_unreachable"
     assert denial_reason(response).startswith('rule "down": ')

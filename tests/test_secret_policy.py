@@ -22,8 +22,8 @@ from sidecar.rules.model import AuthType, Rule
 from sidecar.rules.secrets import SecretError, SecretPolicy, parse_secret_dirs, resolve_secret
 from sidecar.settings import Settings
 from tests.conftest import Webhook, answer, check_request, denial_reason, seed
+from tests.helpers import ROOT, code_of, start_server
 from tests.test_admin import admin, count, refused, stored_rules
-from tests.test_lifecycle import ROOT, reap, start_server
 
 SECRET = "s3cr3t-in-the-dir"
 OUTSIDE = "outside-secret-never-read"
@@ -238,10 +238,6 @@ def test_the_server_refuses_bad_secret_settings(tmp_path: Path, args: list[str],
 
 # ------------------------------------------------------------------- the sidecar
 
-def code_of(response) -> str:  # type: ignore[no-untyped-def]
-    return json.loads(response.denied_response.body)["code"] if response.status.code else "allowed"
-
-
 def basic(name: str, url: str, password: str) -> Rule:
     return Rule(name=name, url=url, auth=AuthType.BASIC, username="svc", password=password)
 
@@ -315,7 +311,7 @@ async def test_the_real_program_takes_repeated_secret_dir_flags(tmp_path: Path, 
     seed(db, [basic(name, webhook.url + "/x", f"file:{path / 'pw'}") for name, path in dirs.items()],
          [Policy(name=name, hosts=(f"{name}.example.com",), rules=(name,)) for name in dirs])
     # Flags replace the variable's list: c is configured only there.
-    proc, port = await asyncio.to_thread(
+    log, port = await asyncio.to_thread(
         start_server, db, "--secret-dir", str(dirs["a"]), "--secret-dir", str(dirs["b"]),
         env={"SAFOUS_SECRET_DIR": str(dirs["c"])})
     try:
@@ -326,10 +322,10 @@ async def test_the_real_program_takes_repeated_secret_dir_flags(tmp_path: Path, 
         assert codes == {"a": "allowed", "b": "allowed", "c": "rule_invalid"}
         assert sorted(r["headers"]["authorization"] for r in webhook.requests) == [
             "Basic " + base64.b64encode(f"svc:pw-{name}".encode()).decode() for name in ("a", "b")]
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 15)
+        log.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(log.proc.wait, 15) == 0
     finally:
-        reap(proc)
+        await asyncio.to_thread(log.close)
 
 
 # --------------------------------------------------------------- the admin script

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -11,14 +10,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import store
+from sidecar.db import StoreError
 from sidecar.decision import Code, Decision
-from sidecar.rules import UnavailableEvaluator
 from sidecar.policies import Policy
+from sidecar.rules import UnavailableEvaluator
 from sidecar.rules.model import Rule
 from tests.conftest import check_request, denial_reason, seed
+from tests.helpers import OK, PERMISSION_DENIED, eventually
 
-OK, PERMISSION_DENIED = 0, 7
 RULE = Rule(name="posture", url="http://127.0.0.1:9/check")
 POLICIES = [
     Policy(name="public", path_prefix="/public", integration=False),
@@ -88,15 +87,20 @@ async def test_an_exception_inside_a_check_is_an_internal_error_deny(db: Path, s
     assert json.loads(response.denied_response.body)["code"] == "internal_error"
 
 
-async def test_garbage_on_the_wire_never_allows(db: Path, start_sidecar) -> None:
-    seed(db, [], [Policy(name="all", integration=False)])
+async def test_garbage_on_the_wire_never_allows(db: Path, start_sidecar, authz) -> None:
+    seed(db, [], [Policy(name="all", integration=False)])  # allows whatever it can read
     sidecar = await start_sidecar()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
         call = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check",
                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(b"\xff\xff\xff\xff garbage")
-        assert err.value.code() != grpc.StatusCode.OK
+    # No CheckResponse at all, so no decision: gRPC's own error, which Envoy turns into a 403.
+    assert err.value.code() is grpc.StatusCode.UNKNOWN
+    assert "Error parsing message" in (err.value.details() or "")
+    assert (await authz(sidecar.port).Check(check_request("/"))).status.code == OK  # still serving
+    await sidecar.stop(grace=1)
+    assert sidecar.activity.written == 1  # only the well-formed check was decided
 
 
 async def test_reason_header_is_single_line_ascii(db: Path, start_sidecar, authz) -> None:
@@ -124,7 +128,7 @@ async def test_health_is_serving_once_rules_are_loaded(db: Path, start_sidecar) 
 async def test_start_fails_clearly_when_rules_db_cannot_be_created(tmp_path: Path, start_sidecar) -> None:
     bad = tmp_path / "dir.db"
     bad.mkdir()  # a directory where the database should be
-    with pytest.raises(store.StoreError, match="dir.db"):
+    with pytest.raises(StoreError, match=r"dir\.db"):
         await start_sidecar(db=bad)
 
 
@@ -134,17 +138,33 @@ async def test_rule_changes_are_picked_up_without_restart(db: Path, start_sideca
     assert (await stub.Check(check_request("/public/x"))).status.code == PERMISSION_DENIED
     version = sidecar.checker.snapshot.version
     seed(db, [RULE], POLICIES)
-    for _ in range(100):
-        if sidecar.checker.snapshot.version > version:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: sidecar.checker.snapshot.version > version, what="a reload")
     assert (await stub.Check(check_request("/public/x"))).status.code == OK
-    # Activity-log writes are commits too, but must not cause reloads.
+    # Activity-log writes are commits too, but must not cause reloads: once they are written,
+    # the watcher polls rules.db twice more (each poll sees their commits) and keeps the snapshot.
     version = sidecar.checker.snapshot.version
+    polls = count_polls(sidecar)
     for _ in range(5):
         await stub.Check(check_request("/public/x"))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: sidecar.activity.written == 2 + 5, what="the activity writes")
+    after_writes = polls[0]
+    await eventually(lambda: polls[0] >= after_writes + 2, what="two more polls")
     assert sidecar.checker.snapshot.version == version
+
+
+def count_polls(sidecar) -> list[int]:
+    """Counts the rules watcher's finished polls of rules.db (in ``[0]``) from now on."""
+    polls = [0]
+    load = sidecar.watcher.load
+
+    async def counted(**options):
+        try:
+            return await load(**options)
+        finally:
+            polls[0] += 1
+
+    sidecar.watcher.load = counted
+    return polls
 
 
 async def test_every_decision_reaches_the_activity_log(db: Path, start_sidecar, authz) -> None:

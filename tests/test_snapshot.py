@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar import store
+from sidecar.db import RowMemo, connect, load_rule_set
 from sidecar.policies import Policy
-from sidecar.rules.model import Rule
-from sidecar.snapshot import build_snapshot
 from sidecar.rules.client import WebhookClient
 from sidecar.rules.evaluator import WebhookEvaluator
+from sidecar.rules.model import Rule
+from sidecar.snapshot import build_snapshot
 from tests.conftest import seed
 
 
-def load(db: Path, memo: store.RowMemo, evaluator, previous=None, version=1):
-    conn = store.connect(db, readonly=True)
+def load(db: Path, memo: RowMemo, evaluator, previous=None, version=1):
+    conn = connect(db, readonly=True)
     try:
-        return build_snapshot(store.load_rule_set(conn, memo), evaluator, version, previous)
+        return build_snapshot(load_rule_set(conn, memo), evaluator, version, previous)
     finally:
         conn.close()
 
@@ -24,7 +24,7 @@ def load(db: Path, memo: store.RowMemo, evaluator, previous=None, version=1):
 def test_a_reload_reuses_what_did_not_change(db: Path) -> None:
     rules = [Rule(name=f"r{i}", url=f"http://127.0.0.1:9/r{i}?u=%username%") for i in range(3)]
     seed(db, rules, [Policy(name=f"p{i}", hosts=(f"h{i}.example",), rules=(f"r{i}",)) for i in range(3)])
-    memo, evaluator = store.RowMemo(), WebhookEvaluator(WebhookClient())
+    memo, evaluator = RowMemo(), WebhookEvaluator(WebhookClient())
     first = load(db, memo, evaluator)
     same = load(db, memo, evaluator, first, 2)
     assert same.index is first.index

@@ -1,0 +1,224 @@
+"""What the portal's tests share (tests/test_portal*.py): a rules.db made as an admin makes it,
+with clear secrets stored through the admin script, its activity log written by a real sidecar
+deciding real checks against real webhooks, and `safous-admin ui` started on port 0.
+
+    db = demo_database(tmp_path_factory.getbasetemp())   # built once per session, then shared
+    with portal(db) as base: ...                          # "http://127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from click.testing import CliRunner
+
+from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from sidecar.admin import cli
+from tests.conftest import check_request, denial_reason
+from tests.helpers import ROOT, closed_port, code_of, eventually, serving, start_server
+
+# Clear secrets, stored as an admin would (with a warning): none may ever reach the browser.
+PASSWORD = "Hunter2-portal-PASSWORD-9f3c"
+NEW_PASSWORD = "Hunter3-portal-PASSWORD-0b7e"
+CLIENT_SECRET = "oauth-CLIENT-SECRET-71d2a"
+HEADER_TOKEN = "HEADER-bearer-TOKEN-5e8a"
+SECRETS = (PASSWORD, NEW_PASSWORD, CLIENT_SECRET, HEADER_TOKEN)
+
+USERS = ("alice", "bob", "carol", "dave", "erin")
+WAVES = 12  # the checks are sent in waves, WAVE_GAP apart, so the time chart has bars to draw
+WAVE_GAP = 0.5
+
+
+def admin(db: Path, *args: str) -> str:
+    """``safous-admin --db DB --actor portal-test ARGS`` in-process; its output. Fails on a
+    non-zero exit."""
+    runner = CliRunner(env={"SAFOUS_DB": None, "SAFOUS_ACTOR": None, "SAFOUS_SECRET_DIR": None,
+                            "SAFOUS_SECRET_ENV_PREFIX": None})
+    result = runner.invoke(cli, ["--db", str(db), "--actor", "portal-test", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def define(db: Path, webhook: str, unreachable: str) -> None:
+    """The demo's policies (public, app with device-posture) and three more, each rule with a
+    clear secret: basic auth, OAuth, an Authorization header. A fourth rule is broken with plain
+    SQL, as the admin script would never write it."""
+    admin(db, "rule", "add", "device-posture", "--url", f"{webhook}/posture?device=%headers.x-device%",
+          "--auth", "basic", "--username", "sidecar", "--password", PASSWORD,
+          "--action", "string:status:compliant", "--action", "store:tier:tier")
+    admin(db, "rule", "add", "hr-directory", "--url", f"{webhook}/hr/%username%", "--auth", "oauth",
+          "--token-url", f"{webhook}/token", "--client-id", "portal", "--client-secret", CLIENT_SECRET,
+          "--action", "string:active:true", "--timeout-ms", "300")
+    admin(db, "rule", "add", "legacy-sso", "--url", f"{unreachable}/sso?u=%username%",
+          "--header", f"Authorization=Bearer {HEADER_TOKEN}", "--action", "string:ok:true")
+    admin(db, "rule", "add", "geo-fence", "--url", f"{webhook}/geo", "--action", "regex:country:^(JP|FR)$")
+    admin(db, "policy", "add", "public", "--path-prefix", "/public", "--integration", "off", "--priority", "10")
+    admin(db, "policy", "add", "app", "--path-prefix", "/app", "--rule", "device-posture", "--priority", "20")
+    admin(db, "policy", "add", "hr", "--path-prefix", "/hr", "--rule", "hr-directory")
+    admin(db, "policy", "add", "legacy", "--path-prefix", "/legacy", "--rule", "legacy-sso")
+    admin(db, "policy", "add", "geo", "--path-prefix", "/geo", "--rule", "geo-fence")
+    admin(db, "rule", "edit", "device-posture", "--password", NEW_PASSWORD)
+    conn = sqlite3.connect(db)
+    try:
+        with conn:  # audited by the triggers, actor "sql"
+            conn.execute("""UPDATE rules SET actions = '[{"type": "regex", "key": "country", "value": "("}]'
+                            WHERE name = 'geo-fence'""")
+    finally:
+        conn.close()
+
+
+def webhook_app() -> web.Application:
+    """The third-party APIs the rules call: the demo's posture API (laptop-42 is compliant), an
+    OAuth token endpoint, and an HR directory slower than its rule's timeout."""
+    async def posture(request: web.Request) -> web.Response:
+        compliant = request.query.get("device") == "laptop-42"
+        return web.json_response({"status": "compliant" if compliant else "unknown",
+                                  "tier": "gold" if compliant else "none"})
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "portal-test-token", "token_type": "Bearer", "expires_in": 3600})
+
+    async def hr(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.json_response({"active": True})
+
+    app = web.Application()
+    app.router.add_get("/posture", posture)
+    app.router.add_post("/token", token)
+    app.router.add_get("/hr/{user}", hr)
+    return app
+
+
+# (path, x-device header) of one wave's checks, one per user in turn: allowed and denied for
+# every reason the scenario can give.
+_WAVE = (("/public/home", None), ("/app/", "laptop-42"), ("/app/", "phone-1"), ("/app/reports", "laptop-42"),
+         ("/hr/payroll", None), ("/legacy/", None), ("/geo/map", None), ("/admin", None))
+
+
+@dataclass(frozen=True)
+class Demo:
+    """What the scenario did: its newest denial as the client saw it, and how many decisions in all."""
+
+    denied_request_id: str
+    denied_reason: str
+    decisions: int
+
+
+async def _decide(db: Path) -> Demo:
+    async with serving(webhook_app()) as port:
+        with closed_port() as refused:
+            define(db, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{refused}")
+            log, grpc_port = await asyncio.to_thread(start_server, db)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                    stub = pb_grpc.AuthorizationStub(channel)
+                    denial: tuple[str, str] | None = None
+                    sent = 0
+                    for wave in range(WAVES):
+                        checks = []
+                        for i, (path, device) in enumerate(_WAVE):
+                            if wave % 3 and path == "/hr/payroll":
+                                continue  # a slower webhook: fewer of those
+                            headers = {"x-safous-username": USERS[(wave + i) % len(USERS)],
+                                       "x-request-id": f"portal-{wave:02d}-{i}"}
+                            if device:
+                                headers["x-device"] = device
+                            checks.append(stub.Check(check_request(path, headers=headers), timeout=10))
+                        for response in await asyncio.gather(*checks):
+                            sent += 1
+                            if code_of(response) == "value_mismatch":  # the newest one is kept
+                                denial = (f"portal-{wave:02d}-2", denial_reason(response) or "")
+                        await asyncio.sleep(WAVE_GAP)
+                assert denial is not None
+                await eventually(lambda: activity_count(db) >= sent, timeout=10, what="every decision written")
+                assert activity_count(db) == sent
+                return Demo(denial[0], denial[1], sent)
+            finally:
+                log.close()
+
+
+def activity_count(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return int(conn.execute("SELECT count(*) FROM activity_log").fetchone()[0])
+
+
+_built: dict[Path, Demo] = {}
+_lock = threading.Lock()
+
+
+def demo_database(base: Path) -> tuple[Path, Demo]:
+    """rules.db of the scenario (``define``, then real checks through a real sidecar), built
+    once per session under ``base`` and shared: tests must only read it."""
+    db = base / "portal-demo" / "rules.db"
+    with _lock:
+        if db not in _built:
+            db.parent.mkdir(exist_ok=True)
+            _built[db] = asyncio.run(_decide(db))
+    return db, _built[db]
+
+
+_ADDRESS = re.compile(r"portal on (http://\S+?)/ serving")
+
+
+@dataclass
+class Portal:
+    """A running ``safous-admin ui``: its base URL (``http://127.0.0.1:PORT``), its process."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    _stderr: Path
+
+    def stderr(self) -> str:
+        return self._stderr.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def portal(db: Path, *args: str, timeout: float = 20.0) -> Iterator[Portal]:
+    """``safous-admin --db DB ui --listen 127.0.0.1:0 ARGS`` as its own process, once it prints
+    its address. Stopped with SIGTERM (killed if need be) at the end."""
+    with tempfile.TemporaryDirectory(prefix="portal-test-") as tmp:
+        stderr = Path(tmp) / "stderr"
+        with stderr.open("w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.admin", "--db", str(db), "ui", "--listen", "127.0.0.1:0", *args],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            line = _first_line(proc, timeout)
+            found = _ADDRESS.search(line)
+            assert found, f"no address in {line!r}; stderr: {stderr.read_text()}"
+            yield Portal(found[1], proc, stderr)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The first line of ``proc``'s stdout, read in a thread so that a silent process fails the
+    test after ``timeout`` seconds instead of hanging it."""
+    found: list[str] = []
+    reader = threading.Thread(target=lambda: found.append(proc.stdout.readline() if proc.stdout else ""),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found and found[0], f"the portal printed nothing within {timeout:g} s (exit status {proc.poll()})"
+    return found[0]

@@ -1,0 +1,144 @@
+"""The portal in a real browser: Debian's headless Chromium (`make test` installs it when
+missing) against the real `safous-admin ui`, on the scenario's rules.db (tests/portal_support.py).
+
+- The Activity page, as the browser builds it, shows a denial with the reason its client got,
+  and its charts are painted: the screenshot holds the bars' colours.
+- Every page renders; with ``SAFOUS_PORTAL_SCREENSHOTS=DIR`` the screenshots are kept in DIR
+  (``SAFOUS_PORTAL_SCREENSHOTS=docs`` refreshes the README's).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.portal_support import Demo, Portal, demo_database, portal
+
+CHROMIUM = shutil.which("chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+
+# The charts' colours (templates/_safous_charts.html): denied and allowed bars.
+DENIED = (0xC6, 0x28, 0x28)
+ALLOWED = (0x2E, 0x7D, 0x4F)
+
+if CHROMIUM is None:
+    # CI installs it (`make test`); elsewhere, say how rather than fail.
+    pytestmark = pytest.mark.skipif(not os.environ.get("CI"), reason="no chromium: `make chromium` installs it")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Demo]:
+    return demo_database(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def running(demo: tuple[Path, Demo]) -> Iterator[Portal]:
+    with portal(demo[0]) as served:
+        yield served
+
+
+def chromium(tmp_path: Path, *args: str, size: tuple[int, int] = (1280, 1000)) -> str:
+    """Run headless Chromium with a profile of its own under ``tmp_path``; its stdout."""
+    assert CHROMIUM, "chromium is not installed: `make chromium` installs it"
+    done = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={size[0]},{size[1]}", *args],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def pixels(png: Path) -> tuple[int, int, Counter[tuple[int, int, int]]]:
+    """Width, height and the count of each RGB colour of an 8-bit, non-interlaced RGB or RGBA
+    PNG (what Chromium writes)."""
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+    pos, chunks, idat = 8, {}, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IDAT":
+            idat += body
+        else:
+            chunks[kind] = body
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+    step = 4 if color == 6 else 3
+    raw, stride = zlib.decompress(idat), width * step
+    counts: Counter[tuple[int, int, int]] = Counter()
+    previous = bytearray(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - step] if i >= step else 0
+            up, corner = previous[i], previous[i - step] if i >= step else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+        counts.update(zip(line[0::step], line[1::step], line[2::step], strict=True))
+        previous = line
+    return width, height, counts
+
+
+def test_the_activity_page_shows_a_denial_with_its_reason_and_draws_its_charts(
+        running: Portal, demo: tuple[Path, Demo], tmp_path: Path) -> None:
+    dom = html.unescape(chromium(tmp_path, "--dump-dom", running.url + "/safous/activity_log"))
+    row = re.search(rf'<tr>.*?{re.escape(demo[1].denied_request_id)}.*?</tr>', dom, re.S)
+    assert row, "the newest denial is not on the page"
+    assert '<span class="decision decision-deny">deny</span>' in row[0]
+    assert f'<td class="col-status type-str">{demo[1].denied_reason}</td>' in row[0]
+    heights = [float(h) for h in re.findall(r'<rect class="bar-denied"[^>]*height="([\d.]+)"', dom)]
+    assert heights and max(heights) > 0
+
+    # Painted, not only present: without the table (_size=0), the chart's colours are on screen.
+    shot = tmp_path / "charts.png"
+    chromium(tmp_path, f"--screenshot={shot}", running.url + "/safous/activity_log?_size=0", size=(1280, 900))
+    width, height, counts = pixels(shot)
+    assert (width, height) == (1280, 900)
+    assert counts[DENIED] > 3000, counts.most_common(8)
+    assert counts[ALLOWED] > 1000, counts.most_common(8)
+
+
+PAGES = {
+    "portal-home": ("/", 760),
+    "portal-activity": ("/safous/activity_log", 1300),
+    "portal-activity-search": ("/safous/activity_log?_search=webhook", 1100),
+    "portal-audit": ("/safous/audit_log", 1200),
+    "portal-rules": ("/rules", 1500),
+    "portal-denials-last-hour": ("/safous/denials_last_hour?_hide_sql=1", 700),
+    "portal-top-denied-users": ("/safous/top_denied_users?_hide_sql=1", 700),
+    "portal-webhook-failures": ("/safous/webhook_failures_by_rule?_hide_sql=1", 700),
+}
+
+
+@pytest.mark.parametrize("name", list(PAGES))
+def test_every_page_renders(running: Portal, tmp_path: Path, name: str) -> None:
+    path, height = PAGES[name]
+    shot = tmp_path / f"{name}.png"
+    chromium(tmp_path, f"--screenshot={shot}", running.url + path, size=(1280, height))
+    _, _, counts = pixels(shot)
+    assert len(counts) > 50, "a blank page"  # text and bars, not an empty page
+    keep = os.environ.get("SAFOUS_PORTAL_SCREENSHOTS")
+    if keep:
+        target = ROOT / keep
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target / shot.name)
