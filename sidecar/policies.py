@@ -193,11 +193,7 @@ class PolicyIndex:
         ""), or None: among the policies that name ports or server names, the first by
         priority, then name, whose ports and names (each when set) hold. A policy that names
         neither is for HTTP only and never governs a connection."""
-        sni = sni.lower()
-        for policy in self._connections:
-            if (not policy.ports or port in policy.ports) and (not policy.sni or name_matches(policy.sni, sni)):
-                return policy
-        return None
+        return next((policy for policy in self._connections if _arrived_on(policy, port, sni)), None)
 
     def match(self, authority: str, path: str, method: str, *, port: int = 0, sni: str = "") -> Policy | None:
         """The policy governing a request, or None. ``path`` must exclude the query string; a

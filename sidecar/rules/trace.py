@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .secrets import MASK
 from .templates import WebhookRequest
 
-__all__ = ["EXCERPT_BYTES", "MASK", "CheckTrace", "RuleTrace", "current", "note", "start"]
+__all__ = ["EXCERPT_BYTES", "MASK", "CheckTrace", "RuleTrace", "note", "start"]
 
 EXCERPT_BYTES = 4096
-MASK = "••••••"
 _MASKED_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
 Source = Literal["call", "shared", "cache", "not sent", "not run"]
@@ -67,10 +67,6 @@ class CheckTrace:
 
 
 _current: contextvars.ContextVar[CheckTrace | None] = contextvars.ContextVar("safous_trace", default=None)
-
-
-def current() -> CheckTrace | None:
-    return _current.get()
 
 
 def start() -> CheckTrace:
