@@ -30,7 +30,18 @@ from sidecar.bundles import (
     parse_bundle,
 )
 from tests.conftest import StartSidecar, check_request
-from tests.helpers import ServerLog, code_of, eventually, free_port, metric, ops_get, serving, start_server
+from tests.envoy_harness import ENVOY_YAML, render_config, run_envoy
+from tests.helpers import (
+    ServerLog,
+    code_of,
+    eventually,
+    free_port,
+    http_get,
+    metric,
+    ops_get,
+    serving,
+    start_server,
+)
 
 ALLOW_ALL = {"version": 1, "rules": [], "policies": [
     {"name": "app", "hosts": ["app.example.com"], "rules": []}]}
@@ -228,7 +239,8 @@ async def failures(process: Process, reason: str) -> float:
 
 
 async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
-        tmp_path: Path, keys: Keys, bundle_server: BundleServer, processes: list[Process], authz: Any) -> None:
+        tmp_path: Path, keys: Keys, bundle_server: BundleServer, processes: list[Process], authz: Any,
+        upstream: Any) -> None:
     private, public, kid = keys.make("signing")
     other, _, _ = keys.make("other")
     author = tmp_path / "author.db"
@@ -239,13 +251,21 @@ async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
     fleet = [start(processes, tmp_path / f"sidecar{i}.db", bundle_server.url, public) for i in range(3)]
     await all_answer(authz, fleet, "allowed", within=INTERVAL + 3)
 
-    # Revision after revision: every sidecar flips within the poll interval plus one second.
-    for expected, change in (("no_matching_policy", ("policy", "disable", "app")),
-                             ("allowed", ("policy", "enable", "app"))):
-        assert admin(author, *change).exit_code == 0
-        assert admin(author, "bundle", "build", str(out), "--signing-key", str(private)).exit_code == 0
-        bundle_server.publish(out.read_bytes())
-        assert await all_answer(authz, fleet, expected, within=INTERVAL + 1) <= INTERVAL + 1
+    # Revision after revision: every sidecar flips within the poll interval plus one second,
+    # and so does what a client gets through the real Envoy in front of the first one.
+    config = render_config(ENVOY_YAML, sidecar_port=fleet[0].port, upstream_port=upstream.port)
+    async with run_envoy(config, tmp_path / "envoy") as envoy:
+        async def through_envoy() -> int:
+            return (await http_get(f"{envoy.url}/x", headers={"Host": "app.example.com"}))[0]
+
+        assert await through_envoy() == 200
+        for expected, change in (("no_matching_policy", ("policy", "disable", "app")),
+                                 ("allowed", ("policy", "enable", "app"))):
+            assert admin(author, *change).exit_code == 0
+            assert admin(author, "bundle", "build", str(out), "--signing-key", str(private)).exit_code == 0
+            bundle_server.publish(out.read_bytes())
+            assert await all_answer(authz, fleet, expected, within=INTERVAL + 1) <= INTERVAL + 1
+            assert await through_envoy() == (200 if expected == "allowed" else 403)
     revision = json.loads(base64.urlsafe_b64decode(out.read_text().split(".")[1] + "=="))["revision"]
     for process in fleet:
         _, page = await ops_get(process.ops, "/metrics")
