@@ -214,7 +214,9 @@ def test_actions_pass(actions: list[ResponseAction], stored: dict[str, str]) -> 
      'rule "device-posture": data.role is "guest", expected "admin"'),
 ])
 def test_actions_fail(actions: list[ResponseAction], code: Code, reason: str) -> None:
-    assert apply_actions("device-posture", actions, RESPONSE) == ActionResult((code, reason), {})
+    # The failing action is the only one, or the middle one of the last case.
+    failed = 0 if len(actions) == 1 else 1
+    assert apply_actions("device-posture", actions, RESPONSE) == ActionResult((code, reason), {}, failed)
 
 
 def test_actions_on_a_scalar_document_fail_with_key_missing() -> None:
@@ -254,7 +256,8 @@ def test_status_failure(status: int, expected: tuple[Code, str] | None) -> None:
     (200, b'cb({"data": {"status": "active", "id": 5}});', JSONP,
      ActionResult(None, {"id": "5"})),
     (200, b'{"data": {"status": "inactive", "id": 5}}', JSON,
-     ActionResult((Code.VALUE_MISMATCH, 'rule "posture": data.status is "inactive", expected "active"'))),
+     ActionResult((Code.VALUE_MISMATCH, 'rule "posture": data.status is "inactive", expected "active"'),
+                  failed_action=0)),
     (500, b'{"data": {"status": "active", "id": 5}}', JSON,
      ActionResult((Code.WEBHOOK_STATUS, 'rule "posture": webhook answered HTTP 500, expected 2xx'))),
     (200, b"<html/>", JSON,
@@ -263,7 +266,8 @@ def test_status_failure(status: int, expected: tuple[Code, str] | None) -> None:
      ActionResult((Code.RESPONSE_INVALID,
                    'rule "posture": response is not JSONP: no callback(...) around it'))),
     (200, b'{"data": {"id": 5}}', JSON,
-     ActionResult((Code.KEY_MISSING, 'rule "posture": key data.status missing from the response'))),
+     ActionResult((Code.KEY_MISSING, 'rule "posture": key data.status missing from the response'),
+                  failed_action=0)),
 ])
 def test_evaluate_response(status: int, body: bytes, verification: Verification,
                            expected: ActionResult) -> None:

@@ -57,8 +57,12 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
     assert "           X-Trace: alice" in text and "           Authorization: ••••••" in text
     assert '{"status": "unknown", "detail": "device not enrolled"}' in text
     assert '  reason   rule "posture": status is "unknown", expected "active"' in text
+    # Each response action's verdict: the one that failed, the ones that held.
+    assert '  action   regex groups "^eng": held' in text
+    assert '  action   string status "active": failed' in text
     doc = json.loads(admin(db, "explain", "req-alice", "--json").stdout)
     assert [r["outcome"] for r in doc["rules"]] == ["held", "value_mismatch"]
+    assert [[a["verdict"] for a in r["actions"]] for r in doc["rules"]] == [["held"], ["failed"]]
     # No secret anywhere the traces are stored, nor in what explain shows.
     with sqlite3.connect(db) as conn:
         stored = " ".join(doc for (doc,) in conn.execute("SELECT doc FROM traces"))

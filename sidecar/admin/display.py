@@ -355,6 +355,9 @@ def trace_report(doc: Mapping[str, Any]) -> str:
             out.append(line(f"  answer   HTTP {answer.get('status')} {answer.get('content_type') or '-'} "
                             f"({answer.get('bytes')} bytes)"))
             out.append(line(f"           {answer.get('body')}"))
+        for action in rule.get("actions", ()):
+            out.append(line(f"  action   {action.get('type')} {action.get('key')} {json.dumps(action.get('value'))}: "
+                            f"{action.get('verdict')}"))
         if rule.get("reason"):
             out.append(line(f"  reason   {rule['reason']}"))
     if doc.get("cut"):

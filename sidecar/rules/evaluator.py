@@ -265,13 +265,14 @@ class WebhookEvaluator:
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
-                trace.note(rule.name, "cache", failure=cached.failure)
+                trace.note(rule.name, "cache", rule.rule.actions, failure=cached.failure,
+                           failed_action=cached.failed_action)
                 return cached
         try:
             request = rule.request.render(lookup)
         except UnsafeParameter as exc:
             outcome = RuleOutcome((Code.UNSAFE_PARAMETER, f'rule "{rule.name}": {exc}'), {})
-            trace.note(rule.name, "not sent", failure=outcome.failure)
+            trace.note(rule.name, "not sent", rule.rule.actions, failure=outcome.failure)
             return outcome
         return request, key
 
@@ -279,7 +280,8 @@ class WebhookEvaluator:
         shared = key in self.flights
         outcome = await self.flights.do(key, lambda: self._call(rule, request, key))
         if shared:
-            trace.note(rule.name, "shared", failure=outcome.failure)
+            trace.note(rule.name, "shared", rule.rule.actions, failure=outcome.failure,
+                       failed_action=outcome.failed_action)
         return outcome
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
@@ -298,7 +300,7 @@ class WebhookEvaluator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + rule.timeout
         started = time.perf_counter()
-        noted = trace.note(rule.name, "call")
+        noted = trace.note(rule.name, "call", rule.rule.actions)
         if noted is not None:
             noted.request = request
         try:
@@ -312,7 +314,8 @@ class WebhookEvaluator:
             outcome = await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
                                               response.status, response.body, deadline=deadline)
         if noted is not None:
-            noted.failure, noted.seconds = outcome.failure, time.perf_counter() - started
+            noted.failure, noted.failed_action = outcome.failure, outcome.failed_action
+            noted.seconds = time.perf_counter() - started
         return outcome
 
 

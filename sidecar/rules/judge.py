@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from ..decision import Code
-from .model import ResponseAction, Verification
+from .model import ActionType, ResponseAction, Verification
 from .responses import CompiledActions, compile_actions, evaluate_response
 from .unsafe import unsafe_in_header
 
@@ -45,6 +45,8 @@ class RuleOutcome:
 
     failure: tuple[Code, str] | None
     stored: dict[str, str]
+    failed_action: int | None = None
+    """The index of the response action that did not hold (for the trace), when one did not."""
 
 
 def judge_answer(rule_name: str, verification: Verification, actions: CompiledActions,
@@ -54,15 +56,16 @@ def judge_answer(rule_name: str, verification: Verification, actions: CompiledAc
     ``MAX_STORED_VALUE_BYTES``). Never raises."""
     result = evaluate_response(rule_name, status, body, verification, actions)
     if result.failure is not None:
-        return RuleOutcome(result.failure, {})
+        return RuleOutcome(result.failure, {}, result.failed_action)
     for stored_name, value in result.stored.items():
+        store = next(i for i, a in enumerate(actions.actions) if a.type is ActionType.STORE and a.value == stored_name)
         if (what := unsafe_in_header(value)) is not None:
             return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                f'rule "{rule_name}": the value stored as "{stored_name}" holds {what}'), {})
+                                f'rule "{rule_name}": the value stored as "{stored_name}" holds {what}'), {}, store)
         if (size := len(value.encode("utf-8", "surrogatepass"))) > MAX_STORED_VALUE_BYTES:
             return RuleOutcome((Code.RESPONSE_TOO_LARGE, (
                 f'rule "{rule_name}": the value stored as "{stored_name}" is {size} bytes, more than '
-                f"the {MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")), {})
+                f"the {MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")), {}, store)
     return RuleOutcome(None, result.stored)
 
 

@@ -180,11 +180,13 @@ class ActionResult:
 
     ``failure`` is ``(code, reason)`` of the first action that did not hold, or None;
     ``stored`` maps each ``store`` name to its value — empty when the rule failed (a failed
-    rule passes nothing on).
+    rule passes nothing on); ``failed_action`` the index of the action that did not hold
+    (None when none did, or the answer failed before any was checked).
     """
 
     failure: tuple[Code, str] | None = None
     stored: dict[str, str] = field(default_factory=dict)
+    failed_action: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -210,28 +212,28 @@ class CompiledActions:
         """Apply every action to ``document`` in order; the first that does not hold fails
         the rule: ``key_missing``, ``value_mismatch`` (string) or ``regex_mismatch``."""
         stored: dict[str, str] = {}
-        for action, pattern in zip(self.actions, self._patterns, strict=True):
+        for index, (action, pattern) in enumerate(zip(self.actions, self._patterns, strict=True)):
             try:
                 value = value_at(document, action.key)
                 text = as_text(value)
             except KeyMissing as exc:
-                return ActionResult((Code.KEY_MISSING, f"{_rule(rule_name)}: {exc}"))
+                return ActionResult((Code.KEY_MISSING, f"{_rule(rule_name)}: {exc}"), failed_action=index)
             except RecursionError:
                 return ActionResult((Code.RESPONSE_INVALID,
-                                     f"{_rule(rule_name)}: response is nested too deeply"))
+                                     f"{_rule(rule_name)}: response is nested too deeply"), failed_action=index)
             if action.type is ActionType.STRING:
                 if text != action.value:
                     return ActionResult((Code.VALUE_MISMATCH, (
                         f"{_rule(rule_name)}: {action.key} is {shown_value(value, text)}, "
                         f"expected {quote_value(action.value)}"
-                    )))
+                    )), failed_action=index)
             elif action.type is ActionType.REGEX:
                 assert pattern is not None
                 if pattern.search(text) is None:
                     return ActionResult((Code.REGEX_MISMATCH, (
                         f"{_rule(rule_name)}: {action.key} {shown_value(value, text)} "
                         f"does not match /{action.value}/"
-                    )))
+                    )), failed_action=index)
             else:
                 stored[action.value] = text
         return ActionResult(None, stored)

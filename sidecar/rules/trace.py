@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .model import ResponseAction
 from .secrets import MASK
 from .templates import WebhookRequest
 
@@ -44,6 +45,8 @@ class RuleTrace:
     answer_bytes: int = 0
     failure: tuple[str, str] | None = None
     seconds: float | None = None
+    actions: tuple[ResponseAction, ...] = ()
+    failed_action: int | None = None
 
 
 @dataclass(slots=True)
@@ -76,15 +79,16 @@ def start() -> CheckTrace:
     return trace
 
 
-def note(rule: str, source: Source, *, failure: tuple[str, str] | None = None) -> RuleTrace | None:
-    """Note how ``rule`` was decided in the current check's trace (None when not tracing)."""
+def note(rule: str, source: Source, actions: tuple[ResponseAction, ...] = (), *,
+         failure: tuple[str, str] | None = None, failed_action: int | None = None) -> RuleTrace | None:
+    """Note how ``rule`` was decided in the current check's trace (None when not tracing):
+    ``failed_action`` is the index in ``actions`` of the response action that did not hold."""
     trace = _current.get()
     if trace is None:
         return None
     entry = trace.rule(rule)
-    entry.source = source
-    if failure is not None:
-        entry.failure = failure
+    entry.source, entry.actions = source, actions
+    entry.failure, entry.failed_action = failure, failed_action
     return entry
 
 
@@ -106,9 +110,23 @@ def _rule_document(entry: RuleTrace) -> dict[str, Any]:
         entry.failure[0] if entry.failure else "not run")
     if entry.failure is not None:
         doc["reason"] = entry.failure[1]
+    if entry.actions:
+        doc["actions"] = [{"type": str(a.type), "key": a.key, "value": a.value, "verdict": _verdict(entry, i)}
+                          for i, a in enumerate(entry.actions)]
     if entry.seconds is not None:
         doc["ms"] = round(entry.seconds * 1000, 3)
     return doc
+
+
+def _verdict(entry: RuleTrace, index: int) -> str:
+    """``held``, ``failed`` or ``not checked``: the actions before the one that failed held,
+    those after it were not checked; all held when the rule did; none were checked when the
+    call or the answer failed first."""
+    if entry.failure is None:
+        return "held" if entry.source != "not run" else "not checked"
+    if entry.failed_action is None or index > entry.failed_action:
+        return "not checked"
+    return "failed" if index == entry.failed_action else "held"
 
 
 def _excerpt(data: bytes) -> str:
