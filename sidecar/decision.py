@@ -10,6 +10,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+Result = Literal["allow", "deny", "audit_deny"]
+"""What a decision was, as logs, metrics, Envoy's metadata and the admin script name it."""
+
+
+def result_name(allowed: bool, audit_deny: bool) -> Result:
+    """``audit_deny`` for a request an audit-mode policy allowed but would have denied."""
+    if audit_deny:
+        return "audit_deny"
+    return "allow" if allowed else "deny"
+
+
 PolicySource = Literal["match", "route"]
 """How a check's policy was chosen: ``match`` (host, path, method) or ``route`` (the Envoy route
 named it in ``context_extensions``)."""

@@ -19,7 +19,7 @@ from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.type.v3 import http_status_pb2
 from ._pb.google.rpc import status_pb2
 from .attributes import Peer, RequestAttributes
-from .decision import Decision
+from .decision import Decision, Result, result_name
 
 # gRPC status codes (google.rpc.Code); written out to avoid depending on grpc-status protos.
 OK = 0
@@ -76,9 +76,9 @@ def _jwt_payload(request: pb.CheckRequest, namespace: str, key: str) -> Mapping[
     if namespace not in metadata:
         return {}
     # Not json_format.MessageToDict: it raises ValueError on a NaN or infinite number (a Struct
-    # holds doubles, so metadata may carry them) anywhere in the namespace, which turned such a
-    # request into an internal_error deny however good its claims. Only the payload is
-    # converted; numbers stay floats, as before.
+    # holds doubles, so metadata may carry them) anywhere in the namespace, which would make
+    # such a request an internal_error deny however good its claims. Only the payload is
+    # converted; numbers stay floats.
     fields = metadata[namespace].fields
     if key not in fields:
         return {}
@@ -141,11 +141,9 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def result_of(decision: Decision) -> str:
+def result_of(decision: Decision) -> Result:
     """``allow``, ``deny``, or ``audit_deny`` (allowed by an audit-mode policy that would deny)."""
-    if decision.audit_deny:
-        return "audit_deny"
-    return "allow" if decision.allowed else "deny"
+    return result_name(decision.allowed, decision.audit_deny)
 
 
 def _metadata(decision: Decision, request_id: str, reason: str) -> struct_pb2.Struct:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .db import ActivityRecord, iso_time, parse_iso_time
+from .decision import result_name
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -129,7 +130,7 @@ def write_decisions(decisions: Sequence[Any]) -> None:
         return
     lines = []
     for d in decisions:
-        result = "audit_deny" if d.audit_deny else "allow" if d.allowed else "deny"
+        result = result_name(d.allowed, d.audit_deny)
         latency = round(d.latency_ms, 3)
         if _format == "json":
             entry = {"time": iso_time(d.at), "level": "info", "logger": "sidecar.decision", "message": result,

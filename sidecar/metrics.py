@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .decision import result_name
 
 # The *_created series double the exposition for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -69,8 +70,7 @@ class Metrics:
     def record_batch(self, decisions: Sequence[Any]) -> None:
         """Count a batch of activity-log decisions (``db.ActivityRecord``)."""
         for d in decisions:
-            result = "audit_deny" if d.audit_deny else "allow" if d.allowed else "deny"
-            self.decisions.labels(d.policy or NO_POLICY, result, d.code).inc()
+            self.decisions.labels(d.policy or NO_POLICY, result_name(d.allowed, d.audit_deny), d.code).inc()
             self.check_seconds.observe(d.latency_ms / 1000)
 
     def record_call(self, rule: str, outcome: str, seconds: float) -> None:

@@ -11,9 +11,9 @@ Matching is by index, not a scan: exact hosts in a dict, wildcard suffixes in a 
 label by label, so its cost grows with the labels of the host, not with the number of policies.
 
 A policy may also name destination ports and TLS server names (SNI, exact or ``*.suffix``): it
-then matches only requests and connections that arrived on them, and it is one of the policies
-that can govern a TCP connection (Envoy's network ext_authz filter sends no HTTP request:
-``PolicyIndex.match_connection``).
+then matches only requests that arrived on them. One that names them and nothing only HTTP has
+(hosts, a path prefix, methods) also governs TCP connections (Envoy's network ext_authz filter
+sends no HTTP request: ``PolicyIndex.match_connection``).
 """
 
 from __future__ import annotations
@@ -51,8 +51,15 @@ class Policy(BaseModel):
 
     @property
     def for_connections(self) -> bool:
-        """Whether the policy also governs TCP connections (Envoy's network ext_authz filter):
-        it names destination ports or TLS server names to match them on."""
+        """Whether the policy governs TCP connections (Envoy's network ext_authz filter): it
+        names destination ports or TLS server names, and nothing only HTTP has (hosts, a path
+        prefix, methods) — else an HTTP policy on port 443 would decide for a database
+        connection on 443 without its own rules."""
+        return bool(self.ports or self.sni) and not self.hosts and self.path_prefix == "/" and not self.methods
+
+    @property
+    def restricted_to_arrival(self) -> bool:
+        """Whether it matches only what arrived on its ports or TLS server names."""
         return bool(self.ports or self.sni)
 
     @field_validator("ports")
@@ -208,7 +215,7 @@ class PolicyIndex:
             for policy in bucket:
                 if path_matches(policy.path_prefix, path) and (
                     not policy.methods or method in policy.methods
-                ) and (not policy.for_connections or _arrived_on(policy, port, sni)):
+                ) and (not policy.restricted_to_arrival or _arrived_on(policy, port, sni)):
                     key = (policy.priority, kind, -suffix_len, -len(policy.path_prefix), policy.name)
                     if best is None or key < best[0]:
                         best = (key, policy)

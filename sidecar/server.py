@@ -116,9 +116,9 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         snapshot = self._checker.snapshot
         policy = snapshot.index.named(decision.policy) if snapshot and decision.policy else None
         order = list(policy.rules) if policy else None
-        summary = {"request_id": attrs.request_id, "method": attrs.method, "host": attrs.host, "path": attrs.path,
-                   "policy": decision.policy, "decision": edge.result_of(decision), "code": str(decision.code),
-                   "reason": decision.reason}
+        summary = {"request_id": attrs.request_id[:256], "method": attrs.method[:32], "host": attrs.host[:256],
+                   "path": attrs.path[:1024], "policy": decision.policy, "decision": edge.result_of(decision),
+                   "code": str(decision.code), "reason": decision.reason[:2048]}
 
         def document() -> dict[str, Any]:
             return {**summary, **check_trace.document(order)}

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     bundle_bearer_token: str | None = Field(
         None, description="env:NAME or file:PATH of a bearer token sent to an http(s) --bundle (within "
         "--secret-dir / --secret-env-prefix)")
-    bundle_max_bytes: int = Field(64 << 20, ge=1, description="largest bundle accepted, in bytes")
+    bundle_max_bytes: int = Field(16 << 20, ge=1, description="largest bundle accepted, in bytes")
 
     @field_validator("listen", "http")
     @classmethod

@@ -7,7 +7,8 @@ On when an OTLP endpoint is configured the standard way — ``OTEL_EXPORTER_OTLP
 (service name, headers, sampler, batch sizes) works as the SDK documents it.
 
 A check's span joins the request's trace: the W3C ``traceparent`` Envoy sends with its gRPC
-call (Envoy's own span for the ext_authz call), else the one in the request's headers.
+call (Envoy's own span for the ext_authz call), else the one in the request's headers. Only
+``traceparent`` is read and sent on: a client's ``tracestate`` never reaches a webhook.
 Attributes are the decision, its code, the policy and how many rules came from the cache;
 webhook spans carry the method, host, status and duration — never a parameter value, a secret
 or an answer.
@@ -82,7 +83,9 @@ def check_span(carriers: tuple[Mapping[str, str], ...]) -> Iterator[Any]:
         return
     from opentelemetry.trace import SpanKind
 
-    parent = next((_propagator.extract(carrier) for carrier in carriers if "traceparent" in carrier), None)
+    # traceparent alone: a client's tracestate would otherwise ride on every webhook request.
+    parent = next((_propagator.extract({"traceparent": carrier["traceparent"]})
+                   for carrier in carriers if "traceparent" in carrier), None)
     with _tracer.start_as_current_span("ext_authz check", context=parent, kind=SpanKind.SERVER) as span:
         yield span
 
@@ -100,5 +103,6 @@ def outgoing_span(name: str, method: str, host: str, headers: MutableSequence[tu
                                        attributes={"http.request.method": method, "server.address": host}) as span:
         carrier: dict[str, str] = {}
         _propagator.inject(carrier)
-        headers.extend(carrier.items())
+        if "traceparent" in carrier:
+            headers.append(("traceparent", carrier["traceparent"]))
         yield span

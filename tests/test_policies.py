@@ -83,3 +83,16 @@ def test_matching_does_not_scan_all_policies() -> None:
     assert index.size == 20_000
     assert index.match("h19999.example.com", "/", "GET").name == "p19999"
     assert index.match("nope.example.com", "/", "GET") is None
+
+
+def test_an_http_policy_on_a_port_never_governs_a_connection() -> None:
+    """A policy for https://www on :443 must not decide for a database connection on :443."""
+    web = Policy(name="public-web", hosts=("www.example.com",), path_prefix="/public", methods=("GET",),
+                 ports=(443,), integration=False, priority=10)
+    database = Policy(name="db", sni=("db.example.com",), rules=("mfa",), priority=100)
+    index = PolicyIndex([web, database])
+    assert index.match_connection(443, "db.example.com") is database
+    assert index.match_connection(443, "other.example.com") is None
+    # On HTTP the ports restrict it: only requests that arrived on 443.
+    assert index.match("www.example.com", "/public/a", "GET", port=443) is web
+    assert index.match("www.example.com", "/public/a", "GET", port=8080) is None

@@ -17,12 +17,14 @@ from tests.test_admin import admin
 
 SECRET = "s3cr3t-static-token"
 PASSWORD = "pa55-word-in-clear"
+USER_TOKEN = "eyJ.user-token.sig"
 
 
 def rules(url: str) -> list[Rule]:
     return [
         Rule(name="posture", url=url + "/posture?u=%username%", auth=AuthType.BASIC, username="sidecar",
-             password=PASSWORD, headers=(("Authorization", f"Bearer {SECRET}"), ("X-Trace", "%username%")),
+             password=PASSWORD, headers=(("Authorization", f"Bearer {SECRET}"), ("X-Trace", "%username%"),
+                                         ("X-Subject-Token", "%headers.authorization%")),
              actions=(ResponseAction(type=ActionType.STRING, key="status", value="active"),)),
         Rule(name="groups", url=url + "/groups", cache_ttl=60,
              actions=(ResponseAction(type=ActionType.REGEX, key="groups", value="^eng"),)),
@@ -38,7 +40,8 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
     stub = authz(sidecar.port)
     await stub.Check(check_request("/app/warm", headers={"x-request-id": "warm"}))  # fills the groups cache
     response = await stub.Check(check_request("/app/x", headers={"x-request-id": "req-alice",
-                                                                "x-safous-username": "alice"}))
+                                                                "x-safous-username": "alice",
+                                                                "authorization": f"Bearer {USER_TOKEN}"}))
     assert response.status.code == 7
     allowed_policy_check = await stub.Check(check_request("/other", headers={"x-request-id": "req-other"}))
     assert allowed_policy_check.status.code == 7
@@ -55,6 +58,8 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
     assert 'rule 2 "posture": value_mismatch (call' in text
     assert "  request  GET " + webhook.url + "/posture?u=alice" in text
     assert "           X-Trace: alice" in text and "           Authorization: ••••••" in text
+    # The client's own credentials a rule forwards are masked too.
+    assert "           X-Subject-Token: ••••••" in text
     assert '{"status": "unknown", "detail": "device not enrolled"}' in text
     assert '  reason   rule "posture": status is "unknown", expected "active"' in text
     # Each response action's verdict: the one that failed, the ones that held.
@@ -66,7 +71,7 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
     # No secret anywhere the traces are stored, nor in what explain shows.
     with sqlite3.connect(db) as conn:
         stored = " ".join(doc for (doc,) in conn.execute("SELECT doc FROM traces"))
-    for secret in (SECRET, PASSWORD):
+    for secret in (SECRET, PASSWORD, USER_TOKEN):
         assert secret not in stored and secret not in text
     assert admin(db, "explain", "no-such-request").exit_code == 1
     # The activity log says which rows have a trace (denials, with --trace denied).

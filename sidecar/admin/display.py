@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from sidecar.db import ActivityRecord, AuditEntry, StoredPolicy, StoredRule, iso_time
+from sidecar.decision import result_name
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX
 from sidecar.rules.secrets import MASK, mask
 
@@ -305,8 +306,7 @@ def activity_table(records: Sequence[ActivityRecord], *, denied: bool) -> str:
     for r in records:
         row = [iso_time(r.at), r.request_id or "-", r.username or "-", r.source_ip or "-", r.method, r.host,
                r.path, r.policy or "-"]
-        result = "audit_deny" if r.audit_deny else "allow" if r.allowed else "deny"
-        row += [r.code, r.status] if denied else [result, r.code, r.status]
+        row += [r.code, r.status] if denied else [result_name(r.allowed, r.audit_deny), r.code, r.status]
         rows.append(row)
     return table(headers, rows)
 

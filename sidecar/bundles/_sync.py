@@ -202,6 +202,13 @@ class BundleSync:
             return "refused"
         self.source.remember(fetched.tag)
         if not applied:
+            # That very revision is in rules.db already: applied by another process on it (a
+            # --workers sibling) after this one read the state. Answer by it too.
+            state = await asyncio.to_thread(self._read_state)
+            if state is None or (self.applied is not None and state.revision == self.applied.revision):
+                return "unchanged"
+            self.applied, self.last_activation = state, _timestamp(state.applied_at)
+            await self._on_applied()
             return "unchanged"
         self.applied = await asyncio.to_thread(self._read_state)
         self.last_activation = time.time()

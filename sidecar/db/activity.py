@@ -8,6 +8,7 @@ milliseconds in rules.db (``iso_time``), so that they sort and compare as text t
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -63,6 +64,8 @@ def parse_iso_time(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+log = logging.getLogger(__name__)
+
 _INSERT = ("INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method, policy, allowed,"
            " code, status, latency_ms, policy_source, audit_deny) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 TRACE_MAX_BYTES = 16 * 1024
@@ -89,11 +92,19 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord],
                 return
             for r in records:
                 activity_id = conn.execute(_INSERT, _row(r)).lastrowid
-                if r.trace is not None:
-                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)",
-                                 (activity_id, trace_json(r.trace())))
+                if r.trace is not None and (doc := _built(r.trace)) is not None:
+                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)", (activity_id, doc))
             conn.execute("DELETE FROM traces WHERE id <= (SELECT id FROM traces ORDER BY id DESC LIMIT 1 OFFSET ?)",
                          (keep_traces,))
+
+
+def _built(trace: Callable[[], dict[str, Any]]) -> str | None:
+    """A trace as stored, or None when building it failed: the decision is written anyway."""
+    try:
+        return trace_json(trace())
+    except Exception:  # a bug in a trace must never cost the activity log its rows
+        log.exception("could not build a decision's trace")
+        return None
 
 
 def trace_json(doc: dict[str, Any]) -> str:

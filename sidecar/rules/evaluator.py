@@ -60,6 +60,9 @@ class CompiledRule:
     # Equal for equal rule definitions across reloads, so cached decisions survive a reload
     # of unchanged rules and never outlive a change.
     fingerprint: int
+    # The parts of the request a trace must not show: those rendered from the client's
+    # credentials (trace.CREDENTIAL_PARAMETERS).
+    secret_parts: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -156,13 +159,15 @@ class WebhookEvaluator:
         self._fingerprints[rule.name] = fingerprint
         if previous is not None and previous != fingerprint and self._loop is not None:
             self._loop.call_soon_threadsafe(self.cache.forget_rule, rule.name)
+        request = compile_rule_request(rule)
         return CompiledRule(
             rule=rule,
-            request=compile_rule_request(rule),
+            request=request,
             actions=compile_actions(rule.actions),
             auth=_auth(rule, self.secret_policy),
             timeout=rule.timeout_ms / 1000,
             fingerprint=fingerprint,
+            secret_parts=trace.secret_parts(request),
         )
 
     async def evaluate(self, policy: Policy, rules: Sequence[CompiledRule], params: Parameters) -> Decision:
@@ -302,7 +307,7 @@ class WebhookEvaluator:
         started = time.perf_counter()
         noted = trace.note(rule.name, "call", rule.rule.actions)
         if noted is not None:
-            noted.request = request
+            noted.request, noted.secret_parts = request, rule.secret_parts
         try:
             response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
         except WebhookFailure as exc:

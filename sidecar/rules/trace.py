@@ -7,7 +7,9 @@ it). Noting is a few attribute writes; the document is built later, off the requ
 the activity log's writer (``CheckTrace.document``).
 
 Masked in every document: the values of ``Authorization`` and ``Proxy-Authorization`` headers
-of the rule (the authentication the HTTP client adds is never part of the rendered request).
+of the rule (the authentication the HTTP client adds is never part of the rendered request),
+and every part of the request (URL, body, a header) rendered from the client's credentials
+(``%headers.authorization%``, ``%headers.proxy-authorization%``, ``%headers.cookie%``).
 Bounded: a request body and an answer are kept to their first ``EXCERPT_BYTES`` bytes.
 Answers may hold personal data: traces live as long as their activity log rows.
 """
@@ -21,12 +23,26 @@ from typing import Any, Literal
 
 from .model import ResponseAction
 from .secrets import MASK
-from .templates import WebhookRequest
+from .templates import CompiledRequest, Template, WebhookRequest
 
 __all__ = ["EXCERPT_BYTES", "MASK", "CheckTrace", "RuleTrace", "note", "start"]
 
 EXCERPT_BYTES = 4096
 _MASKED_HEADERS = frozenset({"authorization", "proxy-authorization"})
+CREDENTIAL_PARAMETERS = frozenset({"headers.authorization", "headers.proxy-authorization", "headers.cookie"})
+"""Parameters holding the client's own credentials (a token a rule forwards for introspection,
+a session cookie): a part of the request rendered from one is masked in traces."""
+
+
+def secret_parts(request: CompiledRequest) -> frozenset[str]:
+    """The parts of ``request`` (``url``, ``body``, lower-case header names) rendered from a
+    credential parameter."""
+    def credential(template: Template | None) -> bool:
+        return template is not None and any(p.lower() in CREDENTIAL_PARAMETERS for p in template.parameters)
+
+    parts = {name.lower() for name, template in request.headers if credential(template)}
+    parts.update(part for part, template in (("url", request.url), ("body", request.body)) if credential(template))
+    return frozenset(parts)
 
 Source = Literal["call", "shared", "cache", "not sent", "not run"]
 """How a rule's outcome came about: its own webhook call; a call made at the same moment for an
@@ -47,6 +63,7 @@ class RuleTrace:
     seconds: float | None = None
     actions: tuple[ResponseAction, ...] = ()
     failed_action: int | None = None
+    secret_parts: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -96,12 +113,13 @@ def _rule_document(entry: RuleTrace) -> dict[str, Any]:
     doc: dict[str, Any] = {"rule": entry.rule, "source": entry.source}
     if entry.request is not None:
         request = entry.request
+        hidden = entry.secret_parts
         doc["request"] = {
             "method": request.method,
-            "url": request.url,
-            "headers": [[name, MASK if name.lower() in _MASKED_HEADERS else value]
+            "url": MASK if "url" in hidden else request.url,
+            "headers": [[name, MASK if name.lower() in _MASKED_HEADERS or name.lower() in hidden else value]
                         for name, value in request.headers],
-            "body": _excerpt(request.body) if request.body is not None else None,
+            "body": (MASK if "body" in hidden else _excerpt(request.body)) if request.body is not None else None,
         }
     if entry.status is not None:
         doc["answer"] = {"status": entry.status, "content_type": entry.content_type,
