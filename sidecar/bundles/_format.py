@@ -87,6 +87,10 @@ class BundleRefused(Exception):
         super().__init__(message)
         self.reason: RefusalReason = reason
 
+    def __reduce__(self) -> tuple[type[BundleRefused], tuple[RefusalReason, str]]:
+        # Raised in the apply process and re-raised here: pickled with both arguments.
+        return BundleRefused, (self.reason, str(self))
+
 
 @dataclass(frozen=True, slots=True)
 class Bundle:
