@@ -42,6 +42,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
 _INTERNAL = Decision.deny(Code.INTERNAL_ERROR, "internal error in the authorization sidecar")
 # Built once at import so the last-resort answer cannot itself fail.
 _INTERNAL_RESPONSE = edge.build_response(_INTERNAL, "")
+_UNREAD = RequestAttributes(request_id="", path="")
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):
@@ -93,18 +94,13 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
 
     def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
                 decision: Decision, latency_ms: float, check_trace: trace.CheckTrace | None = None) -> None:
-        if attrs is None:
-            self._activity.record(ActivityRecord(
-                at=time.time(), request_id="", username="", source_ip="", host="", path="", method="",
-                policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
-                latency_ms=latency_ms))
-            return
+        seen = attrs or _UNREAD  # the CheckRequest could not be read: the decision is recorded anyway
         self._activity.record(ActivityRecord(
-            at=time.time(), request_id=attrs.request_id, username=params.values["username"] if params else "",
-            source_ip=attrs.source.ip, host=attrs.host, path=attrs.path, method=attrs.method,
+            at=time.time(), request_id=seen.request_id, username=params.values["username"] if params else "",
+            source_ip=seen.source.ip, host=seen.host, path=seen.path, method=seen.method,
             policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
             latency_ms=latency_ms, policy_source=decision.policy_source, audit_deny=decision.audit_deny,
-            trace=self._trace_of(attrs, decision, check_trace),
+            trace=self._trace_of(attrs, decision, check_trace) if attrs else None,
         ))
 
     def _trace_of(self, attrs: RequestAttributes, decision: Decision,

@@ -253,14 +253,19 @@ async def test_any_answer_is_decided_within_the_deadline_without_holding_other_c
     stub = raw.stub  # type: ignore[attr-defined]
     raw.routes["/answer"] = respond(200, body)
 
-    started = time.perf_counter()
-    response, unrelated = await asyncio.gather(
-        stub.Check(check_request(f"/r{pattern}/")), unrelated_check_time(stub))
-    elapsed = time.perf_counter() - started
-
-    assert code_of(response) in DECIDED
-    assert elapsed < DEADLINE_MS / 1000 + 0.3, f"decided in {elapsed * 1000:.0f} ms"
-    assert unrelated < UNRELATED_DELAY, f"an unrelated check took {unrelated * 1000:.0f} ms"
+    # A stall an answer causes happens every time it is judged; a busy shared machine pauses the
+    # test now and then. So an answer fails only if all of three tries miss a bound.
+    tries = []
+    for _ in range(3):
+        started = time.perf_counter()
+        response, unrelated = await asyncio.gather(
+            stub.Check(check_request(f"/r{pattern}/")), unrelated_check_time(stub))
+        elapsed = time.perf_counter() - started
+        assert code_of(response) in DECIDED
+        tries.append((round(elapsed * 1000), round(unrelated * 1000)))
+        if elapsed < DEADLINE_MS / 1000 + 0.3 and unrelated < UNRELATED_DELAY:
+            return
+    raise AssertionError(f"(decided in ms, an unrelated check in ms) on three tries: {tries}")
 
 
 def judge_processes() -> list[multiprocessing.Process]:

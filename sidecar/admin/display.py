@@ -23,12 +23,11 @@ import click
 from sidecar.db import ActivityRecord, AuditEntry, StoredPolicy, StoredRule, iso_time
 from sidecar.decision import result_name
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX
-from sidecar.rules.secrets import MASK, mask
+from sidecar.rules.secrets import MASK, SECRET_HEADERS, mask
 
 from .validation import quoted
 
 __all__ = [
-    "SECRET_HEADERS",
     "action_lines",
     "activity_line",
     "activity_table",
@@ -51,7 +50,6 @@ __all__ = [
     "warn",
 ]
 
-SECRET_HEADERS = ("authorization", "proxy-authorization")
 """Rule headers whose values are credentials, masked like passwords (lower case)."""
 
 

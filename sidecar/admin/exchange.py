@@ -33,9 +33,9 @@ from sidecar import db
 from sidecar.db import ObjectKind, StoredPolicy, StoredRule
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
-from sidecar.rules.secrets import MASK, SecretPolicy, is_reference
+from sidecar.rules.secrets import MASK, SECRET_HEADERS, SecretPolicy, is_reference
 
-from .display import SECRET_HEADERS, policy_document, rule_document
+from .display import policy_document, rule_document
 from .validation import (
     AdminError,
     check_secrets,

@@ -38,7 +38,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from sidecar.rules.secrets import is_reference
+from sidecar.rules.secrets import SECRET_HEADERS, is_reference
 
 __all__ = [
     "ALGORITHMS",
@@ -59,7 +59,6 @@ __all__ = [
 FORMAT = 1
 JWS_TYPE = "safous-bundle+jws"
 ALGORITHMS: dict[str, str] = {"ed25519": "EdDSA", "es256": "ES256"}
-_SECRET_HEADERS = ("authorization", "proxy-authorization")
 
 RefusalReason = Literal[
     "fetch_failed",      # the source could not be read (unreachable, HTTP error, redirect, timeout)
@@ -208,7 +207,7 @@ def literal_secrets(document: dict[str, Any]) -> list[str]:
                              "(or file:PATH) and give each sidecar the secret under that name")
         for pair in rule.get("headers") or []:
             if (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
-                    and pair[0].lower() in _SECRET_HEADERS and pair[1]):
+                    and pair[0].lower() in SECRET_HEADERS and pair[1]):
                 found.append(f"rule {name}: header {pair[0]} holds a literal secret; a bundle carries only "
                              "references: use --auth basic or --auth oauth with env:NAME / file:PATH secrets "
                              "instead of the header")

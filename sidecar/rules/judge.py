@@ -58,15 +58,21 @@ def judge_answer(rule_name: str, verification: Verification, actions: CompiledAc
     if result.failure is not None:
         return RuleOutcome(result.failure, {}, result.failed_action)
     for stored_name, value in result.stored.items():
-        store = next(i for i, a in enumerate(actions.actions) if a.type is ActionType.STORE and a.value == stored_name)
         if (what := unsafe_in_header(value)) is not None:
             return RuleOutcome((Code.UNSAFE_PARAMETER,
-                                f'rule "{rule_name}": the value stored as "{stored_name}" holds {what}'), {}, store)
+                                f'rule "{rule_name}": the value stored as "{stored_name}" holds {what}'), {},
+                               _store_action(actions, stored_name))
         if (size := len(value.encode("utf-8", "surrogatepass"))) > MAX_STORED_VALUE_BYTES:
             return RuleOutcome((Code.RESPONSE_TOO_LARGE, (
                 f'rule "{rule_name}": the value stored as "{stored_name}" is {size} bytes, more than '
-                f"the {MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")), {}, store)
+                f"the {MAX_STORED_VALUE_BYTES} bytes a stored value (a request header) may hold")), {},
+                _store_action(actions, stored_name))
     return RuleOutcome(None, result.stored)
+
+
+def _store_action(actions: CompiledActions, name: str) -> int:
+    """The index of the last ``store`` action keeping ``name`` (the one whose value counts)."""
+    return max(i for i, a in enumerate(actions.actions) if a.type is ActionType.STORE and a.value == name)
 
 
 # In the worker: each rule's actions compiled once (RE2 patterns cannot be sent across).

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_ENV_PREFIX",
     "DEFAULT_SECRET_DIRS",
     "MASK",
+    "SECRET_HEADERS",
     "SecretError",
     "SecretPolicy",
     "check_syntax",
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 MASK = "••••••"
+SECRET_HEADERS = ("authorization", "proxy-authorization")
+"""Header names (lower case) whose values are credentials: masked wherever a rule is shown or
+traced, never carried in clear by a bundle."""
 """How a clear secret is shown. Fixed width, so it does not tell the secret's length."""
 
 DEFAULT_SECRET_DIRS: tuple[str, ...] = ("/var/run/secrets/safous",)

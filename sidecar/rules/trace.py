@@ -17,18 +17,16 @@ Answers may hold personal data: traces live as long as their activity log rows.
 from __future__ import annotations
 
 import contextvars
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .model import ResponseAction
-from .secrets import MASK
+from .secrets import MASK, SECRET_HEADERS
 from .templates import CompiledRequest, Template, WebhookRequest
 
 __all__ = ["EXCERPT_BYTES", "MASK", "CheckTrace", "RuleTrace", "note", "start"]
 
 EXCERPT_BYTES = 4096
-_MASKED_HEADERS = frozenset({"authorization", "proxy-authorization"})
 CREDENTIAL_PARAMETERS = frozenset({"headers.authorization", "headers.proxy-authorization", "headers.cookie"})
 """Parameters holding the client's own credentials (a token a rule forwards for introspection,
 a session cookie): a part of the request rendered from one is masked in traces."""
@@ -72,7 +70,6 @@ class CheckTrace:
     ``document``)."""
 
     rules: dict[str, RuleTrace] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
 
     def rule(self, name: str) -> RuleTrace:
         entry = self.rules.get(name)
@@ -117,7 +114,7 @@ def _rule_document(entry: RuleTrace) -> dict[str, Any]:
         doc["request"] = {
             "method": request.method,
             "url": MASK if "url" in hidden else request.url,
-            "headers": [[name, MASK if name.lower() in _MASKED_HEADERS or name.lower() in hidden else value]
+            "headers": [[name, MASK if name.lower() in SECRET_HEADERS or name.lower() in hidden else value]
                         for name, value in request.headers],
             "body": (MASK if "body" in hidden else _excerpt(request.body)) if request.body is not None else None,
         }
