@@ -305,12 +305,14 @@ async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
     bundle_server.truncate = True
     bundle_server.publish(bundle_of(DENY_ALL, private, now + 6))
     await eventually(lambda: _more(fleet[0], "truncated", 0), timeout=INTERVAL + 3, what="truncated counted")
+    # The truncated bundle is withdrawn before the server sends whole bodies again: a poll in
+    # between would apply it.
+    bundle_server.publish(good)
     bundle_server.truncate = False
     assert [await decision(authz, p) for p in fleet] == ["allowed"] * 3
 
     # The source goes away: nothing changes, a restarted sidecar serves its persisted revision
     # at once, an empty one is not ready and denies not_ready until the source returns.
-    bundle_server.publish(good)
     await asyncio.sleep(INTERVAL * 2)
     bundle_server.down = True
     down_since = time.monotonic()
