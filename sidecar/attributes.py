@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
+# Named tuples, not frozen dataclasses: the edge makes three of these per check, and a frozen
+# dataclass's __init__ costs 2.1 µs where a named tuple's costs 0.8 µs (issue 15).
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+
+class Peer(NamedTuple):
     """One end of the connection as Envoy saw it.
 
     ``ip`` is empty for pipe or absent addresses; ``address`` is ``ip:port`` (``[v6]:port``),
@@ -25,8 +26,7 @@ class Peer:
     certificate: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class RequestAttributes:
+class RequestAttributes(NamedTuple):
     """The attributes of one HTTP request that the check may look at.
 
     ``headers`` has lower-case names; a header sent several times has its values joined with
@@ -45,10 +45,10 @@ class RequestAttributes:
     query: str = ""
     scheme: str = ""
     protocol: str = ""
-    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    headers: Mapping[str, str] = _EMPTY
     source: Peer = Peer()
     destination: Peer = Peer()
     sni: str = ""
-    jwt_payload: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    jwt_payload: Mapping[str, Any] = _EMPTY
+    context_extensions: Mapping[str, str] = _EMPTY
     connection: bool = False

@@ -11,7 +11,6 @@ a client cannot forge a stored value even behind an Envoy config that forgot to 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -61,7 +60,7 @@ class Checker:
             policy = snapshot.index.named(bound)
             decision = (_not_bindable(snapshot, bound) if policy is None
                         else await self._decide_for(policy, snapshot, params))
-            return dataclasses.replace(decision, policy_source="route")
+            return decision._replace(policy_source="route")
         if attrs.connection:
             policy = snapshot.index.match_connection(attrs.destination.port, attrs.sni)
         else:
@@ -105,6 +104,9 @@ class Checker:
             return ()
         # Lower-case names (map_parameters guarantees it); Envoy removes names case-insensitively.
         headers: Mapping[str, str] = params.headers if params is not None else attrs.headers
+        names = "\n" + "\n".join(headers)
+        if "\nx-safous" not in names and "\nx_" not in names:
+            return ()  # the common case, seen in one C pass: no header of the namespace was sent
         remove: list[str] = []
         set_by_decision: frozenset[str] | None = None
         for name in headers:

@@ -6,9 +6,8 @@ A code is stable: it names the cause in logs, metrics, the activity log and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Result = Literal["allow", "deny", "audit_deny"]
 """What a decision was, as logs, metrics, Envoy's metadata and the admin script name it."""
@@ -66,8 +65,7 @@ class Code(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Allow or deny, why, and what to pass on.
 
     ``upstream_headers`` are set on the request to the upstream when allowed (e.g. values kept
@@ -75,6 +73,9 @@ class Decision:
     policy was chosen: matched on host, path and method, or bound by the Envoy route.
     ``audit_deny``: allowed only because the policy is in audit mode; ``code`` and ``reason``
     are the denial enforcement would have made.
+
+    A named tuple, not a frozen dataclass: every check makes one (0.6 µs against 1.6 µs) and
+    hashes it (the response templates are cached by decision).
     """
 
     allowed: bool

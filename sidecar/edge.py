@@ -6,6 +6,7 @@ odd values are normalised, never trusted to be well formed.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -34,17 +35,17 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 def _peer(peer: Any) -> Peer:
     address = peer.address
-    ip, port, text = "", 0, ""
     kind = address.WhichOneof("address")
-    if kind == "socket_address":
-        ip = address.socket_address.address
-        port = address.socket_address.port_value
-        text = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-    elif kind == "pipe":
+    if kind == "socket_address":  # positional: the per-check path (ip, port, address, principal, certificate)
+        socket = address.socket_address
+        ip, port = socket.address, socket.port_value
+        return Peer(ip, port, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", peer.principal, peer.certificate)
+    text = ""
+    if kind == "pipe":
         text = address.pipe.path
     elif kind == "envoy_internal_address":
         text = address.envoy_internal_address.server_listener_name
-    return Peer(ip=ip, port=port, address=text, principal=peer.principal, certificate=peer.certificate)
+    return Peer(address=text, principal=peer.principal, certificate=peer.certificate)
 
 
 def _headers(http: Any) -> dict[str, str]:
@@ -57,7 +58,11 @@ def _headers(http: Any) -> dict[str, str]:
             key = header.key.lower()
             merged[key] = f"{merged[key]},{value}" if key in merged else value
         return merged
-    return {k.lower(): v for k, v in http.headers.items()}
+    # Not dict(map): a protobuf map's keys() is a Python-level view, 1.5x slower than this.
+    map_ = http.headers
+    headers = {name: map_[name] for name in map_}
+    names = "".join(headers)  # one C call to see that Envoy sent lower-case names, as it does
+    return headers if names == names.lower() else {k.lower(): v for k, v in headers.items()}
 
 
 def _json_value(value: struct_pb2.Value) -> Any:
@@ -146,18 +151,50 @@ def result_of(decision: Decision) -> Result:
     return result_name(decision.allowed, decision.audit_deny)
 
 
-def _metadata(decision: Decision, request_id: str, reason: str) -> struct_pb2.Struct:
+def _metadata(decision: Decision, reason: str) -> struct_pb2.Struct:
     """What Envoy keeps as dynamic metadata under ``envoy.filters.http.ext_authz``, for its
-    access log (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:code)%``) and later filters."""
+    access log (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:code)%``) and later filters.
+    ``request_id`` is set per request (``build_response``)."""
     metadata = struct_pb2.Struct()
     fields = metadata.fields
     fields["decision"].string_value = result_of(decision)
     fields["code"].string_value = decision.code
     fields["policy"].string_value = decision.policy or ""
     fields["policy_source"].string_value = decision.policy_source
-    fields["request_id"].string_value = request_id
     fields["reason"].string_value = reason
     return metadata
+
+
+def _template(decision: Decision) -> tuple[pb.CheckResponse, str]:
+    """The CheckResponse of ``decision`` but for what differs per request (its request id),
+    and for a deny the start of its JSON body."""
+    reason = sanitize_reason(decision.reason)
+    if decision.allowed:
+        return pb.CheckResponse(
+            status=status_pb2.Status(code=OK),
+            ok_response=pb.OkHttpResponse(headers=[_header(k, v) for k, v in decision.upstream_headers]),
+            dynamic_metadata=_metadata(decision, reason),
+        ), ""
+    body = json.dumps({"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": ""})
+    return pb.CheckResponse(
+        status=status_pb2.Status(code=PERMISSION_DENIED, message=f"{decision.code}: {reason}"),
+        denied_response=pb.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+            headers=[
+                _header(REASON_HEADER, reason),
+                _header("content-type", "application/json"),
+            ],
+        ),
+        dynamic_metadata=_metadata(decision, reason),
+    ), body.removesuffix('""}')
+
+
+# Most checks repeat a handful of decisions (a policy's allow, a denial's code and reason):
+# their responses are built once and copied (1.3 µs against 5-11 µs to build). Bounded in
+# entries, and only small decisions are kept (webhook values can make a reason or a stored
+# header long): at most 1,024 × 4 KiB.
+_cached_template = functools.lru_cache(maxsize=1024)(_template)
+_TEMPLATE_MAX_CHARS = 4096
 
 
 def build_response(decision: Decision, request_id: str,
@@ -170,28 +207,13 @@ def build_response(decision: Decision, request_id: str,
     Envoy ignores pseudo-headers and Host there). Both are ignored on a deny. Every response
     carries the decision as dynamic metadata (``_metadata``); its reason is the header-safe one
     (``sanitize_reason``), since it ends up in log lines."""
-    reason = sanitize_reason(decision.reason)
-    if decision.allowed:
-        return pb.CheckResponse(
-            status=status_pb2.Status(code=OK),
-            ok_response=pb.OkHttpResponse(
-                headers=[_header(k, v) for k, v in decision.upstream_headers],
-                headers_to_remove=headers_to_remove,
-            ),
-            dynamic_metadata=_metadata(decision, request_id, reason),
-        )
-    body = json.dumps(
-        {"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": request_id}
-    )
-    return pb.CheckResponse(
-        status=status_pb2.Status(code=PERMISSION_DENIED, message=f"{decision.code}: {reason}"),
-        denied_response=pb.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
-            headers=[
-                _header(REASON_HEADER, reason),
-                _header("content-type", "application/json"),
-            ],
-            body=body,
-        ),
-        dynamic_metadata=_metadata(decision, request_id, reason),
-    )
+    small = len(decision.reason) + sum(len(k) + len(v) for k, v in decision.upstream_headers) <= _TEMPLATE_MAX_CHARS
+    template, body = _cached_template(decision) if small else _template(decision)
+    response = pb.CheckResponse()
+    response.CopyFrom(template)
+    response.dynamic_metadata.fields["request_id"].string_value = request_id
+    if not decision.allowed:
+        response.denied_response.body = f"{body}{json.dumps(request_id)}}}"
+    elif headers_to_remove:
+        response.ok_response.headers_to_remove.extend(headers_to_remove)
+    return response

@@ -6,7 +6,7 @@ they mean to show.
 
 One record is one line in either format (in text, a traceback follows on indented lines),
 whatever a client sent: a request id, a policy name or a message may hold newlines or Unicode
-line separators, so text lines escape them (JSON lines are escaped by ``json.dumps``). A line
+line separators, so text lines escape them (JSON lines are escaped, and kept ASCII). A line
 that starts in the first column always begins a record.
 """
 
@@ -18,6 +18,8 @@ import re
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import orjson
 
 from .db import ActivityRecord, iso_time, parse_iso_time
 from .decision import result_name
@@ -115,6 +117,17 @@ _format = "json"
 _worker: int | None = None
 
 
+def _json_line(entry: dict[str, Any]) -> str:
+    """``json.dumps(entry)``, compact, in C (orjson: a tenth of the time, for a line per
+    decision). Lines stay ASCII as json.dumps makes them — a client's bidi or look-alike
+    characters reach a terminal escaped — so the rare non-ASCII entry takes json.dumps."""
+    try:
+        line = orjson.dumps(entry)
+    except TypeError:  # orjson.JSONEncodeError: e.g. a lone surrogate, which json.dumps escapes
+        return json.dumps(entry, separators=(",", ":"))
+    return line.decode() if line.isascii() else json.dumps(entry, separators=(",", ":"))
+
+
 def write_decisions(decisions: Sequence[Any]) -> None:
     """One ``sidecar.decision`` line per decision, written in one go (called off the request
     path with a batch). JSON lines carry the whole activity log record — the fleet's activity
@@ -139,7 +152,7 @@ def write_decisions(decisions: Sequence[Any]) -> None:
                      "host": d.host, "path": d.path, "policy_source": d.policy_source}
             if _worker is not None:
                 entry["worker"] = _worker
-            lines.append(json.dumps(entry))
+            lines.append(_json_line(entry))
         else:
             lines.append(f"{iso_time(d.at)} INFO sidecar.decision: {result} request_id={text_value(d.request_id)} "
                          f"policy={text_value(d.policy)} code={text_value(d.code)} latency_ms={latency}"

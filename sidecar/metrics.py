@@ -11,10 +11,13 @@ is sampled by a timer (``LoopLagMonitor``), also at no cost to a check.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -25,8 +28,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .decision import result_name
@@ -49,13 +53,46 @@ class _StateCollector(Collector):
         return self._read()
 
 
+class BatchHistogram(Collector):
+    """A histogram fed a batch at a time: ``observe_many`` costs a C bisection per value where
+    ``Histogram.observe`` costs a lock and Python per value (a third of the record stage's
+    metrics time, one value per check)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts = [0] * len(self._counts)
+        total = 0.0
+        for value in values:
+            counts[bisect.bisect_left(self._bounds, value)] += 1  # buckets are upper-inclusive
+            total += value
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = self._counts, self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip([*self._bounds, math.inf], counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)
+
+
 class Metrics:
     def __init__(self, state: Callable[[], Iterator[Any]]) -> None:
         self.registry = CollectorRegistry()
         self.decisions = Counter("safous_decisions", "Decisions by policy, result and code",
                                  ["policy", "result", "code"], registry=self.registry)
-        self.check_seconds = Histogram("safous_check_duration_seconds", "Time to decide one check",
-                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.check_seconds = BatchHistogram("safous_check_duration_seconds", "Time to decide one check",
+                                            LATENCY_BUCKETS, self.registry)
         self.webhook_calls = Counter("safous_webhook_calls", "Webhook calls made, by rule and outcome "
                                      "(ok or the failure code)", ["rule", "outcome"], registry=self.registry)
         self.webhook_seconds = Histogram("safous_webhook_call_duration_seconds", "Webhook call time, by rule",
@@ -68,10 +105,12 @@ class Metrics:
         Info("safous_build", "The running sidecar's release", registry=self.registry).info({"version": __version__})
 
     def record_batch(self, decisions: Sequence[Any]) -> None:
-        """Count a batch of activity-log decisions (``db.ActivityRecord``)."""
-        for d in decisions:
-            self.decisions.labels(d.policy or NO_POLICY, result_name(d.allowed, d.audit_deny), d.code).inc()
-            self.check_seconds.observe(d.latency_ms / 1000)
+        """Count a batch of activity-log decisions (``db.ActivityRecord``): one increment per
+        label set, not per decision."""
+        tally = Tally((d.policy or NO_POLICY, result_name(d.allowed, d.audit_deny), d.code) for d in decisions)
+        for labels, count in tally.items():
+            self.decisions.labels(*labels).inc(count)
+        self.check_seconds.observe_many(d.latency_ms / 1000 for d in decisions)
 
     def record_call(self, rule: str, outcome: str, seconds: float) -> None:
         self.webhook_calls.labels(rule, outcome).inc()

@@ -218,7 +218,8 @@ def _closest_name(name: str) -> str | None:
 
 
 def _lower_case_names(headers: Mapping[str, str]) -> Mapping[str, str]:
-    if all(key == key.lower() for key in headers):
+    names = "".join(headers)
+    if names == names.lower():
         return headers
     # Not what Envoy sends, but cheap to make right: same-name headers join as Envoy joins them.
     lowered: dict[str, str] = {}

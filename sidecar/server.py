@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -314,8 +315,16 @@ async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, r
     return 0
 
 
+# How long a thread may hold the interpreter while another waits (Python's default: 5 ms).
+# The rules loader, bundle and activity threads run Python beside the event loop; each check
+# needs the interpreter a few times, and with 5 ms turns a 10,000-rule reload put checks at
+# 35 ms, with 1 ms at 16 ms (issue 15, `make bench`). Costs nothing while no thread competes.
+SWITCH_INTERVAL = 0.001
+
+
 def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
     """Run the server's coroutine on the configured event loop."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if settings.event_loop == "uvloop":
         import uvloop
 

@@ -11,6 +11,7 @@ snapshot keeps serving and ``last_error`` says why, for health and logs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 import threading
@@ -196,6 +197,12 @@ class RulesWatcher:
                 log.warning("unusable %s %r: %s", problem.kind, problem.name, problem.error)
             log.info("rules loaded", extra={"version": snapshot.version, "policies": snapshot.index.size})
             self._on_change(snapshot)
+            # The snapshot lives until the next reload: take it (and everything older) out of
+            # the collector's sight. Otherwise the allocations of the next reload trigger full
+            # collections that walk every object of every rule, holding the interpreter: 160 ms
+            # pauses with 10,000 rules (issue 15). Frozen objects are still freed when their
+            # last reference goes, as a replaced snapshot's are (tests/test_snapshot.py).
+            gc.freeze()
         return snapshot
 
     def _drop_connection(self) -> None:

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,13 @@ def sidecar(db: Path, port: int, *extra: str) -> contextlib.AbstractContextManag
                     f"127.0.0.1:{port}", *extra], port)
 
 
+def server(db: Path | None, port: int, *extra: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """The sidecar on ``db``, or the bare baseline servicer when ``db`` is None."""
+    if db is None:
+        return process([sys.executable, "-m", "tests.benchmark", "baseline", str(port)], port)
+    return sidecar(db, port, *extra)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -188,6 +195,84 @@ def wrk(url: str, duration: float) -> tuple[float, float, float]:
     return rate, ms("50"), ms("99")
 
 
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+FIXED_RATE = 1000  # checks/s offered in the fixed-rate scenarios
+FIXED_CHECKS = 5000  # per fixed-rate run: 5 s
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads (those that ended too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
+
+
+@dataclass
+class FixedRate:
+    """One run at a fixed offered rate: the server's CPU per request and the latencies."""
+
+    cpu_us: float
+    p50: float
+    p99: float
+    worst: float
+    rate: float
+
+
+@dataclass
+class Target:
+    """What ``fixed_rate`` loads: a URL, the server process whose CPU is counted, and for gRPC
+    the length-prefixed CheckRequest to post (else GET)."""
+
+    url: str
+    pid: int
+    payload: Path | None = None
+    headers: tuple[str, ...] = ()
+
+
+def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CHECKS,
+               rps: int = FIXED_RATE) -> list[FixedRate]:
+    """``requests`` requests at ``rps`` to each target, all at the same time, each on one
+    HTTP/2 connection (h2load --rps), after one second of warm-up at the same rate. The CPU of
+    each target's process is read around the measured run only.
+
+    Loading the sidecar and the baseline side by side, not one after the other, is what makes
+    their ratio steady: both see the same moment of a shared machine."""
+    def command(target: Target, count: int, log: Path | None) -> list[str]:
+        args = ["h2load", "--rps", str(rps), "-c", "1", "-m", "64", "-t", "1", "-n", str(count)]
+        for header in target.headers:
+            args += ["-H", header]
+        if target.payload is not None:
+            args += ["-d", str(target.payload), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        return [*args, *(["--log-file", str(log)] if log else []), target.url]
+
+    def load(count: int, logs: list[Path | None]) -> list[tuple[str, float]]:
+        """Each target's h2load output and the CPU its server used meanwhile."""
+        before = [cpu_seconds(t.pid) for t in targets]
+        runs = [subprocess.Popen(command(t, count, log), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for t, log in zip(targets, logs, strict=True)]
+        outputs = []
+        for target, run, used in zip(targets, runs, before, strict=True):
+            out, _ = run.communicate(timeout=count / rps + 60)
+            outputs.append((out, cpu_seconds(target.pid) - used))
+            done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+            codes = re.search(r"status codes: (\d+) 2xx", out)
+            if not done or int(done.group(1)) != count or not codes or int(codes.group(1)) != count:
+                raise RuntimeError(f"h2load failed against {target.url}:\n{out}")
+        return outputs
+
+    load(rps, [None] * len(targets))
+    logs: list[Path | None] = [Path(tempfile.mktemp(suffix=".tsv", dir=workdir)) for _ in targets]
+    results = []
+    for (out, used), log in zip(load(requests, logs), logs, strict=True):
+        assert log is not None
+        latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines()
+                     if line.count("\t") >= 2]
+        log.unlink()
+        rate = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
+        results.append(FixedRate(used / requests * 1e6, percentile(latencies, 0.5), percentile(latencies, 0.99),
+                                 max(latencies), rate))
+    return results
+
+
 async def _drive_unique(port: int, duration: float, concurrency: int) -> tuple[float, float, float]:
     import grpc
 
@@ -260,7 +345,7 @@ def expect_decision(port: int, payload_host: str = "app.example.com", allowed: b
 
 # ------------------------------------------------------------------------ the run
 
-def run(duration: float) -> list[Result]:
+def run(duration: float, only: str = "all") -> list[Result]:
     results: list[Result] = []
     work = Path(tempfile.mkdtemp(prefix="safous-bench-"))
     payload = grpc_payload(work / "check.bin")
@@ -287,11 +372,7 @@ def run(duration: float) -> list[Result]:
     def _measure(name: str, db: Path | None, *, allowed: bool = True, extra: tuple[str, ...] = (),
                  clients: int = 4, streams: int = 16, keep: bool = True) -> Result:
         port = free_port()
-        if db is None:
-            ctx = process([sys.executable, "-m", "tests.benchmark", "baseline", str(port)], port)
-        else:
-            ctx = sidecar(db, port, *extra)
-        with ctx as proc:
+        with server(db, port, *extra) as proc:
             expect_decision(port, allowed=allowed)
             rate, p50, p99 = h2load(port, payload, duration, clients, streams, work)
             result = Result(name, rate, p50, p99, extra={"rss_mb": rss_mb(proc.pid)})
@@ -300,83 +381,171 @@ def run(duration: float) -> list[Result]:
             results.append(result)
         return result
 
-    with process([sys.executable, "-m", "tests.benchmark", "webhook", str(hook_port)], hook_port):
-        _measure("baseline: bare always-OK servicer (h2load -c4 -m16)", None)
+    try:
+        with process([sys.executable, "-m", "tests.benchmark", "webhook", str(hook_port)], hook_port):
+            off = make_db(work / "off.db", webhook, integration=False)
+            cached = make_db(work / "cached.db", webhook, rules_per_policy=3, cache_ttl=600)
+            if only == "stalls":
+                big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
+                return [reload_stall(big_db, payload, work), bundle_activation(big_db, payload, work)]
+            results.append(cpu_per_check("integration off", off, payload, work, target=1.10))
+            results.append(cpu_per_check("3 rules, decisions cached", cached, payload, work, target=1.25))
+            results.extend(envoy_fixed_rate(cached, work))
+            if only == "fixed":
+                return results
 
-        empty = make_db(work / "empty.db", webhook)
-        with sqlite3.connect(empty) as conn:
-            conn.execute("DELETE FROM policies")
-        measure("no matching policy (default action deny)", empty, allowed=False, target=0.9)
-        measure("policy with integration off", make_db(work / "off.db", webhook, integration=False), target=0.9)
-        cached = make_db(work / "cached.db", webhook, rules_per_policy=3, cache_ttl=60)
-        measure("3 rules, decisions cached", cached, target=0.85)
-        base1 = _measure("baseline, concurrency 1", None, clients=1, streams=1)
-        r = _measure("3 rules cached, concurrency 1", cached, clients=1, streams=1)
-        r.ratio_to, r.ratio = "baseline c1", r.rate / base1.rate
-        r.target, r.met = "p50 ≤ baseline + 0.1 ms", r.p50 <= base1.p50 + 0.1
-        r.note = f"p50 {r.p50 - base1.p50:+.2f} ms vs baseline"
-        r = measure("3 rules uncached, instant webhook", make_db(work / "uncached.db", webhook, rules_per_policy=3),
-                    target=0.4)
-        r.note += "; h2load repeats one request, so single flight merges calls in flight at once"
+            _measure("baseline: bare always-OK servicer (h2load -c4 -m16)", None)
 
-        slow_db = make_db(work / "slow.db", webhook, rules_per_policy=1, endpoint="slow",
-                          url_param="%headers.x-unique%")
-        port = free_port()
-        with sidecar(slow_db, port):
-            rate, p50, p99 = asyncio.run(_drive_unique(port, duration, 64))
-        r = Result("100 ms webhook, 64 concurrent checks (unique)", rate, p50, p99)
-        r.target, r.met = "≥ 400 checks/s", rate >= 400
-        print(f"  {r.scenario}: {rate:.0f} checks/s, p50 {p50:.1f} ms", flush=True)
-        results.append(r)
+            empty = make_db(work / "empty.db", webhook)
+            with sqlite3.connect(empty) as conn:
+                conn.execute("DELETE FROM policies")
+            measure("no matching policy (default action deny)", empty, allowed=False, target=0.9)
+            measure("policy with integration off", off, target=0.9)
+            measure("3 rules, decisions cached", cached, target=0.85)
+            base1 = _measure("baseline, concurrency 1", None, clients=1, streams=1)
+            r = _measure("3 rules cached, concurrency 1", cached, clients=1, streams=1)
+            r.ratio_to, r.ratio = "baseline c1", r.rate / base1.rate
+            r.target, r.met = "p50 ≤ baseline + 0.1 ms", r.p50 <= base1.p50 + 0.1
+            r.note = f"p50 {r.p50 - base1.p50:+.2f} ms vs baseline"
+            r = measure("3 rules uncached, instant webhook", make_db(work / "uncached.db", webhook, rules_per_policy=3),
+                        target=0.4)
+            r.note += "; h2load repeats one request, so single flight merges calls in flight at once"
 
-        small = _measure("10 policies (1 cached rule each)",
-                        make_db(work / "p10.db", webhook, policies=10, rules_per_policy=1, cache_ttl=60))
-        big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
-        big = _measure("10,000 policies and rules", big_db)
-        big.ratio_to, big.ratio = "10 policies", big.rate / small.rate
-        big.target, big.met = "≥ 0.95 × 10 policies; RSS < 150 MB", big.ratio >= 0.95 and big.extra["rss_mb"] < 150
-        big.note = f"sidecar RSS {big.extra['rss_mb']:.0f} MB"
-        results.append(reload_stall(big_db, payload, duration, work))
-        results.append(bundle_activation(big_db, payload, duration, work))
+            slow_db = make_db(work / "slow.db", webhook, rules_per_policy=1, endpoint="slow",
+                              url_param="%headers.x-unique%")
+            port = free_port()
+            with sidecar(slow_db, port):
+                rate, p50, p99 = asyncio.run(_drive_unique(port, duration, 64))
+            r = Result("100 ms webhook, 64 concurrent checks (unique)", rate, p50, p99)
+            r.target, r.met = "≥ 400 checks/s", rate >= 400
+            print(f"  {r.scenario}: {rate:.0f} checks/s, p50 {p50:.1f} ms", flush=True)
+            results.append(r)
 
-        one = _measure("integration off, --workers 1 (h2load -c8 -m8)", work / "off.db", clients=8, streams=8)
-        two = _measure("integration off, --workers 2 (h2load -c8 -m8)", work / "off.db", extra=("--workers", "2"),
-                       clients=8, streams=8)
-        two.ratio_to, two.ratio = "--workers 1", two.rate / one.rate
-        two.target, two.met = "≥ 1.5 × one worker", two.ratio >= 1.5
-        two.note = "h2load shares the 2 cores with both workers"
+            small = _measure("10 policies (1 cached rule each)",
+                            make_db(work / "p10.db", webhook, policies=10, rules_per_policy=1, cache_ttl=60))
+            big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
+            big = _measure("10,000 policies and rules", big_db)
+            big.ratio_to, big.ratio = "10 policies", big.rate / small.rate
+            big.target, big.met = "≥ 0.95 × 10 policies; RSS < 150 MB", big.ratio >= 0.95 and big.extra["rss_mb"] < 150
+            big.note = f"sidecar RSS {big.extra['rss_mb']:.0f} MB"
+            results.append(reload_stall(big_db, payload, work))
+            results.append(bundle_activation(big_db, payload, work))
 
-        results.extend(through_envoy(work / "off.db", duration, work))
-    shutil.rmtree(work, ignore_errors=True)
+            one = _measure("integration off, --workers 1 (h2load -c8 -m8)", work / "off.db", clients=8, streams=8)
+            two = _measure("integration off, --workers 2 (h2load -c8 -m8)", work / "off.db", extra=("--workers", "2"),
+                           clients=8, streams=8)
+            two.ratio_to, two.ratio = "--workers 1", two.rate / one.rate
+            two.target, two.met = "≥ 1.5 × one worker", two.ratio >= 1.5
+            two.note = "h2load shares the 2 cores with both workers"
+
+            results.extend(through_envoy(work / "off.db", duration, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
-def reload_stall(db: Path, payload: Path, duration: float, work: Path) -> Result:
-    """p99 of checks while 10,000 rules are reloaded about every second."""
+Pair = tuple[FixedRate, FixedRate]  # (bare servicer, sidecar), measured side by side
+
+
+def _median(pairs: list[Pair], key: Callable[[Pair], float]) -> Pair:
+    return sorted(pairs, key=key)[len(pairs) // 2]
+
+
+def cpu_per_check(name: str, db: Path, payload: Path, work: Path, *, target: float) -> Result:
+    """The sidecar's CPU per check against the bare servicer's, both loaded at FIXED_RATE
+    checks/s on one HTTP/2 connection at the same time: steadier than saturated throughput on
+    a shared machine. REPEATS pairs of fresh processes; the median ratio is reported."""
+    def pair() -> Pair:
+        base_port, side_port = free_port(), free_port()
+        with server(None, base_port) as base, server(db, side_port) as side:
+            expect_decision(side_port)
+            bare, ours = fixed_rate([Target(f"http://127.0.0.1:{base_port}{CHECK_PATH}", base.pid, payload),
+                                     Target(f"http://127.0.0.1:{side_port}{CHECK_PATH}", side.pid, payload)], work)
+        return bare, ours
+
+    pairs = [pair() for _ in range(REPEATS)]
+    base, side = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
+    result = Result(f"CPU per check at {FIXED_RATE:,}/s: {name}", side.rate, side.p50, side.p99)
+    result.ratio_to, result.ratio = f"bare servicer ({base.cpu_us:.0f} µs)", side.cpu_us / base.cpu_us
+    result.target, result.met = f"≤ {target:.2f} × bare", result.ratio <= target
+    result.note = (f"sidecar {side.cpu_us:.0f} µs/check; median of {REPEATS} paired runs, ratios "
+                   + ", ".join(f"{s.cpu_us / b.cpu_us:.2f}" for b, s in pairs))
+    print(f"  {result.scenario}: {result.note}", flush=True)
+    return result
+
+
+def envoy_fixed_rate(db: Path, work: Path) -> list[Result]:
+    """Latency through Envoy (a direct_response route, so no upstream) at FIXED_RATE
+    requests/s on one HTTP/2 connection: the sidecar behind one Envoy and the bare servicer
+    behind an identical one, loaded at the same time."""
+    from tests.envoy_harness import ENVOY_YAML, envoy_binary, render_config
+
+    @contextlib.contextmanager
+    def envoy_in_front(db: Path | None) -> Iterator[Target]:
+        side_port, envoy_port = free_port(), free_port()
+        config = Path(tempfile.mktemp(suffix=".yaml", dir=work))
+        config.write_text(render_config(
+            ENVOY_YAML, sidecar_port=side_port, upstream_port=free_port(), listener_port=envoy_port,
+            admin_port=free_port(), extra={"route: { cluster: app }":
+                                           'direct_response: { status: 200, body: { inline_string: "ok" } }'}))
+        with server(db, side_port) as proc, \
+                process([envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "error"], envoy_port):
+            yield Target(f"http://127.0.0.1:{envoy_port}/app", proc.pid, headers=(":authority: app.example.com",))
+
+    def pair() -> Pair:
+        with envoy_in_front(None) as bare, envoy_in_front(db) as ours:
+            base, side = fixed_rate([bare, ours], work)
+        return base, side
+
+    pairs = [pair() for _ in range(REPEATS)]
+    base, side = _median(pairs, lambda p: p[1].p99 / p[0].p99)
+    p99 = Result(f"through Envoy at {FIXED_RATE:,}/s, 3 cached rules: p99", side.rate, side.p50, side.p99)
+    p99.ratio_to, p99.ratio = f"bare servicer ({base.p99:.2f} ms)", side.p99 / base.p99
+    p99.target, p99.met = "≤ 1.20 × bare", p99.ratio <= 1.20
+    p99.note = f"median of {REPEATS} paired runs, ratios " + ", ".join(f"{s.p99 / b.p99:.2f}" for b, s in pairs)
+    base, side = _median(pairs, lambda p: p[1].p50 - p[0].p50)
+    p50 = Result(f"through Envoy at {FIXED_RATE:,}/s, 3 cached rules: p50", side.rate, side.p50, side.p99)
+    p50.ratio_to = f"{side.p50 - base.p50:+.2f} ms vs bare ({base.p50:.2f} ms)"
+    p50.target, p50.met = "≤ bare + 0.15 ms", side.p50 - base.p50 <= 0.15
+    p50.note = f"median of {REPEATS} paired runs, differences " + ", ".join(
+        f"{s.p50 - b.p50:+.2f} ms" for b, s in pairs)
+    for r in (p99, p50):
+        print(f"  {r.scenario}: {r.note}", flush=True)
+    return [p99, p50]
+
+
+def reload_stall(db: Path, payload: Path, work: Path) -> Result:
+    """The slowest check at FIXED_RATE checks/s while 10,000 rules are reloaded every second,
+    against the slowest in a run without reloads (target: none over 20 ms)."""
     port = free_port()
-    with sidecar(db, port, "--reload-interval", "0.2"):
+    url = f"http://127.0.0.1:{port}{CHECK_PATH}"
+    with sidecar(db, port, "--reload-interval", "0.2") as proc:
         expect_decision(port)
-        stop = time.monotonic() + duration + 1
+        quiet, = fixed_rate([Target(url, proc.pid, payload)], work)
+        stop = threading.Event()
         reloads = 0
 
         def bump() -> None:
             nonlocal reloads
             with sqlite3.connect(db) as conn:
-                while time.monotonic() < stop:
+                while not stop.wait(1):
                     # A no-op edit still bumps rules_version: a full reload of every rule.
                     conn.execute("UPDATE rules SET timeout_ms = timeout_ms WHERE id = 1")
                     conn.commit()
                     reloads += 1
-                    time.sleep(1)
 
         bumper = threading.Thread(target=bump)
         bumper.start()
-        rate, p50, p99 = h2load(port, payload, duration, 4, 16, work)
-        bumper.join()
-    result = Result("10,000 rules, reloaded every second", rate, p50, p99)
-    result.target, result.met = "p99 < 50 ms", p99 < 50
-    result.note = f"{reloads} reloads during the run"
-    print(f"  {result.scenario}: p99 {p99:.1f} ms", flush=True)
+        try:
+            busy, = fixed_rate([Target(url, proc.pid, payload)], work)
+        finally:
+            stop.set()
+            bumper.join()
+    result = Result(f"10,000 rules reloaded every second, at {FIXED_RATE:,}/s", busy.rate, busy.p50, busy.p99)
+    result.target, result.met = "no check over 20 ms", busy.worst < 20
+    result.note = (f"slowest check {busy.worst:.1f} ms ({reloads} reloads) vs {quiet.worst:.1f} ms without "
+                   f"reloads (p99 {quiet.p99:.2f} ms)")
+    print(f"  {result.scenario}: {result.note}", flush=True)
     return result
 
 
@@ -385,7 +554,10 @@ def _admin(db: Path, *args: str) -> None:
                    capture_output=True, timeout=300)
 
 
-def bundle_activation(author: Path, payload: Path, duration: float, work: Path) -> Result:
+BUNDLE_RUN_SECONDS = 25
+
+
+def bundle_activation(author: Path, payload: Path, work: Path) -> Result:
     """A sidecar following a bundle file gets a 10,000-rule revision while checks run: how long
     until it answers by it, and the slowest check meanwhile (target: none over 50 ms)."""
     key = work / "signing"
@@ -400,7 +572,7 @@ def bundle_activation(author: Path, payload: Path, duration: float, work: Path) 
     build_seconds = time.monotonic() - started
     port, ops = free_port(), free_port()
     with sidecar(work / "follower.db", port, "--bundle", str(bundle), "--bundle-verification-key", f"{key}.pub",
-                 "--bundle-poll-interval", "0.2", "--http", f"127.0.0.1:{ops}"):
+                 "--bundle-poll-interval", "0.2", "--http", f"127.0.0.1:{ops}") as proc:
         ready_by = time.monotonic() + 30
         while time.monotonic() < ready_by:  # its first revision applies right after start
             try:
@@ -413,7 +585,7 @@ def bundle_activation(author: Path, payload: Path, duration: float, work: Path) 
         switched: list[float] = []
 
         def publish() -> None:
-            time.sleep(min(1.0, duration / 3))
+            time.sleep(2)  # the warm-up second, then one second of the measured run
             (work / "big.jws").replace(bundle)
             published = time.monotonic()
             while time.monotonic() - published < 60:
@@ -425,13 +597,15 @@ def bundle_activation(author: Path, payload: Path, duration: float, work: Path) 
 
         publisher = threading.Thread(target=publish)
         publisher.start()
-        rate, p50, p99, worst = h2load(port, payload, duration, 4, 16, work, worst=True)
+        # Long enough to cover the activation and the reload that follows it.
+        run, = fixed_rate([Target(f"http://127.0.0.1:{port}{CHECK_PATH}", proc.pid, payload)], work,
+                          requests=FIXED_RATE * BUNDLE_RUN_SECONDS)
         publisher.join()
-    result = Result("10,000-rule bundle applied under load", rate, p50, p99)
+    result = Result(f"10,000-rule bundle applied at {FIXED_RATE:,} checks/s", run.rate, run.p50, run.p99)
     result.target = "no check over 50 ms"
-    result.met = worst < 50
+    result.met = run.worst < 50 and bool(switched) and switched[0] < BUNDLE_RUN_SECONDS - 2
     result.note = (f"applied {switched[0]:.2f} s after publishing (build {build_seconds:.1f} s); "
-                   f"slowest check {worst:.1f} ms" if switched else "not applied within 60 s")
+                   f"slowest check {run.worst:.1f} ms" if switched else "not applied within 60 s")
     print(f"  {result.scenario}: {result.note}", flush=True)
     return result
 
@@ -478,7 +652,7 @@ def table(results: list[Result]) -> str:
     rows = ["| scenario | checks/s | p50 ms | p99 ms | ratio | target | met | note |",
             "|---|---:|---:|---:|---:|---|---|---|"]
     for r in results:
-        ratio = f"{r.ratio:.2f} × {r.ratio_to}" if r.ratio is not None else ""
+        ratio = f"{r.ratio:.2f} × {r.ratio_to}" if r.ratio is not None else r.ratio_to
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         rows.append(f"| {r.scenario} | {r.rate:,.0f} | {r.p50:.2f} | {r.p99:.2f} | {ratio} | {r.target} | {met} "
                     f"| {r.note} |")
@@ -491,6 +665,9 @@ def main() -> int:
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("--duration", type=float, default=3, help="seconds of load per run")
     parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
+    parser.add_argument("--only", choices=["all", "fixed", "stalls"], default="all",
+                        help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about a minute); "
+                             "stalls: only the 10,000-rule reload and bundle activation (about two minutes)")
     args = parser.parse_args()
     if args.role == "baseline":
         _baseline_main(args.port)
@@ -504,7 +681,7 @@ def main() -> int:
             return 2
     print(f"machine: {machine()}\n", flush=True)
     started = time.monotonic()
-    results = run(args.duration)
+    results = run(args.duration, args.only)
     text = table(results)
     print("\n" + text)
     print(f"\n({time.monotonic() - started:.0f} s)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 from sidecar.db import RowMemo, connect, load_rule_set
@@ -9,7 +11,7 @@ from sidecar.policies import Policy
 from sidecar.rules.client import WebhookClient
 from sidecar.rules.evaluator import WebhookEvaluator
 from sidecar.rules.model import Rule
-from sidecar.snapshot import build_snapshot
+from sidecar.snapshot import RulesWatcher, Snapshot, build_snapshot
 from tests.conftest import seed
 
 
@@ -43,3 +45,28 @@ def test_a_reload_reuses_what_did_not_change(db: Path) -> None:
     assert moved.index.match("other.example", "/", "GET").name == "p2"
     assert moved.index.match("h2.example", "/", "GET") is None
     assert moved.policy_rules["p2"][0] is edited.policy_rules["p2"][0]  # the rule itself did not change
+
+
+async def test_a_replaced_snapshot_is_freed_though_the_watcher_froze_it(db: Path) -> None:
+    """The watcher takes each snapshot out of the collector's sight (gc.freeze: a reload of
+    many rules otherwise triggers full collections that stall every check). Frozen objects are
+    freed only by their reference counts, so a snapshot with a reference cycle would leak at
+    every reload: once replaced, nothing of a snapshot may survive, even a full collection."""
+    def publish(version: int) -> None:
+        seed(db, [Rule(name=f"r{i}", url=f"http://127.0.0.1:9/v{version}/r{i}?u=%username%") for i in range(20)],
+             [Policy(name=f"p{i}", hosts=(f"h{i}.example",), rules=(f"r{i}",)) for i in range(20)])
+
+    publish(1)
+    loaded: list[Snapshot] = []
+    watcher = RulesWatcher(db, WebhookEvaluator(WebhookClient()), 60, loaded.append)
+    await watcher.load(force=True)
+    frozen_before = gc.get_freeze_count()
+    assert frozen_before > 0  # the watcher froze what it loaded
+    rules = [weakref.ref(rule) for rule, _ in loaded[0].compiled.values()]
+    assert len(rules) == 20
+    loaded.clear()
+    publish(2)
+    await watcher.load(force=True)
+    gc.collect()
+    assert [r() for r in rules if r() is not None] == []
+    await watcher.stop()

@@ -53,8 +53,16 @@ def iso_time(epoch: float) -> str:
     # To the microsecond first (a float epoch holds no finer: a quarter of one today), so that
     # a time read back from the log, an exact millisecond a float may hold a hair below, keeps
     # its millisecond.
+    global _last_second
     seconds, micros = divmod(round(epoch * 1_000_000), 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros // 1000:03d}Z"
+    last = _last_second  # one tuple read: safe from any thread
+    if last[0] != seconds:
+        # A batch's records share a handful of seconds: strftime once per second, not per row.
+        last = _last_second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{micros // 1000:03d}Z"
+
+
+_last_second: tuple[int, str] = (-1, "")
 
 
 def parse_iso_time(text: str) -> float:
