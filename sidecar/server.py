@@ -140,10 +140,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 class Sidecar:
     """The running service: gRPC server, rules watcher and activity log, started and stopped
-    together. ``port`` is the bound gRPC port (useful with port 0)."""
+    together. ``port`` is the bound gRPC port (useful with port 0). ``freeze``: the process is
+    the sidecar's own (``serve``), see ``RulesWatcher``."""
 
     def __init__(self, settings: Settings, evaluator: RuleEvaluator | None = None, *,
-                 reuse_port: bool = False, ops_socket: str | None = None) -> None:
+                 reuse_port: bool = False, ops_socket: str | None = None, freeze: bool = False) -> None:
         self.settings = settings
         ca_bundle = str(settings.webhook_ca_bundle) if settings.webhook_ca_bundle else None
         self.evaluator = evaluator or WebhookEvaluator(
@@ -157,7 +158,7 @@ class Sidecar:
         self.retention = ActivityRetention(settings.db, days=settings.activity_retention_days,
                                            rows=settings.activity_retention_rows)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
-                                    self._on_rules_health)
+                                    self._on_rules_health, freeze=freeze)
         self.evaluator.on_call = self.metrics.record_call
         # --bundle: the bundle owns rules and policies (sidecar.bundles).
         self.bundles = BundleSync(settings, self._bundle_applied) if settings.bundle else None
@@ -297,7 +298,7 @@ class Sidecar:
 async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, reuse_port: bool = False,
                 ops_socket: str | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
-    sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port, ops_socket=ops_socket)
+    sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port, ops_socket=ops_socket, freeze=True)
     try:
         await sidecar.start()
     except (db.StoreError, RuntimeError, ValueError) as exc:

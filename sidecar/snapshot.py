@@ -117,12 +117,15 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
 
 class RulesWatcher:
     """Loads rules.db and reloads it when it changes (commits by any process, or the file
-    being replaced), polling cheaply with ``PRAGMA data_version``."""
+    being replaced), polling cheaply with ``PRAGMA data_version``. ``freeze``: gc.freeze()
+    after each load, for the process that owns the interpreter (``serve``), not a library
+    user's."""
 
     def __init__(self, db_path: Path, evaluator: RuleEvaluator, interval: float,
                  on_change: Callable[[Snapshot], None],
-                 on_health: Callable[[str | None], None] | None = None) -> None:
+                 on_health: Callable[[str | None], None] | None = None, *, freeze: bool = False) -> None:
         self._path = db_path
+        self._freeze = freeze
         self._evaluator = evaluator
         self._interval = interval
         self._on_change = on_change
@@ -197,12 +200,14 @@ class RulesWatcher:
                 log.warning("unusable %s %r: %s", problem.kind, problem.name, problem.error)
             log.info("rules loaded", extra={"version": snapshot.version, "policies": snapshot.index.size})
             self._on_change(snapshot)
-            # The snapshot lives until the next reload: take it (and everything older) out of
-            # the collector's sight. Otherwise the allocations of the next reload trigger full
-            # collections that walk every object of every rule, holding the interpreter: 160 ms
-            # pauses with 10,000 rules (issue 15). Frozen objects are still freed when their
-            # last reference goes, as a replaced snapshot's are (tests/test_snapshot.py).
-            gc.freeze()
+            if self._freeze:
+                # The snapshot lives until the next reload: take it (and everything older) out
+                # of the collector's sight. Otherwise the allocations of the next reload
+                # trigger full collections that walk every object of every rule, holding the
+                # interpreter: 160 ms pauses with 10,000 rules (issue 15). Frozen objects are
+                # still freed when their last reference goes, as a replaced snapshot's are
+                # (tests/test_snapshot.py).
+                gc.freeze()
         return snapshot
 
     def _drop_connection(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,6 @@ from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.certs import TlsDir, make_tls_dir
 from tests.helpers import closed_port, serving
-
-
-@pytest.fixture(autouse=True)
-def _unfrozen() -> Iterator[None]:
-    """A sidecar run in the test process freezes its objects at each rules load (gc.freeze):
-    hand them back to the collector after each test, or the session would keep every earlier
-    test's cyclic garbage."""
-    yield
-    gc.unfreeze()
 
 
 def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) -> None:

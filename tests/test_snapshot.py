@@ -58,15 +58,17 @@ async def test_a_replaced_snapshot_is_freed_though_the_watcher_froze_it(db: Path
 
     publish(1)
     loaded: list[Snapshot] = []
-    watcher = RulesWatcher(db, WebhookEvaluator(WebhookClient()), 60, loaded.append)
-    await watcher.load(force=True)
-    frozen_before = gc.get_freeze_count()
-    assert frozen_before > 0  # the watcher froze what it loaded
-    rules = [weakref.ref(rule) for rule, _ in loaded[0].compiled.values()]
-    assert len(rules) == 20
-    loaded.clear()
-    publish(2)
-    await watcher.load(force=True)
-    gc.collect()
-    assert [r() for r in rules if r() is not None] == []
-    await watcher.stop()
+    watcher = RulesWatcher(db, WebhookEvaluator(WebhookClient()), 60, loaded.append, freeze=True)
+    try:
+        await watcher.load(force=True)
+        assert gc.get_freeze_count() > 0  # the watcher froze what it loaded
+        rules = [weakref.ref(rule) for rule, _ in loaded[0].compiled.values()]
+        assert len(rules) == 20
+        loaded.clear()
+        publish(2)
+        await watcher.load(force=True)
+        gc.collect()
+        assert [r() for r in rules if r() is not None] == []
+    finally:
+        await watcher.stop()
+        gc.unfreeze()  # the test process's objects go back to the collector
