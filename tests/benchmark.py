@@ -1,7 +1,7 @@
 """`make bench`: what a check costs on top of gRPC itself, measured side by side with a bare
 always-OK Check servicer built from the same generated code, in the same run.
 
-Everything runs on loopback and is bounded in time (about three minutes in all). Load comes
+Everything runs on loopback and is bounded in time (about four and a half minutes in all). Load comes
 from h2load (gRPC: a length-prefixed serialized CheckRequest posted with
 ``content-type: application/grpc``) and wrk (HTTP through Envoy), except where every request
 must differ (the 100 ms webhook: single flight would merge identical ones), which uses a small
