@@ -114,6 +114,9 @@ class Settings(BaseSettings):
         None, description="env:NAME or file:PATH of a bearer token sent to an http(s) --bundle (within "
         "--secret-dir / --secret-env-prefix)")
     bundle_max_bytes: int = Field(16 << 20, ge=1, description="largest bundle accepted, in bytes")
+    bundle_min_sequence: int = Field(
+        0, ge=0, description="refuse bundles with a lower sequence even on an empty rules.db (set it from the "
+        "publisher, e.g. the sequence of the last security fix: a fresh pod cannot be fed an older bundle)")
 
     @field_validator("listen", "http")
     @classmethod

@@ -413,6 +413,27 @@ async def test_a_configmap_update_is_applied_and_an_unchanged_one_is_not(
     assert status.exit_code == 0 and status.output.startswith(f"revision  {revision}\napplied   ")
 
 
+async def test_a_fresh_sidecar_refuses_a_bundle_below_the_minimum_sequence(
+        tmp_path: Path, keys: Keys, start_sidecar: StartSidecar, authz: Any) -> None:
+    """A pod that starts on an empty rules.db remembers no applied sequence, so a replayed old
+    bundle would apply there; --bundle-min-sequence (set by the publisher) refuses it."""
+    private, public, _ = keys.make("signing")
+    configmap = tmp_path / "configmap"
+    configmap.mkdir()
+    mount(configmap, bundle_of(ALLOW_ALL, private, 5), "2026_01_01_00_00_00.1")
+    sidecar = await start_sidecar(bundle=str(configmap / "bundle.jws"), bundle_verification_key=(str(public),),
+                                  bundle_poll_interval=0.2, bundle_min_sequence=10)
+    stub = authz(sidecar.port)
+    bundles = sidecar.bundles
+    assert bundles is not None
+    await eventually(lambda: bundles.last_failure is not None, timeout=2)
+    assert bundles.last_failure is not None and bundles.last_failure[0] == "older_revision"
+    assert "sequence 5 is below --bundle-min-sequence 10" in bundles.detail()
+    assert code_of(await stub.Check(check_request("/"))) == "not_ready"
+    mount(configmap, bundle_of(ALLOW_ALL, private, 10), "2026_01_01_00_01_00.2")
+    assert code_of(await eventually(lambda: _allowed(stub), timeout=2)) == "allowed"
+
+
 async def _allowed(stub: Any) -> Any:
     response = await stub.Check(check_request("/"))
     return response if code_of(response) == "allowed" else None

@@ -98,16 +98,20 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy)
 
 
 def verify_and_apply(path: str, body: bytes, key_specs: tuple[str, ...], verify: bool, source: str,
-                     secrets: SecretPolicy) -> tuple[str, str | None, bool]:
+                     secrets: SecretPolicy, min_sequence: int = 0) -> tuple[str, str | None, bool]:
     """In the apply process: verify ``body`` with the keys ``key_specs`` name and apply it
     (``apply_bundle``); the revision, its key id and whether it was applied. Raises
-    ``BundleRefused``.
+    ``BundleRefused``; a sequence below ``min_sequence`` is ``older_revision``, whatever
+    rules.db holds (it remembers only what it applied: an empty one would take any).
 
     A process of its own because validating and writing 10,000 rules is seconds of Python: in
     a thread of the sidecar it held the interpreter against the event loop (checks waited up to
     0.9 s); here the loop only waits for the answer."""
     keys = {key.key_id: key for key in (load_verification_key(spec) for spec in key_specs)}
     bundle = parse_bundle(body, keys, verify=verify)
+    if bundle.sequence < min_sequence:
+        raise BundleRefused("older_revision", f"sequence {bundle.sequence} is below --bundle-min-sequence "
+                                              f"{min_sequence}")
     return bundle.revision, bundle.key_id, apply_bundle(Path(path), bundle, source, secrets)
 
 
@@ -132,6 +136,7 @@ class BundleSync:
         self._secrets = settings.secret_policy
         self._interval = settings.bundle_poll_interval
         self._verify = not settings.bundle_insecure_skip_verify
+        self._min_sequence = settings.bundle_min_sequence
         self._key_specs = settings.bundle_verification_key
         self._keys: dict[str, VerificationKey] = {}
         self.source = source or open_source(settings)
@@ -217,7 +222,7 @@ class BundleSync:
         try:
             revision, key_id, applied = await asyncio.wrap_future(self._apply_process().submit(
                 verify_and_apply, str(self._db), fetched.body, tuple(self._key_specs), self._verify,
-                self.source.name, self._secrets))
+                self.source.name, self._secrets, self._min_sequence))
         except BrokenProcessPool:
             self._pool = None  # started afresh on the next poll
             self._refused(BundleRefused("store_error", "the apply process stopped"))
