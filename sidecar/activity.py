@@ -6,6 +6,12 @@ the list every ``flush_interval`` seconds: one decision log line per decision, w
 go, and one batched insert into rules.db in a worker thread. Batching keeps the per-check cost
 to an append, and the worker thread's contention for the interpreter to a few short bursts a
 second. Shutdown flushes what is pending.
+
+A batch the database refuses (its write lock held past the busy timeout by an admin command, a
+full disk, rules.db missing for a moment) is not lost: it goes back to the head of the list and
+the next flush writes it with the decisions that came meanwhile, the list's bound still holding.
+Its log lines are not written again. Flushes that fail in a row come further apart (at most
+``RETRY_MAX_DELAY``), so a database gone for good costs one error line every few seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from .db import ActivityRecord
 
 log = logging.getLogger(__name__)
 
+RETRY_MAX_DELAY = 5.0
+"""Seconds at most between two tries of a batch the database refused."""
+
 
 class ActivityLog:
     def __init__(self, db_path: Path, max_queue: int = 10_000, *, flush_interval: float = 0.2,
@@ -30,6 +39,10 @@ class ActivityLog:
         self._interval = flush_interval
         self._on_batch = on_batch
         self._pending: list[ActivityRecord] = []
+        # How many records at the head of ``_pending`` already had their log lines written
+        # (a batch the database refused): a retry must not write them twice.
+        self._announced = 0
+        self._failures = 0  # flushes in a row the database refused
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -51,12 +64,13 @@ class ActivityLog:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="activity-log")
 
-    def _write(self, batch: list[ActivityRecord]) -> None:
-        """In the worker thread: the log lines, then the rows. Formatting here, not on the
-        event loop, keeps a flush of a thousand decisions from stalling the checks."""
-        if self._on_batch is not None:
+    def _write(self, batch: list[ActivityRecord], announced: int) -> None:
+        """In the worker thread: the log lines of the records past the first ``announced``, then
+        the rows. Formatting here, not on the event loop, keeps a flush of a thousand decisions
+        from stalling the checks."""
+        if self._on_batch is not None and announced < len(batch):
             try:
-                self._on_batch(batch)
+                self._on_batch(batch[announced:] if announced else batch)
             except Exception:
                 log.exception("could not write decision log lines")
         identity = db.file_identity(self._path)
@@ -74,36 +88,69 @@ class ActivityLog:
             self._conn = None
             raise
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, last: bool = False) -> None:
+        """Write what is pending. A batch the database refuses goes back to the head of the
+        list, unless this is the ``last`` flush (no later one would write it)."""
         batch, self._pending = self._pending, []
+        announced, self._announced = self._announced, 0
         if not batch:
             return
         try:
-            await asyncio.to_thread(self._write, batch)
-            self.written += len(batch)
+            await asyncio.to_thread(self._write, batch, announced)
         except db.StoreError as exc:
+            self._failures += 1
+            if last:
+                self.dropped += len(batch)
+                log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
+                return
+            # insert_activity is one transaction: none of the batch was written. Past the bound,
+            # the oldest go first: their log lines are out already, so only their rows are lost.
+            overflow = max(0, len(batch) + len(self._pending) - self._max)
+            kept = batch[overflow:]
+            self._pending = kept + self._pending
+            self._announced = len(kept)
+            self.dropped += overflow
+            log.error("activity log write failed; %d decisions kept for the next try%s", len(kept),
+                      f", {overflow} dropped (queue full)" if overflow else "", extra={"error": str(exc)})
+        except Exception:
+            # Not the database but a bug, which the same batch would hit on every try: keeping
+            # it would stop the activity log for good.
             self.dropped += len(batch)
-            log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
+            log.exception("activity log write failed; %d decisions dropped", len(batch))
+        else:
+            self.written += len(batch)
+            self._failures = 0
+
+    def _delay(self) -> float:
+        if not self._failures:
+            return self._interval
+        return max(self._interval, min(self._interval * 2.0 ** min(self._failures, 16), RETRY_MAX_DELAY))
 
     async def _run(self) -> None:
         while not self._closing:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.wait_for(self._wake.wait(), self._delay())
             except TimeoutError:
                 pass
-            await self._flush()
+            if self._closing:
+                break  # close() writes what is left
+            try:
+                await self._flush()
+            except Exception:
+                # Whatever it was, a writer that stopped would leave every later decision to
+                # pile up and be dropped.
+                log.exception("activity log writer failed; going on")
 
     async def close(self) -> None:
         """Flush everything pending, then stop the writer. Records arriving after this are dropped."""
+        self._closing = True
         if self._task is not None:
-            self._closing = True
             self._wake.set()
-            # The writer finishes its current flush, then flushes what is left, and returns;
-            # it alone uses the connection until then.
+            # The writer finishes its current flush and returns; it alone uses the connection
+            # until then.
             await self._task
             self._task = None
-        self._closing = True
-        await self._flush()
+        await self._flush(last=True)
         if self._conn is not None:
             await asyncio.to_thread(self._conn.close)
             self._conn = None

@@ -94,10 +94,13 @@ class ActivityRetention:
 
     def _prune(self, older_than: str | None) -> int:
         """In a worker thread: one prune on a connection of its own."""
-        if not self._path.exists():
-            # db.connect would create an empty database in its place.
-            raise db.StoreError(f"cannot prune the activity log: {self._path} does not exist")
-        conn = db.connect(self._path)
+        try:
+            # Not exists() then connect(): a rules.db deleted in between would come back empty.
+            conn = db.connect(self._path, create=False)
+        except db.StoreError as exc:
+            if not self._path.exists():  # only to word the error
+                raise db.StoreError(f"cannot prune the activity log: {self._path} does not exist") from exc
+            raise
         try:
             return db.prune_activity(conn, older_than=older_than, keep_rows=self.rows,
                                         stop=self._stop)

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+"""The empty mapping of absent headers, claims and context extensions, shared."""
 
 # Named tuples, not frozen dataclasses: the edge makes three of these per check, and a frozen
 # dataclass's __init__ costs 2.1 µs where a named tuple's costs 0.8 µs (issue 15).
@@ -45,10 +46,10 @@ class RequestAttributes(NamedTuple):
     query: str = ""
     scheme: str = ""
     protocol: str = ""
-    headers: Mapping[str, str] = _EMPTY
+    headers: Mapping[str, str] = EMPTY
     source: Peer = Peer()
     destination: Peer = Peer()
     sni: str = ""
-    jwt_payload: Mapping[str, Any] = _EMPTY
-    context_extensions: Mapping[str, str] = _EMPTY
+    jwt_payload: Mapping[str, Any] = EMPTY
+    context_extensions: Mapping[str, str] = EMPTY
     connection: bool = False

@@ -88,8 +88,7 @@ class Checker:
             return Decision.allow(Code.NO_RULES, f'policy "{policy.name}" has no enabled rules', policy.name)
         return await self.evaluator.evaluate(policy, rules, params)
 
-    def headers_to_remove(self, attrs: RequestAttributes, params: Parameters | None,
-                          decision: Decision) -> tuple[str, ...]:
+    def headers_to_remove(self, params: Parameters, decision: Decision) -> tuple[str, ...]:
         """The client-sent ``x-safous-*`` request headers Envoy must remove before an allowed
         request reaches the upstream (``()`` for a deny: nothing reaches it).
 
@@ -103,10 +102,10 @@ class Checker:
         if not decision.allowed:
             return ()
         # Lower-case names (map_parameters guarantees it); Envoy removes names case-insensitively.
-        headers: Mapping[str, str] = params.headers if params is not None else attrs.headers
+        headers = params.headers
         names = "\n" + "\n".join(headers)
         if "\nx-safous" not in names and "\nx_" not in names:
-            return ()  # the common case, seen in one C pass: no header of the namespace was sent
+            return ()  # the common case: no header of the namespace was sent, seen without a loop
         remove: list[str] = []
         set_by_decision: frozenset[str] | None = None
         for name in headers:
@@ -123,7 +122,7 @@ class Checker:
             if name in set_by_decision:
                 continue
             read_as = self._identity_headers.get(name)
-            if read_as and params is not None and any(params.values[p] == headers[name] for p in read_as):
+            if read_as and any(params.values[p] == headers[name] for p in read_as):
                 continue
             remove.append(name)
         return tuple(remove)

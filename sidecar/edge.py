@@ -19,8 +19,8 @@ from ._pb.envoy.config.core.v3 import base_pb2
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from ._pb.envoy.type.v3 import http_status_pb2
 from ._pb.google.rpc import status_pb2
-from .attributes import Peer, RequestAttributes
-from .decision import Decision, Result, result_name
+from .attributes import EMPTY, Peer, RequestAttributes
+from .decision import Code, Decision, PolicySource, Result, result_name
 
 # gRPC status codes (google.rpc.Code); written out to avoid depending on grpc-status protos.
 OK = 0
@@ -91,6 +91,11 @@ def _jwt_payload(request: pb.CheckRequest, namespace: str, key: str) -> Mapping[
     return payload if isinstance(payload, dict) else {}
 
 
+def _context_extensions(attrs: Any) -> Mapping[str, str]:
+    # Almost always none: the shared empty mapping rather than a new dict per check.
+    return dict(attrs.context_extensions) if attrs.context_extensions else EMPTY
+
+
 def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filters.http.jwt_authn",
                  jwt_payload_key: str = "jwt_payload") -> RequestAttributes:
     """The attributes of a CheckRequest as plain values. Absent fields become empty values.
@@ -106,7 +111,7 @@ def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filter
             source=_peer(attrs.source),
             destination=_peer(attrs.destination),
             sni=attrs.tls_session.sni,
-            context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else {},
+            context_extensions=_context_extensions(attrs),
             connection=True,
         )
     http = attrs.request.http
@@ -128,7 +133,7 @@ def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filter
         destination=_peer(attrs.destination),
         sni=attrs.tls_session.sni,
         jwt_payload=_jwt_payload(request, jwt_namespace, jwt_payload_key),
-        context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else {},
+        context_extensions=_context_extensions(attrs),
     )
 
 
@@ -166,13 +171,12 @@ def _metadata(decision: Decision, reason: str) -> struct_pb2.Struct:
 
 
 def _template(decision: Decision) -> tuple[pb.CheckResponse, str]:
-    """The CheckResponse of ``decision`` but for what differs per request (its request id),
-    and for a deny the start of its JSON body."""
+    """The CheckResponse of ``decision`` but for what differs per request (its request id and
+    upstream headers), and for a deny the start of its JSON body."""
     reason = sanitize_reason(decision.reason)
     if decision.allowed:
         return pb.CheckResponse(
-            status=status_pb2.Status(code=OK),
-            ok_response=pb.OkHttpResponse(headers=[_header(k, v) for k, v in decision.upstream_headers]),
+            status=status_pb2.Status(code=OK), ok_response=pb.OkHttpResponse(),
             dynamic_metadata=_metadata(decision, reason),
         ), ""
     body = json.dumps({"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": ""})
@@ -189,12 +193,17 @@ def _template(decision: Decision) -> tuple[pb.CheckResponse, str]:
     ), body.removesuffix('""}')
 
 
-# Most checks repeat a handful of decisions (a policy's allow, a denial's code and reason):
-# their responses are built once and copied (1.3 µs against 5-11 µs to build). Bounded in
-# entries, and only small decisions are kept (webhook values can make a reason or a stored
-# header long): at most 1,024 × 4 KiB.
-_cached_template = functools.lru_cache(maxsize=1024)(_template)
-_TEMPLATE_MAX_CHARS = 4096
+@functools.lru_cache(maxsize=1024)
+def _cached_template(allowed: bool, code: Code, reason: str, policy: str | None, policy_source: PolicySource,
+                     audit_deny: bool) -> tuple[pb.CheckResponse, str]:
+    """Most checks repeat a handful of outcomes (a policy's allow, a denial's code and reason):
+    their responses are built once and copied (1.3 µs against 5-11 µs to build). Keyed
+    without the upstream headers, which often differ per user (stored values); reasons up to
+    ``_TEMPLATE_MAX_REASON`` characters only, so at most about 4 MiB in all."""
+    return _template(Decision(allowed, code, reason, policy, (), policy_source, audit_deny))
+
+
+_TEMPLATE_MAX_REASON = 512
 
 
 def build_response(decision: Decision, request_id: str,
@@ -207,13 +216,19 @@ def build_response(decision: Decision, request_id: str,
     Envoy ignores pseudo-headers and Host there). Both are ignored on a deny. Every response
     carries the decision as dynamic metadata (``_metadata``); its reason is the header-safe one
     (``sanitize_reason``), since it ends up in log lines."""
-    small = len(decision.reason) + sum(len(k) + len(v) for k, v in decision.upstream_headers) <= _TEMPLATE_MAX_CHARS
-    template, body = _cached_template(decision) if small else _template(decision)
-    response = pb.CheckResponse()
-    response.CopyFrom(template)
+    if len(decision.reason) <= _TEMPLATE_MAX_REASON:
+        template, body = _cached_template(decision.allowed, decision.code, decision.reason, decision.policy,
+                                          decision.policy_source, decision.audit_deny)
+        response = pb.CheckResponse()
+        response.CopyFrom(template)
+    else:
+        response, body = _template(decision)
     response.dynamic_metadata.fields["request_id"].string_value = request_id
     if not decision.allowed:
         response.denied_response.body = f"{body}{json.dumps(request_id)}}}"
-    elif headers_to_remove:
+        return response
+    if decision.upstream_headers:
+        response.ok_response.headers.extend(_header(k, v) for k, v in decision.upstream_headers)
+    if headers_to_remove:
         response.ok_response.headers_to_remove.extend(headers_to_remove)
     return response

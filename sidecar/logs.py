@@ -182,7 +182,9 @@ def decision_from_log_line(line: str) -> ActivityRecord | None:
             status=str(entry.get("reason", "")), latency_ms=float(entry.get("latency_ms", 0.0)),
             policy_source="route" if entry.get("policy_source") == "route" else "match",
             audit_deny=result == "audit_deny")
-    except (ValueError, KeyError, TypeError):
+    # RecursionError: a line nested deeper than the recursion limit is anyone's text, not a
+    # decision, and must not end the reading of the others.
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

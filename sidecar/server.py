@@ -8,6 +8,7 @@ activity log, exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -62,11 +63,24 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
     async def _traced_check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         """``_check`` in a span that joins Envoy's trace (its gRPC call's ``traceparent``, else
         the request's)."""
-        metadata = {key: value for key, value in (context.invocation_metadata() or ())
-                    if isinstance(value, str)}
-        headers = dict(request.attributes.request.http.headers)
-        with tracing.check_span((metadata, headers)) as span:
-            return await self._check(request, span)
+        stack = contextlib.ExitStack()
+        try:
+            metadata = {key: value for key, value in (context.invocation_metadata() or ())
+                        if isinstance(value, str)}
+            # The protobuf map itself: the span needs one key, not a copy of every header.
+            span = stack.enter_context(tracing.check_span((metadata, request.attributes.request.http.headers)))
+        except Exception:
+            # Fail closed here too: a tracing failure must not become a gRPC error (Envoy's
+            # failure_mode would decide); the check goes on without its span.
+            log.exception("could not start the check's span")
+            return await self._check(request)
+        response = _INTERNAL_RESPONSE
+        try:
+            with stack:
+                response = await self._check(request, span)
+        except Exception:
+            log.exception("could not end the check's span")
+        return response
 
     async def _check(self, request: pb.CheckRequest, span: Any = None) -> pb.CheckResponse:
         started = time.perf_counter()
@@ -77,17 +91,17 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
             decision, params = await self._checker.check(attrs)
             response = edge.build_response(
-                decision, attrs.request_id, self._checker.headers_to_remove(attrs, params, decision))
+                decision, attrs.request_id, self._checker.headers_to_remove(params, decision) if params else ())
         except Exception:
             # Fail closed: never a gRPC error (Envoy's failure_mode decides those) nor an unset status.
             log.exception("check failed at the edge")
             decision, response = _INTERNAL, _INTERNAL_RESPONSE
         latency_ms = (time.perf_counter() - started) * 1000
-        if span is not None:
-            cached = sum(1 for r in check_trace.rules.values() if r.source == "cache") if check_trace else 0
-            span.set_attributes({"safous.decision": edge.result_of(decision), "safous.code": str(decision.code),
-                                 "safous.policy": decision.policy or "", "safous.rules_from_cache": cached})
         try:
+            if span is not None:
+                cached = sum(1 for r in check_trace.rules.values() if r.source == "cache") if check_trace else 0
+                span.set_attributes({"safous.decision": edge.result_of(decision), "safous.code": str(decision.code),
+                                     "safous.policy": decision.policy or "", "safous.rules_from_cache": cached})
             self._record(attrs, params, decision, latency_ms, check_trace)
         except Exception:
             log.exception("could not record a decision")
@@ -96,15 +110,20 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
     def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
                 decision: Decision, latency_ms: float, check_trace: trace.CheckTrace | None = None) -> None:
         seen = attrs or _UNREAD  # the CheckRequest could not be read: the decision is recorded anyway
-        self._activity.record(ActivityRecord(
-            at=time.time(), request_id=seen.request_id, username=params.values["username"] if params else "",
-            source_ip=seen.source.ip, host=seen.host, path=seen.path, method=seen.method,
-            policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason,
+        # Client values as the activity log, the decision log line and the trace keep them:
+        # bounded once here, whatever a client sent (Envoy lets headers reach 60 KiB).
+        record = ActivityRecord(
+            at=time.time(), request_id=seen.request_id[:256],
+            username=params.values["username"][:256] if params else "", source_ip=seen.source.ip[:64],
+            host=seen.host[:256], path=seen.path[:1024], method=seen.method[:32],
+            policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason[:2048],
             latency_ms=latency_ms, policy_source=decision.policy_source, audit_deny=decision.audit_deny,
-            trace=self._trace_of(attrs, decision, check_trace) if attrs else None,
-        ))
+        )
+        if attrs is not None and (document := self._trace_of(record, decision, check_trace)) is not None:
+            record = record._replace(trace=document)
+        self._activity.record(record)
 
-    def _trace_of(self, attrs: RequestAttributes, decision: Decision,
+    def _trace_of(self, record: ActivityRecord, decision: Decision,
                   check_trace: trace.CheckTrace | None) -> Callable[[], dict[str, Any]] | None:
         """What builds the check's trace document in the activity writer (off the request
         path): for denials and audit denials, or every decision with ``--trace all``."""
@@ -113,9 +132,9 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         snapshot = self._checker.snapshot
         policy = snapshot.index.named(decision.policy) if snapshot and decision.policy else None
         order = list(policy.rules) if policy else None
-        summary = {"request_id": attrs.request_id[:256], "method": attrs.method[:32], "host": attrs.host[:256],
-                   "path": attrs.path[:1024], "policy": decision.policy, "decision": edge.result_of(decision),
-                   "code": str(decision.code), "reason": decision.reason[:2048]}
+        summary = {"request_id": record.request_id, "method": record.method, "host": record.host,
+                   "path": record.path, "policy": decision.policy, "decision": edge.result_of(decision),
+                   "code": str(decision.code), "reason": record.status}
 
         def document() -> dict[str, Any]:
             return {**summary, **check_trace.document(order)}

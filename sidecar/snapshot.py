@@ -150,18 +150,21 @@ class RulesWatcher:
         with self._connection_lock:
             if not self._freeze:
                 return self._load_locked(force)
-            # A snapshot lives until the next reload: it (and everything older) is taken out of
-            # the collector's sight once built, and no full collection runs while it is built.
-            # Otherwise building 10,000 rules triggers full collections that walk every object
-            # of every rule while holding the interpreter: 110-160 ms pauses of every check
-            # (issue 15). Frozen objects are still freed when their last reference goes, as a
-            # replaced snapshot's are (tests/test_snapshot.py); the young generations still
-            # collect what the build throws away.
+            # A snapshot lives until the next reload, so once built it is frozen (gc.freeze:
+            # the whole heap, then, leaves the collector's sight), and no full collection runs
+            # while it is built. Otherwise building 10,000 rules triggers full collections that
+            # walk every object of every rule while holding the interpreter: 110-160 ms pauses
+            # of every check (issue 15). Frozen objects are still freed when their last
+            # reference goes, as a replaced snapshot's are (tests/test_snapshot.py); the young
+            # generations, collected just before the freeze, take the build's cyclic garbage.
+            # What escapes them (a cycle that reached the old generation since the last load)
+            # is kept for good: a small price paid once per change of the rules.
             young, middle, full = gc.get_threshold()
             gc.set_threshold(young, middle, 1 << 30)
             try:
                 snapshot = self._load_locked(force)
                 if snapshot is not None:
+                    gc.collect(1)
                     gc.freeze()
                 return snapshot
             finally:

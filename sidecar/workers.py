@@ -2,8 +2,9 @@
 
 The supervisor starts the workers (spawned: fresh interpreters), passes SIGTERM/SIGINT on so
 they drain as a single server would, and starts a worker again when one dies (counted in
-``safous_worker_restarts_total``). A worker that dies within seconds of its start, five times in
-a row, stops the pod instead (exit 1): a broken configuration must not spin.
+``safous_worker_restarts_total``). A worker that dies within seconds of its start, or cannot be
+started (out of memory), five times in a row, stops the pod instead (exit 1): a broken
+configuration must not spin.
 
 With ``--http``, the supervisor serves ``/healthz``, ``/readyz`` and ``/metrics`` for the whole
 pod; each worker serves its own on a private Unix socket, which the supervisor reads:
@@ -43,9 +44,16 @@ log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT = 2.0
 """Seconds the supervisor waits for a worker's /metrics or /readyz."""
 FAILED_STARTS_LIMIT = 5
-"""Deaths in a row of a worker soon after its start, before the pod gives up."""
+"""Failed starts in a row of a worker (deaths soon after its start, or starts that raised),
+before the pod gives up."""
 STARTUP_SECONDS = 10.0
 """A worker that dies sooner than this after its start counts as a failed start."""
+START_RETRY_SECONDS = 0.5
+"""The wait before starting a worker again after a start that raised (doubled each time in a
+row, at most ``START_RETRY_MAX_SECONDS``)."""
+START_RETRY_MAX_SECONDS = 5.0
+ANSWER_MAX_BYTES = 16 * 1024 * 1024
+"""A worker's /metrics or /readyz answer, at most: a larger one is refused, not read."""
 
 
 def _worker(settings: Settings, index: int, ops_socket: str) -> None:
@@ -107,6 +115,25 @@ class _Slot:
     failed_starts: int = 0
     last: WorkerSamples | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AnswerTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
+
+
+async def read_answer(response: aiohttp.ClientResponse, limit: int) -> str:
+    """The body of a worker's answer as text, read up to ``limit`` bytes: a worker gone wrong
+    must not make the supervisor hold what it sends. Raises ``AnswerTooLarge``."""
+    if response.content_length is not None and response.content_length > limit:
+        raise AnswerTooLarge(limit)
+    body = bytearray()
+    while chunk := await response.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(limit)
+    return body.decode("utf-8", errors="replace")
 
 
 class Supervisor:
@@ -176,14 +203,35 @@ class Supervisor:
             slot.failed_starts = 0 if lived >= STARTUP_SECONDS else slot.failed_starts + 1
             log.error("worker %d exited unexpectedly (exit code %s); starting it again", slot.index,
                       process.exitcode, extra={"worker": slot.index, "exit_code": process.exitcode})
+            if not await self._start_again(slot):
+                return
+
+    async def _start_again(self, slot: _Slot) -> bool:
+        """Start the slot's worker again, retrying a start that raises (out of memory or
+        processes, say): a watcher that died of it would leave the pod unready for good. False
+        when the pod stops instead."""
+        delay = START_RETRY_SECONDS
+        while True:
             if slot.failed_starts >= FAILED_STARTS_LIMIT:
-                log.error("worker %d died within %.0f s of its start %d times in a row: stopping", slot.index,
-                          STARTUP_SECONDS, slot.failed_starts)
+                log.error("worker %d failed to start (or died within %.0f s of its start) %d times in a row: "
+                          "stopping", slot.index, STARTUP_SECONDS, slot.failed_starts)
                 self._failed = True
                 self._stopping.set()
-                return
+                return False
+            try:
+                self._start(slot)
+            except Exception as exc:
+                slot.failed_starts += 1
+                log.exception("worker %d could not be started: %s", slot.index, exc, extra={"worker": slot.index})
+                if slot.failed_starts < FAILED_STARTS_LIMIT:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    if self._stopping.is_set():
+                        return False
+                    delay = min(delay * 2, START_RETRY_MAX_SECONDS)
+                continue
             self.restarts += 1
-            self._start(slot)
+            return True
 
     # --------------------------------------------------------------------- the pod's HTTP port
 
@@ -204,7 +252,8 @@ class Supervisor:
         return runner
 
     async def _ask(self, slot: _Slot, path: str) -> tuple[int, str] | None:
-        """GET ``path`` from a worker's own ops socket; None when it does not answer."""
+        """GET ``path`` from a worker's own ops socket; None when it does not answer, or
+        answers more than ``ANSWER_MAX_BYTES``."""
         if slot.process is None or not slot.process.is_alive():
             return None
         try:
@@ -212,8 +261,12 @@ class Supervisor:
                     connector=aiohttp.UnixConnector(path=slot.socket_path),
                     timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)) as session, \
                     session.get(f"http://worker{path}") as response:
-                return response.status, await response.text()
+                return response.status, await read_answer(response, ANSWER_MAX_BYTES)
         except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+        except AnswerTooLarge as exc:
+            log.error("worker %d answered %s with more than %d bytes: ignored", slot.index, path, exc.limit,
+                      extra={"worker": slot.index})
             return None
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -234,8 +287,13 @@ class Supervisor:
         return web.Response(text=f"ready ({len(self._slots)} workers)\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        # A worker that answers and then dies before every worker has answered is retired with
+        # its previous scrape, and a new process is in its slot: its answer is not the new one's.
+        asked = [slot.process for slot in self._slots]
         answers = await asyncio.gather(*(self._ask(slot, "/metrics") for slot in self._slots))
-        for slot, answer in zip(self._slots, answers, strict=True):
+        for slot, process, answer in zip(self._slots, asked, answers, strict=True):
+            if slot.process is not process:
+                continue
             if answer is not None and answer[0] == 200:
                 try:
                     slot.last = parse_exposition(answer[1])

@@ -32,7 +32,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tests.helpers import ROOT, free_port
 
@@ -158,9 +157,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def h2load(port: int, payload: Path, duration: float, clients: int = 4, streams: int = 16,
-           workdir: Path | None = None, *, worst: bool = False) -> Any:
-    """checks/s, p50 ms, p99 ms of gRPC Check calls driven by h2load (and the slowest, with
-    ``worst``)."""
+           workdir: Path | None = None) -> tuple[float, float, float]:
+    """checks/s, p50 ms, p99 ms of gRPC Check calls driven by h2load."""
     log = Path(tempfile.mktemp(suffix=".tsv", dir=workdir))
     out = subprocess.run(
         ["h2load", "-D", f"{duration:g}", "--warm-up-time", "1", "-c", str(clients), "-m", str(streams),
@@ -173,9 +171,6 @@ def h2load(port: int, payload: Path, duration: float, clients: int = 4, streams:
         raise RuntimeError(f"h2load failed:\n{out.stdout}\n{out.stderr}")
     latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2]
     log.unlink()
-    if worst:
-        return (float(match.group(1)), percentile(latencies, 0.5), percentile(latencies, 0.99),
-                max(latencies, default=float("nan")))
     return float(match.group(1)), percentile(latencies, 0.5), percentile(latencies, 0.99)
 
 
@@ -250,13 +245,19 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
         runs = [subprocess.Popen(command(t, count, log), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for t, log in zip(targets, logs, strict=True)]
         outputs = []
-        for target, run, used in zip(targets, runs, before, strict=True):
-            out, _ = run.communicate(timeout=count / rps + 60)
-            outputs.append((out, cpu_seconds(target.pid) - used))
-            done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
-            codes = re.search(r"status codes: (\d+) 2xx", out)
-            if not done or int(done.group(1)) != count or not codes or int(codes.group(1)) != count:
-                raise RuntimeError(f"h2load failed against {target.url}:\n{out}")
+        try:
+            for target, run, used in zip(targets, runs, before, strict=True):
+                out, _ = run.communicate(timeout=count / rps + 60)
+                outputs.append((out, cpu_seconds(target.pid) - used))
+                done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+                codes = re.search(r"status codes: (\d+) 2xx", out)
+                if not done or int(done.group(1)) != count or not codes or int(codes.group(1)) != count:
+                    raise RuntimeError(f"h2load failed against {target.url}:\n{out}")
+        finally:
+            for run in runs:  # a failed run must not leave the others loading servers being stopped
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
         return outputs
 
     load(rps, [None] * len(targets))
@@ -365,7 +366,8 @@ def run(duration: float, only: str = "all") -> list[Result]:
         base, result = sorted(pairs, key=lambda p: p[1].rate / p[0].rate)[len(pairs) // 2]
         result.ratio_to, result.ratio = f"baseline ({base.rate:,.0f}/s)", result.rate / base.rate
         result.target, result.met = f"≥ {target} × baseline", result.ratio >= target
-        result.note = "median of 3 paired runs; ratios " + ", ".join(f"{r.rate / b.rate:.2f}" for b, r in pairs)
+        result.note = f"median of {REPEATS} paired runs; ratios " + ", ".join(
+            f"{r.rate / b.rate:.2f}" for b, r in pairs)
         results.append(result)
         return result
 
@@ -687,7 +689,9 @@ def main() -> int:
     print(f"\n({time.monotonic() - started:.0f} s)")
     if args.markdown:
         block = (f"{START}\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-                 f"Command: `make bench` ({args.duration:g} s of load per scenario)\n\n{text}\n{END}")
+                 f"Command: `make bench` ({args.duration:g} s of saturating load per scenario; fixed-rate rows: "
+                 f"{FIXED_CHECKS:,} checks at {FIXED_RATE:,}/s, the bundle's over {BUNDLE_RUN_SECONDS} s)"
+                 f"\n\n{text}\n{END}")
         old = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
         if START in old and END in old:
             new = old[: old.index(START)] + block + old[old.index(END) + len(END):]

@@ -216,6 +216,15 @@ def test_a_clear_secret_is_stored_with_a_warning_and_shown_masked(db: Path) -> N
     (["--url", "http://x/", "--timeout-ms", "0"], 'rule "r": --timeout-ms: Input should be greater than or equal to 1'),
     (["--url", "http://x/", "--header", "Bad Name=1"],
      "rule \"r\": --header: header name 'Bad Name' is not a valid HTTP header name"),
+    (["--url", "http://svc:hunter2@x/check"],
+     ("rule \"r\": --url: the URL holds a user name or password (before '@'), which would be stored and shown "
+      "in clear: give the URL without it and use --auth basic with --username and --password env:NAME "
+      "(or file:PATH)")),
+    (["--url", "http://x/", "--auth", "oauth", "--token-url", "https://cid:hunter2@idp/t", "--client-id", "cid",
+      "--client-secret", "env:SAFOUS_SECRET_CS"],
+     ("rule \"r\": --token-url: the URL holds a user name or password (before '@'), which would be stored and "
+      "shown in clear: give the URL without it and use --auth oauth with --client-id and --client-secret "
+      "env:NAME (or file:PATH)")),
 ])
 def test_an_invalid_rule_is_refused_in_one_line_and_nothing_is_written(db: Path, args: list[str], message: str) -> None:
     refused(admin(db, "rule", "add", "r", *args), message)

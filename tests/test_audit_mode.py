@@ -16,6 +16,7 @@ from tests.envoy_harness import ENVOY_YAML, render_config, run_envoy
 from tests.helpers import eventually, http_get, metric, ops_get
 from tests.test_admin import admin
 from tests.test_envoy_native import access_log
+from tests.test_server import ExplodingEvaluator
 
 REASON = 'rule "new-check": status is "inactive", expected "active"'
 
@@ -72,12 +73,17 @@ async def test_an_audit_mode_policy_allows_records_and_can_be_enforced(
 
 async def test_audit_mode_never_turns_an_internal_failure_into_an_allow(
         db: Path, start_sidecar: Any, authz: Any) -> None:
-    """Only the policy's own decision is audited: not ready, or no policy at all, still deny."""
-    seed(db, [], [Policy(name="app", path_prefix="/app", mode="audit")])
-    sidecar = await start_sidecar()
+    """Only the policy's own decision is audited: an internal failure while evaluating its
+    rules, or no policy at all, still deny."""
+    seed(db, [Rule(name="r", url="http://127.0.0.1:9/r")],
+         [Policy(name="app", path_prefix="/app", mode="audit"),
+          Policy(name="ruled", path_prefix="/ruled", mode="audit", rules=("r",))])
+    sidecar = await start_sidecar(ExplodingEvaluator())
     stub = authz(sidecar.port)
     nothing = await stub.Check(check_request("/other"))
     assert nothing.status.code == 7
+    failed = await stub.Check(check_request("/ruled/x"))
+    assert failed.status.code == 7 and json.loads(failed.denied_response.body)["code"] == "internal_error"
     allowed = await stub.Check(check_request("/app/x"))
     assert allowed.status.code == 0 and not any(
         h.header.key == "x-safous-audit-deny" for h in allowed.ok_response.headers)

@@ -10,6 +10,7 @@ change. Each test asserts what a user sees: check results, /readyz, log records,
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -28,8 +29,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import db as rules_db
+from sidecar import logs
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from sidecar.db import BUSY_TIMEOUT_MS, admin_transaction, connect, save_policy, set_enabled
+from sidecar.activity import ActivityLog
+from sidecar.db import ActivityRecord, admin_transaction, connect, connection, save_policy, set_enabled
+from sidecar.logs import decision_from_log_line
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, denial_reason, seed
@@ -232,14 +236,16 @@ async def test_decisions_after_a_restore_reach_the_restored_activity_log(
         f"/after-restore-{i}" for i in range(10)]
 
 
-async def test_the_sidecar_never_recreates_a_deleted_rules_db(db: Path, start_sidecar, authz) -> None:
+async def test_the_sidecar_never_recreates_a_deleted_rules_db(
+        db: Path, start_sidecar, authz, caplog: pytest.LogCaptureFixture) -> None:
     seed(db, [], [A])
     sidecar = await start_sidecar(reload_interval=0.05, http="127.0.0.1:0")
     stub = authz(sidecar.port)
     remove_database(db)  # before the first decision is written
     for i in range(5):
         assert await decide(stub, "a.example.com", f"/gone-{i}") == "allowed"
-    await eventually(lambda: sidecar.activity.written + sidecar.activity.dropped == 5)
+    await eventually(lambda: logged(caplog, logging.ERROR, "activity log write failed"))
+    assert sidecar.activity.depth == 5  # kept for when rules.db is back
     assert not db.exists()
     status, body = await readyz(sidecar)
     assert status == 503 and "does not exist" in body, body
@@ -460,62 +466,164 @@ async def test_a_policy_broken_with_plain_sql_never_lets_its_requests_through_an
 # --- the activity log cannot be written -------------------------------------------------------
 
 
-async def test_activity_log_locked_past_the_busy_timeout_drops_counts_and_logs(
-        db: Path, start_sidecar, authz, caplog: pytest.LogCaptureFixture) -> None:
+def decision(path: str) -> ActivityRecord:
+    return ActivityRecord(at=time.time(), request_id=f"req{path.replace('/', '-')}", username="alice",
+                          source_ip="203.0.113.7", host="a.example.com", path=path, method="GET", policy="a",
+                          allowed=True, code="rules_passed", status="", latency_ms=1.0)
+
+
+def hold_write_lock(db: Path) -> sqlite3.Connection:
+    """Another process's long write transaction (an admin command that takes long): rules.db's
+    write lock, held until the returned connection commits."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE schema_migrations SET applied_at = applied_at")  # a write, no rule change
+    return conn
+
+
+@pytest.fixture
+def decision_lines(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Any:
+    """The JSON decision log lines the process writes on stderr, as a list of strings."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    monkeypatch.setattr(logs, "_format", "json")
+    monkeypatch.setattr(logs, "_worker", None)
+    monkeypatch.setattr(root, "handlers", [handler, *root.handlers])  # write_decisions uses the first
+    caplog.set_level(logging.INFO)
+    return lambda: stream.getvalue().splitlines()
+
+
+async def test_decisions_the_locked_rules_db_refused_are_all_written_once_it_is_free(
+        db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, decision_lines: Any) -> None:
+    """The write lock held past the writer's busy timeout, several times over: every decision
+    reaches the activity log once the lock is released, in order, and each has one decision
+    log line, not one per try."""
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 100)  # tries that fail fast, the same way
+
+    def refused() -> int:
+        return sum("activity log write failed" in r.getMessage() for r in caplog.records)
+
+    activity = ActivityLog(db, flush_interval=0.02, on_batch=logs.write_decisions)
+    activity.start()
+    try:
+        activity.record(decision("/before"))
+        await eventually(lambda: activity.written == 1)
+        holder = hold_write_lock(db)
+        try:
+            for round_ in range(3):
+                before = refused()
+                for i in range(10):
+                    activity.record(decision(f"/locked-{round_}-{i}"))
+                await eventually(lambda before=before: refused() > before, what="a refused write")
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        activity.record(decision("/after"))
+        await eventually(lambda: activity.written == 32, what="every decision written")
+    finally:
+        await activity.close()
+
+    expected = ["/before", *(f"/locked-{r}-{i}" for r in range(3) for i in range(10)), "/after"]
+    assert activity_paths(db) == expected
+    assert activity.dropped == 0
+    logged_paths = [record.path for line in decision_lines() if (record := decision_from_log_line(line))]
+    assert logged_paths == expected  # each line once, none written again on a retry
+    refused = [r for r in caplog.records if "activity log write failed" in r.getMessage()]
+    assert all(r.levelno == logging.ERROR and "kept for the next try" in r.getMessage() for r in refused)
+
+
+async def test_a_batch_kept_for_a_retry_stays_within_the_queue_bound(
+        db: Path, monkeypatch: pytest.MonkeyPatch, decision_lines: Any) -> None:
+    """While the lock is held the queue fills: past ``max_queue`` only the overflow is dropped
+    (the oldest, whose log lines are out), and every decision still has its log line."""
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 200)
+    activity = ActivityLog(db, max_queue=10, flush_interval=0.02, on_batch=logs.write_decisions)
+    activity.start()
+    holder = hold_write_lock(db)
+    try:
+        for i in range(8):
+            activity.record(decision(f"/first-{i}"))
+        await eventually(lambda: activity.depth == 0, what="the batch taken by the writer")
+        for i in range(8):  # while the writer waits for the lock
+            activity.record(decision(f"/second-{i}"))
+        await eventually(lambda: activity.dropped > 0, what="the overflow dropped")
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await eventually(lambda: activity.depth == 0)
+    await activity.close()
+
+    assert (activity.written, activity.dropped) == (10, 6)
+    assert activity_paths(db) == [*(f"/first-{i}" for i in range(6, 8)), *(f"/second-{i}" for i in range(8))]
+    logged_paths = [record.path for line in decision_lines() if (record := decision_from_log_line(line))]
+    assert logged_paths == [*(f"/first-{i}" for i in range(8)), *(f"/second-{i}" for i in range(8))]
+
+
+async def test_a_bug_in_a_write_costs_its_batch_not_the_activity_log(
+        db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Not a database error but a bug: the batch is dropped, counted and logged, and the writer
+    goes on writing the decisions that follow; stopping does not raise it."""
+    real = rules_db.insert_activity
+    calls = 0
+
+    def buggy_once(conn: sqlite3.Connection, batch: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        real(conn, batch)
+
+    monkeypatch.setattr(rules_db, "insert_activity", buggy_once)
+    activity = ActivityLog(db, flush_interval=0.02)
+    activity.start()
+    activity.record(decision("/lost"))
+    await eventually(lambda: activity.dropped == 1)
+    activity.record(decision("/next"))
+    await eventually(lambda: activity.written == 1, what="the writer still writing")
+    await activity.close()
+    assert activity_paths(db) == ["/next"]
+    assert logged(caplog, logging.ERROR, "activity log write failed; 1 decisions dropped")
+
+
+async def test_activity_log_locked_past_the_busy_timeout_loses_nothing(
+        db: Path, start_sidecar, authz, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process holds rules.db's write lock longer than the writer's busy timeout: the
-    batch is dropped, counted and logged, checks go on, and writing resumes afterwards."""
+    failed writes are logged, checks go on at normal speed, and once the lock is released every
+    decision made meanwhile is in the activity log, none dropped."""
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 300)  # the server's writes give up sooner
     seed(db, [], [A])
     sidecar = await start_sidecar(reload_interval=0.05, http="127.0.0.1:0")
     stub = authz(sidecar.port)
     assert await decide(stub, "a.example.com", "/before") == "allowed"
     await eventually(lambda: sidecar.activity.written == 1)
 
-    locked, release = threading.Event(), threading.Event()
-
-    def hog() -> None:
-        conn = sqlite3.connect(db, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("UPDATE schema_migrations SET applied_at = applied_at")  # a write, no rule change
-            locked.set()
-            release.wait(20)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    holder = asyncio.create_task(asyncio.to_thread(hog))
-    await eventually(locked.is_set)
-    worst = 0.0
-    for i in range(20):
-        started = time.perf_counter()
-        assert await decide(stub, "a.example.com", f"/locked-{i}") == "allowed"
-        worst = max(worst, time.perf_counter() - started)
-        await asyncio.sleep(0.01)  # pacing: the decisions fall into several writer batches
-
-    async def dropped() -> bool:
-        return sidecar.activity.dropped > 0
-
-    waited = await timed_wait(dropped, timeout=BUSY_TIMEOUT_MS / 1000 + 5)
-    release.set()
-    await holder
-    assert logged(caplog, logging.ERROR, "activity log write failed")
-    assert await scraped(sidecar, "safous_activity_dropped_total") == sidecar.activity.dropped
+    holder = hold_write_lock(db)
+    try:
+        worst = 0.0
+        for i in range(20):
+            started = time.perf_counter()
+            assert await decide(stub, "a.example.com", f"/locked-{i}") == "allowed"
+            worst = max(worst, time.perf_counter() - started)
+            await asyncio.sleep(0.01)  # pacing: the decisions fall into several writer batches
+        waited = await timed_wait(lambda: logged(caplog, logging.ERROR, "activity log write failed"))
+        assert await scraped(sidecar, "safous_activity_queue_depth") == 20  # waiting, not dropped
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
     assert worst < 0.25
 
     for i in range(5):
         assert await decide(stub, "a.example.com", f"/after-{i}") == "allowed"
+    await eventually(lambda: sidecar.activity.written == 26, what="every decision written")
+    assert await scraped(sidecar, "safous_activity_dropped_total") == 0
     await sidecar.stop(grace=1)
-    paths = activity_paths(db)
-    assert paths[0] == "/before" and paths[-5:] == [f"/after-{i}" for i in range(5)]
-    # Each decision made under the lock is in the activity log or counted as dropped, once.
-    locked_rows = [p for p in paths if p.startswith("/locked-")]
-    assert len(locked_rows) + sidecar.activity.dropped == 20
-    assert sidecar.activity.written == len(paths)
-    print(f"\nlock past busy timeout: batch dropped {waited:.2f} s after the lock, "
+    assert activity_paths(db) == ["/before", *(f"/locked-{i}" for i in range(20)), *(f"/after-{i}" for i in range(5))]
+    print(f"\nlock past busy timeout: first refused write logged {waited:.2f} s after the checks, "
           f"worst check {worst * 1000:.2f} ms")
 
 
-async def test_activity_log_on_a_full_disk_drops_counts_and_logs(tmp_path: Path) -> None:
+async def test_activity_log_on_a_full_disk_keeps_the_decisions_until_there_is_space(tmp_path: Path) -> None:
     """The real server process, its file-size limit lowered to 0 while it runs (what a full
     disk looks like to it: writes fail with EFBIG, reads still work). chmod would not do: this
     process may be root, and an open connection keeps writing to a file made read-only."""
@@ -538,11 +646,11 @@ async def test_activity_log_on_a_full_disk_drops_counts_and_logs(tmp_path: Path)
                     assert await decide(stub, "b.example.com", f"/full-{i}") == "no_matching_policy"
                     await asyncio.sleep(0.02)  # pacing: the decisions fall into several batches
 
-                def dropped_so_far() -> int:
-                    return sum(int(e["message"].split("; ")[1].split()[0]) for e in log.records()
-                               if e.get("message", "").startswith("activity log write failed"))
+                def kept_so_far() -> int:
+                    return max((int(e["message"].split("; ")[1].split()[0]) for e in log.records()
+                                if e.get("message", "").startswith("activity log write failed")), default=0)
 
-                await eventually(lambda: dropped_so_far() >= 40, what="40 decisions dropped")
+                await eventually(lambda: kept_so_far() == 40, timeout=10, what="40 decisions kept")
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING  # rules still readable
             finally:
@@ -556,9 +664,12 @@ async def test_activity_log_on_a_full_disk_drops_counts_and_logs(tmp_path: Path)
     records = log.records()
     failures = [e for e in records if e.get("message", "").startswith("activity log write failed")]
     assert failures and all(e["level"] == "error" and e.get("error") for e in failures)
+    # Tries come further apart while they fail: not an error line per flush.
+    assert len(failures) < 20
     stopped = next(e for e in records if e.get("message") == "stopped")
-    assert stopped["activity_dropped"] == 40 and stopped["activity_written"] == 6
-    assert activity_paths(db) == ["/before", *(f"/after-{i}" for i in range(5))]
+    assert stopped["activity_dropped"] == 0 and stopped["activity_written"] == 46
+    assert activity_paths(db) == ["/before", *(f"/full-{i}" for i in range(20) for _ in "ab"),
+                                  *(f"/after-{i}" for i in range(5))]
     print(f"\ndisk full: {len(failures)} failed writes logged, error: {failures[0]['error']!r}")
 
 

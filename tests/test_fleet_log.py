@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
@@ -60,3 +61,17 @@ async def test_the_fleets_log_lines_make_the_same_table_as_rules_db(tmp_path: Pa
         assert cells(from_log.stdout) == sorted(from_db) and from_db, flags
     denied = admin(pods[0], "logs", "activity", "--from-log", "-", "--denied", input=feed).stdout
     assert "pod-a-1" in denied and "pod-b-0" in denied and "no policy matches this request" in denied
+
+
+def test_a_deeply_nested_line_in_the_feed_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    """A log feed is anyone's text: a line nested deeper than Python's recursion limit is not a
+    decision, and the decisions around it are still shown."""
+    decision = json.dumps({"time": "2026-03-01T10:00:00.000Z", "level": "info", "logger": "sidecar.decision",
+                           "message": "deny", "request_id": "kept-1", "policy": "app", "code": "value_mismatch",
+                           "latency_ms": 1.0, "reason": "no", "username": "alice", "source_ip": "203.0.113.7",
+                           "method": "GET", "host": "app.example.com", "path": "/x", "policy_source": "match"})
+    nested = '{"logger": "sidecar.decision", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    feed = f"{decision}\n[pod/a] {nested}\n{decision.replace('kept-1', 'kept-2')}\n"
+    shown = admin(tmp_path / "rules.db", "logs", "activity", "--from-log", "-", input=feed)
+    assert shown.exit_code == 0, shown.output
+    assert "kept-1" in shown.stdout and "kept-2" in shown.stdout

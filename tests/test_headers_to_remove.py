@@ -49,7 +49,7 @@ def to_remove(headers: dict[str, str], decision: Decision, *, identity: Identity
     identity = identity or IdentityConfig()
     checker = Checker(identity, "deny", UnavailableEvaluator())
     attrs = RequestAttributes(request_id="r1", headers={**ROUTINE, **headers}, jwt_payload=jwt or {})
-    return checker.headers_to_remove(attrs, map_parameters(attrs, identity), decision)
+    return checker.headers_to_remove(map_parameters(attrs, identity), decision)
 
 
 # (case, client headers, decision, identity config, JWT payload, headers to remove)

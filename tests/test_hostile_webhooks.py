@@ -8,12 +8,14 @@ The sidecar runs in this test's process and event loop, so anything that holds i
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import multiprocessing
+import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,8 @@ from hypothesis import strategies as st
 
 from sidecar.decision import Code
 from sidecar.policies import Policy
-from sidecar.rules.judge import INLINE_BYTES, MAX_STORED_VALUE_BYTES, AnswerJudge
+from sidecar.rules import judge as judge_module
+from sidecar.rules.judge import INLINE_BYTES, MAX_STORED_VALUE_BYTES, AnswerJudge, RuleOutcome
 from sidecar.rules.model import Rule, Verification
 from sidecar.rules.responses import compile_actions
 from tests.conftest import check_request, denial_reason, seed
@@ -318,6 +321,90 @@ async def test_an_answer_past_its_deadline_stops_the_judging_process() -> None:
         assert not first.is_alive()
     finally:
         judge.close()
+
+
+class FakeWorker:
+    """Stands in for the judging process: records what it is sent, judges in this process."""
+
+    sent: ClassVar[list[str]] = []
+
+    def call(self, request: Any) -> RuleOutcome:
+        FakeWorker.sent.append(request[0])
+        return judge_module._judge_in_worker(*request)
+
+    def stop(self) -> None:
+        pass
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("fault", ["process", "pipe"])
+async def test_a_judging_process_that_cannot_start_fails_the_rule(
+        fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No descriptors or memory left to start the process: a failure outcome, never an
+    exception (an evaluator does not raise for a rule's failure), and no descriptor leaked."""
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    if fault == "process":
+        monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+    else:
+        monkeypatch.setattr(multiprocessing.context.BaseContext, "Pipe", refuse)
+    judge = AnswerJudge()
+    actions = compile_actions((action("string", "status", "active"),))
+    body = json.dumps({"status": "active", "pad": "x" * (INLINE_BYTES + 1)}).encode()
+    loop = asyncio.get_running_loop()
+    before = open_descriptors()
+    try:
+        for _ in range(3):
+            outcome = await judge.judge("r", Verification.JSON, actions, 200, body, deadline=loop.time() + 10)
+            assert outcome.failure == (Code.RESPONSE_INVALID, (
+                'rule "r": the answer (16 KiB) could not be judged '
+                "(the judging process could not be started or reached)"))
+        assert open_descriptors() == before
+        assert judge_processes() == []
+    finally:
+        judge.close()
+
+
+async def test_an_answer_that_cannot_reach_the_judging_process_fails_the_rule(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that talks to the process cannot be had (the loop's executor shut down)."""
+    async def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(judge_module, "_Worker", FakeWorker)
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    judge = AnswerJudge()
+    actions = compile_actions((action("string", "status", "active"),))
+    body = json.dumps({"status": "active", "pad": "x" * (INLINE_BYTES + 1)}).encode()
+    outcome = await judge.judge("r", Verification.JSON, actions, 200, body,
+                                deadline=asyncio.get_running_loop().time() + 10)
+    assert outcome.failure == (Code.RESPONSE_INVALID, (
+        'rule "r": the answer (16 KiB) could not be judged (the judging process could not be started or reached)'))
+
+
+async def test_regexes_that_are_costly_together_are_judged_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each regex matches its own value: a short answer matched by two large programs costs
+    twice what one does, and goes to the judging process when the sum is too much."""
+    monkeypatch.setattr(judge_module, "_Worker", FakeWorker)
+    monkeypatch.setattr(FakeWorker, "sent", [])
+    big = "[ab]{1000}[ab]{1000}c"
+    one = compile_actions((action("regex", "a", big),))
+    two = compile_actions((action("regex", "a", big), action("regex", "b", big)))
+    body = json.dumps({"a": "ab" * 10, "b": "ab" * 10}).encode()
+    assert len(body) * (1 + one.regex_size / 8) <= INLINE_BYTES < len(body) * (1 + two.regex_size / 8)
+    judge = AnswerJudge()
+    deadline = asyncio.get_running_loop().time() + 10
+    try:
+        outcomes = [await judge.judge(name, Verification.JSON, actions, 200, body, deadline=deadline)
+                    for name, actions in (("one", one), ("two", two))]
+    finally:
+        judge.close()
+    assert [o.failure[0] if o.failure else None for o in outcomes] == [Code.REGEX_MISMATCH] * 2
+    assert FakeWorker.sent == ["two"]
 
 
 @pytest.mark.parametrize("answer", [b'{"token": "ab\\ud800cd"}', b'{"token": "ok", "x": ["\\udfff"]}'])

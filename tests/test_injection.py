@@ -29,6 +29,7 @@ from sidecar.edge import (
 )
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
+from sidecar.rules.unsafe import MAX_PATH_VALUE
 from tests.conftest import check_request, denial_reason, seed
 from tests.helpers import OK, PERMISSION_DENIED, eventually
 from tests.test_faults_webhook import (  # noqa: F401
@@ -67,7 +68,9 @@ SLASH_LIKE = str.maketrans(dict.fromkeys("\\\u2215\u2044\u29f8\u29f9\u2216\ufe68
 
 def unsafe_in_path(value: str) -> bool:
     """A value that would not stay one opaque path segment for a normalising server, however
-    many times it decodes the path (at most 4 layers are believed)."""
+    many times it decodes the path (at most 4 layers are believed), or too long to read so."""
+    if len(value) > MAX_PATH_VALUE:
+        return True
     for _ in range(4):
         if unquote(value) == value:
             break

@@ -238,6 +238,17 @@ def test_compiled_actions() -> None:
     assert apply_actions("r", compiled, RESPONSE) == result
 
 
+def test_regex_size_adds_up_every_regex() -> None:
+    """Each regex matches its own value, which may be the whole answer: the cost of judging is
+    the sum of their programs, which decides whether an answer is judged on the event loop."""
+    one = compile_actions([action("regex", "a", "[ab]{1000}[ab]{1000}c")]).regex_size
+    assert one > 2000
+    both = compile_actions([action("regex", "a", "[ab]{1000}[ab]{1000}c"), action("store", "b", "b"),
+                            action("regex", "b", "[ab]{1000}[ab]{1000}c")])
+    assert both.regex_size == 2 * one
+    assert compile_actions([action("string", "a", "x")]).regex_size == 0
+
+
 # --- status and the whole judgement ----------------------------------------------------------
 
 @pytest.mark.parametrize(("status", "expected"), [

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
@@ -241,6 +242,36 @@ async def test_basic_auth(db, start_sidecar, authz, webhook, monkeypatch) -> Non
     _, stub = await start(db, start_sidecar, authz, [rule])
     assert (await stub.Check(check_request("/"))).status.code == OK
     assert webhook.requests[0]["headers"]["authorization"] == "Basic " + base64.b64encode(b"svc:s3cr:et").decode()
+
+
+USER_PART = ("the URL holds a user name or password (before '@'), which would be stored and shown in clear: "
+             "give the URL without it and use ")
+
+
+@pytest.mark.parametrize("url", ["http://svc:hunter2@api.example.com/check", "https://svc@api.example.com/",
+                                 "https://:hunter2@api.example.com/"])
+def test_a_url_with_a_user_part_is_refused_without_repeating_it(url: str) -> None:
+    # aiohttp would send it as Basic credentials, while rule show, the audit log, bundles and
+    # the portal show a URL in clear.
+    with pytest.raises(ValidationError) as refused:
+        Rule(name="r", url=url)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("url",)
+    assert error["msg"] == ("Value error, " + USER_PART
+                            + "--auth basic with --username and --password env:NAME (or file:PATH)")
+    with pytest.raises(ValidationError) as refused:
+        Rule(name="r", url="https://api.example.com/", auth=AuthType.OAUTH, client_id="cid",
+             client_secret="env:SAFOUS_SECRET_CS", token_url=url)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("token_url",)
+    assert error["msg"] == ("Value error, " + USER_PART
+                            + "--auth oauth with --client-id and --client-secret env:NAME (or file:PATH)")
+    assert "hunter2" not in error["msg"]
+
+
+def test_an_at_sign_after_the_host_is_no_user_part() -> None:
+    rule = Rule(name="r", url="https://api.example.com/u/%username%@corp?to=a@b.example#x@y")
+    assert rule.url == "https://api.example.com/u/%username%@corp?to=a@b.example#x@y"
 
 
 async def test_missing_secret_makes_the_rule_invalid(db, start_sidecar, authz, webhook, monkeypatch) -> None:

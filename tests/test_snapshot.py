@@ -62,13 +62,14 @@ async def test_a_replaced_snapshot_is_freed_though_the_watcher_froze_it(db: Path
     try:
         await watcher.load(force=True)
         assert gc.get_freeze_count() > 0  # the watcher froze what it loaded
-        rules = [weakref.ref(rule) for rule, _ in loaded[0].compiled.values()]
-        assert len(rules) == 20
+        models = [weakref.ref(rule) for rule, _ in loaded[0].compiled.values()]
+        models += [weakref.ref(policy) for policy in loaded[0].policies]
+        assert len(models) == 40
         loaded.clear()
         publish(2)
         await watcher.load(force=True)
         gc.collect()
-        assert [r() for r in rules if r() is not None] == []
+        assert [m() for m in models if m() is not None] == []
     finally:
         await watcher.stop()
         gc.unfreeze()  # the test process's objects go back to the collector

@@ -6,13 +6,16 @@ import hashlib
 import json
 import re
 import sqlite3
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.db import (
     ActivityRecord,
+    RowMemo,
     StoreError,
     connect,
     ensure_database,
@@ -23,11 +26,13 @@ from sidecar.db import (
     parse_iso_time,
     pending_migrations,
     read_activity,
+    read_trace,
     rules_version,
     save_policy,
     save_rule,
     transaction,
 )
+from sidecar.db.activity import TRACE_MAX_BYTES
 from sidecar.db.columns import POLICY_COLUMNS, RULE_COLUMNS
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, InvalidRow, ResponseAction, Rule
@@ -219,3 +224,85 @@ def test_readonly_connection_never_creates_the_file(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         connect(tmp_path / "absent.db", readonly=True).execute("SELECT 1")
     assert not (tmp_path / "absent.db").exists()
+
+
+@pytest.mark.parametrize(("before", "after"), [(-1, -2), (-2, -1), (1, 2)])
+def test_a_priority_changed_with_plain_sql_is_reloaded(db: Path, before: int, after: int) -> None:
+    """The reload memo must tell the old row from the new one, even where Python's hash() does
+    not (hash(-1) == hash(-2))."""
+    seed(db, [], [Policy(name="p", priority=before)])
+    memo = RowMemo()
+    conn = connect(db)
+    try:
+        assert [p.priority for p in load_rule_set(conn, memo).policies] == [before]
+        conn.execute("UPDATE policies SET priority = ? WHERE name = 'p'", (after,))
+        assert [p.priority for p in load_rule_set(conn, memo).policies] == [after]
+    finally:
+        conn.close()
+
+
+def decided(request_id: str, trace: Callable[[], dict[str, Any]] | None = None) -> ActivityRecord:
+    return ActivityRecord(at=1772359200.0, request_id=request_id, username="u", source_ip="1.2.3.4", host="h",
+                          path="/", method="GET", policy="p", allowed=False, code="value_mismatch",
+                          status="x", latency_ms=1.0, trace=trace)
+
+
+def test_a_trace_whose_summary_alone_is_too_big_is_stored_within_the_bound(db: Path) -> None:
+    """A client's path and a reason quoting it, 2,048 control characters each (six bytes each
+    as JSON): the trace stored is still at most TRACE_MAX_BYTES, says it was cut, and keeps the
+    start of each field."""
+    path = "/" + "\x01" * 2048
+    reason = "path " + "\x1f" * 2048
+
+    def trace() -> dict[str, Any]:
+        return {"request_id": "big", "method": "GET", "host": "h", "path": path, "policy": "p",
+                "decision": "deny", "code": "value_mismatch", "reason": reason,
+                "rules": [{"rule": "r", "source": "call", "answer": {"status": 200, "body": "b" * 50_000}}]}
+
+    conn = connect(db)
+    try:
+        insert_activity(conn, [decided("big", trace)])
+        (size,) = conn.execute("SELECT length(CAST(doc AS BLOB)) FROM traces").fetchone()
+        doc = read_trace(conn, "big")
+    finally:
+        conn.close()
+    assert size <= TRACE_MAX_BYTES
+    assert doc is not None and doc["cut"] is True and doc["request_id"] == "big"
+    assert doc["path"].startswith("/\x01\x01") and doc["reason"].startswith("path \x1f")
+    assert doc["path"].endswith(f"(cut: a trace is kept under {TRACE_MAX_BYTES // 1024} KiB)")
+
+
+def test_traces_are_built_without_holding_the_write_lock(db: Path) -> None:
+    """Building a trace (dumping, cutting) happens before the activity log's transaction: an
+    admin command writing meanwhile does not wait for it."""
+    admin = connect(db)
+    admin.execute("PRAGMA busy_timeout = 0")
+    writes = []
+
+    def trace() -> dict[str, Any]:
+        with transaction(admin, immediate=True):  # fails at once if the writer holds the lock
+            admin.execute("UPDATE schema_migrations SET applied_at = applied_at")
+        writes.append("admin")
+        return {"request_id": "r", "rules": []}
+
+    conn = connect(db)
+    try:
+        insert_activity(conn, [decided("r", trace)])
+        assert read_trace(conn, "r") == {"request_id": "r", "rules": []}
+    finally:
+        conn.close()
+        admin.close()
+    assert writes == ["admin"]
+
+
+def test_only_the_newest_traces_are_kept(db: Path) -> None:
+    conn = connect(db)
+    try:
+        for batch in range(3):
+            insert_activity(conn, [decided(f"r{batch}-{i}", lambda: {"rules": []}) for i in range(4)],
+                            keep_traces=5)
+        kept = [request_id for (request_id,) in conn.execute(
+            "SELECT a.request_id FROM traces t JOIN activity_log a ON a.id = t.activity_id ORDER BY t.id")]
+    finally:
+        conn.close()
+    assert kept == ["r1-3", "r2-0", "r2-1", "r2-2", "r2-3"]

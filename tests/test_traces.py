@@ -35,7 +35,8 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
         db: Path, start_sidecar: Any, authz: Any, webhook: Any) -> None:
     webhook.routes["/posture"] = answer({"status": "unknown", "detail": "device not enrolled"})
     webhook.routes["/groups"] = answer({"groups": "eng,ops"})
-    seed(db, rules(webhook.url), [Policy(name="app", path_prefix="/app", rules=("groups", "posture"))])
+    seed(db, rules(webhook.url), [Policy(name="app", path_prefix="/app", rules=("groups", "posture")),
+                                  Policy(name="open", path_prefix="/other", integration=False)])
     sidecar = await start_sidecar()
     stub = authz(sidecar.port)
     await stub.Check(check_request("/app/warm", headers={"x-request-id": "warm"}))  # fills the groups cache
@@ -44,7 +45,7 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
                                                                 "authorization": f"Bearer {USER_TOKEN}"}))
     assert response.status.code == 7
     allowed_policy_check = await stub.Check(check_request("/other", headers={"x-request-id": "req-other"}))
-    assert allowed_policy_check.status.code == 7
+    assert allowed_policy_check.status.code == 0
 
     def traced() -> bool:
         return rules_db.read_trace(rules_db.connect(db, readonly=True), "req-alice") is not None
@@ -77,7 +78,7 @@ async def test_explain_shows_the_evidence_of_a_real_denial_without_a_secret(
     # The activity log says which rows have a trace (denials, with --trace denied).
     lines = [json.loads(line) for line in admin(db, "logs", "activity", "--json").stdout.splitlines()]
     assert {line["request_id"]: line["trace"] for line in lines} == {
-        "req-other": True, "req-alice": True, "warm": True}
+        "req-other": False, "req-alice": True, "warm": True}
 
 
 async def test_traces_stay_bounded_and_are_pruned_with_the_activity_log(

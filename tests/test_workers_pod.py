@@ -4,16 +4,30 @@ they die. The real program, checks spread over the workers (a new connection per
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import logging
+import multiprocessing
 import os
+import shutil
 import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import workers
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.pod_metrics import PodTotals, merge_expositions, parse_exposition
+from sidecar.settings import Settings
+from sidecar.workers import AnswerTooLarge, Supervisor, read_answer
 from tests.conftest import check_request
 from tests.helpers import OK, eventually, free_port, metric, ops_get, start_server
 
@@ -105,3 +119,161 @@ def test_summed_families_and_per_worker_gauges() -> None:
     assert metric(merged, "x_total", p="a") == 3 + 4 + 3
     assert metric(merged, "h_bucket", le="+Inf") == 9 and metric(merged, "h_sum") == 4.5
     assert (metric(merged, "g", worker="0"), metric(merged, "g", worker="1")) == (7, 9)
+
+
+# --- the supervisor alone, with stand-in workers ----------------------------------------------
+
+
+class Alive:
+    """A worker process as ``Supervisor`` sees it, without running one."""
+
+    pid = 0
+    exitcode = None
+
+    def is_alive(self) -> bool:
+        return True
+
+
+def replying(answer: Callable[[], str | bytes]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        text = answer()
+        return web.Response(body=text.encode() if isinstance(text, str) else text)
+
+    return handler
+
+
+@contextlib.asynccontextmanager
+async def stand_in_workers(supervisor: Supervisor,
+                           answers: list[Callable[[], str]]) -> AsyncIterator[None]:
+    """Serve ``answers[i]()`` as worker i's /metrics on its ops socket."""
+    runners = []
+    try:
+        for slot, answer in zip(supervisor._slots, answers, strict=True):
+            app = web.Application()
+            app.router.add_get("/metrics", replying(answer))
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.UnixSite(runner, slot.socket_path).start()
+            runners.append(runner)
+            slot.process = Alive()  # type: ignore[assignment]
+        yield
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        shutil.rmtree(supervisor._dir, ignore_errors=True)
+
+
+def counted(total: int) -> str:
+    return f"# HELP x_total Things\n# TYPE x_total counter\nx_total {total}\n"
+
+
+async def pod_page(supervisor: Supervisor) -> str:
+    response = await supervisor._metrics(None)  # type: ignore[arg-type]
+    assert response.body is not None
+    return bytes(response.body).decode()  # type: ignore[arg-type]
+
+
+async def test_a_worker_answering_too_much_is_refused_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(workers, "ANSWER_MAX_BYTES", 1000)
+    supervisor = Supervisor(Settings(db=tmp_path / "rules.db", workers=2))
+    huge = counted(5) + "# " + "x" * 1000 + "\n"
+    async with stand_in_workers(supervisor, [lambda: counted(3), lambda: huge]):
+        page = await pod_page(supervisor)
+    assert metric(page, "x_total") == 3  # worker 1's answer was not taken
+    assert metric(page, "safous_workers_answering") == 1
+    assert any("worker 1 answered /metrics with more than 1000 bytes" in r.getMessage() for r in caplog.records)
+
+
+async def test_answers_are_read_up_to_the_limit_even_without_a_length() -> None:
+    """Chunked answers have no Content-Length: an endless one is cut at the limit, at once."""
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while True:
+            await response.write(b"x" * 4096)
+
+    app = web.Application()
+    app.router.add_get("/endless", endless)
+    app.router.add_get("/exact", replying(lambda: b"y" * 10_000))
+    app.router.add_get("/over", replying(lambda: b"y" * 10_001))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(f"http://127.0.0.1:{port}/exact") as response:
+                assert await read_answer(response, 10_000) == "y" * 10_000
+            for path in ("/over", "/endless"):
+                async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                    with pytest.raises(AnswerTooLarge):
+                        await read_answer(response, 10_000)
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_answer_from_a_worker_that_died_meanwhile_is_not_its_successors(tmp_path: Path) -> None:
+    """Worker 0 answers, then dies and is started again before the scrape ends: its answer
+    must not stand for the new worker, or its counts would be added twice (once retired, once
+    as the new worker's) and the pod's counter would go down at the next scrape."""
+    supervisor = Supervisor(Settings(db=tmp_path / "rules.db", workers=1))
+    slot = supervisor._slots[0]
+    restarted = False
+
+    def answer() -> str:
+        nonlocal restarted
+        if restarted:
+            return counted(0)  # the new worker, counting from zero
+        # What Supervisor._watch does when the worker dies, before the answer is read.
+        supervisor._totals.retire(slot.last)
+        slot.last = None
+        slot.process = Alive()  # type: ignore[assignment]
+        restarted = True
+        return counted(12)
+
+    async with stand_in_workers(supervisor, [answer]):
+        slot.last = parse_exposition(counted(10))  # its scrape before
+        pages = [metric(await pod_page(supervisor), "x_total") for _ in range(3)]
+    assert pages == sorted(pages), f"the pod's counter went down: {pages}"
+    assert pages[-1] == 10
+
+
+class FlakyContext:
+    """multiprocessing's spawn context, whose Process.start fails as ``plan`` says: "exit" (a
+    worker that exits at once), "fail" (start raises ENOMEM), "run" (a worker that runs)."""
+
+    def __init__(self, plan: list[str]) -> None:
+        self.plan = plan
+        self.spawn = multiprocessing.get_context("spawn")
+
+    def Process(self, **_: Any) -> Any:  # noqa: N802  (multiprocessing's name)
+        step = self.plan.pop(0)
+        if step == "fail":
+            return Unstartable()
+        if step == "exit":
+            return self.spawn.Process(target=sys.exit, args=(3,))
+        return self.spawn.Process(target=time.sleep, args=(60,))
+
+
+class Unstartable:
+    def start(self) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+
+async def test_a_worker_that_cannot_be_started_again_is_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(workers, "START_RETRY_SECONDS", 0.01)
+    supervisor = Supervisor(Settings(db=tmp_path / "rules.db", workers=1))
+    supervisor._context = FlakyContext(["exit", "fail", "fail", "run"])  # type: ignore[assignment]
+    running = asyncio.create_task(supervisor.run())
+    slot = supervisor._slots[0]
+    try:
+        await eventually(lambda: supervisor.restarts == 1 and slot.process is not None and slot.process.is_alive(),
+                         timeout=15, what="the worker running again")
+        failures = [r for r in caplog.records if "worker 0 could not be started" in r.getMessage()]
+        assert len(failures) == 2 and all(r.levelno == logging.ERROR for r in failures)
+    finally:
+        supervisor._stopping.set()
+        await asyncio.wait_for(running, 20)

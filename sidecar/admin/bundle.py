@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from sidecar import db
-from sidecar.bundles import ALGORITHMS, BundleRefused, build_bundle, generate_key, literal_secrets, load_signing_key
+from sidecar.bundles import ALGORITHMS, MAX_SEQUENCE, BundleRefused, build_bundle, generate_key, load_signing_key
 
 from . import display
 from .access import Admin
@@ -53,17 +53,26 @@ def keygen(prefix: str, algorithm: str) -> None:
     --bundle-verification-key. Prints the key id (the key's RFC 7638 thumbprint), which the
     bundles it signs name. Existing files are not overwritten.
     """
+    # Both names first: a .key written before finding .pub taken would be left without its pair.
+    for path in (prefix + ".key", prefix + ".pub"):
+        if os.path.lexists(path):
+            raise AdminError(f"{path} exists: choose another PREFIX (a key is never overwritten)", 2)
     private, public, key_id = generate_key(algorithm)
+    written: list[str] = []
     for suffix, data, mode in ((".key", private, 0o600), (".pub", public, 0o644)):
         path = prefix + suffix
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except FileExistsError:
-            raise AdminError(f"{path} exists: choose another PREFIX (a key is never overwritten)", 2) from None
         except OSError as exc:
+            # Created meanwhile, or not writable: no half pair stays behind.
+            for orphan in written:
+                os.unlink(orphan)
+            if isinstance(exc, FileExistsError):
+                raise AdminError(f"{path} exists: choose another PREFIX (a key is never overwritten)", 2) from None
             raise AdminError(f"cannot write {path}: {exc.strerror}") from None
         with open(fd, "wb") as out:
             out.write(data)
+        written.append(path)
     click.echo(f"wrote {prefix}.key (private) and {prefix}.pub (public); key id {key_id} ({ALGORITHMS[algorithm]})")
 
 
@@ -103,7 +112,7 @@ def _write_atomically(out: str, text: str) -> None:
 @click.option("--signing-key", required=True, metavar="KEY",
               help="The PEM private key: PATH, file:PATH, or env:NAME (a variable holding it).")
 @click.option("--key-id", metavar="ID", help="The key id to name.  [default: the key's thumbprint]")
-@click.option("--sequence", type=click.IntRange(min=0), metavar="N",
+@click.option("--sequence", type=click.IntRange(min=0, max=MAX_SEQUENCE), metavar="N",
               help="The revision's sequence; sidecars only apply a greater one.  [default: now, in ms]")
 @click.pass_obj
 def build(admin: Admin, out: str, signing_key: str, key_id: str | None, sequence: int | None) -> None:
@@ -123,10 +132,6 @@ def build(admin: Admin, out: str, signing_key: str, key_id: str | None, sequence
         rules = db.read_rules(conn)
         policies = db.read_policies(conn)
     document = export_document(rules, policies, with_secrets=True)
-    problems = literal_secrets(document)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AdminError(problems[0] + more)
     try:
         plan_import(document, [], [], replace=True, secrets=admin.secrets)
     except AdminError as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from sidecar.db import ActivityRecord, AuditEntry, StoredPolicy, StoredRule, iso_time
+from sidecar.db.activity import TRACE_MAX_BYTES
 from sidecar.decision import result_name
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX
 from sidecar.rules.secrets import MASK, SECRET_HEADERS, mask
@@ -360,7 +361,7 @@ def trace_report(doc: Mapping[str, Any]) -> str:
             out.append(line(f"  reason   {rule['reason']}"))
     if doc.get("cut"):
         out.append("")
-        out.append("(the trace was cut to stay under 16 KiB)")
+        out.append(f"(the trace was cut to stay under {TRACE_MAX_BYTES // 1024} KiB)")
     return "\n".join(out)
 
 

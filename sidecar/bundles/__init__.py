@@ -14,6 +14,7 @@ Exceptions::
 
 from ._format import (
     ALGORITHMS,
+    MAX_SEQUENCE,
     Bundle,
     BundleRefused,
     RefusalReason,
@@ -28,10 +29,11 @@ from ._format import (
     parse_bundle,
 )
 from ._sources import BundleSource, FileSource, HttpSource
-from ._sync import BundleSync, apply_bundle, open_source
+from ._sync import BundleSync
 
 __all__ = [
     "ALGORITHMS",
+    "MAX_SEQUENCE",
     "Bundle",
     "BundleRefused",
     "BundleSource",
@@ -40,7 +42,6 @@ __all__ = [
     "HttpSource",
     "RefusalReason",
     "VerificationKey",
-    "apply_bundle",
     "build_bundle",
     "content_hash",
     "generate_key",
@@ -48,6 +49,5 @@ __all__ = [
     "literal_secrets",
     "load_signing_key",
     "load_verification_key",
-    "open_source",
     "parse_bundle",
 ]

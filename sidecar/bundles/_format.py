@@ -42,6 +42,7 @@ from sidecar.rules.secrets import SECRET_HEADERS, is_reference
 
 __all__ = [
     "ALGORITHMS",
+    "MAX_SEQUENCE",
     "Bundle",
     "BundleRefused",
     "RefusalReason",
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 FORMAT = 1
+# rules.db stores the sequence as a SQLite INTEGER (signed 64 bits): a greater one cannot be
+# applied, so it is refused where the bundle is read, not where it is written.
+MAX_SEQUENCE = 2**63 - 1
 JWS_TYPE = "safous-bundle+jws"
 ALGORITHMS: dict[str, str] = {"ed25519": "EdDSA", "es256": "ES256"}
 
@@ -71,7 +75,8 @@ RefusalReason = Literal[
     "older_revision",    # not newer than the revision applied (a replay cannot roll back a fix)
     "literal_secret",    # a rule carries a secret in clear
     "invalid_content",   # a rule or policy that the admin script would refuse
-    "store_error",       # rules.db could not be written (the next poll tries again)
+    "store_error",       # this sidecar could not apply it: rules.db not writable, a verification key
+                         # unreadable (nothing said about the bundle: the next poll tries again)
 ]
 REFUSAL_REASONS: tuple[RefusalReason, ...] = RefusalReason.__args__  # type: ignore[attr-defined]
 
@@ -217,12 +222,16 @@ def literal_secrets(document: dict[str, Any]) -> list[str]:
 def build_bundle(document: dict[str, Any], key: PrivateKey, *, key_id: str | None = None,
                  sequence: int | None = None, now: float | None = None) -> tuple[str, Bundle]:
     """Sign ``document`` (an export document): the compact JWS and what it holds. ``sequence``
-    defaults to the creation time in milliseconds. Raises ``BundleRefused("literal_secret")``."""
+    defaults to the creation time in milliseconds. Raises ``BundleRefused("literal_secret")``, or
+    ValueError for a sequence out of 0..``MAX_SEQUENCE``."""
     problems = literal_secrets(document)
     if problems:
-        raise BundleRefused("literal_secret", problems[0])
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BundleRefused("literal_secret", problems[0] + more)
     now = time.time() if now is None else now
     sequence = int(now * 1000) if sequence is None else sequence
+    if not 0 <= sequence <= MAX_SEQUENCE:
+        raise ValueError(f"sequence {sequence} is not within 0..{MAX_SEQUENCE}")
     digest = content_hash(document)
     created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
     bundle = Bundle(f"{sequence}-{digest[:12]}", sequence, created, digest, document, key_id or key_id_of(key))
@@ -265,6 +274,8 @@ def parse_bundle(data: bytes, keys: dict[str, VerificationKey], *, verify: bool 
     if verify:
         try:
             header = jwt.get_unverified_header(token)
+        except RecursionError:  # a header nested too deep, should PyJWT let it through
+            raise BundleRefused("malformed", "not a JWS: the header is nested too deep") from None
         except jwt.exceptions.DecodeError as exc:
             raise BundleRefused("malformed", f"not a JWS: {exc}") from None
         if str(header.get("alg", "none")).lower() == "none" or token.endswith("."):
@@ -290,14 +301,20 @@ def parse_bundle(data: bytes, keys: dict[str, VerificationKey], *, verify: bool 
         payload = _unverified_payload(token)
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise BundleRefused("malformed", "the payload is not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
+        raise BundleRefused("malformed", "the payload is not JSON (or is nested too deep)") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise BundleRefused("malformed", f"the payload is not a format {FORMAT} bundle")
     document, sequence = body.get("document"), body.get("sequence")
     if not isinstance(document, dict) or not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
         raise BundleRefused("malformed", "the payload lacks its document or sequence")
-    digest = content_hash(document)
+    if sequence > MAX_SEQUENCE:
+        raise BundleRefused("malformed", f"the sequence is greater than {MAX_SEQUENCE}, the largest rules.db "
+                            "can hold")
+    try:
+        digest = content_hash(document)
+    except RecursionError:  # what json.loads just read, json.dumps may still find too deep
+        raise BundleRefused("malformed", "the document is nested too deep") from None
     if body.get("content_sha256") != digest or body.get("revision") != f"{sequence}-{digest[:12]}":
         raise BundleRefused("malformed", "the content does not match its content_sha256 and revision")
     problems = literal_secrets(document)

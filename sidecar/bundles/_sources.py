@@ -17,12 +17,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import yarl
 
 from ._format import BundleRefused
 
-__all__ = ["BundleSource", "Fetched", "FileSource", "HttpSource"]
+_MAX_SHOWN = 500  # characters of a server's Location or an error's text in a message
+
+__all__ = ["BundleSource", "Fetched", "FileSource", "HttpSource", "shown_url"]
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be logged, shown in /readyz and stored in rules.db: scheme, host, port
+    and path. A presigned object-store URL carries its credentials in the query string (and some
+    URLs in the user part); the fragment is never sent."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +101,12 @@ class HttpSource(BundleSource):
     (a redirect is a failure that names its target), TLS verified against the system store or
     ``ca_bundle``, a bearer token from ``bearer()`` (called per request: a rotated file is read
     anew), the body capped at ``max_bytes``. A server that sends no ETag gets the body's SHA-256
-    as the tag, so an unchanged bundle is still not applied twice."""
+    as the tag, so an unchanged bundle is still not applied twice. ``name`` is the URL without
+    its user part and query (``shown_url``); only the request sees them."""
 
     def __init__(self, url: str, max_bytes: int, *, ca_bundle: str | None = None,
                  bearer: Callable[[], str | None] | None = None, timeout: float = 30.0) -> None:
-        super().__init__(url, max_bytes)
+        super().__init__(shown_url(url), max_bytes)
         self._url = url
         self._ca_bundle = ca_bundle
         self._bearer = bearer
@@ -102,9 +115,12 @@ class HttpSource(BundleSource):
 
     def _new_session(self) -> aiohttp.ClientSession:
         context = ssl.create_default_context(cafile=self._ca_bundle)
+        # No decompression: a JWS is base64 text, and a small compressed body can inflate past
+        # --bundle-max-bytes before the cap sees it. A server that compresses anyway gets its
+        # bundle refused as not ASCII.
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=1),
                                      timeout=aiohttp.ClientTimeout(total=self._timeout),
-                                     auto_decompress=True, trust_env=False)
+                                     auto_decompress=False, trust_env=False)
 
     async def fetch(self) -> Fetched | None:
         if self._session is None:
@@ -112,7 +128,7 @@ class HttpSource(BundleSource):
                 self._session = self._new_session()
             except (OSError, ssl.SSLError) as exc:
                 raise BundleRefused("fetch_failed", f"--bundle-ca-bundle {self._ca_bundle}: {exc}") from None
-        headers = {"Accept": "application/jose, */*"}
+        headers = {"Accept": "application/jose, */*", "Accept-Encoding": "identity"}
         if self.remembered is not None and not self.remembered.startswith("sha256:"):
             headers["If-None-Match"] = self.remembered
         if self._bearer is not None:
@@ -127,10 +143,13 @@ class HttpSource(BundleSource):
                 if resp.status == 304 and "If-None-Match" in headers:
                     return None
                 if 300 <= resp.status < 400:
-                    raise BundleRefused("fetch_failed", f"HTTP {resp.status} redirect to "
-                                        f"{resp.headers.get('Location', '?')!r} not followed: give the final URL")
+                    # The target may be presigned too.
+                    location = resp.headers.get("Location")
+                    location = shown_url(location)[:_MAX_SHOWN] if location else "?"
+                    raise BundleRefused("fetch_failed", f"HTTP {resp.status} redirect to {location!r} not "
+                                        "followed: give the final URL")
                 if resp.status != 200:
-                    raise BundleRefused("fetch_failed", f"HTTP {resp.status} from {self._url}")
+                    raise BundleRefused("fetch_failed", f"HTTP {resp.status} from {self.name}")
                 if resp.content_length is not None and resp.content_length > self.max_bytes:
                     raise BundleRefused("too_large", f"{resp.content_length} bytes announced, more than "
                                         f"--bundle-max-bytes {self.max_bytes}")
@@ -141,11 +160,24 @@ class HttpSource(BundleSource):
                         raise BundleRefused("too_large", f"more than --bundle-max-bytes {self.max_bytes}")
                 etag = resp.headers.get("ETag")
         except aiohttp.ClientPayloadError as exc:
-            raise BundleRefused("truncated", f"the download from {self._url} was cut short: {exc}") from None
+            raise BundleRefused("truncated", f"the download from {self.name} was cut short: "
+                                f"{self._scrubbed(exc)}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BundleRefused("fetch_failed", f"cannot fetch {self._url}: {str(exc) or type(exc).__name__}") \
-                from None
+            raise BundleRefused("fetch_failed", f"cannot fetch {self.name}: {self._scrubbed(exc)}") from None
         return Fetched(bytes(body), etag or "sha256:" + hashlib.sha256(body).hexdigest())
+
+    def _scrubbed(self, exc: BaseException) -> str:
+        """``exc``'s text without the URL's secrets: some aiohttp errors quote the URL whole (as
+        given, or as yarl re-encoded it)."""
+        text = str(exc) or type(exc).__name__
+        urls = {self._url}
+        try:
+            urls.add(str(yarl.URL(self._url)))
+        except ValueError:  # not a URL yarl reads: then aiohttp quoted it as given
+            pass
+        for url in urls:
+            text = text.replace(url, self.name)
+        return text[:_MAX_SHOWN]
 
     async def close(self) -> None:
         if self._session is not None:

@@ -13,8 +13,12 @@ is logged once per change of reason (``bundle not applied``), counted by reason
 (``safous_bundle_activation_failures_total``) and shown by ``/readyz``. Only a sequence greater
 than the applied one is applied: a replayed old bundle cannot roll a fix back.
 
-Start-up: a rules.db holding an applied revision serves it at once; one without is not ready
-(the checker denies ``not_ready``) until a first revision applies.
+Start-up: a rules.db holding an applied revision serves it at once; one without, or one whose
+revision is below ``--bundle-min-sequence``, is not ready (the checker denies ``not_ready``)
+until a revision applies.
+
+Stopping ends an apply under way (its process is terminated: SQLite rolls the open transaction
+back), so nothing is applied after the sidecar said it stopped.
 
 Polling: every ``--bundle-poll-interval`` seconds, less a random 0-20 % (sidecars started
 together spread out, and the interval stays a bound); while the source fails, the interval
@@ -29,7 +33,7 @@ import multiprocessing
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,6 @@ from ._format import (
     Bundle,
     BundleRefused,
     RefusalReason,
-    VerificationKey,
     load_verification_key,
     parse_bundle,
 )
@@ -57,13 +60,17 @@ log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 8  # times the poll interval
 FETCH_RESULTS = ("200", "304", "failed")
+_MAX_ERROR_CHARS = 300  # of an unexpected exception's text, in the log line and /readyz
+_STOP_SECONDS = 5.0  # for a terminated apply process to be gone, before it is killed
 
 
-def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy) -> bool:
+def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy, min_sequence: int = 0) -> bool:
     """Apply ``bundle`` to the rules.db at ``path`` in one transaction, audited with actor
     ``bundle:<revision>``. Returns False when that very revision is already applied (nothing
     written, nothing audited). Blocks. Raises ``BundleRefused`` (older_revision,
-    invalid_content, store_error); nothing is written then."""
+    invalid_content, store_error); nothing is written then. A sequence below ``min_sequence``
+    is ``older_revision``, whatever rules.db holds (it remembers only what it applied: an empty
+    one would take any)."""
     # The admin script's own validation and import: what it refuses, a bundle cannot bring in.
     from sidecar.admin.exchange import apply_import, plan_import
     from sidecar.admin.validation import AdminError
@@ -75,6 +82,11 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy)
     try:
         with db.admin_transaction(conn, f"bundle:{bundle.revision}"):
             state = db.read_bundle_state(conn)
+            # Before "already applied": a rules.db holding this very revision below the floor
+            # does not make it acceptable.
+            if bundle.sequence < min_sequence:
+                raise BundleRefused("older_revision", f"sequence {bundle.sequence} is below "
+                                    f"--bundle-min-sequence {min_sequence}")
             if state is not None:
                 if state.sequence == bundle.sequence and state.content_sha256 == bundle.content_sha256:
                     return False
@@ -101,18 +113,19 @@ def verify_and_apply(path: str, body: bytes, key_specs: tuple[str, ...], verify:
                      secrets: SecretPolicy, min_sequence: int = 0) -> tuple[str, str | None, bool]:
     """In the apply process: verify ``body`` with the keys ``key_specs`` name and apply it
     (``apply_bundle``); the revision, its key id and whether it was applied. Raises
-    ``BundleRefused``; a sequence below ``min_sequence`` is ``older_revision``, whatever
-    rules.db holds (it remembers only what it applied: an empty one would take any).
+    ``BundleRefused``.
 
     A process of its own because validating and writing 10,000 rules is seconds of Python: in
     a thread of the sidecar it held the interpreter against the event loop (checks waited up to
     0.9 s); here the loop only waits for the answer."""
-    keys = {key.key_id: key for key in (load_verification_key(spec) for spec in key_specs)}
+    # Read here, per bundle, so that a key file replaced since start-up is the one used.
+    try:
+        keys = {key.key_id: key for key in (load_verification_key(spec) for spec in key_specs)}
+    except ValueError as exc:
+        # This sidecar's file, not the bundle, is at fault: store_error, tried again next poll.
+        raise BundleRefused("store_error", str(exc)) from None
     bundle = parse_bundle(body, keys, verify=verify)
-    if bundle.sequence < min_sequence:
-        raise BundleRefused("older_revision", f"sequence {bundle.sequence} is below --bundle-min-sequence "
-                                              f"{min_sequence}")
-    return bundle.revision, bundle.key_id, apply_bundle(Path(path), bundle, source, secrets)
+    return bundle.revision, bundle.key_id, apply_bundle(Path(path), bundle, source, secrets, min_sequence)
 
 
 def open_source(settings: Settings) -> BundleSource:
@@ -138,12 +151,12 @@ class BundleSync:
         self._verify = not settings.bundle_insecure_skip_verify
         self._min_sequence = settings.bundle_min_sequence
         self._key_specs = settings.bundle_verification_key
-        self._keys: dict[str, VerificationKey] = {}
         self.source = source or open_source(settings)
         self._on_applied = on_applied
         self._rng = rng
         self._task: asyncio.Task[None] | None = None
         self._pool: ProcessPoolExecutor | None = None
+        self._apply: Future[tuple[str, str | None, bool]] | None = None  # the apply last submitted
         self.applied: db.BundleState | None = None
         self.last_activation: float | None = None
         self.last_failure: tuple[RefusalReason, str] | None = None
@@ -154,15 +167,24 @@ class BundleSync:
     async def start(self) -> None:
         """Read the verification keys and the applied revision, then poll (the first time at
         once). Raises ValueError (a key) or ``StoreError``."""
-        keys = [load_verification_key(spec) for spec in self._key_specs]
-        self._keys = {k.key_id: k for k in keys}
+        keys = sorted({load_verification_key(spec).key_id for spec in self._key_specs})
         if not self._verify:
             log.warning("bundle signatures are NOT verified (--bundle-insecure-skip-verify): whoever can write "
                         "the source decides what this sidecar allows", extra={"source": self.source.name})
-        self.applied = await asyncio.to_thread(self._read_state)
+        state = await asyncio.to_thread(self._read_state)
+        if state is not None and state.sequence < self._min_sequence:
+            # A revision older than the floor is what the floor is there to keep from answering,
+            # however it got into rules.db (applied before the floor was raised, a copied file).
+            why = (f"rules.db holds revision {state.revision}, below --bundle-min-sequence {self._min_sequence}: "
+                   "not served until a bundle of that sequence or later applies")
+            log.error("bundle revision not served", extra={"revision": state.revision, "error": why,
+                                                           "source": self.source.name})
+            self.last_failure = ("older_revision", why)
+            state = None
+        self.applied = state
         if self.applied is not None:
             self.last_activation = _timestamp(self.applied.applied_at)
-        log.info("following bundle", extra={"source": self.source.name, "keys": sorted(self._keys),
+        log.info("following bundle", extra={"source": self.source.name, "keys": keys,
                                             "revision": self.applied.revision if self.applied else None})
         self._task = asyncio.create_task(self._run(), name="bundle-sync")
 
@@ -175,9 +197,15 @@ class BundleSync:
                 pass
             self._task = None
         await self.source.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self._apply is not None and not self._apply.done():
+            # Cancelling the task cannot stop an apply already running, and the executor would
+            # wait for it at exit (seconds for 10,000 rules), then commit after "stopped".
+            # Ending the process rolls its open transaction back.
+            await asyncio.to_thread(_terminate, pool)
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_state(self) -> db.BundleState | None:
         conn = db.connect(self._db, readonly=True)
@@ -220,11 +248,14 @@ class BundleSync:
         if fetched.tag == self.source.remembered:
             return "unchanged"
         try:
-            revision, key_id, applied = await asyncio.wrap_future(self._apply_process().submit(
+            self._apply = self._apply_process().submit(
                 verify_and_apply, str(self._db), fetched.body, tuple(self._key_specs), self._verify,
-                self.source.name, self._secrets, self._min_sequence))
+                self.source.name, self._secrets, self._min_sequence)
+            revision, key_id, applied = await asyncio.wrap_future(self._apply)
         except BrokenProcessPool:
-            self._pool = None  # started afresh on the next poll
+            broken, self._pool = self._pool, None  # started afresh on the next poll
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
             self._refused(BundleRefused("store_error", "the apply process stopped"))
             return "refused"
         except BundleRefused as exc:
@@ -232,10 +263,20 @@ class BundleSync:
                 self.source.remember(fetched.tag)
             self._refused(exc)
             return "refused"
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback by _refused
+            # An input the checks missed, or a bug: refused like a bundle that is not one.
+            # malformed, not store_error: the same bytes would fail the same way, so they are
+            # not re-applied every poll (store_error is retried); publishing anew tries again.
+            self.source.remember(fetched.tag)
+            text = f"the apply failed unexpectedly: {type(exc).__name__}: {exc}"
+            self._refused(BundleRefused("malformed", text[:_MAX_ERROR_CHARS]), cause=exc)
+            return "refused"
         self.source.remember(fetched.tag)
         if not applied:
             # That very revision is in rules.db already: applied by another process on it (a
-            # --workers sibling) after this one read the state. Answer by it too.
+            # --workers sibling) after this one read the state. Answer by it too; whatever this
+            # one failed with before (e.g. store_error, losing that race) is over.
+            self.last_failure = None
             state = await asyncio.to_thread(self._read_state)
             if state is None or (self.applied is not None and state.revision == self.applied.revision):
                 return "unchanged"
@@ -255,13 +296,14 @@ class BundleSync:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
-    def _refused(self, exc: BundleRefused) -> None:
+    def _refused(self, exc: BundleRefused, *, cause: BaseException | None = None) -> None:
+        """Count, report (logged once per change; ``cause``'s traceback with it) and show it."""
         self.refusals[exc.reason] += 1
         failure = (exc.reason, str(exc))
         if failure != self.last_failure:
-            log.error("bundle not applied", extra={"reason": exc.reason, "error": str(exc),
-                                                   "source": self.source.name,
-                                                   "revision": self.applied.revision if self.applied else None})
+            log.error("bundle not applied", exc_info=cause,
+                      extra={"reason": exc.reason, "error": str(exc), "source": self.source.name,
+                             "revision": self.applied.revision if self.applied else None})
         self.last_failure = failure
 
     def not_ready(self) -> str | None:
@@ -300,6 +342,19 @@ class BundleSync:
         for result, count in self.fetches.items():
             fetches.add_metric([result], count)
         yield fetches
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """End ``pool``'s processes and wait until they are gone. Blocks."""
+    # _processes is the executor's own (pid -> Process); copied, since its thread edits it.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(_STOP_SECONDS)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _timestamp(iso: str) -> float | None:

@@ -93,17 +93,23 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord],
     ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
     if not records:
         return
+    rows = [_row(r) for r in records]
+    # Built before the transaction: its write lock is for the admin script too, and holding it
+    # while the traces are dumped and cut would make an admin command wait for that work.
+    docs = [_built(r.trace) if r.trace is not None else None for r in records]
     with translated("cannot write the activity log"):
         with transaction(conn, immediate=True):
-            if not any(r.trace is not None for r in records):
-                conn.executemany(_INSERT, [_row(r) for r in records])
+            if not any(doc is not None for doc in docs):
+                conn.executemany(_INSERT, rows)
                 return
-            for r in records:
-                activity_id = conn.execute(_INSERT, _row(r)).lastrowid
-                if r.trace is not None and (doc := _built(r.trace)) is not None:
+            for row, doc in zip(rows, docs, strict=True):
+                activity_id = conn.execute(_INSERT, row).lastrowid
+                if doc is not None:
                     conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)", (activity_id, doc))
-            conn.execute("DELETE FROM traces WHERE id <= (SELECT id FROM traces ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                         (keep_traces,))
+            # By id, not by counting rows back from the newest (a walk over as many 16 KiB rows):
+            # distinct integers, at most keep_traces ids lie above max(id) - keep_traces, and a
+            # new row takes max(id) + 1, so those are the newest.
+            conn.execute("DELETE FROM traces WHERE id <= (SELECT max(id) FROM traces) - ?", (keep_traces,))
 
 
 def _built(trace: Callable[[], dict[str, Any]]) -> str | None:
@@ -115,24 +121,48 @@ def _built(trace: Callable[[], dict[str, Any]]) -> str | None:
         return None
 
 
+_CUT = f"(cut: a trace is kept under {TRACE_MAX_BYTES // 1024} KiB)"
+_KEPT_CHARACTERS = 200
+"""Characters kept at least of a summary field that had to be cut (a path, a reason)."""
+
+
 def trace_json(doc: dict[str, Any]) -> str:
     """``doc`` as stored: JSON, at most ``TRACE_MAX_BYTES`` (request bodies and answers cut
-    first, then the rules dropped from the end)."""
+    first, then the rules dropped from the end, then the longest strings of the summary cut;
+    failing all that, a document that says only that it was cut)."""
     def dumped() -> str:
         return json.dumps(doc, ensure_ascii=False)
 
+    def fits(text: str) -> bool:
+        return len(text.encode()) <= TRACE_MAX_BYTES
+
     text = dumped()
-    if len(text.encode()) <= TRACE_MAX_BYTES:
+    if fits(text):
         return text
     for rule in doc.get("rules", ()):
         for part in ("request", "answer"):
             if isinstance(rule.get(part), dict) and rule[part].get("body"):
-                rule[part]["body"] = "(cut: a trace is kept under 16 KiB)"
+                rule[part]["body"] = _CUT
     text = dumped()
-    while len(text.encode()) > TRACE_MAX_BYTES and doc.get("rules"):
+    while not fits(text) and doc.get("rules"):
         doc["rules"].pop()
         doc["cut"] = True
         text = dumped()
+    # The summary alone may still be too big: a client's path or a reason quoting it, where a
+    # control character takes six bytes as JSON. Halve the longest of its strings until it fits.
+    while not fits(text):
+        # Only strings that cutting makes shorter, so that the loop ends.
+        strings = [(len(json.dumps(value, ensure_ascii=False)), key) for key, value in doc.items()
+                   if isinstance(value, str) and len(value) > _KEPT_CHARACTERS + len(_CUT) + 1]
+        if not strings:
+            break
+        _, key = max(strings)
+        value = doc[key]
+        doc[key] = value[:max(_KEPT_CHARACTERS, len(value) // 2 - len(_CUT) - 1)] + " " + _CUT
+        doc["cut"] = True
+        text = dumped()
+    if not fits(text):
+        text = json.dumps({"cut": True, "reason": _CUT})
     return text
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from .connection import translated
+from .connection import NOW, translated
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,5 +43,5 @@ def write_bundle_state(conn: sqlite3.Connection, state: BundleState) -> None:
             "INSERT INTO bundle_state (id, revision, sequence, content_sha256, key_id, source) "
             "VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, "
             "sequence = excluded.sequence, content_sha256 = excluded.content_sha256, key_id = excluded.key_id, "
-            "source = excluded.source, applied_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            f"source = excluded.source, applied_at = {NOW}",
             (state.revision, state.sequence, state.content_sha256, state.key_id, state.source))

@@ -35,7 +35,9 @@ class EvaluatorMetric:
 class RuleEvaluator(Protocol):
     """Turns a matched policy's enabled rules into a decision.
 
-    ``compile`` runs once per rule per rules.db load, off the request path; it raises
+    ``compile`` runs off the request path for each enabled rule a rules.db load brings that
+    the previous snapshot did not compile (an unchanged row keeps its compiled form: the
+    snapshot reuses it by the identity of the row's Rule model); it raises
     ValueError for a rule that cannot be used (the policies that use it then deny with
     ``rule_invalid`` without calling ``evaluate``). ``evaluate`` runs per check with the
     policy's enabled rules in order, as ``compile`` made them, and must return a Decision: never

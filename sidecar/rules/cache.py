@@ -12,7 +12,8 @@ measures it, plus a fixed overhead) and in entries. A rule's entries live ``cach
 seconds when the webhook gave a real answer (criteria met or not), and at most
 ``failure_ttl`` seconds when the call itself failed (timeout, unreachable, 5xx, unparsable
 answer, OAuth), so an outage is retried promptly. Expired entries are dropped as time passes
-(a heap by expiry, popped on every get and put), not only when looked up again.
+(a heap by expiry, popped on every get and on every put that keeps something), not only when
+looked up again.
 ``forget_rule`` drops a rule's entries when the rule changes.
 """
 
@@ -88,10 +89,12 @@ class DecisionCache(Generic[T]):
         return entry.value
 
     def put(self, rule: str, key: Hashable, value: T, ttl: float) -> None:
+        if ttl <= 0 or self._max <= 0:
+            return  # after every call of a rule without a cache too: nothing kept, no work done
         now = self._clock()
         self._purge(now)
         size = ENTRY_OVERHEAD + self._sizeof(value)
-        if ttl <= 0 or self._max <= 0 or size > self._max_bytes:
+        if size > self._max_bytes:
             return
         if key in self._entries:
             self._drop(key)

@@ -302,26 +302,34 @@ class WebhookEvaluator:
 
     async def _call_and_judge(self, rule: CompiledRule, request: WebhookRequest) -> RuleOutcome:
         """The call and the judging of its answer, both within the rule's timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + rule.timeout
         started = time.perf_counter()
         noted = trace.note(rule.name, "call", rule.rule.actions)
         if noted is not None:
-            noted.request, noted.secret_parts = request, rule.secret_parts
+            noted.keep_request(request, rule.secret_parts)
         try:
-            response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
-        except WebhookFailure as exc:
-            outcome = RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
-        else:
+            outcome = await self._send_and_judge(rule, request, noted)
+        except asyncio.CancelledError:
+            # An earlier rule failed, or Envoy gave up: this rule decided nothing, and the
+            # trace must not report it as held.
             if noted is not None:
-                noted.status, noted.content_type = response.status, response.content_type
-                noted.answer, noted.answer_bytes = response.body[:trace.EXCERPT_BYTES], len(response.body)
-            outcome = await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
-                                              response.status, response.body, deadline=deadline)
+                noted.source = "not run"
+            raise
         if noted is not None:
             noted.failure, noted.failed_action = outcome.failure, outcome.failed_action
             noted.seconds = time.perf_counter() - started
         return outcome
+
+    async def _send_and_judge(self, rule: CompiledRule, request: WebhookRequest,
+                              noted: trace.RuleTrace | None) -> RuleOutcome:
+        deadline = asyncio.get_running_loop().time() + rule.timeout
+        try:
+            response = await self.client.call(request, timeout=rule.timeout, auth=rule.auth)
+        except WebhookFailure as exc:
+            return RuleOutcome((exc.code, f'rule "{rule.name}": {exc.reason}'), {})
+        if noted is not None:
+            noted.keep_answer(response.status, response.content_type, response.body)
+        return await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
+                                       response.status, response.body, deadline=deadline)
 
 
 def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome:

@@ -10,16 +10,19 @@ process it still does, since each wake-up of the loop waits for the lock — mea
 answers delayed an unrelated check by 175 ms. In another process the parse runs beside the loop,
 which only hands over the bytes and gets back the small outcome (an unrelated check: ~2 ms).
 
-``AnswerJudge`` judges answers up to ``INLINE_BYTES`` on the loop (well under a millisecond)
-and larger ones in one worker process, started on the first large answer (a fresh interpreter,
-≈0.3 s, inside that answer's deadline), stopped when an answer outlives its deadline there and
-started again when needed. One process: a burst of large answers queues there, each waiting at
-most until its rule's deadline.
+``AnswerJudge`` judges answers up to ``INLINE_BYTES`` on the loop (a few milliseconds at worst,
+``AnswerJudge.judge``) and larger ones in one worker process, started on the first large answer
+(a fresh interpreter, ≈0.3 s, inside that answer's deadline), stopped when an answer outlives
+its deadline there and started again when needed. One process: a burst of large answers queues
+there, each waiting at most until its rule's deadline. A process that cannot be started or
+reached (no file descriptors left, the server shutting down) fails the rule
+(``response_invalid``), as one that dies does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -30,6 +33,8 @@ from .responses import CompiledActions, compile_actions, evaluate_response
 from .unsafe import unsafe_in_header
 
 __all__ = ["INLINE_BYTES", "MAX_STORED_VALUE_BYTES", "AnswerJudge", "RuleOutcome", "judge_answer"]
+
+log = logging.getLogger(__name__)
 
 MAX_STORED_VALUE_BYTES = 4096
 """A stored value becomes a request header of the upstream (and may be sent to later webhooks):
@@ -112,9 +117,14 @@ class _Worker:
         # spawn: a fresh interpreter, never a fork of a process running gRPC's threads.
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child,), name="safous-judge", daemon=True)
-        self._process.start()
-        child.close()
+        try:
+            self._process = context.Process(target=_serve, args=(child,), name="safous-judge", daemon=True)
+            self._process.start()
+        except BaseException:
+            self._connection.close()  # a process never started: its pipe must not leak
+            raise
+        finally:
+            child.close()  # the child's end is the child's alone once started
 
     def call(self, request: _Request) -> RuleOutcome:
         """Blocking: run it in a thread. Raises ``_WorkerStopped``."""
@@ -146,16 +156,21 @@ class AnswerJudge:
         on 1 MiB) and started again for the next answer. A worker that dies makes this answer
         ``response_invalid``.
 
-        On the loop: answers small enough that parsing and matching cost well under a
-        millisecond — ``INLINE_BYTES``, less for rules whose regexes are large programs: when
-        its DFA does not fit, RE2 costs ~12 ns per program instruction and byte
-        (``[ab]{1000}[ab]{1000}c``, 2,005 instructions: 24 µs a byte)."""
+        On the loop: answers small enough that parsing and matching cost a few milliseconds at
+        worst — ``INLINE_BYTES``, less for rules whose regexes are large programs. Parsing 16
+        KiB takes up to ~1.3 ms (5-80 ms a MiB); when a regex's DFA does not fit, RE2 costs ~12 ns
+        per program instruction and byte (``[ab]{1000}[ab]{1000}c``, 2,005 instructions: 24 µs
+        a byte), so the regexes of an answer judged here take at most ~1.6 ms in all
+        (``regex_size`` × bytes ≤ 8 × ``INLINE_BYTES`` steps).
+
+        A worker that cannot be started or reached fails the rule (``response_invalid``):
+        an evaluator never raises for a rule's failure."""
         if len(body) * (1 + actions.regex_size / 8) <= INLINE_BYTES:
             return judge_answer(rule_name, verification, actions, status, body)
         try:
             async with asyncio.timeout_at(deadline), self._turn:
-                worker = self._worker = self._worker or _Worker()
                 try:
+                    worker = self._worker = self._worker or _Worker()
                     return await asyncio.to_thread(
                         worker.call, (rule_name, verification, actions.actions, status, body))
                 except asyncio.CancelledError:
@@ -163,9 +178,14 @@ class AnswerJudge:
                     raise
                 except _WorkerStopped:
                     self._stop()
-                    return RuleOutcome((Code.RESPONSE_INVALID, (
-                        f'rule "{rule_name}": the answer ({len(body) // 1024} KiB) could not be '
-                        "judged (the judging process stopped)")), {})
+                    return _unjudged(rule_name, body, "the judging process stopped")
+                except (OSError, RuntimeError):
+                    # Fork or pipe refused (no descriptors or memory left), or the thread pool
+                    # already shut down. A half-used pipe could hand the next answer this
+                    # one's outcome, so the worker, if any, goes.
+                    log.exception("could not judge a webhook answer in the judging process")
+                    self._stop()
+                    return _unjudged(rule_name, body, "the judging process could not be started or reached")
         except TimeoutError:
             return RuleOutcome((Code.WEBHOOK_TIMEOUT, (
                 f'rule "{rule_name}": the answer ({len(body) // 1024} KiB) could not be judged '
@@ -178,3 +198,8 @@ class AnswerJudge:
         if self._worker is not None:
             worker, self._worker = self._worker, None
             worker.stop()
+
+
+def _unjudged(rule_name: str, body: bytes, why: str) -> RuleOutcome:
+    return RuleOutcome((Code.RESPONSE_INVALID, (
+        f'rule "{rule_name}": the answer ({len(body) // 1024} KiB) could not be judged ({why})')), {})

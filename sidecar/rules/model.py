@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..policies import Policy
 from .safe_regex import compile_regex
@@ -92,13 +92,22 @@ class Rule(BaseModel):
 
     @field_validator("url", "token_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         # Templates may sit in the URL; only the scheme and host part must be literal.
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        # The HTTP client would send a user part as Basic credentials, but as part of the URL
+        # it is no secret field: stored, bundled, shown and logged in clear. The value is not
+        # repeated in the message, since it holds the password.
+        if "@" in parts.netloc:
+            instead = ("--auth oauth with --client-id and --client-secret env:NAME (or file:PATH)"
+                       if info.field_name == "token_url" else
+                       "--auth basic with --username and --password env:NAME (or file:PATH)")
+            raise ValueError(f"the URL holds a user name or password (before '@'), which would be stored and "
+                             f"shown in clear: give the URL without it and use {instead}")
         return value
 
     @field_validator("headers")

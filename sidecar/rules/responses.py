@@ -200,8 +200,9 @@ class CompiledActions:
     actions: tuple[ResponseAction, ...]
     _patterns: tuple[Pattern | None, ...] = field(repr=False)
     regex_size: int = 0
-    """The largest RE2 program among the regexes (0 without one): matching costs up to about
-    this many steps a byte."""
+    """The RE2 program sizes of the regexes, added up (0 without one): each regex matches the
+    text at its key, which may be the whole answer, so judging costs up to about this many
+    steps a byte of the answer in all."""
 
     @property
     def stored_names(self) -> tuple[str, ...]:
@@ -245,7 +246,7 @@ def compile_actions(actions: Sequence[ResponseAction]) -> CompiledActions:
     patterns = tuple(
         compile_regex(a.value) if a.type is ActionType.REGEX else None for a in actions
     )
-    size = max((p.programsize for p in patterns if p is not None), default=0)
+    size = sum(p.programsize for p in patterns if p is not None)
     return CompiledActions(tuple(actions), patterns, size)
 
 

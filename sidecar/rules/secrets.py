@@ -47,10 +47,10 @@ __all__ = [
 ]
 
 MASK = "••••••"
+"""How a clear secret is shown. Fixed width, so it does not tell the secret's length."""
 SECRET_HEADERS = ("authorization", "proxy-authorization")
 """Header names (lower case) whose values are credentials: masked wherever a rule is shown or
 traced, never carried in clear by a bundle."""
-"""How a clear secret is shown. Fixed width, so it does not tell the secret's length."""
 
 DEFAULT_SECRET_DIRS: tuple[str, ...] = ("/var/run/secrets/safous",)
 """Where ``file:`` references may point unless configured: a directory of its own for the

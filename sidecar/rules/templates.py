@@ -12,7 +12,8 @@ URL            ``quote(value, safe="")``: only unreserved characters and ``%XX``
                value must also stay *one opaque segment* for any chain of servers that
                decodes and normalises the path (RFC 3986 §5.2.4, §6.2.2): no ``/`` once
                read as they read it, no empty, ``.`` or ``..`` segment, no control
-               character — else ``UnsafeParameter``. Query values are encoded likewise;
+               character, at most ``MAX_PATH_VALUE`` (1,024) characters — else
+               ``UnsafeParameter``. Query values are encoded likewise;
                a fragment is never sent, so it may not hold parameters.
 header value   as is; a value holding a Unicode control character (category Cc: C0,
                DEL, C1 including NEL U+0085) other than HTAB, or a line or paragraph
@@ -132,6 +133,7 @@ class TemplateError(ValueError):
 class _Parameter:
     name: str
     in_path: bool = False  # in a URL's path: must stay one opaque segment
+    whole_segment: bool = False  # the segment is just this parameter: checked as the value is
 
 
 def _url_value(name: str, value: str) -> str:
@@ -180,7 +182,7 @@ class Template:
     stored_names: tuple[str, ...]
     _parts: tuple[str | _Parameter, ...] = field(repr=False)
     # URL: (index in the path's "/"-split, first parameter in it) of each path segment that
-    # holds a parameter.
+    # holds a parameter and more (a segment that is one parameter is checked with its value).
     _path_segments: tuple[tuple[int, str], ...] = field(default=(), repr=False)
 
     def render(self, lookup: Lookup) -> str:
@@ -196,7 +198,7 @@ class Template:
             if isinstance(part, str):
                 out.append(part)
             elif part.in_path:
-                out.append(path_value(part.name, lookup(part.name)))
+                out.append(path_value(part.name, lookup(part.name), whole_segment=part.whole_segment))
             else:
                 out.append(encode(part.name, lookup(part.name)))
         rendered = "".join(out)
@@ -235,25 +237,29 @@ def _place_url_parameters(
     text: str, parts: list[str | _Parameter], spans: list[tuple[int, int, str]]
 ) -> tuple[list[str | _Parameter], tuple[tuple[int, str], ...]]:
     """Mark the parameters that land in the URL's path, and list the path segments holding
-    one; refuse a parameter in the fragment. Values are quoted (no ``/ ? #``), so the
-    rendered URL splits into path, query and fragment exactly where the template does."""
+    one and more; refuse a parameter in the fragment. Values are quoted (no ``/ ? #``), so
+    the rendered URL splits into path, query and fragment exactly where the template does."""
     blanked = _blank(text, spans)  # a header name may hold '#': not a fragment
     path_start, path_end = path_span(blanked)
     fragment = blanked.find("#", path_end)
     segments: dict[int, str] = {}
     in_path: set[int] = set()
-    for number, (start, _, name) in enumerate(spans):
+    whole: set[int] = set()
+    for number, (start, end, name) in enumerate(spans):
         if fragment >= 0 and start > fragment:
             raise TemplateError(f"parameter %{name}% at character {start + 1} is in the URL's "
                                 "fragment (#...), which is never sent to the webhook", start)
         if path_start <= start < path_end:
             in_path.add(number)
-            segments.setdefault(blanked.count("/", path_start, start), name)
+            if blanked[start - 1] == "/" and (end == path_end or blanked[end] == "/"):
+                whole.add(number)
+            else:
+                segments.setdefault(blanked.count("/", path_start, start), name)
     placed: list[str | _Parameter] = []
     number = 0
     for part in parts:
         if isinstance(part, _Parameter):
-            part = _Parameter(part.name, in_path=number in in_path)
+            part = _Parameter(part.name, in_path=number in in_path, whole_segment=number in whole)
             number += 1
         placed.append(part)
     return placed, tuple(segments.items())

@@ -10,7 +10,11 @@ Masked in every document: the values of ``Authorization`` and ``Proxy-Authorizat
 of the rule (the authentication the HTTP client adds is never part of the rendered request),
 and every part of the request (URL, body, a header) rendered from the client's credentials
 (``%headers.authorization%``, ``%headers.proxy-authorization%``, ``%headers.cookie%``).
-Bounded: a request body and an answer are kept to their first ``EXCERPT_BYTES`` bytes.
+Masked and cut when noted, so that a trace, which lives until the activity writer builds its
+document, holds neither those values nor more than a bounded share of what a client sent: the
+URL is kept to ``URL_CHARS`` characters, the first ``MAX_HEADERS`` headers with their names and
+values to ``HEADER_CHARS`` characters each, a request body and an answer to their first
+``EXCERPT_BYTES`` bytes, an answer's content type to ``HEADER_CHARS`` characters.
 Answers may hold personal data: traces live as long as their activity log rows.
 """
 
@@ -24,9 +28,13 @@ from .model import ResponseAction
 from .secrets import MASK, SECRET_HEADERS
 from .templates import CompiledRequest, Template, WebhookRequest
 
-__all__ = ["EXCERPT_BYTES", "MASK", "CheckTrace", "RuleTrace", "note", "start"]
+__all__ = ["EXCERPT_BYTES", "HEADER_CHARS", "MASK", "MAX_HEADERS", "URL_CHARS", "CheckTrace", "RuleTrace",
+           "note", "start"]
 
 EXCERPT_BYTES = 4096
+URL_CHARS = 2048
+HEADER_CHARS = 256
+MAX_HEADERS = 64
 CREDENTIAL_PARAMETERS = frozenset({"headers.authorization", "headers.proxy-authorization", "headers.cookie"})
 """Parameters holding the client's own credentials (a token a rule forwards for introspection,
 a session cookie): a part of the request rendered from one is masked in traces."""
@@ -45,11 +53,16 @@ def secret_parts(request: CompiledRequest) -> frozenset[str]:
 Source = Literal["call", "shared", "cache", "not sent", "not run"]
 """How a rule's outcome came about: its own webhook call; a call made at the same moment for an
 identical request (single flight); the decision cache; refused before sending (an unsafe
-parameter); not run at all (an earlier rule already decided, or a rule it depends on failed)."""
+parameter); not run (an earlier rule already decided, or a rule it depends on failed), which
+includes a call cancelled under way: its request, shown, may have reached the webhook, but no
+answer was judged."""
 
 
 @dataclass(slots=True)
 class RuleTrace:
+    """One rule of a check. ``request`` is what the trace keeps of the request sent, masked
+    and cut (``keep_request``), never the request itself."""
+
     rule: str
     source: Source = "not run"
     request: WebhookRequest | None = None
@@ -61,7 +74,28 @@ class RuleTrace:
     seconds: float | None = None
     actions: tuple[ResponseAction, ...] = ()
     failed_action: int | None = None
-    secret_parts: frozenset[str] = frozenset()
+
+    def keep_request(self, request: WebhookRequest, secret_parts: frozenset[str]) -> None:
+        """Keep ``request`` masked (the rule's ``SECRET_HEADERS``, and ``secret_parts``: the
+        parts rendered from a credential, as the module's ``secret_parts`` lists them) and cut
+        (module docstring)."""
+        def hidden(name: str) -> bool:
+            return name.lower() in SECRET_HEADERS or name.lower() in secret_parts
+
+        headers = [(_cut(name, HEADER_CHARS), MASK if hidden(name) else _cut(value, HEADER_CHARS))
+                   for name, value in request.headers[:MAX_HEADERS]]
+        if len(request.headers) > MAX_HEADERS:
+            headers.append(("…", f"{len(request.headers) - MAX_HEADERS} more headers, not kept"))
+        body = request.body
+        if body is not None:
+            # One byte past the excerpt: the document still shows that the body was cut.
+            body = MASK.encode() if "body" in secret_parts else body[:EXCERPT_BYTES + 1]
+        url = MASK if "url" in secret_parts else _cut(request.url, URL_CHARS)
+        self.request = WebhookRequest(request.method, url, tuple(headers), body)
+
+    def keep_answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.status, self.content_type = status, _cut(content_type, HEADER_CHARS)
+        self.answer, self.answer_bytes = body[:EXCERPT_BYTES], len(body)
 
 
 @dataclass(slots=True)
@@ -108,15 +142,13 @@ def note(rule: str, source: Source, actions: tuple[ResponseAction, ...] = (), *,
 
 def _rule_document(entry: RuleTrace) -> dict[str, Any]:
     doc: dict[str, Any] = {"rule": entry.rule, "source": entry.source}
-    if entry.request is not None:
+    if entry.request is not None:  # masked and cut by keep_request
         request = entry.request
-        hidden = entry.secret_parts
         doc["request"] = {
             "method": request.method,
-            "url": MASK if "url" in hidden else request.url,
-            "headers": [[name, MASK if name.lower() in SECRET_HEADERS or name.lower() in hidden else value]
-                        for name, value in request.headers],
-            "body": (MASK if "body" in hidden else _excerpt(request.body)) if request.body is not None else None,
+            "url": request.url,
+            "headers": [[name, value] for name, value in request.headers],
+            "body": _excerpt(request.body) if request.body is not None else None,
         }
     if entry.status is not None:
         doc["answer"] = {"status": entry.status, "content_type": entry.content_type,
@@ -142,6 +174,10 @@ def _verdict(entry: RuleTrace, index: int) -> str:
     if entry.failed_action is None or index > entry.failed_action:
         return "not checked"
     return "failed" if index == entry.failed_action else "held"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _excerpt(data: bytes) -> str:

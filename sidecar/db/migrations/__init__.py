@@ -4,14 +4,14 @@ in one transaction together with its record (its name) in ``schema_migrations``.
 A released migration never changes: rules.db files in use recorded its name and will not run
 it again, so a schema change is a new file. The files are plain SQL, written out once; nothing
 in them comes from Python, so no later change to the code can change what an old migration
-does (a test holds each file to its released SHA-256).
+does (a test holds each file to its released SHA-256). The files themselves are the list of
+migrations; a few choices they made, which the code relies on:
 
-- ``0001_initial``: rules, policies and their links, the audit and activity logs, and
-  ``rules_version``, bumped by triggers on every change to rules, policies or links (also by
-  plain SQL), so the server reloads on those and not on activity-log writes.
-- ``0002_audit_triggers``: the audit log written by triggers (design in ``sidecar.db.audit``).
-- ``0003_rules_version_token``: a counter alone cannot tell apart two databases that saw the
-  same number of edits (a restore of another copy), so every change also draws a random token.
+- ``rules_version`` is bumped by triggers on every change to rules, policies or links (also by
+  plain SQL), so the server reloads on those and not on activity-log writes; every change also
+  draws a random token, since a counter alone cannot tell apart two databases that saw the same
+  number of edits (a restore of another copy).
+- The audit log is written by triggers (design in ``sidecar.db.audit``).
 """
 
 from __future__ import annotations
