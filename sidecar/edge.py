@@ -29,6 +29,7 @@ PERMISSION_DENIED = 7
 REASON_HEADER = "x-safous-denial-reason"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REASON_LENGTH = 256
+MAX_REQUEST_ID_LENGTH = 128
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -119,7 +120,12 @@ def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filter
     path, _, query = (http.path or headers.get(":path", "/")).partition("?")
     # x-request-id (set by Envoy, traceable in its access log and the app) rather than http.id,
     # which is only Envoy's internal stream id.
-    request_id = headers.get(REQUEST_ID_HEADER) or http.id or uuid.uuid4().hex
+    request_id = headers.get(REQUEST_ID_HEADER) or http.id
+    # Envoy keeps an internal client's own x-request-id, and it goes on into dynamic metadata,
+    # the 403 body and the activity log: one that is long or not a printable ASCII line gets a
+    # fresh id. Length first, so a long one is refused without being scanned.
+    if not (0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable()):
+        request_id = uuid.uuid4().hex
     return RequestAttributes(
         request_id=request_id,
         method=http.method or headers.get(":method", ""),

@@ -4,6 +4,7 @@ in Envoy's own access log, a policy bound by the route, a route without authoriz
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -81,6 +82,19 @@ async def test_decisions_reach_envoys_access_log_and_routes_bind_policies(
     assert {k: by_path["/healthz"][k] for k in fields} == {
         "status": 200, "authz_decision": None, "authz_code": None, "authz_policy": None,
         "authz_policy_source": None}
+
+    # The activity log says how each policy was chosen, under the request id Envoy logged.
+    await sidecar.stop(grace=1)  # flushes the activity log
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        recorded = conn.execute("SELECT request_id, path, policy, policy_source, code FROM activity_log "
+                                "ORDER BY id").fetchall()
+    assert [row[1:] for row in recorded] == [
+        ("/app/a", "app", "match", "rules_passed"),
+        ("/app/b", "app", "match", "value_mismatch"),
+        ("/reports/q1", "reports", "route", "value_mismatch"),
+        ("/other", None, "match", "no_matching_policy"),
+    ]
+    assert [row[0] for row in recorded] == [by_path[row[1]]["authz_request_id"] for row in recorded]
 
 
 async def test_a_route_bound_to_a_disabled_or_unknown_policy_denies(

@@ -9,8 +9,10 @@ made of it. One sidecar serves all the examples of a test (fixtures are per test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import sqlite3
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,10 @@ from sidecar.db import connect, delete_policy, delete_rule, transaction
 from sidecar.decision import Code, Decision
 from sidecar.edge import (
     MAX_REASON_LENGTH,
+    MAX_REQUEST_ID_LENGTH,
     REASON_HEADER,
     build_response,
+    read_request,
     sanitize_reason,
 )
 from sidecar.policies import Policy
@@ -337,3 +341,46 @@ def test_any_reason_becomes_one_safe_header_line(reason: str, code: Code) -> Non
         assert header == reason  # a reason already fit for a header is kept whole
     elif len(header) == MAX_REASON_LENGTH:
         assert header.endswith("...")
+
+
+# --- the request id -----------------------------------------------------------------------
+
+FRESH_ID = re.compile("[0-9a-f]{32}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.one_of(VALUE, st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e),
+                                            min_size=MAX_REQUEST_ID_LENGTH - 2,
+                                            max_size=MAX_REQUEST_ID_LENGTH + 2)))
+def test_a_request_id_is_kept_only_as_a_short_printable_ascii_line(request_id: str) -> None:
+    """Envoy keeps an internal client's x-request-id: whatever it sent, the id the sidecar
+    puts into dynamic metadata, the 403 body and the activity log is at most 128 characters
+    of printable ASCII: the client's when it is such, else a fresh one."""
+    attrs = read_request(check_request("/x", headers={"x-request-id": request_id}))
+    if not request_id:
+        assert attrs.request_id == "1234"  # Envoy's stream id (check_request's http.id)
+    elif len(request_id) <= MAX_REQUEST_ID_LENGTH and printable_ascii_line(request_id):
+        assert attrs.request_id == request_id
+    else:
+        assert FRESH_ID.fullmatch(attrs.request_id), attrs.request_id
+        assert read_request(check_request("/x", headers={"x-request-id": request_id})).request_id != (
+            attrs.request_id)
+    response = build_response(Decision.deny(Code.NO_MATCHING_POLICY, "no"), attrs.request_id)
+    assert json.loads(response.denied_response.body)["request_id"] == attrs.request_id
+    assert response.dynamic_metadata.fields["request_id"].string_value == attrs.request_id
+
+
+async def test_a_long_request_id_does_not_reach_the_403_body_or_the_activity_log(
+        db: Path, start_sidecar: Any, authz: Any) -> None:
+    sidecar = await start_sidecar()
+    stub = authz(sidecar.port)
+    sent = ["a" * 40_000, "id\r\nx-injected: 1", "id-é", "a" * MAX_REQUEST_ID_LENGTH]
+    responses = [await stub.Check(check_request("/x", headers={"x-request-id": rid})) for rid in sent]
+    ids = [json.loads(r.denied_response.body)["request_id"] for r in responses]
+    assert [r.dynamic_metadata.fields["request_id"].string_value for r in responses] == ids
+    assert all(FRESH_ID.fullmatch(rid) for rid in ids[:3]) and len(set(ids[:3])) == 3
+    assert ids[3] == sent[3]  # the longest the client may choose
+    await sidecar.stop(grace=1)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        recorded = [row[0] for row in conn.execute("SELECT request_id FROM activity_log ORDER BY id")]
+    assert recorded == ids

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +22,8 @@ from sidecar.parameters import (
     check_parameter_name,
     map_parameters,
 )
+from sidecar.settings import Settings
+from tests.certs import make_ca, make_client_cert
 
 DEFAULT = IdentityConfig()
 
@@ -291,3 +295,16 @@ def test_check_parameter_name_only_raises_unknown_parameter(name: str) -> None:
         assert error.name == name
         if error.suggestion is not None:
             check_parameter_name(error.suggestion)
+
+
+def test_connection_username_none_leaves_username_empty(tmp_path: Path) -> None:
+    """A TCP connection's %username% is its certificate's CN by default; with
+    ``--connection-username none`` it is empty, and the other certificate parameters stay."""
+    pem = make_client_cert(tmp_path, make_ca(tmp_path), "alice").pem
+    connection = attrs(connection=True, source=Peer(ip="10.0.0.1", certificate=quote(pem, safe="")))
+    by_cn = map_parameters(connection, Settings().identity).values
+    by_none = map_parameters(connection, Settings(connection_username="none").identity).values
+    assert (by_cn["username"], by_none["username"]) == ("alice", "")
+    assert by_none["cert_name"] == by_cn["cert_name"] == "alice"
+    # An HTTP request never takes its username from the certificate.
+    assert map_parameters(connection._replace(connection=False), Settings().identity).values["username"] == ""

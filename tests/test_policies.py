@@ -96,3 +96,12 @@ def test_an_http_policy_on_a_port_never_governs_a_connection() -> None:
     # On HTTP the ports restrict it: only requests that arrived on 443.
     assert index.match("www.example.com", "/public/a", "GET", port=443) is web
     assert index.match("www.example.com", "/public/a", "GET", port=8080) is None
+
+
+def test_a_port_only_policy_governs_connections_without_a_server_name() -> None:
+    """Plain TCP (no TLS, so no SNI), as for an SSH or PostgreSQL port."""
+    postgres = Policy(name="postgres", ports=(5432,), rules=("mfa",))
+    index = PolicyIndex([postgres, Policy(name="web", path_prefix="/")])
+    assert index.match_connection(5432, "") is postgres
+    assert index.match_connection(5432, "db.example.com") is postgres  # no sni named: any
+    assert index.match_connection(22, "") is None

@@ -21,6 +21,7 @@ from tests.certs import TlsDir, client_ssl_context, make_client_cert, make_tls_d
 from tests.conftest import seed
 from tests.envoy_harness import ENVOY_TCP_YAML, render_config, run_envoy
 from tests.helpers import eventually
+from tests.test_envoy_native import access_log
 
 SERVER_NAME = "db.example.com"
 
@@ -56,13 +57,18 @@ async def who(request: web.Request) -> web.Response:
 
 async def exchange(port: int, tls: TlsDir, client: Any, server_name: str) -> bytes:
     """Connect through Envoy with ``client``'s certificate, send a line, return what comes back
-    before the connection ends (b"" when Envoy closes it)."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=client_ssl_context(tls.ca.cert_path, client), server_hostname=server_name)
+    before the connection ends (b"" when Envoy closes it). A connection that is neither answered
+    nor closed within 5 s fails the test."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_ssl_context(tls.ca.cert_path, client), server_hostname=server_name), 5)
     try:
         writer.write(b"ping\n")
         await writer.drain()
         return await asyncio.wait_for(reader.read(1024), 5)
+    except TimeoutError:
+        # TimeoutError is an OSError: caught below, a connection Envoy held open would read as
+        # one it closed.
+        raise AssertionError(f"{server_name}: the connection was neither answered nor closed within 5 s") from None
     except (ConnectionError, OSError):
         return b""
     finally:
@@ -91,6 +97,7 @@ async def test_tcp_connections_are_allowed_and_denied_by_webhook_rules(
         allowed = await exchange(envoy.port, tcp_tls, alice, SERVER_NAME)
         denied = await exchange(envoy.port, tcp_tls, bob, SERVER_NAME)
         unmatched = await exchange(envoy.port, tcp_tls, alice, "localhost")
+        lines = await access_log(envoy, 3)
 
     assert allowed == b"ping\n"
     assert (denied, unmatched) == (b"", b"")
@@ -104,13 +111,34 @@ async def test_tcp_connections_are_allowed_and_denied_by_webhook_rules(
 
     def rows() -> list[tuple[Any, ...]]:
         with contextlib.closing(sqlite3.connect(db)) as conn:
-            return conn.execute("SELECT username, host, path, policy, allowed, code, status FROM activity_log "
-                                "ORDER BY id").fetchall()
+            return conn.execute("SELECT request_id, username, host, path, policy, allowed, code, status "
+                                "FROM activity_log ORDER BY id").fetchall()
 
     recorded = await eventually(lambda: len(rows()) == 3 and rows())
-    assert recorded == [
+    assert [row[1:] for row in recorded] == [
         ("alice", SERVER_NAME, "", "db", 1, "rules_passed", 'policy "db": all 1 rules met'),
         ("bob", SERVER_NAME, "", "db", 0, "value_mismatch",
          'rule "who": status is "inactive", expected "active"'),
         ("alice", "localhost", "", None, 0, "no_matching_policy", "no policy matches this request"),
     ]
+
+    # Envoy's own access log (tcp_proxy's) has one line per connection with the network
+    # filter's metadata, allowed and denied alike; its request id is the activity log's.
+    request_ids = [row[0] for row in recorded]
+    by_client = {(line["client_cert_subject"], line["server_name"]): line for line in lines}
+    fields = ("authz_decision", "authz_code", "authz_policy", "authz_policy_source", "authz_reason",
+              "authz_request_id", "flags", "bytes_sent")
+    assert {key: {k: line[k] for k in fields} for key, line in by_client.items()} == {
+        ("CN=alice", SERVER_NAME): {
+            "authz_decision": "allow", "authz_code": "rules_passed", "authz_policy": "db",
+            "authz_policy_source": "match", "authz_reason": 'policy "db": all 1 rules met',
+            "authz_request_id": request_ids[0], "flags": "-", "bytes_sent": 5},
+        ("CN=bob", SERVER_NAME): {
+            "authz_decision": "deny", "authz_code": "value_mismatch", "authz_policy": "db",
+            "authz_policy_source": "match", "authz_reason": 'rule "who": status is "inactive", expected "active"',
+            "authz_request_id": request_ids[1], "flags": "UAEX", "bytes_sent": 0},
+        ("CN=alice", "localhost"): {
+            "authz_decision": "deny", "authz_code": "no_matching_policy", "authz_policy": "",
+            "authz_policy_source": "match", "authz_reason": "no policy matches this request",
+            "authz_request_id": request_ids[2], "flags": "UAEX", "bytes_sent": 0},
+    }
