@@ -10,7 +10,7 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 """The empty mapping of absent headers, claims and context extensions, shared."""
 
 # Named tuples, not frozen dataclasses: the edge makes three of these per check, and a frozen
-# dataclass's __init__ costs 2.1 µs where a named tuple's costs 0.8 µs (issue 15).
+# dataclass's __init__ costs 2.1 µs where a named tuple's costs 0.8 µs.
 
 
 class Peer(NamedTuple):

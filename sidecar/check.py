@@ -79,7 +79,12 @@ class Checker:
     async def _evaluate(self, policy: Policy, snapshot: Snapshot, params: Parameters) -> Decision:
         if not policy.integration:
             return Decision.allow(Code.INTEGRATION_OFF, f'policy "{policy.name}": integration is off', policy.name)
-        rules = snapshot.policy_rules.get(policy.name, ())
+        rules = snapshot.policy_rules.get(policy.name)
+        if rules is None:
+            # Every policy the index returns has an entry; were one missing, reading it as "no
+            # rules" would allow what its rules might deny.
+            return Decision.deny(
+                Code.INTERNAL_ERROR, f'policy "{policy.name}" has no rule list in the loaded snapshot', policy.name)
         if isinstance(rules, InvalidRow):
             # Before any webhook is called: a broken rule denies whatever the others say.
             return Decision.deny(

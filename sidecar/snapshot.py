@@ -154,9 +154,9 @@ class RulesWatcher:
             # the whole heap, then, leaves the collector's sight), and no full collection runs
             # while it is built. Otherwise building 10,000 rules triggers full collections that
             # walk every object of every rule while holding the interpreter: 110-160 ms pauses
-            # of every check (issue 15). Frozen objects are still freed when their last
-            # reference goes, as a replaced snapshot's are (tests/test_snapshot.py); the young
-            # generations, collected just before the freeze, take the build's cyclic garbage.
+            # of every check. Frozen objects are still freed when their last reference goes, as
+            # a replaced snapshot's are (tests/test_snapshot.py); the young generations,
+            # collected just before the freeze, take the build's cyclic garbage.
             # What escapes them (a cycle that reached the old generation since the last load)
             # is kept for good: a small price paid once per change of the rules.
             young, middle, full = gc.get_threshold()
@@ -240,10 +240,17 @@ class RulesWatcher:
         self._task = asyncio.create_task(self._run(), name="rules-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await asyncio.to_thread(self._drop_connection)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background loop's task (None: never started) and wait until it has ended, so
+    that what it uses can be closed after."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

@@ -3,27 +3,12 @@ sidecar's denials are what ``logs activity --denied`` shows."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import Webhook, answer, check_request, denial_reason
+from tests.helpers import OK, PERMISSION_DENIED, eventually
 from tests.test_admin import admin
-
-OK, DENIED = 0, 7
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Call ``check`` (a coroutine function) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.05)
 
 
 async def test_admin_edits_reach_a_running_sidecar(db: Path, start_sidecar, authz, webhook: Webhook) -> None:
@@ -31,7 +16,7 @@ async def test_admin_edits_reach_a_running_sidecar(db: Path, start_sidecar, auth
     sidecar = await start_sidecar(reload_interval=0.05)
     stub = authz(sidecar.port)
     request = check_request("/app", headers={"x-safous-username": "alice"})
-    assert (await stub.Check(request)).status.code == DENIED  # no policy yet: zero trust
+    assert (await stub.Check(request)).status.code == PERMISSION_DENIED  # no policy yet: zero trust
 
     assert admin(db, "rule", "add", "active", "--url", f"{webhook.url}/check?u=%username%",
                  "--action", "string:status:active").exit_code == 0
@@ -47,7 +32,7 @@ async def test_admin_edits_reach_a_running_sidecar(db: Path, start_sidecar, auth
 
     async def denied() -> str | None:
         response = await stub.Check(request)
-        return denial_reason(response) if response.status.code == DENIED else None
+        return denial_reason(response) if response.status.code == PERMISSION_DENIED else None
 
     reason = await eventually(denied)
     assert reason == 'rule "active": status is "active", expected "enabled"'
@@ -83,7 +68,7 @@ async def test_a_bad_row_written_with_sql_while_running_disables_only_its_rule(
 
     async def denied() -> str | None:
         response = await stub.Check(api)
-        return denial_reason(response) if response.status.code == DENIED else None
+        return denial_reason(response) if response.status.code == PERMISSION_DENIED else None
 
     assert (await eventually(denied)).startswith('rule "broken" is invalid: actions.0: regex')
     assert (await stub.Check(check_request("/"))).status.code == OK  # app.example.com: untouched

@@ -1,4 +1,4 @@
-"""Signed bundles (issue 13): built by the admin script, followed by real sidecars from an HTTP
+"""Signed bundles: built by the admin script, followed by real sidecars from an HTTP
 server and from a kubelet-style ConfigMap directory; every refusal changes nothing."""
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def processes() -> Iterator[list[Process]]:
 
 
 INTERVAL = 0.5
-SOURCE_DOWN_SECONDS = 30  # the outage the issue names: nothing may change while it lasts
+SOURCE_DOWN_SECONDS = 30  # a long outage: nothing may change while it lasts
 
 
 def start(processes: list[Process], db: Path, source: str, public: Path) -> Process:
@@ -308,7 +308,7 @@ async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
     for process in fleet:
         _, page = await ops_get(process.ops, "/metrics")
         assert metric(page, "safous_bundle_revision_info", revision=revision) == 1
-        await eventually(lambda p=process: _fetched_unchanged(p), timeout=INTERVAL * 3, what="a 304")
+        await eventually(lambda p=process: _more_fetches(p, "304", 0), timeout=INTERVAL * 3, what="a 304")
         audit = admin(process.db, "logs", "audit", "--json").output.splitlines()
         actors = {json.loads(line)["actor"] for line in audit}
         # Only bundles changed this rules.db, the last published one among them.
@@ -347,13 +347,18 @@ async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
     await eventually(lambda: _more(fleet[0], "truncated", 0), timeout=INTERVAL + 3, what="truncated counted")
     # The truncated bundle is withdrawn before the server sends whole bodies again: a poll in
     # between would apply it.
+    unchanged = [await fetches(p, "304") for p in fleet]
     bundle_server.publish(good)
     bundle_server.truncate = False
     assert [await decision(authz, p) for p in fleet] == ["allowed"] * 3
+    # Every sidecar polls the good bundle again before the source goes away. A 304 shows it: the
+    # last bundle it remembered was refused, the truncated one never reached it.
+    for process, count in zip(fleet, unchanged, strict=True):
+        await eventually(lambda p=process, c=count: _more_fetches(p, "304", c), timeout=INTERVAL * 8 + 3,
+                         what="a 304 for the good bundle")
 
     # The source goes away: nothing changes, a restarted sidecar serves its persisted revision
     # at once, an empty one is not ready and denies not_ready until the source returns.
-    await asyncio.sleep(INTERVAL * 2)
     bundle_server.down = True
     down_since = time.monotonic()
     logged_before = [len(p.log.records()) for p in fleet[1:]]
@@ -386,9 +391,13 @@ async def _readyz_mentions(process: Process, text: str) -> tuple[int, str] | Non
     return (status, page) if text in page else None
 
 
-async def _fetched_unchanged(process: Process) -> bool:
+async def fetches(process: Process, result: str) -> float:
     _, page = await ops_get(process.ops, "/metrics")
-    return metric(page, "safous_bundle_fetches_total", result="304") > 0
+    return metric(page, "safous_bundle_fetches_total", result=result)
+
+
+async def _more_fetches(process: Process, result: str, than: float) -> bool:
+    return await fetches(process, result) > than
 
 
 async def _more(process: Process, reason: str, than: float) -> bool:
@@ -549,9 +558,11 @@ async def test_a_revision_a_sibling_applied_clears_the_failure_shown(tmp_path: P
 
 
 def _slow_apply(path: str, *_: object) -> tuple[str, str | None, bool]:
-    """Stands in for the apply of a large bundle: started, and committed seconds later. At module
-    level: the apply process imports it by name."""
-    Path(f"{path}.started").touch()
+    """Stands in for the apply of a large bundle: started (the file names the process), and
+    committed seconds later. At module level: the apply process imports it by name."""
+    starting = Path(f"{path}.starting")
+    starting.write_text(str(os.getpid()))
+    starting.replace(f"{path}.started")  # whole when it appears
     time.sleep(3)
     Path(f"{path}.committed").touch()
     return "1-x", None, True
@@ -569,7 +580,9 @@ async def test_stopping_ends_an_apply_under_way(tmp_path: Path, db: Path, monkey
         began = time.monotonic()
         await sync.stop()
     assert time.monotonic() - began < 2  # not the 3 s the apply would have taken
-    await asyncio.sleep(3.5)
+    # The process of the apply is gone (ended and reaped), so it can never commit.
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(Path(f"{db}.started").read_text()), 0)
     assert not Path(f"{db}.committed").exists()
 
 

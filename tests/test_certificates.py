@@ -187,7 +187,9 @@ def test_certificate_parameters(case: Case) -> None:
 
 
 def test_envoy_encoding_escapes_what_envoy_escapes() -> None:
-    # The sample is only meaningful if it looks like what Envoy sends (ENVOY-NOTES.md).
+    # The sample is only meaningful if it looks like what Envoy sends: with
+    # include_peer_certificate, source.certificate is the PEM URL-encoded, spaces as %20 and
+    # newlines as %0A.
     encoded = envoy_encode(CASES[0].pem)
     assert encoded.startswith("-----BEGIN%20CERTIFICATE-----%0A")
     assert "\n" not in encoded and " " not in encoded

@@ -10,11 +10,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sidecar.attributes import RequestAttributes
+from sidecar.check import ROUTE_POLICY_KEY, Checker
 from sidecar.db import StoreError
 from sidecar.decision import Code, Decision
-from sidecar.policies import Policy
+from sidecar.parameters import IdentityConfig
+from sidecar.policies import Policy, PolicyIndex
 from sidecar.rules import UnavailableEvaluator
 from sidecar.rules.model import Rule
+from sidecar.snapshot import Snapshot
 from tests.conftest import check_request, denial_reason, seed
 from tests.helpers import OK, PERMISSION_DENIED, eventually
 
@@ -72,6 +76,20 @@ async def test_an_invalid_rule_denies_its_policy(db: Path, start_sidecar, authz)
     assert json.loads(response.denied_response.body)["code"] == "rule_invalid"
     assert denial_reason(response).startswith('rule "posture" is invalid')
     assert (await stub.Check(check_request("/public/x"))).status.code == OK
+
+
+async def test_a_policy_without_a_rule_list_in_the_snapshot_denies() -> None:
+    # build_snapshot gives every indexed policy an entry; a snapshot that broke that (a bug)
+    # must deny, not read the miss as "no rules" and allow.
+    policy = Policy(name="app", path_prefix="/app")
+    checker = Checker(IdentityConfig(), "allow", UnavailableEvaluator())
+    checker.snapshot = Snapshot(version=1, index=PolicyIndex([policy]), policy_rules={})
+    for attrs in (RequestAttributes(request_id="r1", method="GET", host="h", path="/app/x"),
+                  RequestAttributes(request_id="r2", method="GET", host="h", path="/other",
+                                    context_extensions={ROUTE_POLICY_KEY: "app"})):
+        decision, _ = await checker.check(attrs)
+        assert (decision.allowed, decision.code, decision.policy) == (False, Code.INTERNAL_ERROR, "app")
+        assert decision.reason == 'policy "app" has no rule list in the loaded snapshot'
 
 
 class ExplodingEvaluator(UnavailableEvaluator):

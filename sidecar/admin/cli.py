@@ -21,16 +21,15 @@ import click
 
 from sidecar import __version__, db
 from sidecar.db import ObjectKind
-from sidecar.logs import decision_from_log_line
 
 from . import checks, display
 from .access import Admin, one_policy, one_rule
 from .bundle import bundle
+from .logs import explain, logs
 from .options import (
     PolicyOptions,
     RuleOptions,
     actor_name,
-    log_options,
     policy_fields,
     policy_options,
     root_options,
@@ -368,92 +367,6 @@ def policy_disable(admin: Admin, name: str) -> None:
     _switch(admin, "policy", name, False)
 
 
-# ----------------------------------------------------------------------------- logs
-
-
-@cli.group(cls=_AdminGroup)
-def logs() -> None:
-    """Read the audit log and the activity log.
-
-    The audit log says who changed which rule or policy; the activity log, which request
-    was allowed or denied, and why.
-    """
-
-
-@logs.command("audit")
-@log_options
-@click.pass_obj
-def logs_audit(admin: Admin, limit: int, since: str | None, as_json: bool) -> None:
-    """Show who changed what.
-
-    The audit log, newest first: every create, edit, enable, disable and delete of a rule or
-    policy, with time (UTC), actor (`sql` for a change made with plain SQL) and, for an edit,
-    the settings changed. --json gives the whole before and after (secrets redacted).
-    """
-    with admin.read() as conn:
-        entries = db.read_audit(conn, limit=limit or None, since=since)
-    if as_json:
-        for entry in entries:
-            click.echo(display.audit_line(entry))
-    else:
-        click.echo(display.audit_table(entries) if entries else "no audit log entries")
-
-
-@logs.command("activity")
-@click.option("--denied", is_flag=True, help="Only denied requests, with the reason (STATUS).")
-@click.option("--would-deny", is_flag=True,
-              help="Only requests a policy in audit mode allowed but would have denied (decision audit_deny).")
-@click.option("--user", metavar="U", help="Only requests of this %username%.")
-@click.option("--from-log", "from_log", type=click.File("r"), metavar="FILE",
-              help="Read the sidecars' JSON decision log lines (a file, or - for standard input) instead of "
-              "rules.db: the activity of a whole fleet, e.g. kubectl logs -l app=APP -c safous-sidecar | "
-              "safous-admin logs activity --from-log -")
-@log_options
-@click.pass_obj
-def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None, from_log: IO[str] | None,
-                  limit: int, since: str | None, as_json: bool) -> None:
-    """Show who was allowed or denied, and why.
-
-    The activity log, newest first: each decision of the sidecar with its time (UTC), request
-    id, user, source IP, request, policy, decision, code and status (why: for a denial, the
-    reason the client also got in the x-safous-denial-reason header).
-    """
-    if from_log is not None:
-        records = display.filter_activity(
-            (r for line in from_log if (r := decision_from_log_line(line)) is not None),
-            denied=denied, would_deny=would_deny, user=user, limit=limit or None, since=since)
-    else:
-        with admin.read() as conn:
-            records = db.read_activity(conn, denied=denied, would_deny=would_deny, user=user,
-                                       limit=limit or None, since=since)
-    if as_json:
-        for record in records:
-            click.echo(display.activity_line(record))
-    else:
-        click.echo(display.activity_table(records, denied=denied) if records else "no activity log entries")
-
-
-@cli.command("explain")
-@click.argument("request_id")
-@click.option("--json", "as_json", is_flag=True, help="The trace as one JSON document.")
-@click.pass_obj
-def explain(admin: Admin, request_id: str, as_json: bool) -> None:
-    """Why was REQUEST_ID decided so? The evidence the sidecar kept.
-
-    For each rule of the policy, in order: how its outcome came about (its own webhook call,
-    a call shared with an identical one, the cache), the request sent (Authorization values
-    masked), the answer (its first 4 KiB), the outcome and how long it took. The sidecar keeps
-    a trace for every denial and audit denial (--trace denied, its default), as long as the
-    activity log row; exit 1 when there is none.
-    """
-    with admin.read() as conn:
-        doc = db.read_trace(conn, request_id)
-    if doc is None:
-        raise click.ClickException(f"no trace of request {request_id!r} (the sidecar keeps one for each denial; "
-                                   "see logs activity)")
-    click.echo(json.dumps(doc, ensure_ascii=False) if as_json else display.trace_report(doc))
-
-
 # ------------------------------------------------------------------------- params
 
 
@@ -581,6 +494,8 @@ def ui(admin: Admin, listen: str) -> None:
 
 
 cli.add_command(bundle)
+cli.add_command(logs)
+cli.add_command(explain)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,42 +12,10 @@ Exceptions::
                       code (``RefusalReason``) for logs and metrics, ``str()`` says why
 """
 
-from ._format import (
-    ALGORITHMS,
-    MAX_SEQUENCE,
-    Bundle,
-    BundleRefused,
-    RefusalReason,
-    VerificationKey,
-    build_bundle,
-    content_hash,
-    generate_key,
-    key_id_of,
-    literal_secrets,
-    load_signing_key,
-    load_verification_key,
-    parse_bundle,
-)
+from . import _format
+from ._format import *  # noqa: F403 - _format's __all__ is the package's, whole
 from ._sources import BundleSource, FileSource, HttpSource
 from ._sync import BundleSync
 
-__all__ = [
-    "ALGORITHMS",
-    "MAX_SEQUENCE",
-    "Bundle",
-    "BundleRefused",
-    "BundleSource",
-    "BundleSync",
-    "FileSource",
-    "HttpSource",
-    "RefusalReason",
-    "VerificationKey",
-    "build_bundle",
-    "content_hash",
-    "generate_key",
-    "key_id_of",
-    "literal_secrets",
-    "load_signing_key",
-    "load_verification_key",
-    "parse_bundle",
-]
+__all__ = ["BundleSource", "BundleSync", "FileSource", "HttpSource"]
+__all__ += _format.__all__

@@ -1,5 +1,5 @@
 """The activity log table: one row per decision, appended in batches, pruned in batches, read
-back by the admin script.
+back by the admin script; and the portal's full-text index of its reasons.
 
 Times are epoch seconds in Python (``ActivityRecord.at``) and UTC ISO 8601 text with
 milliseconds in rules.db (``iso_time``), so that they sort and compare as text there.
@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..decision import PolicySource
@@ -281,3 +282,64 @@ def _epoch(row_id: int, text: Any) -> float:
     except (TypeError, ValueError):
         raise StoreError(f"cannot read the activity log: row {row_id}: {text!r} is not a time "
                          "(UTC, ISO 8601)") from None
+
+
+# The portal's full-text index of the reasons (``activity_log.status``), for its searches. It
+# lives in a database file of the portal's own, since the portal never writes rules.db.
+
+REASON_INDEX_TABLE = "portal_reason_fts"
+"""The FTS5 table of the reason index; its rowid is ``activity_log.id``."""
+
+
+def create_reason_index(path: Path) -> sqlite3.Connection:
+    """Create the reason index in a new database file at ``path`` and return an autocommit
+    connection to it, usable from any thread. Contentless: it keeps each reason's words and the
+    row's id, not the text. Raises ``StoreError``."""
+    with translated(f"cannot create the reason index {path}"):
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            # WAL: the portal's connections read the index while a catch-up writes it.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"CREATE VIRTUAL TABLE {REASON_INDEX_TABLE} USING fts5(status, content='', "
+                         "tokenize='unicode61 remove_diacritics 2')")
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def clear_reason_index(index: sqlite3.Connection) -> None:
+    """Empty the reason index. Raises ``StoreError``."""
+    with translated("cannot write the reason index"):
+        index.execute(f"INSERT INTO {REASON_INDEX_TABLE}({REASON_INDEX_TABLE}) VALUES ('delete-all')")
+
+
+def add_reasons(index: sqlite3.Connection, rows: Sequence[tuple[int, str]]) -> None:
+    """Index the reasons of activity log rows, given as (id, status), in one transaction.
+    Raises ``StoreError``."""
+    with translated("cannot write the reason index"):
+        with transaction(index):
+            index.executemany(f"INSERT INTO {REASON_INDEX_TABLE}(rowid, status) VALUES (?, ?)", rows)
+
+
+def read_reasons(conn: sqlite3.Connection, *, after: int, limit: int) -> list[tuple[int, str, str]]:
+    """(id, request_id, status) of at most ``limit`` activity log rows with an id above
+    ``after``, by id. Raises ``StoreError``."""
+    with translated("cannot read the activity log"):
+        return conn.execute("SELECT id, request_id, status FROM activity_log WHERE id > ? ORDER BY id LIMIT ?",
+                            (after, limit)).fetchall()
+
+
+def activity_request_id(conn: sqlite3.Connection, row_id: int) -> str | None:
+    """The request id of the activity log row ``row_id``, or None when there is no such row.
+    Raises ``StoreError``."""
+    with translated("cannot read the activity log"):
+        row = conn.execute("SELECT request_id FROM activity_log WHERE id = ?", (row_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def count_activity_through(conn: sqlite3.Connection, row_id: int) -> int:
+    """How many activity log rows have an id up to ``row_id``. Raises ``StoreError``."""
+    with translated("cannot read the activity log"):
+        (count,) = conn.execute("SELECT count(*) FROM activity_log WHERE id <= ?", (row_id,)).fetchone()
+    return int(count)

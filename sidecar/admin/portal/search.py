@@ -30,10 +30,19 @@ import threading
 from pathlib import Path
 
 from sidecar import db
+from sidecar.db.activity import (
+    REASON_INDEX_TABLE,
+    activity_request_id,
+    add_reasons,
+    clear_reason_index,
+    count_activity_through,
+    create_reason_index,
+    read_reasons,
+)
 
 __all__ = ["FTS_TABLE", "ReasonIndex"]
 
-FTS_TABLE = "portal_reason_fts"
+FTS_TABLE = REASON_INDEX_TABLE
 """The FTS5 table, in the portal's index database; its rowid is ``activity_log.id``."""
 
 
@@ -42,7 +51,7 @@ class ReasonIndex:
     search in a database file of the portal's own (``path``), created in ``directory``.
 
     Thread-safe: ``catch_up`` may be called from any thread; one runs at a time. Raises
-    ``sidecar.db.StoreError`` when rules.db cannot be read."""
+    ``sidecar.db.StoreError`` when rules.db cannot be read or the index written."""
 
     BATCH = 20_000
 
@@ -50,11 +59,7 @@ class ReasonIndex:
         self.path = directory / "reasons.db"
         self._lock = threading.Lock()
         self._rules_db = rules_db
-        self._index = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # WAL: Datasette's connections read the index while a catch-up writes it.
-        self._index.execute("PRAGMA journal_mode = WAL")
-        self._index.execute(f"CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5(status, content='', "
-                            "tokenize='unicode61 remove_diacritics 2')")
+        self._index = create_reason_index(self.path)
         self._source: sqlite3.Connection | None = None
         self._newest: tuple[int, str] | None = None  # (id, request_id) of the newest row indexed
         self._indexed = 0
@@ -69,26 +74,19 @@ class ReasonIndex:
         first time, or after a rebuild); return how many were added."""
         with self._lock:
             source = self._connection()
-            try:
-                if self._stale(source):
-                    self._index.execute(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}) VALUES ('delete-all')")
-                    self._newest, self._indexed = None, 0
-                added = 0
-                while True:
-                    after = self._newest[0] if self._newest else 0
-                    rows = source.execute(
-                        "SELECT id, request_id, status FROM activity_log WHERE id > ? ORDER BY id LIMIT ?",
-                        (after, self.BATCH)).fetchall()
-                    if not rows:
-                        return added
-                    with db.transaction(self._index):
-                        self._index.executemany(f"INSERT INTO {FTS_TABLE}(rowid, status) VALUES (?, ?)",
-                                                [(row_id, status) for row_id, _, status in rows])
-                    self._newest = (rows[-1][0], rows[-1][1])
-                    self._indexed += len(rows)
-                    added += len(rows)
-            except sqlite3.Error as exc:
-                raise db.StoreError(f"cannot index the activity log: {exc}") from exc
+            if self._stale(source):
+                clear_reason_index(self._index)
+                self._newest, self._indexed = None, 0
+            added = 0
+            while True:
+                after = self._newest[0] if self._newest else 0
+                rows = read_reasons(source, after=after, limit=self.BATCH)
+                if not rows:
+                    return added
+                add_reasons(self._index, [(row_id, status) for row_id, _, status in rows])
+                self._newest = (rows[-1][0], rows[-1][1])
+                self._indexed += len(rows)
+                added += len(rows)
 
     def close(self) -> None:
         with self._lock:
@@ -107,10 +105,8 @@ class ReasonIndex:
         if self._newest is None:
             return False
         newest_id, request_id = self._newest
-        row = source.execute("SELECT request_id FROM activity_log WHERE id = ?", (newest_id,)).fetchone()
-        if row is None or row[0] != request_id:
+        if activity_request_id(source, newest_id) != request_id:
             return True
         if self._indexed > self.BATCH:
-            (live,) = source.execute("SELECT count(*) FROM activity_log WHERE id <= ?", (newest_id,)).fetchone()
-            return bool(self._indexed > 2 * live)
+            return self._indexed > 2 * count_activity_through(source, newest_id)
         return False
