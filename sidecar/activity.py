@@ -12,6 +12,11 @@ full disk, rules.db missing for a moment) is not lost: it goes back to the head 
 the next flush writes it with the decisions that came meanwhile, the list's bound still holding.
 Its log lines are not written again. Flushes that fail in a row come further apart (at most
 ``RETRY_MAX_DELAY``), so a database gone for good costs one error line every few seconds.
+
+A decision with a trace (``record_traced``) holds up to some 40 KiB per rule until written. The
+traces of the decisions not yet written (pending, being written, kept for a retry) stay within
+``max_trace_bytes``: past it, a decision is recorded without its trace, counted in
+``traces_dropped``.
 """
 
 from __future__ import annotations
@@ -29,13 +34,22 @@ log = logging.getLogger(__name__)
 
 RETRY_MAX_DELAY = 5.0
 """Seconds at most between two tries of a batch the database refused."""
+MAX_PENDING_TRACE_BYTES = 16 << 20
+"""What the traces of the decisions not yet written may hold, about (``record_traced``)."""
 
 
 class ActivityLog:
     def __init__(self, db_path: Path, max_queue: int = 10_000, *, flush_interval: float = 0.2,
-                 on_batch: Callable[[list[ActivityRecord]], None] | None = None) -> None:
+                 on_batch: Callable[[list[ActivityRecord]], None] | None = None,
+                 max_trace_bytes: int = MAX_PENDING_TRACE_BYTES) -> None:
         self._path = db_path
         self._max = max_queue
+        self._max_trace_bytes = max_trace_bytes
+        # The size of each trace not yet written, by the id of its record (alive, so its id is
+        # its own): those in ``_pending``, and those of the batch being written.
+        self._trace_sizes: dict[int, int] = {}
+        self._writing_sizes: dict[int, int] = {}
+        self._trace_bytes = 0  # the sum over both
         self._interval = flush_interval
         self._on_batch = on_batch
         self._pending: list[ActivityRecord] = []
@@ -50,12 +64,32 @@ class ActivityLog:
         self._identity: tuple[int, int] | None = None
         self.written = 0
         self.dropped = 0
+        self.traces_dropped = 0
 
     def record(self, decided: ActivityRecord) -> None:
         if self._closing or len(self._pending) >= self._max:
             self.dropped += 1
             return
         self._pending.append(decided)
+
+    def record_traced(self, decided: ActivityRecord, trace_bytes: int) -> None:
+        """``record`` for a decision with a trace holding about ``trace_bytes``: recorded
+        without it when the traces not yet written would pass their bound."""
+        if self._closing or len(self._pending) >= self._max:
+            self.dropped += 1
+            return
+        if self._trace_bytes + trace_bytes > self._max_trace_bytes:
+            self.traces_dropped += 1
+            self._pending.append(decided._replace(trace=None))
+            return
+        self._trace_bytes += trace_bytes
+        self._trace_sizes[id(decided)] = trace_bytes
+        self._pending.append(decided)
+
+    @property
+    def trace_bytes(self) -> int:
+        """What the traces of the decisions not yet written hold, about."""
+        return self._trace_bytes
 
     @property
     def depth(self) -> int:
@@ -95,11 +129,13 @@ class ActivityLog:
         announced, self._announced = self._announced, 0
         if not batch:
             return
+        self._writing_sizes, self._trace_sizes = self._trace_sizes, {}
         try:
             await asyncio.to_thread(self._write, batch, announced)
         except db.StoreError as exc:
             self._failures += 1
             if last:
+                self._forget_writing()
                 self.dropped += len(batch)
                 log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
                 return
@@ -107,6 +143,11 @@ class ActivityLog:
             # the oldest go first: their log lines are out already, so only their rows are lost.
             overflow = max(0, len(batch) + len(self._pending) - self._max)
             kept = batch[overflow:]
+            sizes, self._writing_sizes = self._writing_sizes, {}
+            for gone in batch[:overflow]:
+                self._trace_bytes -= sizes.pop(id(gone), 0)
+            sizes.update(self._trace_sizes)
+            self._trace_sizes = sizes
             self._pending = kept + self._pending
             self._announced = len(kept)
             self.dropped += overflow
@@ -115,11 +156,18 @@ class ActivityLog:
         except Exception:
             # Not the database but a bug, which the same batch would hit on every try: keeping
             # it would stop the activity log for good.
+            self._forget_writing()
             self.dropped += len(batch)
             log.exception("activity log write failed; %d decisions dropped", len(batch))
         else:
+            self._forget_writing()
             self.written += len(batch)
             self._failures = 0
+
+    def _forget_writing(self) -> None:
+        """The traces of the batch just written (or dropped) are no longer held here."""
+        self._trace_bytes -= sum(self._writing_sizes.values())
+        self._writing_sizes = {}
 
     def _delay(self) -> float:
         if not self._failures:

@@ -45,6 +45,8 @@ _INTERNAL = Decision.deny(Code.INTERNAL_ERROR, "internal error in the authorizat
 # Built once at import so the last-resort answer cannot itself fail.
 _INTERNAL_RESPONSE = edge.build_response(_INTERNAL, "")
 _UNREAD = RequestAttributes(request_id="", path="")
+# What a trace's summary holds at most (the request's fields as ``_record`` cuts them), about.
+_SUMMARY_BYTES = 4096
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):
@@ -63,6 +65,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
     async def _traced_check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         """``_check`` in a span that joins Envoy's trace (its gRPC call's ``traceparent``, else
         the request's)."""
+        if self._trace == "off":
+            # The span counts the rules answered from the cache: the check notes them in a
+            # trace that is never recorded.
+            trace.start()
         stack = contextlib.ExitStack()
         try:
             metadata = {key: value for key, value in (context.invocation_metadata() or ())
@@ -86,7 +92,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         started = time.perf_counter()
         attrs: RequestAttributes | None = None
         params: Parameters | None = None
-        check_trace = trace.start() if self._trace != "off" else None
+        # The snapshot the checker decides on (it reads it before its first await): the trace
+        # lists the rules it ran, whatever a reload does meanwhile.
+        check_trace = (trace.start(snapshot.policy_rules if (snapshot := self._checker.snapshot) else None)
+                       if self._trace != "off" else None)
         try:
             attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
             decision, params = await self._checker.check(attrs)
@@ -99,7 +108,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             if span is not None:
-                cached = sum(1 for r in check_trace.rules.values() if r.source == "cache") if check_trace else 0
+                noted = check_trace or trace.current()
+                cached = sum(1 for r in noted.rules.values() if r.source == "cache") if noted else 0
                 span.set_attributes({"safous.decision": edge.result_of(decision), "safous.code": str(decision.code),
                                      "safous.policy": decision.policy or "", "safous.rules_from_cache": cached})
             self._record(attrs, params, decision, latency_ms, check_trace)
@@ -119,25 +129,24 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason[:2048],
             latency_ms=latency_ms, policy_source=decision.policy_source, audit_deny=decision.audit_deny,
         )
-        if attrs is not None and (document := self._trace_of(record, decision, check_trace)) is not None:
-            record = record._replace(trace=document)
+        if attrs is not None and check_trace is not None and (
+                document := self._trace_of(record, decision, check_trace)) is not None:
+            self._activity.record_traced(record._replace(trace=document), check_trace.size() + _SUMMARY_BYTES)
+            return
         self._activity.record(record)
 
     def _trace_of(self, record: ActivityRecord, decision: Decision,
-                  check_trace: trace.CheckTrace | None) -> Callable[[], dict[str, Any]] | None:
+                  check_trace: trace.CheckTrace) -> Callable[[], dict[str, Any]] | None:
         """What builds the check's trace document in the activity writer (off the request
         path): for denials and audit denials, or every decision with ``--trace all``."""
-        if check_trace is None or (self._trace == "denied" and decision.allowed and not decision.audit_deny):
+        if self._trace == "denied" and decision.allowed and not decision.audit_deny:
             return None
-        snapshot = self._checker.snapshot
-        policy = snapshot.index.named(decision.policy) if snapshot and decision.policy else None
-        order = list(policy.rules) if policy else None
         summary = {"request_id": record.request_id, "method": record.method, "host": record.host,
                    "path": record.path, "policy": decision.policy, "decision": edge.result_of(decision),
                    "code": str(decision.code), "reason": record.status}
 
         def document() -> dict[str, Any]:
-            return {**summary, **check_trace.document(order)}
+            return {**summary, **check_trace.document(check_trace.order(decision.policy))}
 
         return document
 
@@ -248,6 +257,8 @@ class Sidecar:
         yield gauge("safous_activity_queue_depth", "Decisions waiting for the activity log", self.activity.depth)
         yield counter("safous_activity_written", "Decisions written to the activity log", self.activity.written)
         yield counter("safous_activity_dropped", "Decisions the activity log had to drop", self.activity.dropped)
+        yield counter("safous_traces_dropped", "Traces not kept: those awaiting the activity log were at their "
+                      "byte bound", self.activity.traces_dropped)
         yield counter("safous_activity_pruned", "Activity log rows deleted by retention", self.retention.deleted_total)
         if self.bundles is not None:
             yield from self.bundles.metrics()
@@ -338,7 +349,8 @@ async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, r
 # How long a thread may hold the interpreter while another waits (Python's default: 5 ms).
 # The rules loader, bundle and activity threads run Python beside the event loop; each check
 # needs the interpreter a few times, and with 5 ms turns a 10,000-rule reload put checks at
-# 35 ms, with 1 ms at 16 ms (issue 15, `make bench`). Costs nothing while no thread competes.
+# 35 ms, with 1 ms at 16 ms (measured by `make bench` during such a reload). Costs nothing
+# while no thread competes.
 SWITCH_INTERVAL = 0.001
 
 

@@ -9,11 +9,13 @@ On when an OTLP endpoint is configured the standard way — ``OTEL_EXPORTER_OTLP
 A check's span joins the request's trace: the W3C ``traceparent`` Envoy sends with its gRPC
 call (Envoy's own span for the ext_authz call), else the one in the request's headers. Only
 ``traceparent`` is read and sent on: a client's ``tracestate`` never reaches a webhook.
-Attributes are the decision, its code, the policy and how many rules came from the cache;
-webhook spans carry the method, host, status and duration — never a parameter value, a secret
-or an answer.
+Attributes are the decision, its code, the policy and how many rules came from the cache
+(counted whatever ``--trace`` says: with ``--trace off`` the check still notes its rules, in a
+trace it does not record); webhook spans carry the method, host, status and duration — never a
+parameter value, a secret or an answer.
 
-Off, the check path pays one attribute test per check (``enabled()``): nothing is imported.
+Off, the check path pays one test per check and one per webhook or token call (``enabled()``):
+nothing is imported.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ async def test_an_audit_mode_policy_allows_records_and_can_be_enforced(
         seen = dict(json.loads(body)["headers"])
         assert seen["x-safous-audit-deny"] == "value_mismatch"  # the app may show a banner
 
-        # The admin switches it to enforce: within a second, the same request is denied.
+        # The admin switches it to enforce: within --reload-interval (50 ms here), and so well
+        # within a second, the same request is denied.
         assert admin(db, "policy", "edit", "app", "--mode", "enforce").exit_code == 0
         switched = time.monotonic()
 

@@ -7,6 +7,7 @@ Webhooks are real aiohttp servers on loopback (port 0), or a port that refuses c
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections.abc import AsyncIterator
 
@@ -129,6 +130,67 @@ async def test_a_rule_cancelled_by_an_earlier_failure_is_traced_as_not_run(evalu
         assert outcomes() == [("fast", "call", "value_mismatch"), ("slow", "not run", "not run")]
         slow = check_trace.document(["fast", "slow"])["rules"][1]
         assert [a["verdict"] for a in slow["actions"]] == ["not checked"]
+
+
+# --- a webhook call shared by two checks (single flight) ----------------------------------
+
+async def test_a_shared_call_is_traced_for_each_check_as_it_was_for_that_check(
+        evaluator: WebhookEvaluator) -> None:
+    """Check A starts the slow rule's call, check B joins it; A is decided by a failing fast
+    rule meanwhile. For A the slow rule was not run, whatever the call, which goes on for B,
+    answers later; for B it was shared: the request it would have sent (masked) and how long it
+    waited."""
+    slow_started, release = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        calls.append(request.path)
+        if request.path == "/slow":
+            slow_started.set()
+            await release.wait()
+            return web.json_response({"status": "active"})
+        await slow_started.wait()
+        return web.json_response({"status": "inactive"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    async with serving(app, handler_cancellation=True, shutdown_timeout=0.5) as port:
+        url = f"http://127.0.0.1:{port}"
+        fast = Rule(name="fast", url=url + "/fast", actions=ACTIVE)
+        slow = Rule(name="slow", url=url + "/slow?u=%username%", timeout_ms=10_000, actions=ACTIVE,
+                    headers=(("Authorization", "Bearer static-secret"), ("X-Subject", "%headers.authorization%")))
+        values = params(authorization="Bearer user-token")
+        # Each check in its own context, as each gRPC call is.
+        check_a = asyncio.create_task(decide(evaluator, [fast, slow], values), context=contextvars.Context())
+        await slow_started.wait()
+        b_started = asyncio.get_running_loop().time()
+        check_b = asyncio.create_task(decide(evaluator, [slow], values), context=contextvars.Context())
+        decision_a, trace_a = await check_a
+        assert decision_a.code == Code.VALUE_MISMATCH
+
+        def slow_for_a() -> dict:
+            return trace_a.document(["fast", "slow"])["rules"][1]
+
+        at_decision = slow_for_a()
+        assert (at_decision["source"], at_decision["outcome"]) == ("not run", "not run")
+        assert not check_b.done()  # the call goes on for B, and answers only now
+        release.set()
+        decision_b, trace_b = await check_b
+        waited = asyncio.get_running_loop().time() - b_started
+
+    assert decision_b.allowed and calls.count("/slow") == 1
+    # Nothing the call learnt after A stopped waiting reached A's trace.
+    later = slow_for_a()
+    assert later == at_decision
+    assert "answer" not in later and "ms" not in later and "reason" not in later
+    assert [a["verdict"] for a in later["actions"]] == ["not checked"]
+    # B's entry: shared, with the request it would have sent and the time it waited.
+    [shared] = trace_b.document(["slow"])["rules"]
+    assert (shared["source"], shared["outcome"]) == ("shared", "held")
+    assert shared["request"]["url"] == url + "/slow?u=alice"
+    assert shared["request"]["headers"] == [["Authorization", trace.MASK], ["X-Subject", trace.MASK]]
+    assert 0 < shared["ms"] <= waited * 1000
+    assert "user-token" not in json.dumps(shared) and "static-secret" not in json.dumps(shared)
 
 
 # --- a judging process that cannot be started ---------------------------------------------

@@ -4,6 +4,7 @@ endpoint (the protobuf export decoded here); the webhook joins it through ``trac
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from sidecar import tracing
 from sidecar.policies import Policy
-from sidecar.rules.model import ActionType, ResponseAction, Rule
-from tests.conftest import answer, seed
+from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
+from tests.conftest import answer, check_request, seed
 from tests.envoy_harness import ENVOY_YAML, render_config, run_envoy
 from tests.helpers import eventually, http_get, serving
 
@@ -144,6 +145,85 @@ async def test_a_request_is_one_trace_across_envoy_the_sidecar_and_the_webhook(
     [seen] = webhook.seen("/posture")
     _, trace_id, parent_id, _ = seen["headers"]["traceparent"].split("-")
     assert (trace_id, parent_id) == (check.trace_id, call.span_id)
+
+
+ACTIVE = (ResponseAction(type=ActionType.STRING, key="status", value="active"),)
+# A client's own W3C trace context, as a request reaches Envoy with it.
+CLIENT_TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+async def test_a_check_follows_the_requests_traceparent_and_counts_cached_rules_with_trace_off(
+        db: Path, start_sidecar: Any, authz: Any, webhook: Any, collector: Collector,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Envoy tracing: the check's span is a child of the request's own ``traceparent``. With
+    ``--trace off`` (no trace recorded), the span still says how many rules the cache answered."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    webhook.routes["/groups"] = answer({"status": "active"})
+    seed(db, [Rule(name="groups", url=webhook.url + "/groups", cache_ttl=60, actions=ACTIVE)],
+         [Policy(name="app", path_prefix="/app", rules=("groups",))])
+    sidecar = await start_sidecar(trace="off")
+    stub = authz(sidecar.port)
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+    try:
+        for n in range(2):
+            response = await stub.Check(check_request("/app/x", headers={**headers, "x-request-id": f"r{n}"}))
+            assert response.status.code == 0
+
+        def both() -> bool:
+            return len([s for s in collector.spans if s.name == "ext_authz check"]) == 2
+
+        await eventually(both, timeout=10)
+    finally:
+        await sidecar.stop(grace=0)
+
+    first, second = [s for s in collector.spans if s.name == "ext_authz check"]
+    assert {(s.trace_id, s.parent) for s in (first, second)} == {(CLIENT_TRACE, CLIENT_SPAN)}
+    assert (first.attributes["safous.rules_from_cache"], second.attributes["safous.rules_from_cache"]) == (0, 1)
+    [call] = [s for s in collector.spans if s.name == "webhook call"]  # the second check made none
+    assert call.parent == first.span_id
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM traces").fetchone()[0] == 0
+
+
+async def test_an_oauth_token_request_is_a_child_span_of_the_check(
+        db: Path, start_sidecar: Any, authz: Any, webhook: Any, collector: Collector,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    client_secret = "oauth-client-secret-value"
+    webhook.routes["/token"] = answer({"access_token": "tok-123", "token_type": "Bearer", "expires_in": 300})
+    webhook.routes["/api"] = answer({"status": "active"})
+    seed(db, [Rule(name="api", url=webhook.url + "/api?u=%username%", auth=AuthType.OAUTH,
+                   token_url=webhook.url + "/token", client_id="sidecar", client_secret=client_secret,
+                   actions=ACTIVE)],
+         [Policy(name="app", path_prefix="/app", rules=("api",))])
+    sidecar = await start_sidecar()
+    stub = authz(sidecar.port)
+    try:
+        response = await stub.Check(check_request("/app/x", headers={"x-safous-username": "alice"}))
+        assert response.status.code == 0
+
+        def complete() -> bool:
+            return {"ext_authz check", "oauth token", "webhook call"} <= {s.name for s in collector.spans}
+
+        await eventually(complete, timeout=10)
+    finally:
+        await sidecar.stop(grace=0)
+
+    check = next(s for s in collector.spans if s.name == "ext_authz check")
+    token = next(s for s in collector.spans if s.name == "oauth token")
+    call = next(s for s in collector.spans if s.name == "webhook call")
+    assert (token.trace_id, token.parent) == (check.trace_id, check.span_id)
+    assert call.parent == check.span_id
+    assert token.attributes == {"http.request.method": "POST", "server.address": "127.0.0.1",
+                                "http.response.status_code": 200}
+    # The token endpoint joined the trace too; no secret, token or parameter on any span.
+    [asked] = webhook.seen("/token")
+    assert asked["headers"]["traceparent"].split("-")[1:3] == [check.trace_id, token.span_id]
+    shown = repr([s.attributes for s in collector.spans])
+    for value in (client_secret, "tok-123", "alice"):
+        assert value not in shown
 
 
 def test_tracing_is_off_unless_an_endpoint_is_configured() -> None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import ssl
 import time
@@ -135,6 +136,8 @@ class BasicAuth:
 
 Auth = NoAuth | BasicAuth | OAuthAuth
 NO_AUTH = NoAuth()
+# The span of a call while OpenTelemetry is off: none, and nothing to build for it.
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 class WebhookClient:
@@ -254,7 +257,8 @@ class WebhookClient:
         except ValueError as exc:
             raise WebhookFailure(Code.WEBHOOK_UNREACHABLE, "webhook URL cannot be requested") from exc
         try:
-            with tracing.outgoing_span("webhook call", request.method, url.host or "", headers) as span:
+            with (tracing.outgoing_span("webhook call", request.method, url.host or "", headers)
+                  if tracing.enabled() else _NO_SPAN) as span:
                 async with session.request(
                     request.method,
                     url,
@@ -283,7 +287,8 @@ class WebhookClient:
         request = token_request(auth)
         headers = list(request.headers)
         try:
-            with tracing.outgoing_span("oauth token", "POST", URL(request.url).host or "", headers) as span:
+            with (tracing.outgoing_span("oauth token", "POST", URL(request.url).host or "", headers)
+                  if tracing.enabled() else _NO_SPAN) as span:
                 async with session.post(
                     request.url, headers=headers, data=request.body, allow_redirects=False
                 ) as response:

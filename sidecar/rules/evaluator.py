@@ -282,11 +282,30 @@ class WebhookEvaluator:
         return request, key
 
     async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
-        shared = key in self.flights
-        outcome = await self.flights.do(key, lambda: self._call(rule, request, key))
-        if shared:
-            trace.note(rule.name, "shared", rule.rule.actions, failure=outcome.failure,
-                       failed_action=outcome.failed_action)
+        if key in self.flights:
+            return await self._share(rule, request, key)
+        try:
+            return await self.flights.do(key, lambda: self._call(rule, request, key))
+        except asyncio.CancelledError:
+            # The call runs in this check's context and may go on for a check that joined it:
+            # what it answers then was not judged for this one.
+            trace.abandon(rule.name)
+            raise
+
+    async def _share(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
+        """The outcome of another check's call for an identical request, in flight now."""
+        noted = trace.note(rule.name, "shared", rule.rule.actions)
+        if noted is None:
+            return await self.flights.do(key, lambda: self._call(rule, request, key))
+        noted.keep_request(request, rule.secret_parts)
+        started = time.perf_counter()
+        try:
+            outcome = await self.flights.do(key, lambda: self._call(rule, request, key))
+        except asyncio.CancelledError:
+            trace.abandon(rule.name)
+            raise
+        noted.failure, noted.failed_action = outcome.failure, outcome.failed_action
+        noted.seconds = time.perf_counter() - started
         return outcome
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
@@ -311,10 +330,11 @@ class WebhookEvaluator:
         except asyncio.CancelledError:
             # An earlier rule failed, or Envoy gave up: this rule decided nothing, and the
             # trace must not report it as held.
-            if noted is not None:
+            if noted is not None and not noted.closed:
                 noted.source = "not run"
             raise
-        if noted is not None:
+        # Closed: the check that started the call stopped waiting for it (``_execute``).
+        if noted is not None and not noted.closed:
             noted.failure, noted.failed_action = outcome.failure, outcome.failed_action
             noted.seconds = time.perf_counter() - started
         return outcome
