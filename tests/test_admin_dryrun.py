@@ -6,7 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
-import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from click.testing import Result
 
 from sidecar.rules.secrets import MASK
 from tests.conftest import Webhook, answer
+from tests.helpers import closed_port
 from tests.test_admin import admin, count
 
 
@@ -94,11 +95,9 @@ decision: not met (regex_mismatch): rule "posture": data.role "guest" does not m
 
 
 async def test_an_unreachable_webhook_is_not_met(db: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    admin(db, "rule", "add", "r", "--url", f"http://127.0.0.1:{port}/x", "--action", "string:ok:true")
-    result = await run(db, "test", "r")
+    with closed_port() as port:
+        admin(db, "rule", "add", "r", "--url", f"http://127.0.0.1:{port}/x", "--action", "string:ok:true")
+        result = await run(db, "test", "r")
     assert result.exit_code == 1, result.output
     assert result.stdout == f"""\
 rule "r"
@@ -110,6 +109,26 @@ actions
   not checked  string:ok:true  no response
 decision: not met (webhook_unreachable): rule "r": webhook unreachable: connection refused
 """
+
+
+async def test_regexes_are_judged_by_re2_as_the_sidecar_judges_them(db: Path, webhook: Webhook) -> None:
+    """RE2 syntax that Python's ``re`` lacks, RE2's ASCII ``\\d``, and a pattern that
+    backtracks 2^30 times in ``re``: each verdict is the sidecar's, found in linear time."""
+    webhook.routes["/check"] = answer({"name": "Zoë", "n": "١٢٣", "v": "a" * 30 + "!"})
+    added = admin(db, "rule", "add", "r", "--url", f"{webhook.url}/check", "--action", r"regex:name:^\p{L}+\z",
+                  "--action", r"regex:n:^\d+$", "--action", "regex:v:^(a+)+$")
+    assert added.exit_code == 0, added.output
+    started = time.perf_counter()
+    result = await run(db, "test", "r")
+    elapsed = time.perf_counter() - started
+    assert (result.exit_code, result.stderr) == (1, ""), result.output
+    assert result.stdout.split("actions\n")[1] == f"""\
+  met          regex:name:^\\p{{L}}+\\z  name "Zoë" matches /^\\p{{L}}+\\z/
+  not met      regex:n:^\\d+$         n "١٢٣" does not match /^\\d+$/
+  not met      regex:v:^(a+)+$       v "{"a" * 30}!" does not match /^(a+)+$/
+decision: not met (regex_mismatch): rule "r": n "١٢٣" does not match /^\\d+$/
+"""
+    assert elapsed < 2, f"the dry run took {elapsed:.1f} s"  # Python's re: minutes
 
 
 async def test_an_answer_that_is_not_json_is_shown_safely_and_truncated(db: Path, webhook: Webhook) -> None:

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.policies import Policy
-from sidecar.rules.cache import DecisionCache, SingleFlight
+from sidecar.rules.cache import ENTRY_OVERHEAD, DecisionCache, SingleFlight
 from sidecar.rules.model import ActionType, ResponseAction, Rule
-from tests.conftest import answer, check_request, seed
-from tests.helpers import OK, PERMISSION_DENIED, FakeClock, eventually, webhook_evaluator
+from tests.conftest import Webhook, answer, check_request, seed
+from tests.helpers import (
+    OK,
+    PERMISSION_DENIED,
+    FakeClock,
+    eventually,
+    free_port,
+    metric,
+    ops_get,
+    start_server,
+    webhook_evaluator,
+)
 
 
 def test_entries_expire_after_their_ttl() -> None:
@@ -40,6 +52,43 @@ def test_least_recently_used_entries_go_first() -> None:
     cache.put("r", 3, 3, ttl=60)
     assert [cache.get(i) for i in range(4)] == [0, None, 2, 3]
     assert len(cache) == 3
+
+
+def test_the_least_recently_used_entries_go_when_the_bytes_pass_the_bound() -> None:
+    # Entries of 100-character values cost 500 bytes each: three fit in 1,500, far below the
+    # count bound, so only the byte bound can make room.
+    cache: DecisionCache[str] = DecisionCache(100, max_bytes=3 * (ENTRY_OVERHEAD + 100), sizeof=len)
+    for key in "abc":
+        cache.put("r", key, key * 100, ttl=60)
+    assert (len(cache), cache.bytes, cache.evictions) == (3, 1500, 0)
+    cache.get("a")  # "b" is now the least recently used
+    cache.put("r", "d", "d" * 100, ttl=60)
+    assert (len(cache), cache.bytes, cache.evictions) == (3, 1500, 1)
+    assert [cache.get(k) is not None for k in "abcd"] == [True, False, True, True]
+
+    cache.put("r", "huge", "h" * 1101, ttl=60)  # 1,501 bytes: more than the whole cache
+    assert cache.get("huge") is None
+    assert (len(cache), cache.bytes, cache.evictions) == (3, 1500, 1)  # and nothing made room for it
+
+    cache.put("r", "big", "b" * 1000, ttl=60)  # 1,400 bytes: every other entry goes
+    assert (len(cache), cache.bytes, cache.evictions) == (1, 1400, 4)
+    assert cache.get("big") == "b" * 1000
+
+
+@pytest.mark.parametrize("touch", ["get", "put"])
+def test_expired_entries_are_dropped_when_another_key_is_used(touch: str) -> None:
+    clock = FakeClock()
+    cache: DecisionCache[str] = DecisionCache(100, clock, sizeof=len)
+    cache.put("r", "short", "s" * 100, ttl=5)
+    cache.put("r", "long", "l" * 10, ttl=60)
+    assert (len(cache), cache.bytes) == (2, 2 * ENTRY_OVERHEAD + 110)
+    clock.advance(5.1)
+    if touch == "get":
+        assert cache.get("long") == "l" * 10
+    else:
+        cache.put("r", "other", "o" * 10, ttl=60)
+    kept = 1 if touch == "get" else 2
+    assert (len(cache), cache.bytes) == (kept, kept * (ENTRY_OVERHEAD + 10))
 
 
 def test_forget_rule_drops_only_that_rules_entries() -> None:
@@ -221,6 +270,38 @@ async def test_concurrent_equal_checks_make_one_webhook_call(db, start_sidecar, 
     assert len(webhook.requests) == 1
     await stub.Check(check_request("/", headers={"x-safous-username": "eve"}))
     assert len(webhook.requests) == 2  # no cache: a later check calls again
+
+
+async def test_cache_max_bytes_bounds_the_running_servers_cache(
+        db: Path, authz: Any, webhook: Webhook) -> None:
+    """``safous-sidecar serve --cache-max-bytes``: as many decisions as fit, then the least
+    recently used go (``safous_cache_evictions_total``)."""
+    webhook.routes["/p"] = answer({"status": "active"})
+    seed(db, [posture(webhook.url, cache_ttl=60)], [Policy(name="app", rules=("posture",))])
+    bound, ops = 5000, free_port()
+    log, port = await asyncio.to_thread(start_server, db, "--cache-max-bytes", str(bound),
+                                        "--http", f"127.0.0.1:{ops}")
+    try:
+        stub = authz(port)
+
+        async def cache_metrics() -> tuple[float, float, float]:
+            page = (await ops_get(ops, "/metrics"))[1]
+            return (metric(page, "safous_cache_entries"), metric(page, "safous_cache_bytes"),
+                    metric(page, "safous_cache_evictions_total"))
+
+        assert (await stub.Check(check_request("/", headers={"x-safous-username": "u0"}))).status.code == OK
+        entries, entry_bytes, evictions = await cache_metrics()
+        assert (entries, evictions) == (1, 0)
+        fit = int(bound // entry_bytes)
+        assert 2 <= fit < 10  # the bound, not the count, decides what stays
+        for user in range(1, fit + 3):
+            response = await stub.Check(check_request("/", headers={"x-safous-username": f"u{user}"}))
+            assert response.status.code == OK
+        assert await cache_metrics() == (fit, fit * entry_bytes, 3)
+        await stub.Check(check_request("/", headers={"x-safous-username": "u0"}))  # evicted: called again
+        assert [r["path"] for r in webhook.requests].count("/p?u=u0") == 2
+    finally:
+        await asyncio.to_thread(log.close)
 
 
 def count_callers(flights: SingleFlight) -> list[int]:

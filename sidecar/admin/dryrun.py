@@ -5,7 +5,9 @@
 judges the answer with ``evaluator.judge_response``, the sidecar's own judgement: the
 ``failure`` it returns is the code and reason the sidecar would deny with. On top of that it
 keeps what an admin needs to see: the request as sent (to be shown masked), the response, and a
-verdict for *every* response action, where the sidecar stops at the first that fails.
+verdict for *every* response action, where the sidecar stops at the first that fails; each
+verdict too is the sidecar's code (``CompiledActions.apply``) judging that action alone, so a
+regex is matched by RE2 exactly as in the sidecar, never by a second implementation.
 
 It takes the evaluator's steps for one rule (render, call, judge), minus the decision cache and
 call coalescing: a dry run always calls.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,9 @@ from sidecar.rules.client import BasicAuth, OAuthAuth, WebhookClient, WebhookFai
 from sidecar.rules.evaluator import CompiledRule, WebhookEvaluator, judge_response
 from sidecar.rules.model import ActionType, ResponseAction
 from sidecar.rules.responses import (
-    KeyMissing,
     ResponseInvalid,
     as_text,
+    compile_actions,
     parse_response,
     quote_value,
     shown_value,
@@ -93,21 +94,24 @@ def shown_headers(request: WebhookRequest, rule: CompiledRule) -> list[tuple[str
     return headers
 
 
-def _verdict(action: ResponseAction, document: Any) -> ActionVerdict:
-    try:
-        value = value_at(document, action.key)
-        text = as_text(value)
-    except KeyMissing:
+def _verdict(rule_name: str, action: ResponseAction, document: Any) -> ActionVerdict:
+    # Held or not as the sidecar's own code judges this one action alone: a regex in RE2, so
+    # in linear time, with RE2's syntax (\z, \p{L}) and RE2's meaning (\d is ASCII).
+    failure = compile_actions((action,)).apply(rule_name, document).failure
+    code = failure[0] if failure else None
+    if code is Code.KEY_MISSING:
         return ActionVerdict(action, "missing", f"{action.key} missing from the response")
-    except RecursionError:
+    if code is Code.RESPONSE_INVALID:
         return ActionVerdict(action, "not checked", "response is nested too deeply")
+    value = value_at(document, action.key)  # there, and as_text of it fits: apply read it
+    text = as_text(value)
     shown = shown_value(value, text)
     if action.type is ActionType.STRING:
-        if text == action.value:
+        if code is None:
             return ActionVerdict(action, "met", f"{action.key} is {shown}")
         return ActionVerdict(action, "not met", f"{action.key} is {shown}, expected {quote_value(action.value)}")
     if action.type is ActionType.REGEX:
-        if re.search(action.value, text):
+        if code is None:
             return ActionVerdict(action, "met", f"{action.key} {shown} matches /{action.value}/")
         return ActionVerdict(action, "not met", f"{action.key} {shown} does not match /{action.value}/")
     return ActionVerdict(action, "stored", f"%stored.{action.value}% = {shown}")
@@ -121,7 +125,7 @@ def _verdicts(rule: CompiledRule, response: WebhookResponse) -> tuple[ActionVerd
         document = parse_response(response.body, rule.rule.verification)
     except ResponseInvalid as exc:
         return tuple(ActionVerdict(a, "not checked", str(exc)) for a in actions)
-    return tuple(_verdict(a, document) for a in actions)
+    return tuple(_verdict(rule.name, a, document) for a in actions)
 
 
 async def dry_run(client: WebhookClient, rule: CompiledRule, lookup: Lookup) -> DryRun:

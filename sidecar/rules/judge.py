@@ -14,7 +14,10 @@ which only hands over the bytes and gets back the small outcome (an unrelated ch
 ``AnswerJudge.judge``) and larger ones in one worker process, started on the first large answer
 (a fresh interpreter, ≈0.3 s, inside that answer's deadline), stopped when an answer outlives
 its deadline there and started again when needed. One process: a burst of large answers queues
-there, each waiting at most until its rule's deadline. A process that cannot be started or
+there, each waiting at most until its rule's deadline, and holding its body (up to 1 MiB) while
+it waits. So the queue is bounded in bytes (``MAX_WAITING_BYTES``): an answer that would pass the
+bound fails its rule at once (``response_invalid``), and a webhook that answers 1 MiB to every
+call cannot pile up memory. A process that cannot be started or
 reached (no file descriptors left, the server shutting down) fails the rule
 (``response_invalid``), as one that dies does.
 """
@@ -32,7 +35,8 @@ from .model import ActionType, ResponseAction, Verification
 from .responses import CompiledActions, compile_actions, evaluate_response
 from .unsafe import unsafe_in_header
 
-__all__ = ["INLINE_BYTES", "MAX_STORED_VALUE_BYTES", "AnswerJudge", "RuleOutcome", "judge_answer"]
+__all__ = ["INLINE_BYTES", "MAX_STORED_VALUE_BYTES", "MAX_WAITING_BYTES", "AnswerJudge", "RuleOutcome",
+           "judge_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,11 @@ MAX_STORED_VALUE_BYTES = 4096
 proxies refuse headers much past 8 KiB in all, so a larger value fails the rule."""
 INLINE_BYTES = 16 * 1024
 """Answers up to this size are judged on the event loop; larger ones in the worker process."""
+MAX_WAITING_BYTES = 16 << 20
+"""Bytes of answers that may wait for the worker process (or be judged there) at once. The
+worker judges 1 MiB in 5-80 ms, so 16 MiB is up to ~1.3 s of work queued: more than an answer
+can wait within the usual rule timeouts, while a burst of answers just over ``INLINE_BYTES``
+(hundreds of them) still fits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +157,7 @@ class AnswerJudge:
     def __init__(self) -> None:
         self._worker: _Worker | None = None
         self._turn = asyncio.Lock()
+        self._waiting = 0  # bytes of the answers waiting for the worker or judged there
 
     async def judge(self, rule_name: str, verification: Verification, actions: CompiledActions,
                     status: int, body: bytes, *, deadline: float) -> RuleOutcome:
@@ -163,10 +173,22 @@ class AnswerJudge:
         a byte), so the regexes of an answer judged here take at most ~1.6 ms in all
         (``regex_size`` × bytes ≤ 8 × ``INLINE_BYTES`` steps).
 
-        A worker that cannot be started or reached fails the rule (``response_invalid``):
+        A worker that cannot be started or reached fails the rule (``response_invalid``), as
+        does an answer that would make more than ``MAX_WAITING_BYTES`` of answers wait for it:
         an evaluator never raises for a rule's failure."""
         if len(body) * (1 + actions.regex_size / 8) <= INLINE_BYTES:
             return judge_answer(rule_name, verification, actions, status, body)
+        if self._waiting + len(body) > MAX_WAITING_BYTES:
+            return _unjudged(rule_name, body, (
+                f"more than {MAX_WAITING_BYTES >> 20} MiB of answers would wait for the judging process"))
+        self._waiting += len(body)
+        try:
+            return await self._judge_in_worker(rule_name, verification, actions, status, body, deadline)
+        finally:
+            self._waiting -= len(body)
+
+    async def _judge_in_worker(self, rule_name: str, verification: Verification, actions: CompiledActions,
+                               status: int, body: bytes, deadline: float) -> RuleOutcome:
         try:
             async with asyncio.timeout_at(deadline), self._turn:
                 try:
