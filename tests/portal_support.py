@@ -4,12 +4,14 @@ deciding real checks against real webhooks, and `safous-admin ui` started on por
 
     db = demo_database(tmp_path_factory.getbasetemp())   # built once per session, then shared
     with portal(db) as base: ...                          # "http://127.0.0.1:PORT"
+    from tests.portal_support import demo_fixture, running_fixture   # fixtures "demo", "running"
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
@@ -35,7 +38,10 @@ PASSWORD = "Hunter2-portal-PASSWORD-9f3c"
 NEW_PASSWORD = "Hunter3-portal-PASSWORD-0b7e"
 CLIENT_SECRET = "oauth-CLIENT-SECRET-71d2a"
 HEADER_TOKEN = "HEADER-bearer-TOKEN-5e8a"
-SECRETS = (PASSWORD, NEW_PASSWORD, CLIENT_SECRET, HEADER_TOKEN)
+# Written with plain SQL, in shapes the admin script never writes: an object, and text.
+OBJECT_HEADER_TOKEN = "OBJECT-header-TOKEN-c41b"
+TEXT_HEADER_TOKEN = "TEXT-header-TOKEN-97d0"
+SECRETS = (PASSWORD, NEW_PASSWORD, CLIENT_SECRET, HEADER_TOKEN, OBJECT_HEADER_TOKEN, TEXT_HEADER_TOKEN)
 
 USERS = ("alice", "bob", "carol", "dave", "erin")
 WAVES = 12  # the checks are sent in waves, WAVE_GAP apart, so the time chart has bars to draw
@@ -54,8 +60,10 @@ def admin(db: Path, *args: str) -> str:
 
 def define(db: Path, webhook: str, unreachable: str) -> None:
     """The demo's policies (public, app with device-posture) and three more, each rule with a
-    clear secret: basic auth, OAuth, an Authorization header. A fourth rule is broken with plain
-    SQL, as the admin script would never write it."""
+    clear secret: basic auth, OAuth, an Authorization header; and legacy-sso again behind a
+    policy in audit mode (its failures allowed, as would-be denials). A fourth rule is broken
+    with plain SQL, as the admin script would never write it, and two more hold an
+    Authorization header in shapes only plain SQL writes (an object, text)."""
     admin(db, "rule", "add", "device-posture", "--url", f"{webhook}/posture?device=%headers.x-device%",
           "--auth", "basic", "--username", "sidecar", "--password", PASSWORD,
           "--action", "string:status:compliant", "--action", "store:tier:tier")
@@ -70,12 +78,17 @@ def define(db: Path, webhook: str, unreachable: str) -> None:
     admin(db, "policy", "add", "hr", "--path-prefix", "/hr", "--rule", "hr-directory")
     admin(db, "policy", "add", "legacy", "--path-prefix", "/legacy", "--rule", "legacy-sso")
     admin(db, "policy", "add", "geo", "--path-prefix", "/geo", "--rule", "geo-fence")
+    admin(db, "policy", "add", "legacy-trial", "--path-prefix", "/trial", "--rule", "legacy-sso", "--mode", "audit")
     admin(db, "rule", "edit", "device-posture", "--password", NEW_PASSWORD)
     conn = sqlite3.connect(db)
     try:
         with conn:  # audited by the triggers, actor "sql"
             conn.execute("""UPDATE rules SET actions = '[{"type": "regex", "key": "country", "value": "("}]'
                             WHERE name = 'geo-fence'""")
+            conn.execute("INSERT INTO rules (name, url, headers) VALUES ('sso-object', ?, ?)",
+                         (f"{unreachable}/sso", json.dumps({"Authorization": f"Bearer {OBJECT_HEADER_TOKEN}"})))
+            conn.execute("INSERT INTO rules (name, url, headers) VALUES ('sso-text', ?, ?)",
+                         (f"{unreachable}/sso", f"Authorization: Bearer {TEXT_HEADER_TOKEN}"))
     finally:
         conn.close()
 
@@ -105,7 +118,7 @@ def webhook_app() -> web.Application:
 # (path, x-device header) of one wave's checks, one per user in turn: allowed and denied for
 # every reason the scenario can give.
 _WAVE = (("/public/home", None), ("/app/", "laptop-42"), ("/app/", "phone-1"), ("/app/reports", "laptop-42"),
-         ("/hr/payroll", None), ("/legacy/", None), ("/geo/map", None), ("/admin", None))
+         ("/hr/payroll", None), ("/legacy/", None), ("/geo/map", None), ("/admin", None), ("/trial/", None))
 
 
 @dataclass(frozen=True)
@@ -222,3 +235,16 @@ def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
     reader.join(timeout)
     assert found and found[0], f"the portal printed nothing within {timeout:g} s (exit status {proc.poll()})"
     return found[0]
+
+
+# The test modules import these (as ``demo_fixture, running_fixture``) to share them: the
+# scenario's rules.db, and a portal serving it for the module's tests.
+@pytest.fixture(name="demo", scope="module")
+def demo_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Demo]:
+    return demo_database(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(name="running", scope="module")
+def running_fixture(demo: tuple[Path, Demo]) -> Iterator[Portal]:
+    with portal(demo[0]) as served:
+        yield served

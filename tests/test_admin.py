@@ -342,6 +342,32 @@ off        no       GET     http://y/               web
     assert stored_rules(db)["bad-regex"] is not None
 
 
+def test_headers_written_with_sql_in_any_shape_are_shown_masked(db: Path) -> None:
+    """The admin script writes headers as [name, value] pairs; plain SQL may write anything.
+    Values under Authorization and Proxy-Authorization stay masked in every shape, and a shape
+    that names nothing is masked whole."""
+    conn = sqlite3.connect(db)
+    for name, headers in (("obj", {"Authorization": "Bearer obj-TOKEN", "X-Api": "visible"}),
+                          ("pairs", [["proxy-authorization", "Basic", "pairs-TOKEN"], ["X-Api", "visible"]])):
+        conn.execute("INSERT INTO rules (name, url, headers) VALUES (?, 'http://x/', ?)", (name, json.dumps(headers)))
+    conn.execute("INSERT INTO rules (name, url, headers) VALUES ('text', 'http://x/', 'Authorization: text-TOKEN')")
+    conn.commit()
+    conn.close()
+    shown = {name: admin(db, "rule", "show", name).stdout for name in ("obj", "pairs", "text")}
+    assert f"  headers    Authorization={MASK}\n             X-Api=visible\n" in shown["obj"]
+    assert f"  headers    proxy-authorization={MASK}\n             X-Api=visible\n" in shown["pairs"]
+    assert f"  headers    {MASK}\n" in shown["text"]
+    listed = [json.loads(line) for line in admin(db, "rule", "list", "--json").stdout.splitlines()]
+    exported = json.loads(admin(db, "export").stdout)["rules"]
+    for document in (listed, exported):
+        assert [r["headers"] for r in document] == [
+            {"Authorization": MASK, "X-Api": "visible"}, [["proxy-authorization", MASK], ["X-Api", "visible"]], MASK]
+    audited = admin(db, "logs", "audit", "--json").stdout
+    assert "-TOKEN" not in " ".join([*shown.values(), json.dumps(listed), json.dumps(exported), audited])
+    # Asked for, the secrets are exported as stored.
+    assert "obj-TOKEN" in admin(db, "export", "--with-secrets").stdout
+
+
 def test_no_rules_and_no_policies(db: Path) -> None:
     ok(admin(db, "rule", "list"), "no rules\n")
     ok(admin(db, "policy", "list"), "no policies\n")
@@ -403,12 +429,16 @@ policy "web"
   mode         enforce
   rules        posture, device
 """)
+    # A TCP policy in audit mode: not a catch-all (PORTS, SNI), and allowing whatever its rule says (MODE).
+    ok(admin(db, "policy", "add", "db", "--port", "5432", "--port", "6432", "--sni", "db.example.com",
+             "--rule", "posture", "--mode", "audit"), 'policy "db" created\n')
     ok(admin(db, "policy", "list"), """\
-NAME  ENABLED  PRIORITY  HOSTS                           PATH  METHODS    INTEGRATION  RULES
-open  no       100       any                             /     any        off          none
-web   yes      10        app.example.com, *.example.com  /app  GET, POST  on           posture, device
-""")
-    assert json.loads(admin(db, "policy", "list", "--json").stdout.splitlines()[0]) == {
+NAME  ENABLED  MODE     PRIORITY  HOSTS                           PATH  METHODS    PORTS       SNI             INTEGRATION  RULES
+db    yes      audit    100       any                             /     any        5432, 6432  db.example.com  on           posture
+open  no       enforce  100       any                             /     any        any         any             off          none
+web   yes      enforce  10        app.example.com, *.example.com  /app  GET, POST  any         any             on           posture, device
+""")  # noqa: E501
+    assert json.loads(admin(db, "policy", "list", "--json").stdout.splitlines()[1]) == {
         "name": "open", "enabled": False, "hosts": [], "path_prefix": "/", "methods": [],
         "integration": False, "priority": 100, "ports": [], "sni": [], "mode": "enforce", "rules": [],
         "problem": None}
@@ -511,7 +541,8 @@ ACTIVITY = [
     ActivityRecord(at=parse_iso_time("2026-03-01T10:05:00.000Z"), request_id="req-2", username="bob",
                    source_ip="203.0.113.8", host="app.example.com", path="/app/y", method="POST", policy="web",
                    allowed=False, code="value_mismatch",
-                   status='rule "posture": data.status is "inactive", expected "active"', latency_ms=8.1),
+                   status='rule "posture": data.status is "inactive", expected "active"', latency_ms=8.1,
+                   policy_source="route"),
     ActivityRecord(at=parse_iso_time("2026-03-01T10:09:00.000Z"), request_id="req-3", username="",
                    source_ip="198.51.100.1", host="other.example.com", path="/\x1b[2J", method="GET", policy=None,
                    allowed=False, code="no_matching_policy", status="no policy matches this request",
@@ -522,19 +553,19 @@ ACTIVITY = [
 def test_logs_activity(db: Path) -> None:
     insert_activity(connect(db), ACTIVITY)
     ok(admin(db, "logs", "activity"), """\
-AT                        REQUEST ID  USER   SOURCE IP     METHOD  HOST               PATH      POLICY  DECISION  CODE                STATUS
-2026-03-01T10:09:00.000Z  req-3       -      198.51.100.1  GET     other.example.com  /\\x1b[2J  -       deny      no_matching_policy  no policy matches this request
-2026-03-01T10:05:00.000Z  req-2       bob    203.0.113.8   POST    app.example.com    /app/y    web     deny      value_mismatch      rule "posture": data.status is "inactive", expected "active"
-2026-03-01T10:00:00.000Z  req-1       alice  203.0.113.7   GET     app.example.com    /app/x    web     allow     rules_passed        policy "web": all 1 rules met
+AT                        REQUEST ID  USER   SOURCE IP     METHOD  HOST               PATH      POLICY  POLICY SOURCE  DECISION  CODE                STATUS
+2026-03-01T10:09:00.000Z  req-3       -      198.51.100.1  GET     other.example.com  /\\x1b[2J  -       match          deny      no_matching_policy  no policy matches this request
+2026-03-01T10:05:00.000Z  req-2       bob    203.0.113.8   POST    app.example.com    /app/y    web     route          deny      value_mismatch      rule "posture": data.status is "inactive", expected "active"
+2026-03-01T10:00:00.000Z  req-1       alice  203.0.113.7   GET     app.example.com    /app/x    web     match          allow     rules_passed        policy "web": all 1 rules met
 """)  # noqa: E501
     # --since 11:00+01:00 is 10:00 UTC: the first request is at 10:00:00, the limit keeps the newest.
     ok(admin(db, "logs", "activity", "--denied", "--since", "2026-03-01T11:00+01:00", "--limit", "1"), """\
-AT                        REQUEST ID  USER  SOURCE IP     METHOD  HOST               PATH      POLICY  CODE                STATUS
-2026-03-01T10:09:00.000Z  req-3       -     198.51.100.1  GET     other.example.com  /\\x1b[2J  -       no_matching_policy  no policy matches this request
+AT                        REQUEST ID  USER  SOURCE IP     METHOD  HOST               PATH      POLICY  POLICY SOURCE  CODE                STATUS
+2026-03-01T10:09:00.000Z  req-3       -     198.51.100.1  GET     other.example.com  /\\x1b[2J  -       match          no_matching_policy  no policy matches this request
 """)  # noqa: E501
     ok(admin(db, "logs", "activity", "--denied", "--user", "bob"), """\
-AT                        REQUEST ID  USER  SOURCE IP    METHOD  HOST             PATH    POLICY  CODE            STATUS
-2026-03-01T10:05:00.000Z  req-2       bob   203.0.113.8  POST    app.example.com  /app/y  web     value_mismatch  rule "posture": data.status is "inactive", expected "active"
+AT                        REQUEST ID  USER  SOURCE IP    METHOD  HOST             PATH    POLICY  POLICY SOURCE  CODE            STATUS
+2026-03-01T10:05:00.000Z  req-2       bob   203.0.113.8  POST    app.example.com  /app/y  web     route          value_mismatch  rule "posture": data.status is "inactive", expected "active"
 """)  # noqa: E501
     assert times(admin(db, "logs", "activity", "--since", "2026-03-01T10:05:00Z").stdout).count("req-") == 2
     lines = admin(db, "logs", "activity", "--json", "--user", "alice").stdout.splitlines()
@@ -695,7 +726,8 @@ NOT_CREATING = [
     ["export", "--with-secrets", "out.json"], ["test", "r"],
     ["rule", "edit", "r", "--url", "http://x/"], ["rule", "delete", "r"], ["rule", "enable", "r"],
     ["rule", "disable", "r"], ["policy", "edit", "p", "--priority", "1"], ["policy", "delete", "p"],
-    ["policy", "enable", "p"], ["policy", "disable", "p"],
+    ["policy", "enable", "p"], ["policy", "disable", "p"], ["explain", "req-1"], ["explain", "req-1", "--json"],
+    ["bundle", "status"], ["bundle", "build", "out.jws", "--signing-key", "key.pem"],
 ]
 
 

@@ -176,7 +176,8 @@ def test_a_broken_row_written_with_sql_is_audited_not_refused(db: Path) -> None:
     conn.close()
     ((actor, action, _, name, _, after),) = audit(db)
     assert (actor, action, name) == ("sql", "create", "b")
-    assert (doc(after)["headers"], doc(after)["actions"]) == ("[", "{nope")
+    # Headers that are not JSON may still hold a credential: masked whole.
+    assert (doc(after)["headers"], doc(after)["actions"]) == (MASK, "{nope")
 
 
 def test_a_replaced_row_is_a_delete_and_a_create(db: Path) -> None:

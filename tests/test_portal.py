@@ -3,8 +3,9 @@
 - Its two gates, each on its own (``guard``): Datasette's permissions (an allow list) and
   SQLite's authorizer (no column outside the activity and audit logs can be read).
 - Secrets: rules.db holds a clear password, client secret and Authorization header value,
-  stored through the admin script; the real program is crawled page by page, with every JSON
-  and CSV export, and every way around the allow list is tried: none answers with a secret.
+  stored through the admin script, and Authorization headers written with plain SQL as an
+  object and as text; the real program is crawled page by page, with every JSON and CSV export,
+  and every way around the allow list is tried: none answers with a secret.
 - What an admin sees: the pages, their facets, search and charts, the canned queries, the rules
   page's problems and masked secrets.
 - The pure parts, table-driven: the charts' geometry, the reason index's freshness.
@@ -32,17 +33,22 @@ from sidecar.admin.portal.search import FTS_TABLE, ReasonIndex
 from sidecar.db import ActivityRecord, connect, ensure_database, insert_activity
 from sidecar.rules.secrets import MASK
 from tests.helpers import http_get
-from tests.portal_support import (
+
+# The fixtures "demo" (the scenario's rules.db) and "running" (a portal serving it).
+from tests.portal_support import (  # noqa: F401
     CLIENT_SECRET,
     HEADER_TOKEN,
     NEW_PASSWORD,
+    OBJECT_HEADER_TOKEN,
     PASSWORD,
     SECRETS,
+    TEXT_HEADER_TOKEN,
     Demo,
     Portal,
     admin,
-    demo_database,
+    demo_fixture,
     portal,
+    running_fixture,
 )
 
 # ------------------------------------------------------------------------ the two gates
@@ -133,17 +139,6 @@ def test_permissions_are_an_allow_list(action: str, resource: object, allowed: b
 
 # ------------------------------------------------------------------ the real program
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Demo]:
-    return demo_database(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def running(demo: tuple[Path, Demo]) -> Iterator[Portal]:
-    with portal(demo[0]) as served:
-        yield served
-
-
 def test_the_secrets_are_stored_in_clear(demo: tuple[Path, Demo]) -> None:
     """The control for the leak tests: the secrets are there to leak."""
     conn = sqlite3.connect(demo[0])
@@ -151,7 +146,8 @@ def test_the_secrets_are_stored_in_clear(demo: tuple[Path, Demo]) -> None:
         stored = " ".join(str(v) for row in conn.execute("SELECT * FROM rules") for v in row)
     finally:
         conn.close()
-    assert NEW_PASSWORD in stored and CLIENT_SECRET in stored and HEADER_TOKEN in stored
+    assert all(s in stored for s in (NEW_PASSWORD, CLIENT_SECRET, HEADER_TOKEN, OBJECT_HEADER_TOKEN,
+                                     TEXT_HEADER_TOKEN))
 
 
 _LINK = re.compile(r'(?:href|src|action)="([^"]*)"')
@@ -206,6 +202,9 @@ EXPORTS = [f"{page}{suffix}" for page in PAGES[2:] if page != "/rules"
                           ".json?_shape=objects&_nl=on")]
 EXPORTS += ["/rules.json", "/safous/audit_log.json?_shape=array&_size=max&_col=before&_col=after",
             "/safous/activity_log/1.json", "/safous/audit_log/10.json", "/safous/audit_log/10",
+            # One side of the change hidden: each document is then shown alone.
+            "/safous/audit_log?_nocol=after", "/safous/audit_log?_col=before", "/safous/audit_log?_nocol=before",
+            "/safous/audit_log.json?_nocol=after", "/safous/audit_log.csv?_col=before",
             "/safous/activity_log.json?_search=refused", "/safous/activity_log?_facet=source_ip&_facet=host",
             "/-/metadata.json", "/-/databases.json", "/-/settings.json", "/-/threads.json", "/-/plugins.json",
             "/-/actor.json", "/-/versions.json", "/safous.json",
@@ -269,8 +268,8 @@ async def test_the_activity_page_has_facets_search_time_range_and_charts(running
     status, _, body = await http_get(running.url + "/safous/activity_log")
     text = html.unescape(body.decode())
     assert status == 200
-    assert "88 rows sorted by at descending" in text
-    for facet in ("decision", "code", "policy", "username"):
+    assert "100 rows sorted by at descending" in text
+    for facet in ("decision", "audit mode", "code", "policy", "username"):
         assert re.search(f'<strong>{facet}\\s*<span class="facet-info-total">', text), facet
     assert '<span class="decision decision-deny">deny</span>' in text and demo[1].denied_reason in text
     assert '<input id="_search" type="search" name="_search"' in text
@@ -280,10 +279,12 @@ async def test_the_activity_page_has_facets_search_time_range_and_charts(running
     assert f'href="/safous/activity_log?request_id={demo[1].denied_request_id}"' in text
 
     rows = await _json(running.url + "/safous/activity_log.json?_search=connection+refused&_shape=array&_size=max")
-    assert isinstance(rows, list) and len(rows) == 12
+    assert isinstance(rows, list) and len(rows) == 24
     assert {r["code"] for r in rows} == {"webhook_unreachable"}
-    rows = await _json(running.url + "/safous/activity_log.json?_search=refused&allowed=1&_shape=array")
-    assert rows == []
+    # Allowed with a webhook failure: only where a policy in audit mode let it through.
+    rows = await _json(running.url + "/safous/activity_log.json?_search=refused&allowed=1&_shape=array&_size=max")
+    assert isinstance(rows, list) and len(rows) == 12
+    assert {(r["policy"], r["audit_deny"]) for r in rows} == {("legacy-trial", 1)}
     rows = await _json(running.url + f"/safous/activity_log.json?request_id={demo[1].denied_request_id}&_shape=array")
     assert isinstance(rows, list) and [(r["allowed"], r["status"]) for r in rows] == [(0, demo[1].denied_reason)]
 
@@ -294,7 +295,8 @@ async def test_the_charts_count_the_selection(running: Portal) -> None:
     status, _, body = await http_get(running.url + "/safous/activity_log?code=webhook_unreachable")
     text = html.unescape(body.decode())
     assert status == 200
-    assert "— 0 allowed, 12 denied," in text
+    assert "— 0 allowed, 12 denied, 12 allowed by audit mode (would deny)," in text
+    assert 'class="bar-audit"' in text
     assert re.findall(r'<text x="[\d.]+" y="\d+" class="count">([\d,]+)</text>', text) == ["12"]
     assert "code=webhook_unreachable&at__gte=" in text
 
@@ -306,7 +308,22 @@ async def test_the_audit_page_shows_who_changed_what_with_before_and_after(runni
     assert "portal-test" in text
     assert f'<mark>  "password": "{MASK} (changed)"</mark>' in text
     rows = await _json(running.url + "/safous/audit_log.json?actor=sql&_shape=array")
-    assert isinstance(rows, list) and [(r["action"], r["object_name"]) for r in rows] == [("edit", "geo-fence")]
+    assert isinstance(rows, list)
+    assert sorted((r["action"], r["object_name"]) for r in rows) == [
+        ("create", "sso-object"), ("create", "sso-text"), ("edit", "geo-fence")]
+    # Headers written with plain SQL in shapes the admin script never writes: masked all the same.
+    after = {r["object_name"]: json.loads(r["after"]) for r in rows}
+    assert (after["sso-object"]["headers"], after["sso-text"]["headers"]) == ({"Authorization": MASK}, MASK)
+
+
+async def test_an_audit_document_shows_alone_when_the_other_side_is_hidden(running: Portal) -> None:
+    for hidden, shown in (("after", "before"), ("before", "after")):
+        status, _, body = await http_get(
+            running.url + f"/safous/audit_log?object_name=device-posture&action=edit&_nocol={hidden}")
+        text = html.unescape(body.decode())
+        assert status == 200, text[:500]
+        assert f'<td class="col-{shown} type-str"><pre class="audit-document">' in text
+        assert "<mark>" not in text  # nothing to compare with
 
 
 async def test_the_rules_page_is_what_the_admin_script_shows(running: Portal, demo: tuple[Path, Demo]) -> None:
@@ -325,32 +342,55 @@ async def test_the_rules_page_is_what_the_admin_script_shows(running: Portal, de
     document = await _json(running.url + "/rules.json")
     assert isinstance(document, dict)
     legacy = next(r for r in document["rules"] if r["name"] == "legacy-sso")
-    assert legacy["headers"] == [["Authorization", MASK]] and legacy["policies"] == ["legacy"]
+    assert legacy["headers"] == [["Authorization", MASK]] and legacy["policies"] == ["legacy", "legacy-trial"]
+    rules = {r["name"]: r for r in document["rules"]}
+    assert (rules["sso-object"]["headers"], rules["sso-text"]["headers"]) == ({"Authorization": MASK}, MASK)
+    shown = CliRunner().invoke(cli, ["--db", str(demo[0]), "rule", "show", "sso-object"])
+    assert shown.exit_code == 0 and f"headers    Authorization={MASK}\n" in shown.output
+    assert shown.output.strip() in text
     assert next(p for p in document["policies"] if p["name"] == "app")["rules"] == ["device-posture"]
 
 
 async def test_the_canned_queries(running: Portal, demo: tuple[Path, Demo]) -> None:
     failures = await _json(running.url + "/safous/webhook_failures_by_rule.json?_shape=array")
     assert isinstance(failures, list)
-    assert [(f["rule"], f["failures"], f["timeouts"], f["unreachable"], f["bad_status"]) for f in failures] == [
-        ("legacy-sso", 12, 0, 12, 0), ("hr-directory", 4, 4, 0, 0)]
+    # legacy-sso fails behind two policies: one denies, one in audit mode allows (still a failure).
+    assert [(f["rule"], f["failures"], f["timeouts"], f["unreachable"], f["bad_status"], f["audit_mode"])
+            for f in failures] == [("legacy-sso", 24, 0, 24, 0, 12), ("hr-directory", 4, 4, 0, 0, 0)]
     users = await _json(running.url + "/safous/top_denied_users.json?_shape=array")
     # Denied: value_mismatch, no_matching_policy, rule_invalid, webhook_unreachable 12 each, 4 timeouts.
     assert isinstance(users, list) and sum(u["denials"] for u in users) == 52
     reasons = await _json(running.url + "/safous/denials_last_hour.json?_shape=array")
     assert isinstance(reasons, list)
     assert {(r["reason"], r["denials"]) for r in reasons} >= {(demo[1].denied_reason, 12)}
-    # Each rule, user and reason links to its denials on the Activity page.
-    for query, value, count in (("webhook_failures_by_rule", "legacy-sso", 12), ("top_denied_users", "carol", None),
-                                ("denials_last_hour", demo[1].denied_reason, 12)):
+    # Each user and reason links to its denials on the Activity page, each rule to its failures.
+    for query, value, count, allowed in (
+            ("webhook_failures_by_rule", "legacy-sso", 24, {0, 1}), ("top_denied_users", "carol", None, {0}),
+            ("denials_last_hour", demo[1].denied_reason, 12, {0})):
         _, _, body = await http_get(f"{running.url}/safous/{query}")
         href = re.search(rf'<a href="([^"]+)">{re.escape(value)}</a>', html.unescape(body.decode()))
         assert href, (query, value)
         rows = await _json(running.url + href[1].replace("/activity_log?", "/activity_log.json?")
                            + "&_shape=array&_size=max")
-        assert isinstance(rows, list) and rows and {r["allowed"] for r in rows} == {0}
+        assert isinstance(rows, list) and rows and {r["allowed"] for r in rows} == allowed
         expected = count if count is not None else next(u["denials"] for u in users if u["user"] == value)
         assert len(rows) == expected, (query, value)
+
+
+async def test_audit_mode_would_be_denials_are_not_shown_as_plain_allows(running: Portal) -> None:
+    """The audit-mode policy's rows: allowed, yet the page says enforcement would have denied
+    them, with a facet of their own."""
+    status, _, body = await http_get(running.url + "/safous/activity_log?policy=legacy-trial")
+    text = html.unescape(body.decode())
+    assert status == 200 and '12 rows where policy = "legacy-trial"' in text
+    assert text.count(">allow (audit)</span>") == 12 and text.count(">would deny</span>") >= 12
+    assert '<span class="decision decision-allow">allow</span>' not in text
+    facet = re.search(r'<div class="facet-info[^"]*" id="facet-audit_deny[^"]*".*?</div>', text, re.S)
+    assert facet and re.search(r'>would deny</a> 12\b', facet[0]), facet and facet[0]
+    # The Activity page as the navigation links it shows the column.
+    status, _, body = await http_get(running.url + "/")
+    href = re.search(r'<a href="(/safous/activity_log\?[^"]+)">Activity</a>', html.unescape(body.decode()))
+    assert href and "_col=audit_deny" in href[1]
 
 
 # ----------------------------------------------------------------------- the command
@@ -388,11 +428,15 @@ def test_a_bar_covers_the_smallest_width_that_fits_the_range(span: float, bucket
 
 
 def test_the_time_chart_stacks_denials_under_allowed_and_scales_to_the_peak() -> None:
-    chart = charts.time_chart({100: (3, 1), 102: (0, 2)}, 100, 4, 60, path="/p", query=[("code", "x"), ("_next", "5")])
-    assert [(b.allowed, b.denied) for b in chart.bars] == [(3, 1), (0, 0), (0, 2), (0, 0)]
-    assert chart.peak == 4 and chart.allowed == 3 and chart.denied == 3 and chart.bucket == "minute"
-    first = chart.bars[0]
+    chart = charts.time_chart({100: (3, 1, 0), 102: (0, 2, 2)}, 100, 4, 60, path="/p",
+                              query=[("code", "x"), ("_next", "5")])
+    assert [(b.allowed, b.denied, b.audit) for b in chart.bars] == [(3, 1, 0), (0, 0, 0), (0, 2, 2), (0, 0, 0)]
+    assert chart.peak == 4 and chart.allowed == 3 and chart.denied == 3 and chart.audit == 2
+    assert chart.bucket == "minute"
+    first, third = chart.bars[0], chart.bars[2]
     assert first.denied_height == charts.HEIGHT / 4 and first.allowed_y == 0
+    # Audit mode's would-be denials between the denials and the allowed.
+    assert third.denied_y == charts.HEIGHT / 2 and third.audit_y == 0 and third.audit_height == charts.HEIGHT / 2
     assert first.x == charts.LEFT and first.width == charts.WIDTH / 4
     assert first.href == "/p?code=x&at__gte=1970-01-01T01%3A40%3A00.000Z&at__lt=1970-01-01T01%3A41%3A00.000Z"
     assert [label for _, label in chart.ticks] == ["01:40", "01:42", "01:44"]

@@ -17,14 +17,15 @@ import struct
 import subprocess
 import zlib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sidecar.admin.portal.app import ACTIVITY_COLUMNS
 from tests.helpers import ROOT
-from tests.portal_support import Demo, Portal, demo_database, portal
+
+# The fixtures "demo" (the scenario's rules.db) and "running" (a portal serving it).
+from tests.portal_support import Demo, Portal, demo_fixture, running_fixture  # noqa: F401
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -37,17 +38,6 @@ ALLOWED = (0x2E, 0x7D, 0x4F)
 if CHROMIUM is None:
     # CI installs it (`make test`); elsewhere, say how rather than fail.
     pytestmark = pytest.mark.skipif(not os.environ.get("CI"), reason="no chromium: `make chromium` installs it")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Demo]:
-    return demo_database(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def running(demo: tuple[Path, Demo]) -> Iterator[Portal]:
-    with portal(demo[0]) as served:
-        yield served
 
 
 def chromium(tmp_path: Path, *args: str, size: tuple[int, int] = (1280, 1000)) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.admin.display import masked_headers
 from sidecar.db import (
     ActivityRecord,
     RowMemo,
@@ -33,9 +34,10 @@ from sidecar.db import (
     transaction,
 )
 from sidecar.db.activity import TRACE_MAX_BYTES
-from sidecar.db.columns import POLICY_COLUMNS, RULE_COLUMNS
+from sidecar.db.columns import POLICY_COLUMNS, RULE_COLUMNS, decoded
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, InvalidRow, ResponseAction, Rule
+from sidecar.rules.secrets import MASK, SECRET_HEADERS
 from tests.conftest import seed
 
 RULE = Rule(
@@ -62,6 +64,11 @@ RELEASED = {
     "0001_initial": "2261134734eb140529ae86dc787cf2c901305a77cd327ee620adaa897b4324ec",
     "0002_audit_triggers": "653ece181279f592eeb115313f7c05d9a4dc245780313a2498c783ebb34e92b5",
     "0003_rules_version_token": "58d5e3949a9c03997e95c840ee9aba0f9a5b1fef77a5eda376dbe29450c1bd01",
+    "0004_policy_ports_sni_and_policy_source": "bfdf9741d3639398412e061f6fa386401cc989a99a2edbaec4ab55ebc7e9e42e",
+    "0005_bundle_state": "8144a94597820afff50e27b3f36b3917afcf22a88c4e5568fd7066b58456388f",
+    "0006_policy_mode_and_audit_deny": "73338837ded1aed7d74a6b7461efa7c301f1d7a5a2745cda23cde7f21794f359",
+    "0007_traces": "99e94bab74a2ee7dc7732172e9f80fdda262b25ae9c2a88978370b09a7a87fc3",
+    "0008_audit_headers_masked": "d3c6a8c7632cf7941a936b3629126b0ed9fde3a39cf05d053820dd3275c00dbb",
 }
 
 # sqlite_master of a rules.db migrated by the code that generated the migrations in Python,
@@ -144,6 +151,85 @@ def test_the_audit_documents_have_the_columns_tables_fields_in_order(db: Path) -
     assert list(docs["rule"]) == [c.field for c in RULE_COLUMNS]
     assert list(docs["policy"]) == [c.field for c in POLICY_COLUMNS] + ["rules"]
     assert docs["rule"] == RULE.model_dump(mode="json")  # as exported: RULE holds no clear secret
+
+
+# Rule headers as plain SQL may store them (the admin script writes only the first shape), each
+# holding a secret that must not reach an audit document or the admin script's text.
+HEADER_SHAPES = [
+    '[["Authorization", "Bearer pairs-S1"], ["X-Api", "visible"]]',
+    '{"Authorization": "Bearer object-S2", "X-Api": "visible", "PROXY-AUTHORIZATION": "Basic object-S3"}',
+    '[["authorization", "Bearer", "three-S4"], {"Proxy-Authorization": "inner-S5"}, "Authorization: text-S6", []]',
+    '[[null, "nameless-S7"], ["solo"]]',
+    '[["Authorization", "Bearer broken-S8"]',
+    '"Bearer scalar-S9"',
+    "Authorization: Bearer text-S10",
+    "[]",
+    "{}",
+]
+HEADER_SECRETS = re.compile(r"-S\d+\b")
+
+
+def _header_rows(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    with conn:
+        for i, headers in enumerate(HEADER_SHAPES):
+            conn.execute("INSERT INTO rules (name, url, headers) VALUES (?, 'http://x/', ?)", (f"h{i}", headers))
+    conn.close()
+
+
+def _audited_headers(db: Path) -> dict[str, Any]:
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute("SELECT object_name, before, after FROM audit_log WHERE object_type = 'rule'").fetchall()
+    finally:
+        conn.close()
+    assert not HEADER_SECRETS.search(json.dumps(rows)), rows
+    return {name: json.loads(after)["headers"] for name, _, after in rows}
+
+
+def test_rule_headers_are_masked_alike_in_audit_documents_and_the_admin_script(db: Path) -> None:
+    _header_rows(db)
+    audited = _audited_headers(db)
+    for i, headers in enumerate(HEADER_SHAPES):
+        shown = masked_headers(decoded(headers))
+        assert not HEADER_SECRETS.search(json.dumps(shown)), shown
+        assert audited[f"h{i}"] == shown, headers
+    assert audited["h0"] == [["Authorization", MASK], ["X-Api", "visible"]]
+    assert audited["h1"] == {"Authorization": MASK, "X-Api": "visible", "PROXY-AUTHORIZATION": MASK}
+    assert audited["h3"] == [[None, MASK], ["solo"]] and audited["h4"] == audited["h6"] == MASK
+
+
+def test_the_migration_masks_headers_audited_before_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit rows written by 0002's documents held these values in clear: 0008 masks them in
+    place, and the log stays append-only afterwards."""
+    path = tmp_path / "old.db"
+    released = migrations.MIGRATIONS
+    monkeypatch.setattr(migrations, "MIGRATIONS", tuple(m for m in released if m[0] < "0008"))
+    ensure_database(path)
+    _header_rows(path)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE rules SET timeout_ms = 5 WHERE name = 'h1'")  # a before and an after
+    conn.commit()
+    assert HEADER_SECRETS.search(json.dumps(conn.execute("SELECT before, after FROM audit_log").fetchall()))
+    conn.close()
+    monkeypatch.setattr(migrations, "MIGRATIONS", tuple(m for m in released if m[0] < "0009"))
+    assert ensure_database(path) == ["0008_audit_headers_masked"]
+    audited = _audited_headers(path)
+    assert audited["h1"] == {"Authorization": MASK, "X-Api": "visible", "PROXY-AUTHORIZATION": MASK}
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE audit_log SET actor = 'x'")
+    finally:
+        conn.close()
+
+
+def test_the_header_masking_migration_spells_the_mask_and_names_as_the_code_does() -> None:
+    # A released migration never changes: the code must keep these in step with it.
+    (sql,) = [sql for name, sql in migrations.MIGRATIONS if name == "0008_audit_headers_masked"]
+    assert set(re.findall(r"'(•+)", sql)) == {MASK}
+    names = re.findall(r"lower\((?:[^()]|\([^()]*\))*\) (?:NOT )?IN \(([^)]*)\)", sql)
+    assert len(names) == sql.count("lower(") and set(names) == {", ".join(f"'{name}'" for name in SECRET_HEADERS)}
 
 
 def test_policy_naming_a_missing_rule_is_refused(db: Path) -> None:

@@ -4,8 +4,9 @@ entries, warnings.
 Two rules hold for everything printed:
 
 - a secret is never shown in clear: a rule's password and client secret go through
-  ``sidecar.rules.secrets.mask`` (a reference as written, a clear value as the mask), and so do the
-  values of its Authorization and Proxy-Authorization headers; only ``export --with-secrets``
+  ``sidecar.rules.secrets.mask`` (a reference as written, a clear value as the mask), and the
+  values of its Authorization and Proxy-Authorization headers are the mask, whatever shape a
+  row written with plain SQL gives them (``masked_headers``); only ``export --with-secrets``
   writes them as stored;
 - text that came from outside (activity-log usernames and paths, webhook answers, names written
   with plain SQL) cannot drive the terminal: control and format characters are shown escaped.
@@ -37,6 +38,7 @@ __all__ = [
     "clean",
     "counted",
     "header_lines",
+    "masked_headers",
     "parameter_table",
     "policy_details",
     "policy_document",
@@ -50,9 +52,6 @@ __all__ = [
     "table",
     "warn",
 ]
-
-"""Rule headers whose values are credentials, masked like passwords (lower case)."""
-
 
 def _escape(char: str) -> str:
     code = ord(char)
@@ -74,18 +73,43 @@ def redact_header(name: str, value: str) -> str:
     return MASK if name.lower() in SECRET_HEADERS else value
 
 
+def _masked_object(headers: Mapping[Any, Any]) -> dict[Any, Any]:
+    return {k: MASK if str(k).lower() in SECRET_HEADERS else v for k, v in headers.items()}
+
+
+def _masked_entry(entry: Any) -> Any:
+    if isinstance(entry, Mapping):
+        return _masked_object(entry)
+    if not isinstance(entry, (list, tuple)):
+        return MASK  # text such as "Authorization: Bearer ...": no name to tell it is not secret
+    if len(entry) < 2 or (isinstance(entry[0], str) and entry[0].lower() not in SECRET_HEADERS):
+        return list(entry)
+    return [entry[0], MASK]
+
+
+def masked_headers(headers: Any) -> Any:
+    """A rule's headers as they may be shown: each value under an Authorization or
+    Proxy-Authorization name (any case) masked. Rows written with plain SQL may hold any shape;
+    values are kept only where a name says they are no secret: ``[name, value...]`` pairs of
+    any length (a secret one becomes ``[name, MASK]``), ``{name: value}`` objects (inside the
+    list or instead of it); anything else is the mask (None stays None). The same choices as
+    the audit documents' (migration ``0008_audit_headers_masked``)."""
+    if headers is None:
+        return None
+    if isinstance(headers, Mapping):
+        return _masked_object(headers)
+    if not isinstance(headers, (list, tuple)):
+        return MASK
+    return [_masked_entry(entry) for entry in headers]
+
+
 def _redact(fields: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(fields)
     for field in ("password", "client_secret"):
         if isinstance(out.get(field), str):
             out[field] = mask(out[field])
-    headers = out.get("headers")
-    if isinstance(headers, list):
-        out["headers"] = [
-            [h[0], redact_header(h[0], h[1])]
-            if isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], str) else h
-            for h in headers
-        ]
+    if "headers" in out:
+        out["headers"] = masked_headers(out["headers"])
     return out
 
 
@@ -146,16 +170,15 @@ def _text(value: Any) -> str:
 
 
 def header_lines(headers: Any) -> list[str]:
-    """A rule's headers as ``KEY=VALUE`` (the ``--header`` syntax), secret values masked."""
-    if not isinstance(headers, list):
-        return [_text(headers)]
-    out = []
-    for pair in headers:
-        if isinstance(pair, (list, tuple)) and len(pair) == 2:
-            out.append(f"{pair[0]}={redact_header(str(pair[0]), str(pair[1]))}")
-        else:
-            out.append(_text(pair))
-    return out
+    """A rule's headers as ``KEY=VALUE`` (the ``--header`` syntax), secret values masked
+    (``masked_headers``); a shape that is not pairs as its JSON."""
+    shown = masked_headers(headers)
+    if isinstance(shown, dict):
+        return [f"{k}={_text(v)}" for k, v in shown.items()]
+    if not isinstance(shown, list):
+        return [_text(shown)]
+    return [f"{pair[0]}={_text(pair[1])}" if isinstance(pair, list) and len(pair) == 2 else _text(pair)
+            for pair in shown]
 
 
 def action_lines(actions: Any) -> list[str]:
@@ -230,9 +253,10 @@ def policy_details(stored: StoredPolicy, problem: str | None) -> str:
 
 def _policy_row(stored: StoredPolicy) -> list[str]:
     doc = stored.fields
-    return [stored.name, _yes(doc.get("enabled")), _text(doc.get("priority")),
+    return [stored.name, _yes(doc.get("enabled")), _text(doc.get("mode")), _text(doc.get("priority")),
             _listing(doc.get("hosts"), "any"), _text(doc.get("path_prefix")),
-            _listing(doc.get("methods"), "any"), "on" if doc.get("integration") else "off",
+            _listing(doc.get("methods"), "any"), _listing(doc.get("ports"), "any"),
+            _listing(doc.get("sni"), "any"), "on" if doc.get("integration") else "off",
             _listing(doc.get("rules"), "none")]
 
 
@@ -256,8 +280,11 @@ def rule_table(rules: Sequence[StoredRule], problems: Sequence[str | None]) -> s
 
 
 def policy_table(policies: Sequence[StoredPolicy], problems: Sequence[str | None]) -> str:
-    """``policy list``: one row a policy, with its problem (``problems``, in the same order)."""
-    headers = ["NAME", "ENABLED", "PRIORITY", "HOSTS", "PATH", "METHODS", "INTEGRATION", "RULES"]
+    """``policy list``: one row a policy, with its problem (``problems``, in the same order).
+    MODE is next to ENABLED, since a policy left in audit mode allows whatever its rules say;
+    PORTS and SNI, since a policy matching on them governs TCP connections too."""
+    headers = ["NAME", "ENABLED", "MODE", "PRIORITY", "HOSTS", "PATH", "METHODS", "PORTS", "SNI", "INTEGRATION",
+               "RULES"]
     return _with_problems(headers, [_policy_row(p) for p in policies], problems)
 
 
@@ -298,13 +325,15 @@ def audit_line(e: AuditEntry) -> str:
 
 
 def activity_table(records: Sequence[ActivityRecord], *, denied: bool) -> str:
-    """``logs activity``: one row a decision; ``denied`` (only denials) leaves out DECISION."""
-    headers = ["AT", "REQUEST ID", "USER", "SOURCE IP", "METHOD", "HOST", "PATH", "POLICY"]
+    """``logs activity``: one row a decision; ``denied`` (only denials) leaves out DECISION.
+    POLICY SOURCE: how the policy was chosen (``match``: on host, path and method; ``route``:
+    bound by the Envoy route), as ``policy_source`` says in the JSON and Envoy's metadata."""
+    headers = ["AT", "REQUEST ID", "USER", "SOURCE IP", "METHOD", "HOST", "PATH", "POLICY", "POLICY SOURCE"]
     headers += ["CODE", "STATUS"] if denied else ["DECISION", "CODE", "STATUS"]
     rows = []
     for r in records:
         row = [iso_time(r.at), r.request_id or "-", r.username or "-", r.source_ip or "-", r.method, r.host,
-               r.path, r.policy or "-"]
+               r.path, r.policy or "-", r.policy_source]
         row += [r.code, r.status] if denied else [result_name(r.allowed, r.audit_deny), r.code, r.status]
         rows.append(row)
     return table(headers, rows)

@@ -7,8 +7,9 @@ by rule). README, "The portal".
 
 Contract:
 
-- **Read-only, never in the way**: rules.db is opened ``mode=ro`` and ``query_only``, each
-  query bounded by Datasette's time limit; under WAL the sidecar and the admin script write
+- **Read-only, never in the way**: rules.db is opened ``mode=ro`` and ``query_only``, the
+  pages' queries bounded by Datasette's time limits (the search index's catch-up and the rules
+  page read outside them); under WAL the sidecar and the admin script write
   meanwhile and never wait for it. Nothing the portal builds (the search index) goes into
   rules.db.
 - **No secret leaves rules.db through it**: two gates, each enough alone (``guard``):

@@ -63,14 +63,18 @@ hookimpl = pluggy.HookimplMarker("datasette")
 
 # What the Activity page shows unless asked for all (Datasette's column menu; a request id's
 # link shows its decisions whole): the reason, and what it is about, fit a screen.
-ACTIVITY_COLUMNS = ("at", "request_id", "username", "method", "path", "policy", "allowed", "code", "status")
+ACTIVITY_COLUMNS = ("at", "request_id", "username", "method", "path", "policy", "allowed", "audit_deny", "code",
+                    "status")
 
-# The canned queries' columns that name what a denial was about (metadata.yaml), and the
-# Activity page filter that shows those denials.
-_QUERY_LINKS: dict[str, Callable[[str], tuple[str, str]]] = {
-    "user": lambda user: ("username", user),
-    "reason": lambda reason: ("status", reason),
-    "rule": lambda rule: ("status__startswith", f'rule "{rule}": '),
+# The canned queries' columns that name what a decision was about (metadata.yaml), and the
+# Activity page filter that shows those decisions: a user's or a reason's denials; a rule's
+# webhook failures, those that audit mode let through included, as the query counts them (a
+# webhook code is never an allow otherwise).
+_WEBHOOK_CODES = "webhook_timeout,webhook_unreachable,webhook_status"
+_QUERY_LINKS: dict[str, Callable[[str], list[tuple[str, str]]]] = {
+    "user": lambda user: [("allowed", "0"), ("username", user)],
+    "reason": lambda reason: [("allowed", "0"), ("status", reason)],
+    "rule": lambda rule: [("code__in", _WEBHOOK_CODES), ("status__startswith", f'rule "{rule}": ')],
 }
 
 _TIME_RANGES = (("last 15 minutes", 900), ("last hour", 3600), ("last 24 hours", 86400),
@@ -263,19 +267,29 @@ class _Hooks:
         if not self._ours(datasette) or database != guard.DATABASE:
             return None
         if table == "activity_log" and column == "allowed" and value in (0, 1):
+            if value and _value(row, "audit_deny") == 1:
+                # Allowed only because the policy is in audit mode: not to be read as a plain allow.
+                return markupsafe.Markup('<span class="decision decision-audit" title="{}">allow (audit)</span>'
+                                         ).format(_AUDIT_DENY_TITLE)
             word = "allow" if value else "deny"
             return markupsafe.Markup('<span class="decision decision-{0}">{0}</span>').format(word)
+        if table == "activity_log" and column == "audit_deny" and value in (0, 1):
+            if not value:
+                return markupsafe.Markup('<span class="no-audit-deny">no</span>')
+            return markupsafe.Markup('<span class="decision decision-audit" title="{}">would deny</span>').format(
+                _AUDIT_DENY_TITLE)
         if table == "activity_log" and column == "request_id" and isinstance(value, str) and value:
             query = urllib.parse.urlencode({"request_id": value})
             href = f"{datasette.urls.table(guard.DATABASE, 'activity_log')}?{query}"
             return markupsafe.Markup('<a href="{}" title="every decision for this request">{}</a>').format(
                 href, value)
         if table == "audit_log" and column in ("before", "after") and isinstance(value, str):
-            other = row["after" if column == "before" else "before"]
+            # The other side may be hidden (_nocol=after): the document is then shown unmarked.
+            other = _value(row, "after" if column == "before" else "before")
             return _document(value, other if isinstance(other, str) else None)
         if table is None and column in _QUERY_LINKS and isinstance(value, str) and value:
-            # A canned query's user, reason or rule: a link to those denials on the Activity page.
-            args = [("_col", c) for c in ACTIVITY_COLUMNS] + [("allowed", "0"), _QUERY_LINKS[column](value)]
+            # A canned query's user, reason or rule: a link to those decisions on the Activity page.
+            args = [("_col", c) for c in ACTIVITY_COLUMNS] + _QUERY_LINKS[column](value)
             href = f"{datasette.urls.table(guard.DATABASE, 'activity_log')}?{urllib.parse.urlencode(args)}"
             return markupsafe.Markup('<a href="{}">{}</a>').format(href, value)
         return None
@@ -296,6 +310,14 @@ class _Hooks:
         html = await self.portal.datasette.render_template(
             "safous_rules.html", {"catalog": catalog, "json_url": request.path + ".json"}, request=request)
         return Response.html(html)
+
+
+_AUDIT_DENY_TITLE = "audit mode: allowed, but enforcing the policy would have denied it (code and status say why)"
+
+
+def _value(row: Any, column: str) -> Any:
+    """``row[column]``, or None when the page does not select that column (``_col``, ``_nocol``)."""
+    return row[column] if column in row.keys() else None
 
 
 def _time_ranges(request: Any) -> list[dict[str, str]]:

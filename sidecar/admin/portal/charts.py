@@ -1,5 +1,9 @@
 """The Activity page's two charts: allowed vs denied over time, and denials by code.
 
+Decisions a policy in audit mode let through although its rules failed (``audit_deny``) are a
+third part of each time bar, between denied and allowed: counted as allowed, they would hide
+what enforcing the policy will deny.
+
 Drawn on the server as inline SVG by a small template (``templates/_safous_charts.html``), from
 two GROUP BY queries over the rows the page selects (its filters, facets, time range and
 search), so a chart always says the same thing as the table under it, needs no JavaScript
@@ -61,16 +65,19 @@ _UPPER = ("at__lt", "at__lte")
 @dataclass(frozen=True, slots=True)
 class TimeBar:
     """One bucket of the time chart: its counts, where it is drawn, where it links (the same
-    selection within the bucket)."""
+    selection within the bucket). ``allowed`` leaves out ``audit``: the would-be denials audit
+    mode allowed."""
 
     start: str
     end: str
     allowed: int
     denied: int
+    audit: int
     x: float
     width: float
     allowed_height: float
     denied_height: float
+    audit_height: float
     href: str
 
     @property
@@ -78,8 +85,12 @@ class TimeBar:
         return HEIGHT - self.denied_height
 
     @property
+    def audit_y(self) -> float:
+        return HEIGHT - self.denied_height - self.audit_height
+
+    @property
     def allowed_y(self) -> float:
-        return HEIGHT - self.denied_height - self.allowed_height
+        return HEIGHT - self.denied_height - self.audit_height - self.allowed_height
 
     @property
     def drawn_width(self) -> float:
@@ -96,6 +107,7 @@ class TimeChart:
     period: str  # "2026-11-28 14:00 to 15:00 UTC", to the precision of the bars
     allowed: int
     denied: int
+    audit: int
 
     left = LEFT
     baseline = HEIGHT  # the y of the zero line; the tallest bar reaches 0
@@ -148,20 +160,21 @@ def link(path: str, query: Sequence[tuple[str, str]], replace: Mapping[str, str 
     return path + ("?" + urllib.parse.urlencode(kept) if kept else "")
 
 
-def time_chart(counts: Mapping[int, tuple[int, int]], first: int, bars: int, bucket: int, *,
+def time_chart(counts: Mapping[int, tuple[int, int, int]], first: int, bars: int, bucket: int, *,
                path: str, query: Sequence[tuple[str, str]]) -> TimeChart:
     """The time chart of ``bars`` buckets of ``bucket`` seconds from bucket number ``first``
-    (epoch seconds // bucket); ``counts``: (allowed, denied) by bucket number, absent = none."""
-    peak = max((a + d for a, d in counts.values()), default=0)
+    (epoch seconds // bucket); ``counts``: (allowed, denied, allowed by audit mode) by bucket
+    number, absent = none."""
+    peak = max((sum(c) for c in counts.values()), default=0)
     scale = HEIGHT / peak if peak else 0.0
     width = WIDTH / bars
     drawn = []
     for i in range(bars):
-        allowed, denied = counts.get(first + i, (0, 0))
+        allowed, denied, audit = counts.get(first + i, (0, 0, 0))
         start, end = iso_time((first + i) * bucket), iso_time((first + i + 1) * bucket)
         drawn.append(TimeBar(
-            start=start, end=end, allowed=allowed, denied=denied, x=LEFT + i * width, width=width,
-            allowed_height=allowed * scale, denied_height=denied * scale,
+            start=start, end=end, allowed=allowed, denied=denied, audit=audit, x=LEFT + i * width, width=width,
+            allowed_height=allowed * scale, denied_height=denied * scale, audit_height=audit * scale,
             href=link(path, query, {**dict.fromkeys(_LOWER + _UPPER), "at__gte": start, "at__lt": end}),
         ))
     fmt = _tick_format(bucket, bars)
@@ -170,7 +183,8 @@ def time_chart(counts: Mapping[int, tuple[int, int]], first: int, bars: int, buc
     return TimeChart(
         bars=tuple(drawn), ticks=ticks, peak=peak, bucket=_duration(bucket),
         period=_period(first * bucket, (first + bars) * bucket, bucket),
-        allowed=sum(a for a, _ in counts.values()), denied=sum(d for _, d in counts.values()),
+        allowed=sum(c[0] for c in counts.values()), denied=sum(c[1] for c in counts.values()),
+        audit=sum(c[2] for c in counts.values()),
     )
 
 
@@ -244,9 +258,9 @@ async def activity_charts(database: Any, table: str, where: Sequence[str], param
     args.update(chart_start=iso_time(first * bucket), chart_end=iso_time((first + bars) * bucket))
     window = f"({clause}) AND at >= :chart_start AND at < :chart_end"
     rows = await database.execute(
-        f"SELECT CAST(strftime('%s', at) AS INTEGER) / {bucket} AS b, sum(allowed = 1), sum(allowed = 0) "
-        f"FROM {table} WHERE {window} GROUP BY b", args)
-    counts = {int(b): (int(a or 0), int(d or 0)) for b, a, d in rows if b is not None}
+        f"SELECT CAST(strftime('%s', at) AS INTEGER) / {bucket} AS b, sum(allowed = 1 AND audit_deny = 0), "
+        f"sum(allowed = 0), sum(allowed = 1 AND audit_deny = 1) FROM {table} WHERE {window} GROUP BY b", args)
+    counts = {int(b): (int(a or 0), int(d or 0), int(w or 0)) for b, a, d, w in rows if b is not None}
     codes = await database.execute(
         f"SELECT code, count(*) AS n FROM {table} WHERE {window} AND allowed = 0 "
         "GROUP BY code ORDER BY n DESC, code", args)
