@@ -69,6 +69,7 @@ RELEASED = {
     "0006_policy_mode_and_audit_deny": "73338837ded1aed7d74a6b7461efa7c301f1d7a5a2745cda23cde7f21794f359",
     "0007_traces": "99e94bab74a2ee7dc7732172e9f80fdda262b25ae9c2a88978370b09a7a87fc3",
     "0008_audit_headers_masked": "d3c6a8c7632cf7941a936b3629126b0ed9fde3a39cf05d053820dd3275c00dbb",
+    "0009_audit_flush_seeks": "1a8716dde7d94acc16d0553828d1a9b9b3e61b73d233f534a74a559f769d9eac",
 }
 
 # sqlite_master of a rules.db migrated by the code that generated the migrations in Python,
