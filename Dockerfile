@@ -9,8 +9,10 @@
 # grpcio-tools pyproject.toml pins). The final stage installs that wheel, and nothing else of the
 # source, into a slim Python.
 #
-# At run time the image writes nothing but rules.db (with its -wal and -shm files) under
-# /var/lib/safous, a volume: it runs with a read-only root filesystem, as a non-root user.
+# At run time the image writes only under /var/lib/safous, a volume: rules.db (with its -wal and
+# -shm files) and, with --workers, the directory of the workers' sockets (no temporary directory
+# is writable; removed when the pod stops). It runs with a read-only root filesystem, as a
+# non-root user.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -40,6 +42,7 @@ RUN groupadd --system --gid 10001 safous \
 # The wheel is mounted, not copied: no layer keeps it.
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     pip install --no-cache-dir /dist/*.whl
+# Where `docker exec` starts; nothing depends on it (the sidecar writes beside SAFOUS_DB).
 WORKDIR /var/lib/safous
 VOLUME ["/var/lib/safous"]
 # A numeric user, so that Kubernetes' runAsNonRoot can verify it.

@@ -12,4 +12,4 @@ The request path, one module a stage:
 check.Checker strings the stages together; server.py hosts it behind grpc.aio.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

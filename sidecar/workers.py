@@ -10,7 +10,14 @@ With ``--http``, the supervisor serves ``/healthz``, ``/readyz`` and ``/metrics`
 pod; each worker serves its own on a private Unix socket, which the supervisor reads:
 ``/readyz`` is ready only when every worker is (and says which is not), ``/metrics`` is the
 workers' expositions merged (``sidecar.pod_metrics``), so a scrape never sees one worker's
-counters and then another's.
+counters and then another's. The supervisor also reads the workers' pages every
+``REFRESH_SECONDS`` between scrapes: what a worker that dies had counted since the last read is
+lost with it, and that is a few seconds of counts rather than a scrape interval's.
+
+The sockets are in a directory of their own (mode 0700, removed when the pod stops), made in the
+system's temporary directory (``TMPDIR``, else ``/tmp``...) or, where none is writable (the
+image's read-only root filesystem), beside rules.db, whose directory the sidecar must be able
+to write anyway (SQLite's ``-wal`` and ``-shm`` files).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -54,6 +62,11 @@ row, at most ``START_RETRY_MAX_SECONDS``)."""
 START_RETRY_MAX_SECONDS = 5.0
 ANSWER_MAX_BYTES = 16 * 1024 * 1024
 """A worker's /metrics or /readyz answer, at most: a larger one is refused, not read."""
+REFRESH_SECONDS = 5.0
+"""With ``--http``, how often the supervisor reads the workers' pages when no scrape does."""
+SOCKET_PATH_MAX_BYTES = 103
+"""The longest Unix socket path used: ``sun_path`` holds 108 bytes on Linux and 104 on macOS
+and the BSDs, the terminating NUL included."""
 
 
 def _worker(settings: Settings, index: int, ops_socket: str) -> None:
@@ -87,6 +100,35 @@ def _port_is_free(listen: str) -> bool:
     return True
 
 
+def sockets_dir(db: Path, workers: int) -> str:
+    """A new directory for the workers' sockets: in the temporary directory if there is a usable
+    one, else beside rules.db. A candidate where the longest socket path would not fit in
+    ``sun_path`` is passed over. Raises OSError when neither will do."""
+    candidates = []
+    with contextlib.suppress(FileNotFoundError):  # no usable temporary directory
+        candidates.append(tempfile.gettempdir())
+    candidates.append(str(db.absolute().parent))
+    problems = []
+    for candidate in candidates:
+        try:
+            path = tempfile.mkdtemp(prefix="safous-workers-", dir=candidate)
+        except OSError as exc:
+            problems.append(f"{candidate}: {exc.strerror or exc}")
+            continue
+        longest = os.path.join(path, _socket_name(workers - 1))
+        if len(os.fsencode(longest)) <= SOCKET_PATH_MAX_BYTES:
+            return path
+        os.rmdir(path)
+        problems.append(f"{candidate}: too deep for a Unix socket path ({len(os.fsencode(longest))} bytes, "
+                        f"at most {SOCKET_PATH_MAX_BYTES})")
+    raise OSError(f"no directory for the workers' sockets ({'; '.join(problems)}): "
+                  f"set TMPDIR to a short writable directory")
+
+
+def _socket_name(index: int) -> str:
+    return f"{index}.sock"
+
+
 def run_workers(settings: Settings) -> int:
     """Run the pod until SIGTERM/SIGINT: 0 when every worker stopped cleanly, 1 when the pod
     gave up or a worker did not stop cleanly, 2 for ``--listen`` with port 0."""
@@ -98,10 +140,11 @@ def run_workers(settings: Settings) -> int:
         return 1
     try:
         db.ensure_database(settings.db)  # once, before the workers race to migrate
-    except db.StoreError as exc:
+        supervisor = Supervisor(settings)
+    except (db.StoreError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    return run_loop(settings, Supervisor(settings).run())
+    return run_loop(settings, supervisor.run())
 
 
 @dataclass
@@ -140,9 +183,10 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")
-        self._dir = tempfile.mkdtemp(prefix="safous-workers-")
-        self._slots = [_Slot(i, os.path.join(self._dir, f"worker-{i}.sock")) for i in range(settings.workers)]
+        self._dir = sockets_dir(settings.db, settings.workers)
+        self._slots = [_Slot(i, os.path.join(self._dir, _socket_name(i))) for i in range(settings.workers)]
         self._totals = PodTotals()
+        self._scraping = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._failed = False
         self.restarts = 0
@@ -151,8 +195,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        runner = await self._serve_http() if self.settings.http else None
+        runner, refresher = None, None
         try:
+            if self.settings.http:
+                runner = await self._serve_http()
+                refresher = asyncio.create_task(self._refresh())
             for slot in self._slots:
                 self._start(slot)
             log.info("workers started", extra={"workers": len(self._slots),
@@ -166,6 +213,10 @@ class Supervisor:
             # A worker's sentinel can close before its exit status can be read: wait for it.
             await asyncio.gather(*(asyncio.to_thread(s.process.join, 10) for s in self._slots if s.process))
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             if runner is not None:
                 await runner.cleanup()
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -287,27 +338,69 @@ class Supervisor:
         return web.Response(text=f"ready ({len(self._slots)} workers)\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        # A worker that answers and then dies before every worker has answered is retired with
-        # its previous scrape, and a new process is in its slot: its answer is not the new one's.
-        asked = [slot.process for slot in self._slots]
-        answers = await asyncio.gather(*(self._ask(slot, "/metrics") for slot in self._slots))
-        for slot, process, answer in zip(self._slots, asked, answers, strict=True):
-            if slot.process is not process:
-                continue
-            if answer is not None and answer[0] == 200:
-                try:
-                    slot.last = parse_exposition(answer[1])
-                except ValueError:
-                    log.warning("worker %d sent an unreadable exposition", slot.index)
-            # else: its last scrape stands in, so that the pod's counters never go down
-        workers = {slot.index: slot.last for slot in self._slots if slot.last is not None}
-        ready = sum(1 for slot, answer in zip(self._slots, answers, strict=True) if answer is not None)
-        own = [
-            CounterMetricFamily("safous_worker_restarts", "Workers started again after they died",
-                                value=self.restarts),
-            GaugeMetricFamily("safous_workers", "Worker processes configured", value=len(self._slots)),
-            GaugeMetricFamily("safous_workers_answering", "Workers that answered this scrape", value=ready),
-        ]
-        body = merge_expositions(workers, self._totals, own)
+        # One scrape at a time: a scrape that started later must not be answered with counts
+        # older than one answered before it.
+        async with self._scraping:
+            answering = await self._collect()
+            workers = {slot.index: slot.last for slot in self._slots if slot.last is not None}
+            own = [
+                CounterMetricFamily("safous_worker_restarts", "Workers started again after they died",
+                                    value=self.restarts),
+                GaugeMetricFamily("safous_workers", "Worker processes configured", value=len(self._slots)),
+                GaugeMetricFamily("safous_workers_answering", "Workers that answered this scrape",
+                                  value=answering),
+            ]
+            # The totals are copied here: a worker's death retires its counts into them on the loop.
+            body = await asyncio.to_thread(merge_expositions, workers, self._totals.copy(), own)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
+    async def _refresh(self) -> None:
+        """Read the workers' pages every ``REFRESH_SECONDS`` between scrapes: what a worker
+        counted after the last read is lost if it dies, and Prometheus scrapes every 15 to 60 s."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), REFRESH_SECONDS)
+            if self._stopping.is_set():
+                return
+            try:
+                async with self._scraping:
+                    await self._collect()
+            except Exception:
+                # The next read, or a scrape, tries again; a refresher that died would not.
+                log.exception("reading the workers' pages failed")
+
+    async def _collect(self) -> int:
+        """Ask every worker for its page and keep what it counted (``slot.last``); the number
+        of workers that answered."""
+        # A worker that answers and then dies before every worker has answered (or while the
+        # answers are parsed) is retired with its previous scrape, and a new process is in its
+        # slot: its answer is not the new one's.
+        asked = [slot.process for slot in self._slots]
+        answers = await asyncio.gather(*(self._ask(slot, "/metrics") for slot in self._slots))
+        pages = [(slot, process, answer[1], slot.last)
+                 for slot, process, answer in zip(self._slots, asked, answers, strict=True)
+                 if answer is not None and answer[0] == 200 and slot.process is process]
+        # Parsing is CPU work in proportion to the pages (tens of ms for 4 workers of 500 KB,
+        # ten times as much for pages new to the supervisor), kept off the loop so that
+        # /healthz and /readyz answer meanwhile.
+        parsed = await asyncio.to_thread(_parse_pages, [(text, last) for _, _, text, last in pages])
+        for (slot, process, _, _), samples in zip(pages, parsed, strict=True):
+            if slot.process is not process:
+                continue
+            if samples is None:
+                log.warning("worker %d sent an unreadable exposition", slot.index, extra={"worker": slot.index})
+            else:
+                slot.last = samples
+        # else: its last scrape stands in, so that the pod's counters never go down
+        return sum(1 for answer in answers if answer is not None)
+
+
+def _parse_pages(pages: list[tuple[str, WorkerSamples | None]]) -> list[WorkerSamples | None]:
+    """Each page parsed (given the same worker's last scrape), None for one that is unreadable."""
+    parsed: list[WorkerSamples | None] = []
+    for text, last in pages:
+        try:
+            parsed.append(parse_exposition(text, last))
+        except ValueError:
+            parsed.append(None)
+    return parsed

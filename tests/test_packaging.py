@@ -11,8 +11,9 @@ and then:
   no tests) and that the generated code's own version checks pass with what the wheel requires;
 - runs the installed ``safous-admin`` to write and read rules.db and the installed
   ``safous-sidecar serve`` behind a real Envoy (envoy/envoy.yaml), as a client sees it;
-- runs the installed server once more with the root filesystem read-only but for its rules.db
-  directory, as the image runs it (a mount namespace; skipped where ``unshare`` cannot make one);
+- runs the installed server once more, alone and with ``--workers 2``, with the root filesystem
+  read-only but for its rules.db directory and its working directory outside that, as the image
+  runs it (a mount namespace; skipped where ``unshare`` cannot make one);
 - holds the Dockerfile to the same build and install commands.
 
 Bounded: each build or install step has a time limit, the module runs in about a minute once
@@ -49,7 +50,7 @@ import sidecar
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from tests.envoy_harness import ENVOY_YAML, PROJECT_ROOT, render_config, run_envoy
-from tests.helpers import free_port
+from tests.helpers import PERMISSION_DENIED, eventually, free_port, metric, ops_get
 
 # Building with an isolated build environment and installing the wheel's dependencies both go
 # through pip: minutes on a cold cache and a slow index, seconds on a warm one.
@@ -63,7 +64,6 @@ DOCKER_BUILD = "python -m build --outdir /dist ."
 DOCKER_INSTALL_WHEEL = "/dist/*.whl"
 VERSION = sidecar.__version__
 REASON_HEADER = "x-safous-denial-reason"
-GRPC_PERMISSION_DENIED = 7
 
 
 # --------------------------------------------------------------------------- the Dockerfile
@@ -369,30 +369,70 @@ def read_only_root(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     volume = tmp_path / "volume"
     volume.mkdir()
     prefix = _read_only_root(volume)
+    # Read-only as in the image: no temporary directory Python would use, the working
+    # directory (/) included.
+    no_temp = f"cd / && ! {sys.executable} -c 'import tempfile; tempfile.gettempdir()' 2>/dev/null"
     if shutil.which("unshare") is None or subprocess.run(
-            [*prefix, "sh", "-c", f"! touch {tmp_path}/probe 2>/dev/null && touch {volume}/probe"],
-            capture_output=True, timeout=10).returncode != 0:
-        pytest.skip("cannot make the root filesystem, temporary directory included, read-only here "
+            [*prefix, "sh", "-c", f"! touch {tmp_path}/probe 2>/dev/null && touch {volume}/probe && {no_temp}"],
+            capture_output=True, timeout=10, env=_clean_env()).returncode != 0:
+        pytest.skip("cannot make the root filesystem, temporary directories included, read-only here "
                     "(unshare --mount needs root or user namespaces)")
     (volume / "probe").unlink()
     yield volume, prefix
 
 
-async def test_installed_server_writes_only_its_volume(installed: Installed, read_only_root):
+def _check(path: str) -> pb.CheckRequest:
+    request = pb.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.host, http.path, http.id = "GET", "app.example.com", path, path
+    http.headers.update({":method": "GET", ":authority": "app.example.com", ":path": path})
+    return request
+
+
+SQLITE_FILES = {"rules.db", "rules.db-wal", "rules.db-shm"}
+# A new connection per check, so that the checks of the --workers run reach both workers.
+FRESH = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_installed_server_writes_only_its_volume(installed: Installed, read_only_root, workers: int):
     """As the image runs it: a read-only root filesystem, rules.db created, migrated and written
-    (the activity log) on the volume."""
+    (the activity log) on the volume; with --workers, the workers' sockets there too (no
+    temporary directory is writable), removed when the pod stops. The working directory is
+    outside the volume, and read-only."""
     volume, prefix = read_only_root
     db = volume / "rules.db"
     env = _clean_env(SAFOUS_DB=str(db), PYTHONDONTWRITEBYTECODE="1")  # the Dockerfile's ENV
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        env.pop(name, None)
     argv = [*prefix, installed.bin("safous-sidecar"), "serve", "--listen", "127.0.0.1:0"]
+    http = free_port()
+    if workers:
+        argv[-1] = f"127.0.0.1:{free_port()}"
+        argv += ["--workers", str(workers), "--http", f"127.0.0.1:{http}"]
+    checks = 6 if workers else 1
     async with _serve(installed, argv, env) as server:
-        request = pb.CheckRequest()
-        http = request.attributes.request.http
-        http.method, http.host, http.path, http.id = "GET", "app.example.com", "/anything", "ro-1"
-        http.headers.update({":method": "GET", ":authority": "app.example.com", ":path": "/anything"})
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            response = await pb_grpc.AuthorizationStub(channel).Check(request, timeout=10)
-        assert response.status.code == GRPC_PERMISSION_DENIED  # no policy: the default, deny
+        if workers:
+            async def ready() -> str:
+                status, body = await ops_get(http, "/readyz")
+                return body if status == 200 else ""
+
+            assert await eventually(ready, timeout=20) == f"ready ({workers} workers)\n"
+            (sockets,) = [p for p in volume.iterdir() if p.name not in SQLITE_FILES]
+            assert sockets.name.startswith("safous-workers-")
+            assert sorted(p.name for p in sockets.iterdir()) == [f"{i}.sock" for i in range(workers)]
+        for i in range(checks):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=FRESH) as channel:
+                response = await pb_grpc.AuthorizationStub(channel).Check(_check(f"/ro-{i}"), timeout=10)
+            assert response.status.code == PERMISSION_DENIED  # no policy: the default, deny
+        if workers:
+            async def counted() -> bool:
+                page = (await ops_get(http, "/metrics"))[1]
+                return metric(page, "safous_decisions_total", policy="(none)", result="deny",
+                              code="no_matching_policy", default=0) == checks
+
+            await eventually(counted, timeout=10, what="the pod's /metrics counting every check")
     assert server.process.returncode == 0, server.log.read_text()
+    assert {p.name for p in volume.iterdir()} <= SQLITE_FILES
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        assert conn.execute("SELECT code FROM activity_log").fetchall() == [("no_matching_policy",)]
+        assert conn.execute("SELECT code FROM activity_log").fetchall() == [("no_matching_policy",)] * checks

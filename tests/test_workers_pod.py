@@ -11,8 +11,12 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from sidecar import workers
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.pod_metrics import PodTotals, merge_expositions, parse_exposition
 from sidecar.settings import Settings
-from sidecar.workers import AnswerTooLarge, Supervisor, read_answer
+from sidecar.workers import SOCKET_PATH_MAX_BYTES, AnswerTooLarge, Supervisor, read_answer, sockets_dir
 from tests.conftest import check_request
 from tests.helpers import OK, eventually, free_port, metric, ops_get, start_server
 
@@ -84,13 +88,16 @@ async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> N
         assert {metric(pages[0], "safous_ready", worker=str(w)) for w in range(WORKERS)} == {1}
 
         victim = min(worker_pids(proc.pid))
+        started = log.entry("workers started")
+        assert started is not None and set(started["pids"]) == worker_pids(proc.pid)
+        index = started["pids"].index(victim)  # the supervisor's slots, in order
         os.kill(victim, signal.SIGKILL)
 
         async def reported_down() -> str:
             status, body = await ops_get(http, "/readyz")
             return body if status == 503 else ""
 
-        assert "not running or not answering" in await eventually(reported_down, timeout=5)
+        assert f"worker {index}: not running or not answering" in await eventually(reported_down, timeout=5)
         await eventually(ready, timeout=15)
         assert victim not in worker_pids(proc.pid) and len(worker_pids(proc.pid)) == WORKERS
         page = (await ops_get(http, "/metrics"))[1]
@@ -108,6 +115,45 @@ async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> N
         await asyncio.to_thread(log.close)
 
 
+@pytest.mark.timeout(60)
+async def test_a_worker_that_dies_between_scrapes_keeps_its_counts(tmp_path: Path) -> None:
+    """The supervisor reads the workers' pages between scrapes too: checks a worker counted
+    seconds before it died, with no scrape since, still count."""
+    port, http = free_port(), free_port()
+    log, _ = await asyncio.to_thread(
+        start_server, tmp_path / "rules.db", "--listen", f"127.0.0.1:{port}", "--workers", str(WORKERS),
+        "--http", f"127.0.0.1:{http}", "--default-action", "allow")
+    proc = log.proc
+    try:
+        async def ready() -> bool:
+            return (await ops_get(http, "/readyz"))[0] == 200
+
+        await eventually(ready, timeout=15)
+        await send_checks(port, 20)
+
+        def served() -> set[int]:
+            return {r["worker"] for r in log.records() if r.get("logger") == "sidecar.decision"}
+
+        started = log.entry("workers started")
+        assert started is not None
+        victim = started["pids"][min(await eventually(served))]  # a worker that counted some
+        # Counted by the workers (their activity log's batches), then read by the supervisor.
+        await asyncio.sleep(workers.REFRESH_SECONDS + 2)
+        os.kill(victim, signal.SIGKILL)
+        await eventually(lambda: victim not in worker_pids(proc.pid), timeout=5)
+
+        async def restarted() -> float | bool:
+            page = (await ops_get(http, "/metrics"))[1]
+            return metric(page, "safous_worker_restarts_total") == 1 and decisions(page)
+
+        assert await eventually(restarted, timeout=15) == 20
+        await eventually(ready, timeout=15)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        await asyncio.to_thread(log.close)
+
+
 def test_summed_families_and_per_worker_gauges() -> None:
     page = ('# HELP x_total Things\n# TYPE x_total counter\nx_total{p="a"} 3\n'
             '# HELP g A gauge\n# TYPE g gauge\ng 7\n'
@@ -119,6 +165,90 @@ def test_summed_families_and_per_worker_gauges() -> None:
     assert metric(merged, "x_total", p="a") == 3 + 4 + 3
     assert metric(merged, "h_bucket", le="+Inf") == 9 and metric(merged, "h_sum") == 4.5
     assert (metric(merged, "g", worker="0"), metric(merged, "g", worker="1")) == (7, 9)
+
+
+def test_a_scrape_parses_again_only_series_it_has_not_read() -> None:
+    """A worker's series seen in its previous scrape are summed as written; anything else is
+    parsed in full, and what is not an exposition is refused either way."""
+    page = ('# HELP x_total Things\n# TYPE x_total counter\nx_total{p="a"} 3.0\nx_total{p="b c"} 1.0\n'
+            '# HELP h Time\n# TYPE h histogram\nh_bucket{le="1.0"} 2.0\nh_bucket{le="+Inf"} 3.0\nh_count 3.0\n'
+            'h_sum 1.5\n# HELP g A gauge\n# TYPE g gauge\ng 7.0\n')
+    previous = parse_exposition(page)
+    later = [
+        page.replace('x_total{p="a"} 3.0', 'x_total{p="a"} 5.0').replace("g 7.0", "g 8.0"),  # counts moved
+        page.replace('x_total{p="b c"} 1.0', 'x_total{p="b c"} 1.0\nx_total{p="d"} 2.0'),  # a new series
+        page.replace('x_total{p="b c"} 1.0\n', ""),  # one gone
+    ]
+    for text in later:
+        assert merge_expositions({0: parse_exposition(text, previous)}, PodTotals()) == \
+            merge_expositions({0: parse_exposition(text)}, PodTotals())
+    refused = [
+        page.replace('x_total{p="a"} 3.0', 'x_total{p="a"} 3.0 1700000000000'),  # a timestamp
+        page.replace('x_total{p="a"} 3.0', 'x_total{p="a"} three'),
+        page.replace('x_total{p="a"} 3.0', 'y_total{p="a"} 3.0'),  # not of its family
+        page.replace("# HELP h Time\n", ""),
+        'x_total{p="a"} 3.0\n' + page,  # before any family
+    ]
+    for text in refused:
+        with pytest.raises(ValueError):
+            parse_exposition(text, previous)
+
+
+# --- where the workers' sockets go ------------------------------------------------------------
+
+
+def test_sockets_go_to_the_temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # as TMPDIR would
+    made = Path(sockets_dir(tmp_path / "db" / "rules.db", 4))
+    assert made.parent == temporary and made.name.startswith("safous-workers-")
+    assert made.stat().st_mode & 0o777 == 0o700
+
+
+def test_sockets_go_beside_rules_db_without_a_usable_temporary_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "db").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    assert Path(sockets_dir(tmp_path / "db" / "rules.db", 4)).parent == tmp_path / "db"
+
+
+def deep(base: Path, length: int) -> Path:
+    """A directory under ``base`` whose path is ``length`` bytes long."""
+    path = base
+    while len(os.fsencode(path)) < length - 11:
+        path /= "d" * min(10, length - 11 - len(os.fsencode(path)))
+    path /= "e" * (length - len(os.fsencode(path)) - 1)
+    path.mkdir(parents=True)
+    assert len(os.fsencode(path)) == length
+    return path
+
+
+def test_a_directory_too_deep_for_a_socket_path_is_passed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sun_path holds 108 bytes: a socket path longer than that cannot be bound."""
+    # "/safous-workers-XXXXXXXX/3.sock": 31 bytes after the directory.
+    too_deep, deepest_that_fits = deep(tmp_path, SOCKET_PATH_MAX_BYTES - 30), deep(tmp_path, SOCKET_PATH_MAX_BYTES - 31)
+    monkeypatch.setattr(tempfile, "tempdir", str(too_deep))
+    assert Path(sockets_dir(deepest_that_fits / "rules.db", 4)).parent == deepest_that_fits
+    assert not list(too_deep.iterdir())  # tried, and removed
+    monkeypatch.setattr(tempfile, "tempdir", str(deepest_that_fits))
+    assert Path(sockets_dir(too_deep / "rules.db", 4)).parent == deepest_that_fits
+    monkeypatch.setattr(tempfile, "tempdir", str(too_deep))
+    with pytest.raises(OSError, match=r"too deep for a Unix socket path .*set TMPDIR to a short writable directory"):
+        sockets_dir(too_deep / "rules.db", 4)
+
+
+@pytest.mark.timeout(30)
+def test_a_pod_without_a_directory_for_its_sockets_does_not_start(tmp_path: Path) -> None:
+    too_deep = deep(tmp_path, SOCKET_PATH_MAX_BYTES)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--db", str(too_deep / "rules.db"), "--listen",
+         f"127.0.0.1:{free_port()}", "--workers", "2"],
+        env={**os.environ, "TMPDIR": str(too_deep)}, cwd=too_deep, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert "cannot start: no directory for the workers' sockets" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- the supervisor alone, with stand-in workers ----------------------------------------------
@@ -183,6 +313,46 @@ async def test_a_worker_answering_too_much_is_refused_not_read(
     assert metric(page, "x_total") == 3  # worker 1's answer was not taken
     assert metric(page, "safous_workers_answering") == 1
     assert any("worker 1 answered /metrics with more than 1000 bytes" in r.getMessage() for r in caplog.records)
+
+
+def probe_while(port: int, busy: threading.Event) -> list[float]:
+    """Seconds each ``/healthz`` took, asked every 10 ms from this thread while ``busy`` is set."""
+    seconds = []
+    while busy.is_set():
+        start = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+        seconds.append(time.monotonic() - start)
+        time.sleep(0.01)
+    return seconds
+
+
+@pytest.mark.timeout(60)
+async def test_healthz_answers_while_a_scrape_is_parsed(tmp_path: Path) -> None:
+    """Four workers' large pages, new to the supervisor (parsed in full): the scrape takes a
+    while, and the probes do not wait for it."""
+    http = free_port()
+    supervisor = Supervisor(Settings(db=tmp_path / "rules.db", workers=4, http=f"127.0.0.1:{http}"))
+    pages = ["# HELP x_total Things\n# TYPE x_total counter\n" +
+             "".join(f'x_total{{rule="rule-{n:05d}",source="{w}"}} {n}.0\n' for n in range(20_000)) for w in range(4)]
+    runner = await supervisor._serve_http()
+    busy = threading.Event()
+    busy.set()
+    try:
+        async with stand_in_workers(supervisor, [lambda page=page: page for page in pages]):
+            probing = asyncio.create_task(asyncio.to_thread(probe_while, http, busy))
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            status, page = await ops_get(http, "/metrics")
+            scrape = time.monotonic() - start
+            busy.clear()
+            probes = await probing
+    finally:
+        busy.clear()
+        await runner.cleanup()
+    assert status == 200 and metric(page, "x_total", rule="rule-00007", source="2") == 7
+    assert scrape > 0.2, f"a scrape of {scrape:.3f} s proves nothing: larger pages needed"
+    assert len(probes) >= 3 and max(probes) < scrape / 2, (scrape, probes)
 
 
 async def test_answers_are_read_up_to_the_limit_even_without_a_length() -> None:
