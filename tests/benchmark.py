@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import os
 import platform
 import re
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,9 +110,10 @@ def process(args: list[str], port: int | None = None, **kwargs) -> Iterator[subp
             proc.wait()
 
 
-def sidecar(db: Path, port: int, *extra: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+def sidecar(db: Path, port: int, *extra: str,
+            env: dict[str, str] | None = None) -> contextlib.AbstractContextManager[subprocess.Popen]:
     return process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
-                    f"127.0.0.1:{port}", *extra], port)
+                    f"127.0.0.1:{port}", *extra], port, env=env)
 
 
 def server(db: Path | None, port: int, *extra: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
@@ -393,6 +396,7 @@ def run(duration: float, only: str = "all") -> list[Result]:
             results.append(cpu_per_check("integration off", off, payload, work, target=1.10))
             results.append(cpu_per_check("3 rules, decisions cached", cached, payload, work, target=1.25))
             results.extend(envoy_fixed_rate(cached, work))
+            results.append(tracing_cost(cached, payload, work))
             if only == "fixed":
                 return results
 
@@ -472,6 +476,63 @@ def cpu_per_check(name: str, db: Path, payload: Path, work: Path, *, target: flo
     result.target, result.met = f"≤ {target:.2f} × bare", result.ratio <= target
     result.note = (f"sidecar {side.cpu_us:.0f} µs/check; median of {REPEATS} paired runs, ratios "
                    + ", ".join(f"{s.cpu_us / b.cpu_us:.2f}" for b, s in pairs))
+    print(f"  {result.scenario}: {result.note}", flush=True)
+    return result
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint that accepts every export (read, not decoded): tracing's cost is
+    the sidecar's, not a collector's."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{sink.server_address[1]}"
+    finally:
+        sink.shutdown()
+        sink.server_close()
+
+
+def tracing_cost(db: Path, payload: Path, work: Path) -> Result:
+    """What OpenTelemetry tracing costs per check: the sidecar with a span per check exported
+    to a local OTLP sink against the same sidecar with tracing off, loaded side by side at
+    FIXED_RATE. Off, the check path pays one ``tracing.enabled()`` test, timed here on its own."""
+    from sidecar import tracing
+
+    off_cost = min(timeit.repeat(tracing.enabled, number=100_000, repeat=5)) / 100_000 * 1e6
+    with otlp_sink() as endpoint:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "1000"}
+
+        def pair() -> Pair:
+            off_port, on_port = free_port(), free_port()
+            with sidecar(db, off_port) as off, sidecar(db, on_port, env=env) as on:
+                expect_decision(off_port)
+                expect_decision(on_port)
+                without, with_spans = fixed_rate([Target(f"http://127.0.0.1:{off_port}{CHECK_PATH}", off.pid, payload),
+                                                  Target(f"http://127.0.0.1:{on_port}{CHECK_PATH}", on.pid, payload)],
+                                                 work)
+                return without, with_spans
+
+        pairs = [pair() for _ in range(REPEATS)]
+    off, on = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
+    result = Result(f"CPU per check at {FIXED_RATE:,}/s: tracing on, 3 cached rules", on.rate, on.p50, on.p99)
+    result.ratio_to, result.ratio = f"tracing off ({off.cpu_us:.0f} µs)", on.cpu_us / off.cpu_us
+    share = off_cost / off.cpu_us
+    result.target, result.met = "off: < 0.1 % of a check", share < 0.001
+    result.note = (f"off, the check pays one enabled() test: {off_cost * 1000:.0f} ns = {share:.4%} of its CPU; "
+                   f"on, {on.cpu_us:.0f} µs/check (a span each, OTLP export); median of {REPEATS} paired runs, "
+                   "ratios " + ", ".join(f"{b.cpu_us / a.cpu_us:.2f}" for a, b in pairs))
     print(f"  {result.scenario}: {result.note}", flush=True)
     return result
 

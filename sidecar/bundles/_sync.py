@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -43,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sidecar import db
 from sidecar.rules.secrets import SecretPolicy, resolve_secret
 from sidecar.settings import Settings
+from sidecar.snapshot import cancel_and_wait
 
 from ._format import (
     REFUSAL_REASONS,
@@ -62,6 +64,7 @@ _MAX_BACKOFF = 8  # times the poll interval
 FETCH_RESULTS = ("200", "304", "failed")
 _MAX_ERROR_CHARS = 300  # of an unexpected exception's text, in the log line and /readyz
 _STOP_SECONDS = 5.0  # for a terminated apply process to be gone, before it is killed
+_APPLY_NICENESS = 10  # added to the apply process's: the checks' loop comes first
 
 
 def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy, min_sequence: int = 0) -> bool:
@@ -189,13 +192,8 @@ class BundleSync:
         self._task = asyncio.create_task(self._run(), name="bundle-sync")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.source.close()
         pool, self._pool = self._pool, None
         if pool is None:
@@ -293,7 +291,10 @@ class BundleSync:
     def _apply_process(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: a fresh interpreter, never a fork of a process running gRPC's threads.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            # Niced: seconds of validation and writes are background work, and on a pod's few
+            # cores they must not take the CPU from the loop answering checks.
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_background_priority)
         return self._pool
 
     def _refused(self, exc: BundleRefused, *, cause: BaseException | None = None) -> None:
@@ -342,6 +343,10 @@ class BundleSync:
         for result, count in self.fetches.items():
             fetches.add_metric([result], count)
         yield fetches
+
+
+def _background_priority() -> None:
+    os.nice(_APPLY_NICENESS)
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
