@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,6 +71,20 @@ async def unrelated_check_time(stub: Any) -> float:
     return time.perf_counter() - started
 
 
+async def unrelated_held_back(stub: Any, hostile: Callable[[], Awaitable[float]]) -> None:
+    """Fails when every one of three tries of ``hostile`` (which returns the longest an
+    unrelated check took meanwhile) held an unrelated check back UNRELATED_DELAY or more. A
+    stall a hostile answer causes happens on every try; a busy shared machine pauses a test
+    now and then."""
+    await unrelated_check_time(stub)  # the first call's connection set-up is not a stall
+    tries = []
+    for _ in range(3):
+        tries.append(await hostile())
+        if tries[-1] < UNRELATED_DELAY:
+            return
+    raise AssertionError(f"an unrelated check took {', '.join(f'{t * 1000:.0f}' for t in tries)} ms on three tries")
+
+
 async def test_a_catastrophic_regex_matches_in_linear_time(
         db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
     raw.routes["/evil"] = respond(200, EVIL_TEXT)
@@ -82,14 +96,16 @@ async def test_a_catastrophic_regex_matches_in_linear_time(
         Policy(name="open", path_prefix="/open", rules=("ok",))])
     stub = authz((await start_sidecar()).port)
 
-    started = time.perf_counter()
-    denied, unrelated = await asyncio.gather(
-        stub.Check(check_request("/evil")), unrelated_check_time(stub))
+    async def hostile() -> float:
+        started = time.perf_counter()
+        denied, unrelated = await asyncio.gather(
+            stub.Check(check_request("/evil")), unrelated_check_time(stub))
+        assert code_of(denied) == "regex_mismatch"
+        assert denial_reason(denied) == f'rule "evil": v "{"a" * 30}!" does not match /^(a+)+$/'
+        assert time.perf_counter() - started < 1
+        return unrelated
 
-    assert code_of(denied) == "regex_mismatch"
-    assert denial_reason(denied) == f'rule "evil": v "{"a" * 30}!" does not match /^(a+)+$/'
-    assert time.perf_counter() - started < 1
-    assert unrelated < UNRELATED_DELAY, f"an unrelated check took {unrelated * 1000:.0f} ms"
+    await unrelated_held_back(stub, hostile)
 
 
 @pytest.mark.parametrize(("pattern", "construct"), [
@@ -137,18 +153,20 @@ async def test_large_answers_are_judged_off_the_loop_within_the_rules_deadline(
             "/numbers", headers={"x-safous-username": f"u{user}"}))
         return code_of(response), time.perf_counter() - started
 
-    async def unrelated_checks() -> float:
-        await eventually(lambda: len(raw.seen("/numbers")) == 8, what="the answers being sent")
+    async def unrelated_checks(sent: int) -> float:
+        await eventually(lambda: len(raw.seen("/numbers")) == sent, what="the answers being sent")
         return max([await unrelated_check_time(stub) for _ in range(10)])
 
-    *results, worst_unrelated = await asyncio.gather(
-        *(hostile(i) for i in range(8)), unrelated_checks())
+    async def eight_at_once() -> float:
+        *results, worst_unrelated = await asyncio.gather(
+            *(hostile(i) for i in range(8)), unrelated_checks(len(raw.seen("/numbers")) + 8))
+        for code, elapsed in results:
+            assert code in ("allowed", "webhook_timeout")
+            assert elapsed < 1.0 + 0.3, elapsed  # the deadline, plus a margin for a loaded machine
+        assert ("allowed", ) in {(code,) for code, _ in results}  # the first ones are judged
+        return worst_unrelated
 
-    for code, elapsed in results:
-        assert code in ("allowed", "webhook_timeout")
-        assert elapsed < 1.0 + 0.3, elapsed  # the deadline, plus a margin for a loaded machine
-    assert ("allowed", ) in {(code,) for code, _ in results}  # the first ones are judged
-    assert worst_unrelated < UNRELATED_DELAY, f"an unrelated check took {worst_unrelated * 1000:.0f} ms"
+    await unrelated_held_back(stub, eight_at_once)
 
 
 async def test_a_huge_stored_value_fails_the_rule_and_is_not_kept(
