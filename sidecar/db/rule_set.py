@@ -79,10 +79,12 @@ def _fallback_policy(row: Row) -> Policy | None:
     )
 
 
-def load_rule_set(conn: sqlite3.Connection, memo: RowMemo | None = None) -> RuleSet:
+def load_rule_set(conn: sqlite3.Connection, memo: RowMemo | None = None,
+                  pace: Callable[[], None] | None = None) -> RuleSet:
     """Read every rule and policy in one read transaction (a consistent snapshot). With
     ``memo``, unchanged rows give back the models of the previous load, and ``memo`` is
-    updated to this one. Raises ``StoreError``."""
+    updated to this one. ``pace`` is called before each row (it may pause the reading).
+    Raises ``StoreError``."""
     old = memo or RowMemo()
     new = RowMemo()
     rules: dict[str, Rule | InvalidRow] = {}
@@ -94,6 +96,8 @@ def load_rule_set(conn: sqlite3.Connection, memo: RowMemo | None = None) -> Rule
             with transaction(conn):
                 # Rows are turned into models as they are read, never all held at once.
                 for row in conn.execute("SELECT * FROM rules ORDER BY id"):
+                    if pace is not None:
+                        pace()
                     key = _row_key(tuple(row))
                     rule = old.rules.get(key)
                     if rule is None:
@@ -109,6 +113,8 @@ def load_rule_set(conn: sqlite3.Connection, memo: RowMemo | None = None) -> Rule
                 ):
                     by_policy.setdefault(policy_id, []).append(rule_name)
                 for row in conn.execute("SELECT * FROM policies ORDER BY id"):
+                    if pace is not None:
+                        pace()
                     linked = tuple(by_policy.get(row["id"], ()))
                     key = _row_key((*row, linked))
                     policy = old.policies.get(key)
