@@ -347,7 +347,7 @@ async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, r
 
 
 # How long a thread may hold the interpreter while another waits (Python's default: 5 ms).
-# The rules loader, bundle and activity threads run Python beside the event loop; each check
+# The rules loader and activity threads run Python beside the event loop; each check
 # needs the interpreter a few times, and with 5 ms turns a 10,000-rule reload put checks at
 # 35 ms, with 1 ms at 16 ms (measured by `make bench` during such a reload). Costs nothing
 # while no thread competes.

@@ -1,9 +1,9 @@
 """The rules snapshot the request path reads, and the watcher that reloads it.
 
 A snapshot is immutable and swapped whole: a check uses the one it started with, so a reload
-never shows a half-applied change. Rows are read and validated in a worker thread, then
-compiled into a snapshot on the event loop, between checks; both paced (``PACE_PAUSE``) so
-that the checks keep their rate while 10,000 rules load.
+never shows a half-applied change. Rows are read, validated and compiled in a worker thread
+(never on the event loop: compiling may read ``file:`` secrets), paced (``PACE_PAUSE``) so that
+the checks keep their rate while 10,000 rules load.
 
 When a reload fails (database locked past the busy timeout, deleted, unreadable) the last good
 snapshot keeps serving and ``last_error`` says why, for health and logs.
@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,62 +59,32 @@ them back 100-300 ms; paced, with the pause twice the work, no check waited over
 
 
 class Pacer:
-    """When called, pauses (``time.sleep``) if it last paused ``PACE_WORK`` ago or more: for
-    a worker thread's long loop. ``due`` tells, for a loop that pauses otherwise."""
+    """Called in a worker thread's long loop: pauses (``time.sleep(PACE_PAUSE)``) when it last
+    paused ``PACE_WORK`` ago or more."""
 
     def __init__(self) -> None:
         self._resumed = time.perf_counter()
 
-    def due(self) -> bool:
-        return time.perf_counter() - self._resumed >= PACE_WORK
-
-    def resumed(self) -> None:
-        self._resumed = time.perf_counter()
-
     def __call__(self) -> None:
-        if self.due():
+        if time.perf_counter() - self._resumed >= PACE_WORK:
             time.sleep(PACE_PAUSE)
-            self.resumed()
+            self._resumed = time.perf_counter()
 
 
 def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
-                   previous: Snapshot | None = None) -> Snapshot:
-    """Compile a rule set at once. Never raises for a bad rule: it becomes an InvalidRow.
+                   previous: Snapshot | None = None, pace: Callable[[], None] | None = None) -> Snapshot:
+    """Compile a rule set. Never raises for a bad rule: it becomes an InvalidRow. ``pace`` is
+    called before each rule and policy (it may pause the build).
 
     With the ``previous`` snapshot, rules and policies that are the very same objects as then
     (``db.RowMemo`` hands back unchanged rows' models) reuse their compiled form and index."""
-    steps = build_steps(rule_set, evaluator, version, previous)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as built:
-            return built.value  # type: ignore[no-any-return]
-
-
-async def _build_between_checks(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
-                                previous: Snapshot | None) -> Snapshot:
-    steps = build_steps(rule_set, evaluator, version, previous)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as built:
-            return built.value  # type: ignore[no-any-return]
-        await asyncio.sleep(PACE_PAUSE)
-
-
-def build_steps(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
-                previous: Snapshot | None = None) -> Generator[None, None, Snapshot]:
-    """``build_snapshot`` as a generator that yields every ``PACE_WORK`` or so of work (for a
-    pause) and returns the snapshot."""
-    pacer = Pacer()
     reuse = previous.compiled if previous is not None else {}
     compiled: dict[str, Any | InvalidRow] = {}
     by_rule: dict[int, tuple[Rule, Any | InvalidRow]] = {}
     problems: list[InvalidRow] = list(rule_set.invalid_policies)
     for name, rule in rule_set.rules.items():
-        if pacer.due():
-            yield
-            pacer.resumed()
+        if pace is not None:
+            pace()
         if isinstance(rule, InvalidRow):
             compiled[name] = rule
             problems.append(rule)
@@ -155,9 +125,8 @@ def build_steps(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
         a is b for a, b in zip(policies, previous.policies, strict=True))
     policy_rules: dict[str, tuple[Any, ...] | InvalidRow] = {}
     for policy in policies:
-        if pacer.due():
-            yield
-            pacer.resumed()
+        if pace is not None:
+            pace()
         policy_rules[policy.name] = enabled_rules(policy)
     for broken in rule_set.invalid_policies:
         if broken.fallback is not None:
@@ -208,13 +177,13 @@ class RulesWatcher:
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def _read_blocking(self, force: bool) -> RuleSet | None:
-        # A read cancelled on the loop (stop()) goes on in its thread: whoever closes the
+    def _load_blocking(self, force: bool) -> Snapshot | None:
+        # A load cancelled on the loop (stop()) goes on in its thread: whoever closes the
         # connection waits for it, since closing under a running query crashes the process.
         with self._connection_lock:
-            return self._read_locked(force)
+            return self._load_locked(force)
 
-    def _read_locked(self, force: bool) -> RuleSet | None:
+    def _load_locked(self, force: bool) -> Snapshot | None:
         identity = db.file_identity(self._path)
         if identity is None:
             raise db.StoreError(f"{self._path} does not exist")
@@ -233,9 +202,12 @@ class RulesWatcher:
         self._seen_data = seen_data
         if not force and seen_rules == self._seen_rules:
             return None
-        rule_set = db.load_rule_set(self._conn, self._memo, Pacer())
+        pace = Pacer()
+        rule_set = db.load_rule_set(self._conn, self._memo, pace)
         self._seen_rules = seen_rules
-        return rule_set
+        self._version += 1
+        self._snapshot = build_snapshot(rule_set, self._evaluator, self._version, self._snapshot, pace)
+        return self._snapshot
 
     async def load(self, *, force: bool = False) -> Snapshot | None:
         """Load now if changed (or ``force``); raises StoreError when rules.db is unreadable."""
@@ -264,7 +236,15 @@ class RulesWatcher:
 
     async def _load(self, force: bool) -> Snapshot | None:
         try:
-            rule_set = await asyncio.to_thread(self._read_blocking, force)
+            try:
+                snapshot = await asyncio.to_thread(self._load_blocking, force)
+            except db.StoreError:
+                raise
+            except Exception as exc:
+                # A bug rather than the database: it is reported like an unreadable rules.db
+                # (readiness, metrics) instead of ending the watcher, and tried again next tick.
+                log.exception("rules reload failed unexpectedly")
+                raise db.StoreError(f"reload failed unexpectedly: {type(exc).__name__}: {exc}"[:300]) from exc
         except db.StoreError as exc:
             await asyncio.to_thread(self._drop_connection)
             self.reloads_failed += 1
@@ -279,16 +259,8 @@ class RulesWatcher:
             self.last_error = None
             if self._on_health is not None:
                 self._on_health(None)
-        if rule_set is None:
+        if snapshot is None:
             return None
-        try:
-            snapshot = await _build_between_checks(rule_set, self._evaluator, self._version + 1, self._snapshot)
-        except BaseException:
-            # Read but not built (stopped meanwhile): the next load reads again.
-            self._seen_data = self._seen_rules = None
-            raise
-        self._version += 1
-        self._snapshot = snapshot
         self.reloads_ok += 1
         self.last_reload = time.time()
         for problem in snapshot.problems:

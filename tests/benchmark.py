@@ -528,8 +528,9 @@ def tracing_cost(db: Path, payload: Path, work: Path) -> Result:
     off, on = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
     result = Result(f"CPU per check at {FIXED_RATE:,}/s: tracing on, 3 cached rules", on.rate, on.p50, on.p99)
     result.ratio_to, result.ratio = f"tracing off ({off.cpu_us:.0f} µs)", on.cpu_us / off.cpu_us
+    # No target: what tracing off costs a check is the one test timed here, too small for a
+    # side-by-side run to see (its noise is a few percent).
     share = off_cost / off.cpu_us
-    result.target, result.met = "off: < 0.1 % of a check", share < 0.001
     result.note = (f"off, the check pays one enabled() test: {off_cost * 1000:.0f} ns = {share:.4%} of its CPU; "
                    f"on, {on.cpu_us:.0f} µs/check (a span each, OTLP export); median of {REPEATS} paired runs, "
                    "ratios " + ", ".join(f"{b.cpu_us / a.cpu_us:.2f}" for a, b in pairs))

@@ -128,7 +128,7 @@ async def test_regexes_are_judged_by_re2_as_the_sidecar_judges_them(db: Path, we
   not met      regex:v:^(a+)+$       v "{"a" * 30}!" does not match /^(a+)+$/
 decision: not met (regex_mismatch): rule "r": n "١٢٣" does not match /^\\d+$/
 """
-    assert elapsed < 2, f"the dry run took {elapsed:.1f} s"  # Python's re: minutes
+    assert elapsed < 20, f"the dry run took {elapsed:.1f} s"  # Python's re: minutes
 
 
 async def test_an_answer_that_is_not_json_is_shown_safely_and_truncated(db: Path, webhook: Webhook) -> None:

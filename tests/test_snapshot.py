@@ -6,7 +6,9 @@ import gc
 import weakref
 from pathlib import Path
 
-from sidecar.db import RowMemo, connect, load_rule_set
+import pytest
+
+from sidecar.db import RowMemo, StoreError, connect, load_rule_set
 from sidecar.policies import Policy
 from sidecar.rules.client import WebhookClient
 from sidecar.rules.evaluator import WebhookEvaluator
@@ -73,3 +75,32 @@ async def test_a_replaced_snapshot_is_freed_though_the_watcher_froze_it(db: Path
     finally:
         await watcher.stop()
         gc.unfreeze()  # the test process's objects go back to the collector
+
+
+async def test_a_reload_that_fails_unexpectedly_is_reported_and_retried(db: Path) -> None:
+    """A bug in a reload (here the evaluator's compile raising what it never should) must not
+    end the watcher, which would go on serving old rules while reporting itself healthy: it is
+    reported as a failed reload (readiness, metrics) and the next load succeeds."""
+    seed(db, [Rule(name="r", url="http://127.0.0.1:9/r")], [Policy(name="p", rules=("r",))])
+
+    class Broken(WebhookEvaluator):
+        fail = True
+
+        def compile(self, rule: Rule) -> object:
+            if self.fail:
+                raise RuntimeError("a bug")
+            return super().compile(rule)
+
+    evaluator = Broken(WebhookClient())
+    health: list[str | None] = []
+    watcher = RulesWatcher(db, evaluator, 60, lambda snapshot: None, health.append)
+    try:
+        with pytest.raises(StoreError, match="reload failed unexpectedly: RuntimeError: a bug"):
+            await watcher.load(force=True)
+        assert watcher.last_error is not None and watcher.reloads_failed == 1
+        assert health == [watcher.last_error]
+        evaluator.fail = False
+        assert (await watcher.load(force=True)) is not None
+        assert watcher.last_error is None and health[-1] is None
+    finally:
+        await watcher.stop()
