@@ -326,16 +326,20 @@ class Supervisor:
     async def _readyz(self, request: web.Request) -> web.Response:
         answers = await asyncio.gather(*(self._ask(slot, "/readyz") for slot in self._slots))
         problems = []
+        details = []  # what each worker's page says below its first line (e.g. its bundle revision)
         for slot, answer in zip(self._slots, answers, strict=True):
             if answer is None:
                 problems.append(f"worker {slot.index}: not running or not answering")
-            elif answer[0] != 200:
-                problems.append(f"worker {slot.index}: {answer[1].strip()}")
+                continue
+            first, _, rest = answer[1].partition("\n")
+            if answer[0] != 200:
+                problems.append(f"worker {slot.index}: {first.removeprefix('not ready: ').strip()}")
+            details += [f"worker {slot.index}: {line}\n" for line in rest.splitlines() if line.strip()]
         if self._stopping.is_set():
             problems.insert(0, "draining")
         if problems:
-            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
-        return web.Response(text=f"ready ({len(self._slots)} workers)\n")
+            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n" + "".join(details))
+        return web.Response(text=f"ready ({len(self._slots)} workers)\n" + "".join(details))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # One scrape at a time: a scrape that started later must not be answered with counts

@@ -116,6 +116,35 @@ async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(60)
+async def test_the_pods_readiness_shows_each_workers_bundle_revision(tmp_path: Path) -> None:
+    """With --bundle, the pod's /readyz says which revision each worker answers by (a worker's
+    own page does; the supervisor's must not hide it)."""
+    from tests.test_bundles import ALLOW_ALL, Keys, bundle_of
+
+    private, public, _ = Keys(tmp_path).make("signing")
+    source = tmp_path / "bundle.jws"
+    source.write_bytes(bundle_of(ALLOW_ALL, private, 7))
+    port, http = free_port(), free_port()
+    log, _ = await asyncio.to_thread(
+        start_server, tmp_path / "rules.db", "--listen", f"127.0.0.1:{port}", "--workers", str(WORKERS),
+        "--http", f"127.0.0.1:{http}", "--bundle", str(source), "--bundle-verification-key", str(public),
+        "--bundle-poll-interval", "0.2")
+    try:
+        async def ready() -> str:
+            status, body = await ops_get(http, "/readyz")
+            return body if status == 200 else ""
+
+        body = await eventually(ready, timeout=15)
+        assert body.startswith(f"ready ({WORKERS} workers)\n")
+        for index in range(WORKERS):
+            assert f"worker {index}: bundle: revision 7-" in body, body
+        log.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(log.proc.wait, 15) == 0
+    finally:
+        await asyncio.to_thread(log.close)
+
+
+@pytest.mark.timeout(60)
 async def test_a_worker_that_dies_between_scrapes_keeps_its_counts(tmp_path: Path) -> None:
     """The supervisor reads the workers' pages between scrapes too: checks a worker counted
     seconds before it died, with no scrape since, still count."""
