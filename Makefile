@@ -86,6 +86,8 @@ ui: install
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
 
 # Debian's headless Chromium, for the portal's browser test (tests/test_portal_browser.py),
-# installed when missing as `bench` installs its load generators.
+# installed when missing as `bench` installs its load generators. Where it cannot be (not root,
+# not Debian) that one test is skipped, except under CI, which must run it.
 chromium:
-	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| { [ -z "$$CI" ] && echo "chromium could not be installed: the portal's browser test will be skipped"; }
