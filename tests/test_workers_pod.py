@@ -33,7 +33,7 @@ from sidecar.pod_metrics import PodTotals, merge_expositions, parse_exposition
 from sidecar.settings import Settings
 from sidecar.workers import SOCKET_PATH_MAX_BYTES, AnswerTooLarge, Supervisor, read_answer, sockets_dir
 from tests.conftest import check_request
-from tests.helpers import OK, eventually, free_port, metric, ops_get, start_server
+from tests.helpers import OK, ServerLog, eventually, free_port, metric, ops_get, start_server
 
 WORKERS = 2
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
@@ -59,18 +59,34 @@ def worker_pids(supervisor: int) -> set[int]:
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
 
-@pytest.mark.timeout(90)
-async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def pod(tmp_path: Path, *args: str) -> AsyncIterator[tuple[ServerLog, int, int]]:
+    """``serve --workers WORKERS --http`` on fixed ports, ready: its log, gRPC and HTTP ports.
+    Stopped (and its log closed) on the way out."""
     port, http = free_port(), free_port()
     log, _ = await asyncio.to_thread(
         start_server, tmp_path / "rules.db", "--listen", f"127.0.0.1:{port}", "--workers", str(WORKERS),
-        "--http", f"127.0.0.1:{http}", "--default-action", "allow")
-    proc = log.proc
+        "--http", f"127.0.0.1:{http}", *args)
     try:
-        async def ready() -> bool:
-            return (await ops_get(http, "/readyz"))[0] == 200
+        await eventually(lambda: ready(http), timeout=15)
+        yield log, port, http
+    finally:
+        await asyncio.to_thread(log.close)
 
-        await eventually(ready, timeout=15)
+
+async def ready(http: int) -> bool:
+    return (await ops_get(http, "/readyz"))[0] == 200
+
+
+async def stop(log: ServerLog) -> None:
+    log.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(log.proc.wait, 15) == 0
+
+
+@pytest.mark.timeout(90)
+async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> None:
+    async with pod(tmp_path, "--default-action", "allow") as (log, port, http):
+        proc = log.proc
         await send_checks(port, 40)
 
         async def counted() -> float:
@@ -98,7 +114,7 @@ async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> N
             return body if status == 503 else ""
 
         assert f"worker {index}: not running or not answering" in await eventually(reported_down, timeout=5)
-        await eventually(ready, timeout=15)
+        await eventually(lambda: ready(http), timeout=15)
         assert victim not in worker_pids(proc.pid) and len(worker_pids(proc.pid)) == WORKERS
         page = (await ops_get(http, "/metrics"))[1]
         assert metric(page, "safous_worker_restarts_total") == 1
@@ -109,10 +125,7 @@ async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> N
             return decisions((await ops_get(http, "/metrics"))[1]) == 50
 
         await eventually(counted_more)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 15) == 0
-    finally:
-        await asyncio.to_thread(log.close)
+        await stop(log)
 
 
 @pytest.mark.timeout(60)
@@ -124,40 +137,21 @@ async def test_the_pods_readiness_shows_each_workers_bundle_revision(tmp_path: P
     private, public, _ = Keys(tmp_path).make("signing")
     source = tmp_path / "bundle.jws"
     source.write_bytes(bundle_of(ALLOW_ALL, private, 7))
-    port, http = free_port(), free_port()
-    log, _ = await asyncio.to_thread(
-        start_server, tmp_path / "rules.db", "--listen", f"127.0.0.1:{port}", "--workers", str(WORKERS),
-        "--http", f"127.0.0.1:{http}", "--bundle", str(source), "--bundle-verification-key", str(public),
-        "--bundle-poll-interval", "0.2")
-    try:
-        async def ready() -> str:
-            status, body = await ops_get(http, "/readyz")
-            return body if status == 200 else ""
-
-        body = await eventually(ready, timeout=15)
-        assert body.startswith(f"ready ({WORKERS} workers)\n")
+    async with pod(tmp_path, "--bundle", str(source), "--bundle-verification-key", str(public),
+                   "--bundle-poll-interval", "0.2") as (log, _, http):
+        status, body = await ops_get(http, "/readyz")
+        assert status == 200 and body.startswith(f"ready ({WORKERS} workers)\n"), body
         for index in range(WORKERS):
             assert f"worker {index}: bundle: revision 7-" in body, body
-        log.proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(log.proc.wait, 15) == 0
-    finally:
-        await asyncio.to_thread(log.close)
+        await stop(log)
 
 
 @pytest.mark.timeout(60)
 async def test_a_worker_that_dies_between_scrapes_keeps_its_counts(tmp_path: Path) -> None:
     """The supervisor reads the workers' pages between scrapes too: checks a worker counted
     seconds before it died, with no scrape since, still count."""
-    port, http = free_port(), free_port()
-    log, _ = await asyncio.to_thread(
-        start_server, tmp_path / "rules.db", "--listen", f"127.0.0.1:{port}", "--workers", str(WORKERS),
-        "--http", f"127.0.0.1:{http}", "--default-action", "allow")
-    proc = log.proc
-    try:
-        async def ready() -> bool:
-            return (await ops_get(http, "/readyz"))[0] == 200
-
-        await eventually(ready, timeout=15)
+    async with pod(tmp_path, "--default-action", "allow") as (log, port, http):
+        proc = log.proc
         await send_checks(port, 20)
 
         def served() -> set[int]:
@@ -176,11 +170,8 @@ async def test_a_worker_that_dies_between_scrapes_keeps_its_counts(tmp_path: Pat
             return metric(page, "safous_worker_restarts_total") == 1 and decisions(page)
 
         assert await eventually(restarted, timeout=15) == 20
-        await eventually(ready, timeout=15)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 15) == 0
-    finally:
-        await asyncio.to_thread(log.close)
+        await eventually(lambda: ready(http), timeout=15)
+        await stop(log)
 
 
 def test_summed_families_and_per_worker_gauges() -> None:
