@@ -123,8 +123,9 @@ async def test_traces_stay_bounded_and_are_pruned_with_the_activity_log(
                                 "(SELECT activity_id FROM traces)").fetchone()[0]
         docs = [json.loads(doc) for (doc,) in conn.execute("SELECT doc FROM traces")]
     assert sizes and untraced == 0 and max(sizes) <= rules_db.activity.TRACE_MAX_BYTES
-    # Identical calls made at the same moment were made once, and the checks that shared one
-    # say so, with the request they would have sent.
+    # Identical calls made at the same moment were made once (fewer calls than checks), and each
+    # trace kept says whether its check made the call or shared another's (which rows retention
+    # keeps is not fixed: tests/test_rules_review.py proves a shared rule's trace).
     sources = {r["source"] for doc in docs for r in doc["rules"] if r["rule"] == "posture"}
     assert sources <= {"call", "shared"}
     assert len(webhook.seen("/posture")) < checks
