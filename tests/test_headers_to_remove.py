@@ -106,6 +106,19 @@ def test_build_response_lists_the_headers_to_remove_on_an_allow_only() -> None:
     assert list(build_response(ALLOW, "r1").ok_response.headers_to_remove) == []
 
 
+def test_upstream_headers_are_each_responses_own() -> None:
+    """Stored values' header messages are built once and reused: each response gets its own
+    copies, so what one response's headers become never shows in another's."""
+    def allow(value: str) -> Decision:
+        return Decision.allow(Code.RULES_PASSED, "met", "p", (("x-safous-tier", value),))
+
+    first, second = build_response(allow("gold"), "r1"), build_response(allow("gold"), "r2")
+    first.ok_response.headers[0].header.value = "changed"
+    assert [(h.header.key, h.header.value) for h in second.ok_response.headers] == [("x-safous-tier", "gold")]
+    assert [h.header.value for h in build_response(allow("gold"), "r3").ok_response.headers] == ["gold"]
+    assert [h.header.value for h in build_response(allow("silver"), "r4").ok_response.headers] == ["silver"]
+
+
 async def test_the_servers_answer_names_the_forged_headers(db: Path, start_sidecar, authz) -> None:
     seed(db, [], [Policy(name="public", path_prefix="/public", integration=False)])
     stub = authz((await start_sidecar(default_action="allow")).port)
