@@ -45,11 +45,10 @@ class ActivityLog:
         self._path = db_path
         self._max = max_queue
         self._max_trace_bytes = max_trace_bytes
-        # The size of each trace not yet written, by the id of its record (alive, so its id is
-        # its own): those in ``_pending``, and those of the batch being written.
+        # The size of each trace not yet written (pending or being written), by the id of its
+        # record (alive until written, so its id is its own), and their sum.
         self._trace_sizes: dict[int, int] = {}
-        self._writing_sizes: dict[int, int] = {}
-        self._trace_bytes = 0  # the sum over both
+        self._trace_bytes = 0
         self._interval = flush_interval
         self._on_batch = on_batch
         self._pending: list[ActivityRecord] = []
@@ -129,13 +128,12 @@ class ActivityLog:
         announced, self._announced = self._announced, 0
         if not batch:
             return
-        self._writing_sizes, self._trace_sizes = self._trace_sizes, {}
         try:
             await asyncio.to_thread(self._write, batch, announced)
         except db.StoreError as exc:
             self._failures += 1
             if last:
-                self._forget_writing()
+                self._release(batch)
                 self.dropped += len(batch)
                 log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
                 return
@@ -143,11 +141,7 @@ class ActivityLog:
             # the oldest go first: their log lines are out already, so only their rows are lost.
             overflow = max(0, len(batch) + len(self._pending) - self._max)
             kept = batch[overflow:]
-            sizes, self._writing_sizes = self._writing_sizes, {}
-            for gone in batch[:overflow]:
-                self._trace_bytes -= sizes.pop(id(gone), 0)
-            sizes.update(self._trace_sizes)
-            self._trace_sizes = sizes
+            self._release(batch[:overflow])
             self._pending = kept + self._pending
             self._announced = len(kept)
             self.dropped += overflow
@@ -156,18 +150,18 @@ class ActivityLog:
         except Exception:
             # Not the database but a bug, which the same batch would hit on every try: keeping
             # it would stop the activity log for good.
-            self._forget_writing()
+            self._release(batch)
             self.dropped += len(batch)
             log.exception("activity log write failed; %d decisions dropped", len(batch))
         else:
-            self._forget_writing()
+            self._release(batch)
             self.written += len(batch)
             self._failures = 0
 
-    def _forget_writing(self) -> None:
-        """The traces of the batch just written (or dropped) are no longer held here."""
-        self._trace_bytes -= sum(self._writing_sizes.values())
-        self._writing_sizes = {}
+    def _release(self, records: list[ActivityRecord]) -> None:
+        """The traces of ``records`` (written or dropped) are no longer held here."""
+        if self._trace_sizes:
+            self._trace_bytes -= sum(self._trace_sizes.pop(id(record), 0) for record in records)
 
     def _delay(self) -> float:
         if not self._failures:

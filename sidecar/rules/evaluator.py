@@ -282,30 +282,22 @@ class WebhookEvaluator:
         return request, key
 
     async def _execute(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
-        if key in self.flights:
-            return await self._share(rule, request, key)
-        try:
-            return await self.flights.do(key, lambda: self._call(rule, request, key))
-        except asyncio.CancelledError:
-            # The call runs in this check's context and may go on for a check that joined it:
-            # what it answers then was not judged for this one.
-            trace.abandon(rule.name)
-            raise
-
-    async def _share(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
-        """The outcome of another check's call for an identical request, in flight now."""
-        noted = trace.note(rule.name, "shared", rule.rule.actions)
-        if noted is None:
-            return await self.flights.do(key, lambda: self._call(rule, request, key))
-        noted.keep_request(request, rule.secret_parts)
+        # Another check's call for an identical request, in flight now, is shared: the trace
+        # shows the request this check would have sent and how long it waited.
+        shared = trace.note(rule.name, "shared", rule.rule.actions) if key in self.flights else None
+        if shared is not None:
+            shared.keep_request(request, rule.secret_parts)
         started = time.perf_counter()
         try:
             outcome = await self.flights.do(key, lambda: self._call(rule, request, key))
         except asyncio.CancelledError:
+            # A call this check started runs in its context and may go on for a check that
+            # joined it: what it answers then was not judged for this one.
             trace.abandon(rule.name)
             raise
-        noted.failure, noted.failed_action = outcome.failure, outcome.failed_action
-        noted.seconds = time.perf_counter() - started
+        if shared is not None:
+            shared.failure, shared.failed_action = outcome.failure, outcome.failed_action
+            shared.seconds = time.perf_counter() - started
         return outcome
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
