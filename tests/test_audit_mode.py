@@ -55,8 +55,12 @@ async def test_an_audit_mode_policy_allows_records_and_can_be_enforced(
         return metric(page, "safous_decisions_total", default=0, policy="app", result="audit_deny",
                       code="value_mismatch")
 
-    audit_denies = await eventually(counted)
+    await eventually(counted)  # served on /metrics
     await sidecar.stop(grace=1)
+    # Read once every decision is recorded: stop() flushes the last batch into the metrics, and
+    # a check may have been counted after the scrape above.
+    audit_denies = metric(sidecar.metrics.exposition().decode(), "safous_decisions_total", default=0,
+                          policy="app", result="audit_deny", code="value_mismatch")
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT allowed, audit_deny, code, status FROM activity_log ORDER BY id").fetchall()
     # Every check before the switch took effect is an audit_deny; every one after, a deny.
