@@ -12,6 +12,7 @@ a client cannot forge a stored value even behind an Envoy config that forgot to 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 from .attributes import RequestAttributes
@@ -30,6 +31,7 @@ that policy is evaluated instead of matching host, path and method."""
 
 
 _UNDERSCORED_PREFIXES = ("x_", "x-safous_")
+_NAMESPACE_NAME = re.compile(r"\n(x(?:-safous|_)[^\n]*)")
 
 
 class Checker:
@@ -111,9 +113,12 @@ class Checker:
         names = "\n" + "\n".join(headers)
         if "\nx-safous" not in names and "\nx_" not in names:
             return ()  # the common case: no header of the namespace was sent, seen without a loop
+        # The names of the namespace (and its underscored spellings) picked out in one C scan,
+        # unless a name holds a line break: it could split into names not sent.
+        candidates = _NAMESPACE_NAME.findall(names) if names.count("\n") == len(headers) else headers
         remove: list[str] = []
-        set_by_decision: frozenset[str] | None = None
-        for name in headers:
+        set_by_decision: set[str] | None = None
+        for name in candidates:
             # CGI/WSGI servers fold "_" into "-": x_safous_token reaches the app as
             # HTTP_X_SAFOUS_TOKEN, the same as x-safous-token. Such a header is never a stored
             # value or an identity header of ours, so it always goes.
@@ -123,14 +128,20 @@ class Checker:
                     remove.append(name)
                 continue
             if set_by_decision is None:  # built once, only when the client sent such a header
-                set_by_decision = frozenset(key.lower() for key, _ in decision.upstream_headers)
+                set_by_decision = {key.lower() for key, _ in decision.upstream_headers}
             if name in set_by_decision:
                 continue
-            read_as = self._identity_headers.get(name)
-            if read_as and any(params.values[p] == headers[name] for p in read_as):
-                continue
-            remove.append(name)
+            if not self._decided_on(name, params):
+                remove.append(name)
         return tuple(remove)
+
+    def _decided_on(self, name: str, params: Parameters) -> bool:
+        """Whether header ``name`` is an identity header whose value is a parameter the check
+        was decided on."""
+        for parameter in self._identity_headers.get(name, ()):
+            if params.values[parameter] == params.headers[name]:
+                return True
+        return False
 
 
 def _not_bindable(snapshot: Snapshot, name: str) -> Decision:

@@ -36,11 +36,17 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 def _peer(peer: Any) -> Peer:
     address = peer.address
-    kind = address.WhichOneof("address")
-    if kind == "socket_address":  # positional: the per-check path (ip, port, address, principal, certificate)
-        socket = address.socket_address
-        ip, port = socket.address, socket.port_value
+    # An IP socket, as on every check Envoy sends over TCP: read without asking which kind of
+    # address is set (WhichOneof costs as much as the rest), since an unset one reads empty.
+    socket = address.socket_address
+    ip = socket.address
+    if ip:  # positional: (ip, port, address, principal, certificate)
+        port = socket.port_value
         return Peer(ip, port, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", peer.principal, peer.certificate)
+    kind = address.WhichOneof("address")
+    if kind == "socket_address":
+        port = socket.port_value
+        return Peer("", port, f":{port}", peer.principal, peer.certificate)
     text = ""
     if kind == "pipe":
         text = address.pipe.path
@@ -50,7 +56,7 @@ def _peer(peer: Any) -> Peer:
 
 
 def _headers(http: Any) -> dict[str, str]:
-    if http.header_map.headers:
+    if http.HasField("header_map") and http.header_map.headers:
         # encode_raw_headers: values are bytes and may not be UTF-8; repeated names are joined
         # the way Envoy joins them in the plain map.
         merged: dict[str, str] = {}
@@ -77,19 +83,21 @@ def _json_value(value: struct_pb2.Value) -> Any:
     return getattr(value, kind)
 
 
-def _jwt_payload(request: pb.CheckRequest, namespace: str, key: str) -> Mapping[str, Any]:
-    metadata = request.attributes.metadata_context.filter_metadata
+def _jwt_payload(attrs: Any, namespace: str, key: str) -> Mapping[str, Any]:
+    if not attrs.HasField("metadata_context"):  # the common case, seen without a map lookup
+        return EMPTY
+    metadata = attrs.metadata_context.filter_metadata
     if namespace not in metadata:
-        return {}
+        return EMPTY
     # Not json_format.MessageToDict: it raises ValueError on a NaN or infinite number (a Struct
     # holds doubles, so metadata may carry them) anywhere in the namespace, which would make
     # such a request an internal_error deny however good its claims. Only the payload is
     # converted; numbers stay floats.
     fields = metadata[namespace].fields
     if key not in fields:
-        return {}
+        return EMPTY
     payload = _json_value(fields[key])
-    return payload if isinstance(payload, dict) else {}
+    return payload if isinstance(payload, dict) else EMPTY
 
 
 def _context_extensions(attrs: Any) -> Mapping[str, str]:
@@ -126,20 +134,14 @@ def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filter
     # fresh id. Length first, so a long one is refused without being scanned.
     if not (0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable()):
         request_id = uuid.uuid4().hex
+    # Positional, in RequestAttributes' field order (half the cost of keywords, on every check):
+    # request_id, method, host, path, query, scheme, protocol, headers, source, destination,
+    # sni, jwt_payload, context_extensions.
     return RequestAttributes(
-        request_id=request_id,
-        method=http.method or headers.get(":method", ""),
-        host=http.host or headers.get(":authority", ""),
-        path=path.split("#", 1)[0] or "/",
-        query=query or http.query,
-        scheme=http.scheme,
-        protocol=http.protocol,
-        headers=headers,
-        source=_peer(attrs.source),
-        destination=_peer(attrs.destination),
-        sni=attrs.tls_session.sni,
-        jwt_payload=_jwt_payload(request, jwt_namespace, jwt_payload_key),
-        context_extensions=_context_extensions(attrs),
+        request_id, http.method or headers.get(":method", ""), http.host or headers.get(":authority", ""),
+        path.partition("#")[0] or "/", query or http.query, http.scheme, http.protocol, headers,
+        _peer(attrs.source), _peer(attrs.destination), attrs.tls_session.sni,
+        _jwt_payload(attrs, jwt_namespace, jwt_payload_key), _context_extensions(attrs),
     )
 
 

@@ -19,10 +19,10 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sidecar.attributes import RequestAttributes
 from sidecar.certificates import certificate_info
@@ -108,12 +108,11 @@ class IdentityConfig:
             object.__setattr__(self, name, getattr(self, name).strip().lower())
 
 
-@dataclass(frozen=True, slots=True)
-class Parameters:
-    """The parameter values of one request.
+class Parameters(NamedTuple):
+    """The parameter values of one request. (A named tuple: one is made per check.)
 
-    ``values`` holds every name of ``PARAMETERS`` (``""`` when the request has no value);
-    ``headers`` the request headers, lower-case names.
+    ``values`` holds every name of ``PARAMETERS`` (``""`` when the request has no value),
+    each worked out when first read; ``headers`` the request headers, lower-case names.
     """
 
     values: Mapping[str, str]
@@ -145,36 +144,89 @@ def map_parameters(attrs: RequestAttributes, identity: IdentityConfig) -> Parame
     certificate yields empty certificate parameters.
     """
     headers = _lower_case_names(attrs.headers)
-    jwt = attrs.jwt_payload
+    return Parameters(_Values(attrs, identity, headers), headers)
 
-    def from_identity(claim: str, header: str) -> str:
-        value = _claim_text(_claim(jwt, claim)) if claim and jwt else None
+
+def _from_identity(jwt: Mapping[str, Any], headers: Mapping[str, str], claim: str, header: str) -> str:
+    value = _claim_text(_claim(jwt, claim)) if claim and jwt else None
+    if value is not None:
+        return value
+    return headers.get(header, "") if header else ""
+
+
+def _username(attrs: RequestAttributes, identity: IdentityConfig, headers: Mapping[str, str]) -> str:
+    username = _from_identity(attrs.jwt_payload, headers, identity.jwt_username_claim, identity.username_header)
+    if attrs.connection and not username and identity.connection_username == "cert_cn":
+        return certificate_info(attrs.source.certificate).common_name
+    return username
+
+
+def _thumbprint(attrs: RequestAttributes) -> str:
+    return certificate_info(attrs.source.certificate).thumbprint
+
+
+def _thumbprint_256(attrs: RequestAttributes) -> str:
+    return certificate_info(attrs.source.certificate).thumbprint_256
+
+
+_Source = Callable[[RequestAttributes, IdentityConfig, Mapping[str, str]], str]
+_SOURCES: Mapping[str, _Source] = MappingProxyType({
+    "username": _username,
+    "internal_addr": lambda attrs, identity, headers: attrs.destination.address,
+    "user_agent": lambda attrs, identity, headers: headers.get("user-agent", ""),
+    "remote_ip": lambda attrs, identity, headers: attrs.source.ip,
+    "cert_thumbprint": lambda attrs, identity, headers: _thumbprint(attrs),
+    "cert_thumbprint_upper": lambda attrs, identity, headers: _thumbprint(attrs).upper(),
+    "cert_thumbprint_256": lambda attrs, identity, headers: _thumbprint_256(attrs),
+    "cert_thumbprint_256_upper": lambda attrs, identity, headers: _thumbprint_256(attrs).upper(),
+    "cert_name": lambda attrs, identity, headers: certificate_info(attrs.source.certificate).common_name,
+    "cert_alt_name": lambda attrs, identity, headers: ",".join(certificate_info(attrs.source.certificate).alt_names),
+    "device_id": lambda attrs, identity, headers: (
+        headers.get(identity.device_id_header, "") if identity.device_id_header else ""),
+    "groups": lambda attrs, identity, headers: _from_identity(
+        attrs.jwt_payload, headers, identity.jwt_groups_claim, identity.groups_header),
+    "group_names": lambda attrs, identity, headers: _from_identity(
+        attrs.jwt_payload, headers, identity.jwt_group_names_claim, identity.group_names_header),
+})
+assert _SOURCES.keys() == PARAMETERS.keys()
+
+
+class _Values(Mapping[str, str]):
+    """The values of every name of ``PARAMETERS``, each worked out when first read and kept: a
+    check reads only those its policy's rules use (with the integration off, the username for
+    the activity log), and a certificate is parsed only when a rule asks for it."""
+
+    __slots__ = ("_attrs", "_headers", "_identity", "_known")
+
+    def __init__(self, attrs: RequestAttributes, identity: IdentityConfig, headers: Mapping[str, str]) -> None:
+        self._attrs = attrs
+        self._identity = identity
+        self._headers = headers
+        self._known: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        value = self._known.get(name)
+        if value is None:
+            value = self._known[name] = _SOURCES[name](self._attrs, self._identity, self._headers)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:  # Mapping's own goes through an exception
+        value = self._known.get(name)
         if value is not None:
             return value
-        return headers.get(header, "") if header else ""
+        return self[name] if name in _SOURCES else default
 
-    cert = certificate_info(attrs.source.certificate)
-    thumbprint = cert.thumbprint
-    thumbprint_256 = cert.thumbprint_256
-    username = from_identity(identity.jwt_username_claim, identity.username_header)
-    if attrs.connection and not username and identity.connection_username == "cert_cn":
-        username = cert.common_name
-    values = {
-        "username": username,
-        "internal_addr": attrs.destination.address,
-        "user_agent": headers.get("user-agent", ""),
-        "remote_ip": attrs.source.ip,
-        "cert_thumbprint": thumbprint,
-        "cert_thumbprint_upper": thumbprint.upper(),
-        "cert_thumbprint_256": thumbprint_256,
-        "cert_thumbprint_256_upper": thumbprint_256.upper(),
-        "cert_name": cert.common_name,
-        "cert_alt_name": ",".join(cert.alt_names),
-        "device_id": headers.get(identity.device_id_header, "") if identity.device_id_header else "",
-        "groups": from_identity(identity.jwt_groups_claim, identity.groups_header),
-        "group_names": from_identity(identity.jwt_group_names_claim, identity.group_names_header),
-    }
-    return Parameters(values=MappingProxyType(values), headers=headers)
+    def __contains__(self, name: object) -> bool:
+        return name in _SOURCES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_SOURCES)
+
+    def __len__(self) -> int:
+        return len(_SOURCES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def check_parameter_name(name: str) -> None:

@@ -152,6 +152,14 @@ def _arrived_on(policy: Policy, port: int, sni: str) -> bool:
     return (not policy.ports or port in policy.ports) and (not policy.sni or name_matches(policy.sni, sni.lower()))
 
 
+def _first_match(bucket: tuple[Policy, ...], path: str, method: str, port: int, sni: str) -> Policy | None:
+    for policy in bucket:
+        if path_matches(policy.path_prefix, path) and (not policy.methods or method in policy.methods) and (
+                not policy.restricted_to_arrival or _arrived_on(policy, port, sni)):
+            return policy
+    return None
+
+
 # Specificity of how a policy matched the host: lower sorts first.
 _EXACT, _WILDCARD, _ANY = 0, 1, 2
 
@@ -208,26 +216,21 @@ class PolicyIndex:
         of them (``port``: the destination port; ``sni``: the TLS server name)."""
         host = split_host(authority)
         method = method.upper()
-        best: tuple[tuple[int, int, int, int, str], Policy] | None = None
-
-        def consider(bucket: tuple[Policy, ...], kind: int, suffix_len: int) -> None:
-            nonlocal best
-            for policy in bucket:
-                if path_matches(policy.path_prefix, path) and (
-                    not policy.methods or method in policy.methods
-                ) and (not policy.restricted_to_arrival or _arrived_on(policy, port, sni)):
-                    key = (policy.priority, kind, -suffix_len, -len(policy.path_prefix), policy.name)
-                    if best is None or key < best[0]:
-                        best = (key, policy)
-                    return
-
-        consider(self._exact.get(host, ()), _EXACT, len(host))
+        # The best of each bucket is its first match (see __init__); across buckets the lowest
+        # (priority, how the host matched, longer host suffix, longer path prefix, name).
+        best = _first_match(self._exact.get(host, ()), path, method, port, sni)
+        best_key = None if best is None else (best.priority, _EXACT, -len(host), -len(best.path_prefix), best.name)
         if self._wildcard:
             suffix = host
             while "." in suffix:
                 suffix = suffix.split(".", 1)[1]
-                bucket = self._wildcard.get(suffix)
-                if bucket:
-                    consider(bucket, _WILDCARD, len(suffix))
-        consider(self._any, _ANY, 0)
-        return best[1] if best else None
+                found = _first_match(self._wildcard.get(suffix, ()), path, method, port, sni)
+                if found is not None:
+                    key = (found.priority, _WILDCARD, -len(suffix), -len(found.path_prefix), found.name)
+                    if best_key is None or key < best_key:
+                        best, best_key = found, key
+        found = _first_match(self._any, path, method, port, sni)
+        if found is not None and (
+                best_key is None or (found.priority, _ANY, 0, -len(found.path_prefix), found.name) < best_key):
+            return found
+        return best

@@ -78,6 +78,9 @@ CASES = [
     ("underscores: CGI/WSGI servers read x_safous_token as x-safous-token",
      {"x_safous_token": "forged", "x_safous_username": "admin", "x-safous_role": "admin", "x_other": "1"},
      STORES_TOKEN, IdentityConfig(), None, ("x_safous_token", "x_safous_username", "x-safous_role")),
+    # The names are scanned joined by line breaks: a name holding one must not pass for two.
+    ("a name with a line break is not split into names", {"a\nx-safous-role": "1", "x-safous-token\n": "forged"},
+     ALLOW, IdentityConfig(), None, ("x-safous-token\n",)),
 ]
 
 
