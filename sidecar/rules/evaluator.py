@@ -11,6 +11,8 @@ rules before k are awaited (one of them may be the first failure).
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +23,7 @@ from ..decision import UPSTREAM_HEADER_PREFIX, Code, Decision
 from ..parameters import STORED_PREFIX, Parameters
 from ..policies import Policy
 from . import CallObserver, EvaluatorMetric, trace
-from .cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, request_key
+from .cache import DEFAULT_MAX_BYTES, DecisionCache, SingleFlight, key_seed, request_key
 from .client import (
     BasicAuth,
     NoAuth,
@@ -58,8 +60,10 @@ class CompiledRule:
     auth: NoAuth | BasicAuth | OAuthAuth
     timeout: float
     # Equal for equal rule definitions across reloads, so cached decisions survive a reload
-    # of unchanged rules and never outlive a change.
-    fingerprint: int
+    # of unchanged rules and never outlive a change: a digest of the definition, so no two
+    # rules share their cached decisions by chance.
+    fingerprint: bytes
+    key_seed: hashlib.blake2b
     # The parts of the request a trace must not show: those rendered from the client's
     # credentials (trace.CREDENTIAL_PARAMETERS).
     secret_parts: frozenset[str] = frozenset()
@@ -121,7 +125,7 @@ class WebhookEvaluator:
             cache_size, max_bytes=cache_max_bytes, sizeof=_outcome_size)
         self.flights: SingleFlight[RuleOutcome] = SingleFlight()
         self.failure_ttl = failure_ttl
-        self._fingerprints: dict[str, int] = {}
+        self._fingerprints: dict[str, bytes] = {}
         self._plans: dict[tuple[Any, ...], _Plan | str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._judge = AnswerJudge()
@@ -154,7 +158,7 @@ class WebhookEvaluator:
 
         Runs in the loader's thread; a changed rule's cached decisions are dropped on the
         event loop, which owns the cache."""
-        fingerprint = hash(rule.model_dump_json())
+        fingerprint = hashlib.blake2b(rule.model_dump_json().encode(), digest_size=16).digest()
         previous = self._fingerprints.get(rule.name)
         self._fingerprints[rule.name] = fingerprint
         if previous is not None and previous != fingerprint and self._loop is not None:
@@ -167,6 +171,7 @@ class WebhookEvaluator:
             auth=_auth(rule, self.secret_policy),
             timeout=rule.timeout_ms / 1000,
             fingerprint=fingerprint,
+            key_seed=key_seed(fingerprint),
             secret_parts=trace.secret_parts(request),
         )
 
@@ -188,20 +193,25 @@ class WebhookEvaluator:
             Code.RULES_PASSED,
             f'policy "{policy.name}": all {len(compiled)} rules met',
             policy.name,
-            tuple((UPSTREAM_HEADER_PREFIX + name.lower(), value) for name, value in stored.items()),
+            tuple([(_upstream_name(name), value) for name, value in stored.items()]),
         )
 
     async def _run_all(self, rules: list[CompiledRule], deps: list[list[int]],
                        params: Parameters) -> list[RuleOutcome | None]:
         # Rules that need no stored value are rendered and looked up in the cache at once, with
         # no task: a fully cached policy is decided without scheduling anything.
+        lookup = params.lookup
         ready: list[RuleOutcome | _Call | None] = [
-            None if deps[i] else self._prepare(rule, params.lookup) for i, rule in enumerate(rules)
+            None if deps[i] else self._prepare(rule, lookup) for i, rule in enumerate(rules)
         ]
-        known = next((i for i, r in enumerate(ready) if isinstance(r, RuleOutcome) and r.failure), len(rules))
-        # Rules after a known failure cannot change the outcome; rules before it might fail first.
-        todo = [i for i in range(known) if not isinstance(ready[i], RuleOutcome)]
         outcomes: list[RuleOutcome | None] = [r if isinstance(r, RuleOutcome) else None for r in ready]
+        # Rules after a known failure cannot change the outcome; rules before it might fail first.
+        todo: list[int] = []
+        for i, outcome in enumerate(outcomes):
+            if outcome is None:
+                todo.append(i)
+            elif outcome.failure is not None:
+                break
         if not todo:
             return outcomes
         if len(todo) == 1 and not deps[todo[0]]:
@@ -266,7 +276,7 @@ class WebhookEvaluator:
         The key digests the rule and the values of the parameters it uses: the rendered request
         is a function of exactly these, so equal keys mean equal webhook requests, and a cache
         hit skips rendering altogether."""
-        key = request_key(rule.fingerprint, [lookup(name) for name in rule.request.parameters])
+        key = request_key(rule.key_seed, [lookup(name) for name in rule.request.parameters])
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
@@ -342,6 +352,12 @@ class WebhookEvaluator:
             noted.keep_answer(response.status, response.content_type, response.body)
         return await self._judge.judge(rule.name, rule.rule.verification, rule.actions,
                                        response.status, response.body, deadline=deadline)
+
+
+@functools.lru_cache(maxsize=1024)
+def _upstream_name(stored: str) -> str:
+    """The request header a stored value is sent as (stored names are the rules' own, few)."""
+    return UPSTREAM_HEADER_PREFIX + stored.lower()
 
 
 def judge_response(rule: CompiledRule, response: WebhookResponse) -> RuleOutcome:
