@@ -128,6 +128,17 @@ def _json_line(entry: dict[str, Any]) -> str:
     return line.decode() if line.isascii() else json.dumps(entry, separators=(",", ":"))
 
 
+def _decision_entry(d: ActivityRecord) -> dict[str, Any]:
+    entry = {"time": iso_time(d.at), "level": "info", "logger": "sidecar.decision",
+             "message": result_name(d.allowed, d.audit_deny), "request_id": d.request_id, "policy": d.policy,
+             "code": d.code, "latency_ms": round(d.latency_ms, 3), "reason": d.status, "username": d.username,
+             "source_ip": d.source_ip, "method": d.method, "host": d.host, "path": d.path,
+             "policy_source": d.policy_source}
+    if _worker is not None:
+        entry["worker"] = _worker
+    return entry
+
+
 def write_decisions(decisions: Sequence[Any]) -> None:
     """One ``sidecar.decision`` line per decision, written in one go (called off the request
     path with a batch). JSON lines carry the whole activity log record — the fleet's activity
@@ -141,23 +152,14 @@ def write_decisions(decisions: Sequence[Any]) -> None:
     handler = logging.getLogger().handlers[0]
     if not isinstance(handler, logging.StreamHandler):
         return
-    lines = []
-    for d in decisions:
-        result = result_name(d.allowed, d.audit_deny)
-        latency = round(d.latency_ms, 3)
-        if _format == "json":
-            entry = {"time": iso_time(d.at), "level": "info", "logger": "sidecar.decision", "message": result,
-                     "request_id": d.request_id, "policy": d.policy, "code": d.code, "latency_ms": latency,
-                     "reason": d.status, "username": d.username, "source_ip": d.source_ip, "method": d.method,
-                     "host": d.host, "path": d.path, "policy_source": d.policy_source}
-            if _worker is not None:
-                entry["worker"] = _worker
-            lines.append(_json_line(entry))
-        else:
-            lines.append(f"{iso_time(d.at)} INFO sidecar.decision: {result} request_id={text_value(d.request_id)} "
-                         f"policy={text_value(d.policy)} code={text_value(d.code)} latency_ms={latency}"
-                         + ("" if d.allowed and not d.audit_deny else f" reason={text_value(d.status)}")
-                         + (f" worker={_worker}" if _worker is not None else ""))
+    if _format == "json":
+        lines = [_json_line(_decision_entry(d)) for d in decisions]
+    else:
+        lines = [f"{iso_time(d.at)} INFO sidecar.decision: {result_name(d.allowed, d.audit_deny)} "
+                 f"request_id={text_value(d.request_id)} policy={text_value(d.policy)} code={text_value(d.code)} "
+                 f"latency_ms={round(d.latency_ms, 3)}"
+                 + ("" if d.allowed and not d.audit_deny else f" reason={text_value(d.status)}")
+                 + (f" worker={_worker}" if _worker is not None else "") for d in decisions]
     with handler.lock:  # type: ignore[union-attr]
         handler.stream.write("\n".join(lines) + "\n")
         handler.stream.flush()

@@ -122,12 +122,14 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
         seen = attrs or _UNREAD  # the CheckRequest could not be read: the decision is recorded anyway
         # Client values as the activity log, the decision log line and the trace keep them:
         # bounded once here, whatever a client sent (Envoy lets headers reach 60 KiB).
+        # Positional, in ActivityRecord's field order (half the cost of keywords, on every check):
+        # at, request_id, username, source_ip, host, path, method, policy, allowed, code, status,
+        # latency_ms, policy_source, audit_deny.
         record = ActivityRecord(
-            at=time.time(), request_id=seen.request_id[:256],
-            username=params.values["username"][:256] if params else "", source_ip=seen.source.ip[:64],
-            host=seen.host[:256], path=seen.path[:1024], method=seen.method[:32],
-            policy=decision.policy, allowed=decision.allowed, code=decision.code, status=decision.reason[:2048],
-            latency_ms=latency_ms, policy_source=decision.policy_source, audit_deny=decision.audit_deny,
+            time.time(), seen.request_id[:256], params.values["username"][:256] if params else "",
+            seen.source.ip[:64], seen.host[:256], seen.path[:1024], seen.method[:32], decision.policy,
+            decision.allowed, decision.code, decision.reason[:2048], latency_ms, decision.policy_source,
+            decision.audit_deny,
         )
         if attrs is not None and check_trace is not None and (
                 document := self._trace_of(record, decision, check_trace)) is not None:

@@ -8,12 +8,16 @@ import re
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from sidecar.db import iso_time, parse_iso_time
 from sidecar.logs import TextFormatter, text_message, text_value
 from sidecar.policies import Policy
 from tests.conftest import check_request, seed
@@ -132,3 +136,16 @@ def test_forged_request_ids_write_no_forged_lines(tmp_path: Path) -> None:
     assert {fields(line)["code"] for line in decisions} == {"integration_off"}
     # Real lines carry milliseconds (…T00:00:00.123Z): this prefix can only be a forged one.
     assert not [line for line in lines if line.startswith("2026-11-29T00:00:00Z ")]
+
+
+@given(st.integers(min_value=-(10**12), max_value=4 * 10**12), st.integers(min_value=0, max_value=999))
+def test_times_are_written_to_the_millisecond_and_read_back(milliseconds: int, micros: int) -> None:
+    # The activity log's and the log lines' time: truncated to the millisecond, never rounded
+    # up into the next one, and an exact millisecond (which a float may hold a hair below)
+    # read back as itself.
+    exact = milliseconds / 1000
+    assert parse_iso_time(iso_time(exact)) == exact
+    expected = datetime.fromtimestamp(milliseconds // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S") + \
+        f".{milliseconds % 1000:03d}Z"
+    assert iso_time(exact) == expected
+    assert iso_time((milliseconds * 1000 + micros) / 1_000_000) == expected

@@ -25,8 +25,9 @@ class ActivityRecord(NamedTuple):
     """One decision in the activity log. ``at``: when, in epoch seconds (the check path takes
     ``time.time()``; formatting is left to the batch writer, off the event loop).
 
-    Construct it by keyword. A named tuple, not a frozen dataclass, because every check makes
-    one on the event loop: 0.7 µs against 1.6 µs."""
+    Construct it by keyword (only the check path lists its fields in order: 0.35 µs against
+    0.7 µs). A named tuple, not a frozen dataclass, because every check makes one on the event
+    loop: 0.7 µs against 1.6 µs."""
 
     at: float
     request_id: str
@@ -55,15 +56,18 @@ def iso_time(epoch: float) -> str:
     # a time read back from the log, an exact millisecond a float may hold a hair below, keeps
     # its millisecond.
     global _last_second
-    seconds, micros = divmod(round(epoch * 1_000_000), 1_000_000)
+    micros = round(epoch * 1_000_000)
+    seconds = micros // 1_000_000
     last = _last_second  # one tuple read: safe from any thread
     if last[0] != seconds:
         # A batch's records share a handful of seconds: strftime once per second, not per row.
         last = _last_second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
-    return f"{last[1]}.{micros // 1000:03d}Z"
+    return last[1] + _MILLISECONDS[micros // 1000 % 1000]
 
 
 _last_second: tuple[int, str] = (-1, "")
+# Twice per decision (its log line and its row): looked up, not formatted.
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def parse_iso_time(text: str) -> float:
