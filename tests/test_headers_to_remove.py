@@ -110,8 +110,9 @@ def test_build_response_lists_the_headers_to_remove_on_an_allow_only() -> None:
 
 
 def test_upstream_headers_are_each_responses_own() -> None:
-    """Stored values' header messages are built once and reused: each response gets its own
-    copies, so what one response's headers become never shows in another's."""
+    """Responses with stored values are built once per decision and copied: each response gets
+    its own copies, so what one response's headers become never shows in another's. Values too
+    large to keep a response for are set all the same."""
     def allow(value: str) -> Decision:
         return Decision.allow(Code.RULES_PASSED, "met", "p", (("x-safous-tier", value),))
 
@@ -120,6 +121,11 @@ def test_upstream_headers_are_each_responses_own() -> None:
     assert [(h.header.key, h.header.value) for h in second.ok_response.headers] == [("x-safous-tier", "gold")]
     assert [h.header.value for h in build_response(allow("gold"), "r3").ok_response.headers] == ["gold"]
     assert [h.header.value for h in build_response(allow("silver"), "r4").ok_response.headers] == ["silver"]
+    large = "v" * 4000
+    for request_id in ("r5", "r6"):
+        response = build_response(allow(large), request_id)
+        assert [h.header.value for h in response.ok_response.headers] == [large]
+        assert response.dynamic_metadata.fields["request_id"].string_value == request_id
 
 
 async def test_the_servers_answer_names_the_forged_headers(db: Path, start_sidecar, authz) -> None:
