@@ -11,6 +11,7 @@ a client cannot forge a stored value even behind an Envoy config that forgot to 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping
@@ -80,7 +81,7 @@ class Checker:
 
     async def _evaluate(self, policy: Policy, snapshot: Snapshot, params: Parameters) -> Decision:
         if not policy.integration:
-            return Decision.allow(Code.INTEGRATION_OFF, f'policy "{policy.name}": integration is off', policy.name)
+            return _integration_off(policy.name)
         rules = snapshot.policy_rules.get(policy.name)
         if rules is None:
             # Every policy the index returns has an entry; were one missing, reading it as "no
@@ -142,6 +143,13 @@ class Checker:
             if params.values[parameter] == params.headers[name]:
                 return True
         return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _integration_off(policy: str) -> Decision:
+    """The same decision for every request to ``policy``: made once (policy names are the
+    admins', few), and then only looked up."""
+    return Decision.allow(Code.INTEGRATION_OFF, f'policy "{policy}": integration is off', policy)
 
 
 def _not_bindable(snapshot: Snapshot, name: str) -> Decision:
