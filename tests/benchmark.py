@@ -34,11 +34,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import ROOT, free_port
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 REPEATS = 3
+# The fixed-rate rows, whose targets are a few hundredths apart: a run now and then comes out
+# 0.05-0.1 off (the machine is shared), which a median of three cannot outvote twice.
+FIXED_REPEATS = 5
 START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
 
 
@@ -94,9 +98,33 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def _pinned(cpus: set[int] | None) -> dict[str, Any]:
+    """Popen arguments that keep a process (all its threads) on ``cpus``, or none."""
+    if not cpus:
+        return {}
+
+    def pin() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    return {"preexec_fn": pin}
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """The CPUs of the servers compared side by side and those of their load generators (both
+    empty with a single CPU): the servers share one, so each sees what the other sees (the
+    same cache, the same neighbour), and the load generators never sit beside just one of
+    them. Unpinned, which server shares a core with which h2load changes from run to run."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return set(), set()
+    return {available[0]}, set(available[1:])
+
+
 @contextlib.contextmanager
-def process(args: list[str], port: int | None = None, **kwargs) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+def process(args: list[str], port: int | None = None, *, cpus: set[int] | None = None,
+            **kwargs) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs,
+                            **_pinned(cpus))
     try:
         if port:
             wait_port(port)
@@ -110,17 +138,18 @@ def process(args: list[str], port: int | None = None, **kwargs) -> Iterator[subp
             proc.wait()
 
 
-def sidecar(db: Path, port: int, *extra: str,
-            env: dict[str, str] | None = None) -> contextlib.AbstractContextManager[subprocess.Popen]:
+def sidecar(db: Path, port: int, *extra: str, env: dict[str, str] | None = None,
+            cpus: set[int] | None = None) -> contextlib.AbstractContextManager[subprocess.Popen]:
     return process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
-                    f"127.0.0.1:{port}", *extra], port, env=env)
+                    f"127.0.0.1:{port}", *extra], port, env=env, cpus=cpus)
 
 
-def server(db: Path | None, port: int, *extra: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+def server(db: Path | None, port: int, *extra: str,
+           cpus: set[int] | None = None) -> contextlib.AbstractContextManager[subprocess.Popen]:
     """The sidecar on ``db``, or the bare baseline servicer when ``db`` is None."""
     if db is None:
-        return process([sys.executable, "-m", "tests.benchmark", "baseline", str(port)], port)
-    return sidecar(db, port, *extra)
+        return process([sys.executable, "-m", "tests.benchmark", "baseline", str(port)], port, cpus=cpus)
+    return sidecar(db, port, *extra, cpus=cpus)
 
 
 def rss_mb(pid: int) -> float:
@@ -227,10 +256,10 @@ class Target:
 
 
 def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CHECKS,
-               rps: int = FIXED_RATE) -> list[FixedRate]:
+               rps: int = FIXED_RATE, cpus: set[int] | None = None) -> list[FixedRate]:
     """``requests`` requests at ``rps`` to each target, all at the same time, each on one
-    HTTP/2 connection (h2load --rps), after one second of warm-up at the same rate. The CPU of
-    each target's process is read around the measured run only.
+    HTTP/2 connection (h2load --rps, on ``cpus`` when given), after one second of warm-up at
+    the same rate. The CPU of each target's process is read around the measured run only.
 
     Loading the sidecar and the baseline side by side, not one after the other, is what makes
     their ratio steady: both see the same moment of a shared machine."""
@@ -245,7 +274,8 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
     def load(count: int, logs: list[Path | None]) -> list[tuple[str, float]]:
         """Each target's h2load output and the CPU its server used meanwhile."""
         before = [cpu_seconds(t.pid) for t in targets]
-        runs = [subprocess.Popen(command(t, count, log), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        runs = [subprocess.Popen(command(t, count, log), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 **_pinned(cpus))
                 for t, log in zip(targets, logs, strict=True)]
         outputs = []
         try:
@@ -460,21 +490,24 @@ def _median(pairs: list[Pair], key: Callable[[Pair], float]) -> Pair:
 def cpu_per_check(name: str, db: Path, payload: Path, work: Path, *, target: float) -> Result:
     """The sidecar's CPU per check against the bare servicer's, both loaded at FIXED_RATE
     checks/s on one HTTP/2 connection at the same time: steadier than saturated throughput on
-    a shared machine. REPEATS pairs of fresh processes; the median ratio is reported."""
+    a shared machine. FIXED_REPEATS pairs of fresh processes; the median ratio is reported."""
+    servers, load = split_cpus()
+
     def pair() -> Pair:
         base_port, side_port = free_port(), free_port()
-        with server(None, base_port) as base, server(db, side_port) as side:
+        with server(None, base_port, cpus=servers) as base, server(db, side_port, cpus=servers) as side:
             expect_decision(side_port)
             bare, ours = fixed_rate([Target(f"http://127.0.0.1:{base_port}{CHECK_PATH}", base.pid, payload),
-                                     Target(f"http://127.0.0.1:{side_port}{CHECK_PATH}", side.pid, payload)], work)
+                                     Target(f"http://127.0.0.1:{side_port}{CHECK_PATH}", side.pid, payload)], work,
+                                    cpus=load)
         return bare, ours
 
-    pairs = [pair() for _ in range(REPEATS)]
+    pairs = [pair() for _ in range(FIXED_REPEATS)]
     base, side = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
     result = Result(f"CPU per check at {FIXED_RATE:,}/s: {name}", side.rate, side.p50, side.p99)
     result.ratio_to, result.ratio = f"bare servicer ({base.cpu_us:.0f} µs)", side.cpu_us / base.cpu_us
     result.target, result.met = f"≤ {target:.2f} × bare", result.ratio <= target
-    result.note = (f"sidecar {side.cpu_us:.0f} µs/check; median of {REPEATS} paired runs, ratios "
+    result.note = (f"sidecar {side.cpu_us:.0f} µs/check; median of {FIXED_REPEATS} paired runs, ratios "
                    + ", ".join(f"{s.cpu_us / b.cpu_us:.2f}" for b, s in pairs))
     print(f"  {result.scenario}: {result.note}", flush=True)
     return result
@@ -514,17 +547,19 @@ def tracing_cost(db: Path, payload: Path, work: Path) -> Result:
     with otlp_sink() as endpoint:
         env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "1000"}
 
+        servers, load = split_cpus()
+
         def pair() -> Pair:
             off_port, on_port = free_port(), free_port()
-            with sidecar(db, off_port) as off, sidecar(db, on_port, env=env) as on:
+            with sidecar(db, off_port, cpus=servers) as off, sidecar(db, on_port, env=env, cpus=servers) as on:
                 expect_decision(off_port)
                 expect_decision(on_port)
                 without, with_spans = fixed_rate([Target(f"http://127.0.0.1:{off_port}{CHECK_PATH}", off.pid, payload),
                                                   Target(f"http://127.0.0.1:{on_port}{CHECK_PATH}", on.pid, payload)],
-                                                 work)
+                                                 work, cpus=load)
                 return without, with_spans
 
-        pairs = [pair() for _ in range(REPEATS)]
+        pairs = [pair() for _ in range(FIXED_REPEATS)]
     off, on = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
     result = Result(f"CPU per check at {FIXED_RATE:,}/s: tracing on, 3 cached rules", on.rate, on.p50, on.p99)
     result.ratio_to, result.ratio = f"tracing off ({off.cpu_us:.0f} µs)", on.cpu_us / off.cpu_us
@@ -532,7 +567,7 @@ def tracing_cost(db: Path, payload: Path, work: Path) -> Result:
     # side-by-side run to see (its noise is a few percent).
     share = off_cost / off.cpu_us
     result.note = (f"off, the check pays one enabled() test: {off_cost * 1000:.0f} ns = {share:.4%} of its CPU; "
-                   f"on, {on.cpu_us:.0f} µs/check (a span each, OTLP export); median of {REPEATS} paired runs, "
+                   f"on, {on.cpu_us:.0f} µs/check (a span each, OTLP export); median of {FIXED_REPEATS} paired runs, "
                    "ratios " + ", ".join(f"{b.cpu_us / a.cpu_us:.2f}" for a, b in pairs))
     print(f"  {result.scenario}: {result.note}", flush=True)
     return result
@@ -561,17 +596,17 @@ def envoy_fixed_rate(db: Path, work: Path) -> list[Result]:
             base, side = fixed_rate([bare, ours], work)
         return base, side
 
-    pairs = [pair() for _ in range(REPEATS)]
+    pairs = [pair() for _ in range(FIXED_REPEATS)]
     base, side = _median(pairs, lambda p: p[1].p99 / p[0].p99)
     p99 = Result(f"through Envoy at {FIXED_RATE:,}/s, 3 cached rules: p99", side.rate, side.p50, side.p99)
     p99.ratio_to, p99.ratio = f"bare servicer ({base.p99:.2f} ms)", side.p99 / base.p99
     p99.target, p99.met = "≤ 1.20 × bare", p99.ratio <= 1.20
-    p99.note = f"median of {REPEATS} paired runs, ratios " + ", ".join(f"{s.p99 / b.p99:.2f}" for b, s in pairs)
+    p99.note = f"median of {FIXED_REPEATS} paired runs, ratios " + ", ".join(f"{s.p99 / b.p99:.2f}" for b, s in pairs)
     base, side = _median(pairs, lambda p: p[1].p50 - p[0].p50)
     p50 = Result(f"through Envoy at {FIXED_RATE:,}/s, 3 cached rules: p50", side.rate, side.p50, side.p99)
     p50.ratio_to = f"{side.p50 - base.p50:+.2f} ms vs bare ({base.p50:.2f} ms)"
     p50.target, p50.met = "≤ bare + 0.15 ms", side.p50 - base.p50 <= 0.15
-    p50.note = f"median of {REPEATS} paired runs, differences " + ", ".join(
+    p50.note = f"median of {FIXED_REPEATS} paired runs, differences " + ", ".join(
         f"{s.p50 - b.p50:+.2f} ms" for b, s in pairs)
     for r in (p99, p50):
         print(f"  {r.scenario}: {r.note}", flush=True)
