@@ -79,8 +79,9 @@ def parse_iso_time(text: str) -> float:
 
 log = logging.getLogger(__name__)
 
-_INSERT = ("INSERT INTO activity_log (at, request_id, username, source_ip, host, path, method, policy, allowed,"
-           " code, status, latency_ms, policy_source, audit_deny) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# The columns in ActivityRecord's field order: a row is the record but for its time's format.
+_COLUMNS = ActivityRecord._fields[:14]
+_INSERT = f"INSERT INTO activity_log ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 TRACE_MAX_BYTES = 16 * 1024
 """A stored trace's size at most (UTF-8): past it, its request bodies and answers are cut."""
 DEFAULT_TRACE_KEEP = 4096
@@ -88,8 +89,8 @@ DEFAULT_TRACE_KEEP = 4096
 
 
 def _row(r: ActivityRecord) -> tuple[Any, ...]:
-    return (iso_time(r.at), r.request_id, r.username, r.source_ip, r.host, r.path, r.method, r.policy,
-            int(r.allowed), r.code, r.status, r.latency_ms, r.policy_source, int(r.audit_deny))
+    # allowed and audit_deny are bools: sqlite3 stores them as 1 and 0.
+    return (iso_time(r.at), *r[1:14])
 
 
 def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
