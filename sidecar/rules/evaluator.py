@@ -63,14 +63,23 @@ class CompiledRule:
     # of unchanged rules and never outlive a change: a digest of the definition, so no two
     # rules share their cached decisions by chance.
     fingerprint: bytes
-    key_seed: hashlib.blake2b
     # The parts of the request a trace must not show: those rendered from the client's
     # credentials (trace.CREDENTIAL_PARAMETERS).
     secret_parts: frozenset[str] = frozenset()
+    _key_seed: hashlib.blake2b | None = None
 
     @property
     def name(self) -> str:
         return self.rule.name
+
+    def key_seed(self) -> hashlib.blake2b:
+        """Where this rule's request keys start (``cache.key_seed``): made when the rule is
+        first evaluated, so rules that no request reaches hold none (448 bytes each)."""
+        seed = self._key_seed
+        if seed is None:
+            seed = key_seed(self.fingerprint)
+            object.__setattr__(self, "_key_seed", seed)  # frozen, but for this memo
+        return seed
 
 
 # The outcome, its failure tuple and stored dict, as sys.getsizeof counts them.
@@ -171,7 +180,6 @@ class WebhookEvaluator:
             auth=_auth(rule, self.secret_policy),
             timeout=rule.timeout_ms / 1000,
             fingerprint=fingerprint,
-            key_seed=key_seed(fingerprint),
             secret_parts=trace.secret_parts(request),
         )
 
@@ -276,7 +284,7 @@ class WebhookEvaluator:
         The key digests the rule and the values of the parameters it uses: the rendered request
         is a function of exactly these, so equal keys mean equal webhook requests, and a cache
         hit skips rendering altogether."""
-        key = request_key(rule.key_seed, [lookup(name) for name in rule.request.parameters])
+        key = request_key(rule.key_seed(), [lookup(name) for name in rule.request.parameters])
         if rule.rule.cache_ttl > 0:
             cached = self.cache.get(key)
             if cached is not None:
