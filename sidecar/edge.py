@@ -159,7 +159,6 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-
 def result_of(decision: Decision) -> Result:
     """``allow``, ``deny``, or ``audit_deny`` (allowed by an audit-mode policy that would deny)."""
     return result_name(decision.allowed, decision.audit_deny)
@@ -205,7 +204,7 @@ def _template(decision: Decision) -> tuple[pb.CheckResponse, str]:
 
 # Most checks repeat a handful of outcomes (a policy's allow, a denial's code and reason, the
 # stored values of a tier or a group, which repeat across users more often than not): their
-# responses are built once and copied (with 3 stored values, 1.6 µs against 3.6 µs). Only small
+# responses are built once and copied (with 3 stored values, 1.9 µs against 3.6 µs). Only small
 # decisions are kept (``_cacheable``): 1,024 of them hold about 4 MiB.
 _cached_template = functools.lru_cache(maxsize=1024)(_template)
 _TEMPLATE_MAX_REASON = 512
