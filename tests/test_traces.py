@@ -241,3 +241,17 @@ async def test_traces_awaiting_the_activity_log_stay_within_their_byte_bound(
         traced = conn.execute("SELECT a.request_id FROM traces t JOIN activity_log a ON a.id = t.activity_id "
                               "ORDER BY a.id").fetchall()
     assert [r for (r,) in traced] == ["r0", "r1", "r2", "r7"]
+
+
+def test_a_trace_too_large_keeps_the_rule_that_failed() -> None:
+    """Rules are dropped from a trace over its bound, but the failing one, the evidence for
+    the denial, goes last: it is often the last rule of the policy."""
+    def rule(name: str, outcome: str) -> dict[str, Any]:
+        return {"rule": name, "source": "call", "outcome": outcome,
+                "request": {"method": "GET", "url": "https://hooks.example.com/" + "u" * 1500, "headers": []}}
+
+    rules = [rule(f"r{i:02}", "held") for i in range(20)] + [rule("last", "value_mismatch")]
+    stored = json.loads(rules_db.activity.trace_json({"request_id": "r1", "rules": rules}))
+    kept = [r["rule"] for r in stored["rules"]]
+    assert stored["cut"] is True and kept[-1] == "last" and kept[:-1] == sorted(kept[:-1])
+    assert "r00" in kept and len(kept) < 21

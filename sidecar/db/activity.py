@@ -134,7 +134,8 @@ _KEPT_CHARACTERS = 200
 
 def trace_json(doc: dict[str, Any]) -> str:
     """``doc`` as stored: JSON, at most ``TRACE_MAX_BYTES`` (request bodies and answers cut
-    first, then the rules dropped from the end, then the longest strings of the summary cut;
+    first, then rules dropped from the end, those that held or did not run before the one that
+    failed, which is the evidence for the denial; then the longest strings of the summary cut;
     failing all that, a document that says only that it was cut)."""
     def dumped() -> str:
         return json.dumps(doc, ensure_ascii=False)
@@ -150,8 +151,10 @@ def trace_json(doc: dict[str, Any]) -> str:
             if isinstance(rule.get(part), dict) and rule[part].get("body"):
                 rule[part]["body"] = _CUT
     text = dumped()
-    while not fits(text) and doc.get("rules"):
-        doc["rules"].pop()
+    rules = doc.get("rules")
+    while not fits(text) and rules:
+        not_failing = [i for i, rule in enumerate(rules) if rule.get("outcome") in ("held", "not run")]
+        rules.pop(not_failing[-1] if not_failing else -1)
         doc["cut"] = True
         text = dumped()
     # The summary alone may still be too big: a client's path or a reason quoting it, where a
