@@ -17,6 +17,7 @@ from sidecar import db as rules_db
 from sidecar.activity import ActivityLog
 from sidecar.db import ActivityRecord
 from sidecar.policies import Policy
+from sidecar.rules import trace
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
 from tests.helpers import eventually, metric, ops_get
@@ -255,3 +256,23 @@ def test_a_trace_too_large_keeps_the_rule_that_failed() -> None:
     kept = [r["rule"] for r in stored["rules"]]
     assert stored["cut"] is True and kept[-1] == "last" and kept[:-1] == sorted(kept[:-1])
     assert "r00" in kept and len(kept) < 21
+
+
+def test_a_counting_trace_notes_cache_hits_only() -> None:
+    """With traces off, a span still counts the rules answered from the cache: its trace
+    notes those and nothing else, so no webhook request is masked and kept for nothing."""
+    async def check() -> tuple[list[str], bool]:
+        counting = trace.start(evidence=False)
+        call = trace.note("posture", "call")
+        trace.note("groups", "cache")
+        return [r.source for r in counting.rules.values()], call is None
+
+    assert asyncio.run(check()) == (["cache"], True)
+
+    async def full() -> list[str]:
+        kept = trace.start()
+        trace.note("posture", "call")
+        trace.note("groups", "cache")
+        return [r.source for r in kept.rules.values()]
+
+    assert asyncio.run(full()) == ["call", "cache"]

@@ -127,10 +127,13 @@ class RuleTrace:
 class CheckTrace:
     """The rules of one check, in the order they were noted (policy order is restored by
     ``document``). ``planned``: each policy's rules as the check was given them (the rules
-    snapshot's compiled rules by policy name, whatever a reload does meanwhile), or None."""
+    snapshot's compiled rules by policy name, whatever a reload does meanwhile), or None.
+    ``evidence``: False for a trace that only counts the rules answered from the cache (a
+    span's, with traces off): nothing else is noted, so no request is masked and kept."""
 
     rules: dict[str, RuleTrace] = field(default_factory=dict)
     planned: Mapping[str, Any] | None = None
+    evidence: bool = True
 
     def rule(self, name: str) -> RuleTrace:
         entry = self.rules.get(name)
@@ -159,9 +162,10 @@ class CheckTrace:
 _current: contextvars.ContextVar[CheckTrace | None] = contextvars.ContextVar("safous_trace", default=None)
 
 
-def start(planned: Mapping[str, Any] | None = None) -> CheckTrace:
-    """A new trace for the check running in this context (``CheckTrace.planned``)."""
-    trace = CheckTrace(planned=planned)
+def start(planned: Mapping[str, Any] | None = None, *, evidence: bool = True) -> CheckTrace:
+    """A new trace for the check running in this context (``CheckTrace.planned``,
+    ``CheckTrace.evidence``)."""
+    trace = CheckTrace(planned=planned, evidence=evidence)
     _current.set(trace)
     return trace
 
@@ -177,7 +181,7 @@ def note(rule: str, source: Source, actions: tuple[ResponseAction, ...] = (), *,
     when the check no longer waits for the rule): ``failed_action`` is the index in
     ``actions`` of the response action that did not hold."""
     trace = _current.get()
-    if trace is None:
+    if trace is None or not (trace.evidence or source == "cache"):
         return None
     entry = trace.rule(rule)
     if entry.closed:
