@@ -15,7 +15,7 @@ from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.db import connect, ensure_database, save_policy, save_rule, transaction
 from sidecar.policies import Policy
-from sidecar.rules.model import Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.certs import TlsDir, make_tls_dir
@@ -34,6 +34,10 @@ def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) 
                 save_policy(conn, policy)
     finally:
         conn.close()
+
+
+ACTIVE = (ResponseAction(type=ActionType.STRING, key="status", value="active"),)
+"""A rule's response actions for the webhooks of the tests that answer ``{"status": "active"}``."""
 
 
 def check_request(path: str = "/", *, host: str = "app.example.com", method: str = "GET",

@@ -29,6 +29,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -39,6 +40,7 @@ __all__ = [
     "PROJECT_ROOT",
     "EnvoyError",
     "EnvoyProcess",
+    "access_log",
     "envoy_binary",
     "render_config",
     "run_envoy",
@@ -327,3 +329,15 @@ async def run_envoy(
         yield envoy
     finally:
         await envoy.stop()
+
+
+async def access_log(envoy: EnvoyProcess, count: int) -> list[dict[str, Any]]:
+    """The access log's JSON lines, once ``count`` of them are written (Envoy buffers stdout;
+    /reopen_logs flushes it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        await envoy.admin_post("/reopen_logs")
+        lines = [json.loads(line) for line in envoy.stdout_path.read_text().splitlines() if line.startswith("{")]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.1)

@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OK = 0
 PERMISSION_DENIED = 7
 
+FRESH = [("grpc.use_local_subchannel_pool", 1)]
+"""gRPC channel options for a channel of its own: a new connection, not a shared subchannel."""
+
 
 # --- waiting ----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, seed
-from tests.envoy_harness import ENVOY_YAML, EnvoyProcess, render_config, run_envoy
+from tests.envoy_harness import ENVOY_YAML, access_log, render_config, run_envoy
 from tests.helpers import http_get as get
 
 # Host-agnostic policies; "reports" matches nothing by itself (another host): only the
@@ -28,18 +28,6 @@ POLICIES = [
 def posture(url: str) -> Rule:
     return Rule(name="posture", url=url + "/posture?u=%username%",
                 actions=(ResponseAction(type=ActionType.STRING, key="status", value="active"),))
-
-
-async def access_log(envoy: EnvoyProcess, count: int) -> list[dict[str, Any]]:
-    """The access log's JSON lines, once ``count`` of them are written (Envoy buffers stdout;
-    /reopen_logs flushes it)."""
-    deadline = time.monotonic() + 10
-    while True:
-        await envoy.admin_post("/reopen_logs")
-        lines = [json.loads(line) for line in envoy.stdout_path.read_text().splitlines() if line.startswith("{")]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        await asyncio.sleep(0.1)
 
 
 async def test_decisions_reach_envoys_access_log_and_routes_bind_policies(

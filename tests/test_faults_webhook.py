@@ -24,7 +24,7 @@ import pytest
 
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
-from tests.conftest import check_request, denial_reason, seed
+from tests.conftest import ACTIVE, check_request, denial_reason, seed
 from tests.helpers import OK, PERMISSION_DENIED, FakeClock, code_of, eventually, webhook_evaluator
 
 MiB = 1 << 20
@@ -343,7 +343,6 @@ def action(kind: str, key: str, value: str) -> ResponseAction:
     return ResponseAction(type=ActionType(kind), key=key, value=value)
 
 
-ACTIVE = (action("string", "status", "active"),)
 
 
 def assert_denied(response: Any, code: str, reason: str) -> None:

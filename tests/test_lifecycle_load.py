@@ -31,7 +31,7 @@ from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import Webhook, check_request, seed
 from tests.envoy_harness import run_envoy
-from tests.helpers import ROOT, ServerLog, activity_paths, code_of, eventually, free_port, start_server
+from tests.helpers import FRESH, ROOT, ServerLog, activity_paths, code_of, eventually, free_port, start_server
 from tests.soak import envoy_config
 
 WEBHOOK_DELAY = 0.3   # every webhook answer takes this long: checks pile up in flight
@@ -43,7 +43,6 @@ IN_TRANSIT = 0.05
 # For asserting decisions, generous: on a shared CI machine a busy loop can take this long to
 # read a request that was sent.
 SURELY_ARRIVED = 0.25
-FRESH = [("grpc.use_local_subchannel_pool", 1)]  # a channel of its own: a new connection
 
 
 def rule(webhook_url: str, timeout_ms: int = 2000) -> Rule:

@@ -50,7 +50,7 @@ import sidecar
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from tests.envoy_harness import ENVOY_YAML, PROJECT_ROOT, render_config, run_envoy
-from tests.helpers import PERMISSION_DENIED, eventually, free_port, metric, ops_get
+from tests.helpers import FRESH, PERMISSION_DENIED, eventually, free_port, metric, ops_get
 
 # Building with an isolated build environment and installing the wheel's dependencies both go
 # through pip: minutes on a cold cache and a slow index, seconds on a warm one.
@@ -391,7 +391,6 @@ def _check(path: str) -> pb.CheckRequest:
 
 SQLITE_FILES = {"rules.db", "rules.db-wal", "rules.db-shm"}
 # A new connection per check, so that the checks of the --workers run reach both workers.
-FRESH = [("grpc.use_local_subchannel_pool", 1)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

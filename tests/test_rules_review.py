@@ -22,10 +22,9 @@ from sidecar.rules.cache import DecisionCache
 from sidecar.rules.client import WebhookClient
 from sidecar.rules.evaluator import WebhookEvaluator
 from sidecar.rules.judge import INLINE_BYTES
-from sidecar.rules.model import ActionType, ResponseAction, Rule
+from sidecar.rules.model import Rule
+from tests.conftest import ACTIVE
 from tests.helpers import FakeClock, closed_port, eventually, serving
-
-ACTIVE = (ResponseAction(type=ActionType.STRING, key="status", value="active"),)
 
 
 @pytest.fixture

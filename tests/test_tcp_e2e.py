@@ -19,9 +19,8 @@ from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.certs import TlsDir, client_ssl_context, make_client_cert, make_tls_dir
 from tests.conftest import seed
-from tests.envoy_harness import ENVOY_TCP_YAML, render_config, run_envoy
+from tests.envoy_harness import ENVOY_TCP_YAML, access_log, render_config, run_envoy
 from tests.helpers import eventually
-from tests.test_envoy_native import access_log
 
 SERVER_NAME = "db.example.com"
 

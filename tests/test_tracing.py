@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from sidecar import tracing
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
-from tests.conftest import answer, check_request, seed
+from tests.conftest import ACTIVE, answer, check_request, seed
 from tests.envoy_harness import ENVOY_YAML, render_config, run_envoy
 from tests.helpers import eventually, http_get, serving
 
@@ -147,7 +147,6 @@ async def test_a_request_is_one_trace_across_envoy_the_sidecar_and_the_webhook(
     assert (trace_id, parent_id) == (check.trace_id, call.span_id)
 
 
-ACTIVE = (ResponseAction(type=ActionType.STRING, key="status", value="active"),)
 # A client's own W3C trace context, as a request reaches Envoy with it.
 CLIENT_TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 

@@ -33,10 +33,9 @@ from sidecar.pod_metrics import PodTotals, merge_expositions, parse_exposition
 from sidecar.settings import Settings
 from sidecar.workers import SOCKET_PATH_MAX_BYTES, AnswerTooLarge, Supervisor, read_answer, sockets_dir
 from tests.conftest import check_request
-from tests.helpers import OK, ServerLog, eventually, free_port, metric, ops_get, start_server
+from tests.helpers import FRESH, OK, ServerLog, eventually, free_port, metric, ops_get, start_server
 
 WORKERS = 2
-FRESH = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def decisions(text: str) -> float:
