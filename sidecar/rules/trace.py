@@ -52,7 +52,11 @@ def secret_parts(request: CompiledRequest) -> frozenset[str]:
 
     parts = {name.lower() for name, template in request.headers if credential(template)}
     parts.update(part for part, template in (("url", request.url), ("body", request.body)) if credential(template))
-    return frozenset(parts)
+    # Most rules have none: one shared empty set rather than 216 bytes per rule loaded.
+    return frozenset(parts) if parts else _NO_PARTS
+
+
+_NO_PARTS: frozenset[str] = frozenset()
 
 Source = Literal["call", "shared", "cache", "not sent", "not run"]
 """How a rule's outcome came about: its own webhook call; a call another check was already
