@@ -116,11 +116,18 @@ def test_upstream_headers_are_each_responses_own() -> None:
     def allow(value: str) -> Decision:
         return Decision.allow(Code.RULES_PASSED, "met", "p", (("x-safous-tier", value),))
 
-    first, second = build_response(allow("gold"), "r1"), build_response(allow("gold"), "r2")
-    first.ok_response.headers[0].header.value = "changed"
+    # Built, then kept (asked for twice), then copied from what is kept.
+    first, second, third = (build_response(allow("gold"), f"r{n}") for n in (1, 2, 3))
+    for response in (first, third):
+        response.ok_response.headers[0].header.value = "changed"
     assert [(h.header.key, h.header.value) for h in second.ok_response.headers] == [("x-safous-tier", "gold")]
     assert [h.header.value for h in build_response(allow("gold"), "r3").ok_response.headers] == ["gold"]
     assert [h.header.value for h in build_response(allow("silver"), "r4").ok_response.headers] == ["silver"]
+    # Values that differ per user, more of them than responses are kept: each response has its own.
+    for n in range(3000):
+        response = build_response(allow(f"user-{n % 1500}"), f"u{n}")
+        assert [h.header.value for h in response.ok_response.headers] == [f"user-{n % 1500}"]
+        assert response.dynamic_metadata.fields["request_id"].string_value == f"u{n}"
     large = "v" * 4000
     for request_id in ("r5", "r6"):
         response = build_response(allow(large), request_id)
