@@ -217,6 +217,11 @@ def _cacheable(decision: Decision) -> bool:
     return chars <= _TEMPLATE_MAX_HEADERS
 
 
+def _base(decision: Decision) -> tuple[pb.CheckResponse, str]:
+    return _base_template(decision.allowed, decision.code, decision.reason, decision.policy,
+                          decision.policy_source, decision.audit_deny)
+
+
 @functools.lru_cache(maxsize=_TEMPLATES)
 def _base_template(allowed: bool, code: Code, reason: str, policy: str | None, policy_source: PolicySource,
                    audit_deny: bool) -> tuple[pb.CheckResponse, str]:
@@ -261,9 +266,7 @@ class _WithHeaders:
         if kept is not None and kept[0] == decision:
             self._kept.move_to_end(key)
             return _copy(kept[1])
-        base, _ = _base_template(decision.allowed, decision.code, decision.reason, decision.policy,
-                                 decision.policy_source, decision.audit_deny)
-        response = _copy(base)
+        response = _copy(_base(decision)[0])
         response.ok_response.headers.extend([_upstream_header(k, v) for k, v in decision.upstream_headers])
         if self._seen.pop(key, 0) is None:  # asked for before: worth keeping
             self._kept[key] = (decision, _copy(response))
@@ -294,8 +297,7 @@ def build_response(decision: Decision, request_id: str,
     elif decision.allowed and decision.upstream_headers:
         response, body = _with_headers.response(decision), ""
     else:
-        template, body = _base_template(decision.allowed, decision.code, decision.reason, decision.policy,
-                                        decision.policy_source, decision.audit_deny)
+        template, body = _base(decision)
         response = _copy(template)
     response.dynamic_metadata.fields["request_id"].string_value = request_id
     if not decision.allowed:

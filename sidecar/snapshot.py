@@ -181,7 +181,15 @@ class RulesWatcher:
         # A load cancelled on the loop (stop()) goes on in its thread: whoever closes the
         # connection waits for it, since closing under a running query crashes the process.
         with self._connection_lock:
-            return self._load_locked(force)
+            try:
+                return self._load_locked(force)
+            except db.StoreError:
+                raise
+            except Exception as exc:
+                # A bug rather than the database: it is reported like an unreadable rules.db
+                # (readiness, metrics) instead of ending the watcher, and tried again next tick.
+                log.exception("rules reload failed unexpectedly")
+                raise db.StoreError(f"reload failed unexpectedly: {type(exc).__name__}: {exc}"[:300]) from exc
 
     def _load_locked(self, force: bool) -> Snapshot | None:
         identity = db.file_identity(self._path)
@@ -236,15 +244,7 @@ class RulesWatcher:
 
     async def _load(self, force: bool) -> Snapshot | None:
         try:
-            try:
-                snapshot = await asyncio.to_thread(self._load_blocking, force)
-            except db.StoreError:
-                raise
-            except Exception as exc:
-                # A bug rather than the database: it is reported like an unreadable rules.db
-                # (readiness, metrics) instead of ending the watcher, and tried again next tick.
-                log.exception("rules reload failed unexpectedly")
-                raise db.StoreError(f"reload failed unexpectedly: {type(exc).__name__}: {exc}"[:300]) from exc
+            snapshot = await asyncio.to_thread(self._load_blocking, force)
         except db.StoreError as exc:
             await asyncio.to_thread(self._drop_connection)
             self.reloads_failed += 1
