@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,16 @@ from aiohttp import web
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.db import connect, ensure_database, save_policy, save_rule, transaction
+from sidecar.decision import Decision
+from sidecar.parameters import Parameters
 from sidecar.policies import Policy
+from sidecar.rules import UnavailableEvaluator
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.certs import TlsDir, make_tls_dir
 from tests.helpers import closed_port, serving
+from tests.webhook_servers import Api, Handler, RawServer, Seen, Serve
 
 
 def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) -> None:
@@ -38,6 +44,13 @@ def seed(db: Path, rules: Iterable[Rule] = (), policies: Iterable[Policy] = ()) 
 
 ACTIVE = (ResponseAction(type=ActionType.STRING, key="status", value="active"),)
 """A rule's response actions for the webhooks of the tests that answer ``{"status": "active"}``."""
+
+
+class ExplodingEvaluator(UnavailableEvaluator):
+    """An evaluator with a bug: every evaluation raises."""
+
+    async def evaluate(self, policy: Policy, rules: Sequence[Any], params: Parameters) -> Decision:
+        raise RuntimeError("boom")
 
 
 def check_request(path: str = "/", *, host: str = "app.example.com", method: str = "GET",
@@ -208,3 +221,40 @@ def answer(payload: object, status: int = 200, *, delay: float = 0, jsonp: str |
         return web.Response(text=text, status=status, content_type="application/json")
 
     return handler
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start an aiohttp app on 127.0.0.1:0 whose every route is ``handler`` (recorded first)."""
+    apps = contextlib.AsyncExitStack()
+
+    async def start(handler: Handler, *, ssl_context: ssl.SSLContext | None = None) -> Api:
+        api = Api("")
+
+        async def record(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            api.seen.append(Seen(request.method, request.raw_path, headers, body, tuple(peer[:2])))
+            return await handler(request)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        # handler_cancellation: a handler still sleeping when the client leaves is cancelled,
+        # so teardown does not wait for it.
+        port = await apps.enter_async_context(serving(app, ssl_context=ssl_context, handler_cancellation=True,
+                                                      shutdown_timeout=0.5))
+        api.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+        return api
+
+    async with apps:
+        yield start
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawServer]:
+    server = await RawServer().start()
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -35,21 +35,26 @@ import aiohttp
 
 __all__ = [
     "ENVOY_DIR",
+    "ENVOY_JWT_YAML",
     "ENVOY_MTLS_YAML",
     "ENVOY_YAML",
+    "JWKS_PATH_LITERAL",
     "PROJECT_ROOT",
+    "WITHOUT_ENVOY_STRIP",
     "EnvoyError",
     "EnvoyProcess",
     "access_log",
     "envoy_binary",
     "render_config",
     "run_envoy",
+    "safous_headers",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = PROJECT_ROOT / "envoy"
 ENVOY_YAML = ENVOY_DIR / "envoy.yaml"
 ENVOY_MTLS_YAML = ENVOY_DIR / "envoy-mtls.yaml"
+ENVOY_JWT_YAML = ENVOY_DIR / "envoy-jwt.yaml"
 ENVOY_TCP_YAML = ENVOY_DIR / "envoy-tcp.yaml"
 
 # Literals in the shipped configs (see envoy/*.yaml).
@@ -57,6 +62,7 @@ SIDECAR_PORT_LITERAL = 9191
 UPSTREAM_PORT_LITERAL = 8081
 LISTENER_PORT_LITERALS = (8080, 8443)
 ADMIN_PORT_LITERAL = 9901
+JWKS_PATH_LITERAL = "/etc/safous/jwt/jwks.json"  # envoy-jwt.yaml
 TLS_PATH_LITERALS = {
     "/etc/safous/tls/server.crt": "server.crt",
     "/etc/safous/tls/server.key": "server.key",
@@ -341,3 +347,18 @@ async def access_log(envoy: EnvoyProcess, count: int) -> list[dict[str, Any]]:
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         await asyncio.sleep(0.1)
+
+
+# The shipped strip of client-sent x-safous-* headers, turned into a no-op: what the app gets of
+# that namespace then depends on the sidecar alone.
+WITHOUT_ENVOY_STRIP = {'key_matcher: { prefix: "x-safous-", ignore_case: true }':
+                       'key_matcher: { prefix: "x-not-safous-", ignore_case: true }'}
+
+
+def safous_headers(echo: bytes) -> dict[str, str]:
+    """The x-safous-* headers the echo upstream received, also spelt with underscores, as a
+    CGI/WSGI app reads them (a repeated one would fail the test)."""
+    pairs = [(k, v) for k, v in json.loads(echo)["headers"]
+             if k.lower().replace("_", "-").startswith("x-safous-")]
+    assert len(pairs) == len({k for k, _ in pairs}), pairs
+    return dict(pairs)

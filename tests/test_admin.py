@@ -1,7 +1,4 @@
-"""``safous-admin``: what an admin types and sees, exactly, with the exit status.
-
-Also holds the helpers the other admin test files use (``admin``, ``times``, ``count``).
-"""
+"""``safous-admin``: what an admin types and sees, exactly, with the exit status."""
 
 from __future__ import annotations
 
@@ -17,57 +14,22 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from sidecar.admin import cli
-from sidecar.db import ActivityRecord, connect, insert_activity, parse_iso_time, read_policies, read_rules
-from sidecar.rules.model import ActionType, ResponseAction, Rule
+from sidecar.db import ActivityRecord, connect, insert_activity, parse_iso_time, read_policies
+from sidecar.rules.model import ActionType, ResponseAction
 from sidecar.rules.secrets import MASK
+from tests.admin_cli import admin, count, ok, refused, stored_rules
 
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 TIME = "YYYY-MM-DDTHH:MM:SS.mmmZ"
-
-
-def admin(db: Path, *args: str, actor: str = "alice", input: str | None = None,
-          env: dict[str, str | None] | None = None) -> Result:
-    """``safous-admin --db DB --actor ACTOR ARGS...`` in-process. An exception other than the
-    command's exit propagates: a crash fails the test instead of being an exit status."""
-    runner = CliRunner(env={"SAFOUS_DB": None, "SAFOUS_ACTOR": None, "SAFOUS_SECRET_DIR": None,
-                            "SAFOUS_SECRET_ENV_PREFIX": None, **(env or {})})
-    prefix = ["--db", str(db)] + (["--actor", actor] if actor else [])
-    return runner.invoke(cli, [*prefix, *args], input=input, catch_exceptions=False)
 
 
 def times(text: str) -> str:
     """``text`` with every log time replaced by ``TIME`` (same width, so columns still align)."""
     return _TIME.sub(TIME, text)
 
-
-def count(db: Path, table: str) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    finally:
-        conn.close()
-
-
-def stored_rules(db: Path) -> dict[str, Rule]:
-    conn = connect(db, readonly=True)
-    try:
-        return {r.name: r.rule for r in read_rules(conn)}
-    finally:
-        conn.close()
-
-
-def ok(result: Result, stdout: str) -> None:
-    assert (result.exit_code, result.stderr) == (0, ""), result.output
-    assert result.stdout == stdout
-
-
-def refused(result: Result, message: str, exit_code: int = 1) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert result.stdout == ""
-    assert result.stderr.splitlines()[-1] == f"Error: {message}"
 
 
 # ------------------------------------------------------------------------------ help

@@ -190,7 +190,7 @@ def test_a_replaced_row_is_a_delete_and_a_create(db: Path) -> None:
 
 
 def test_an_older_rules_db_gets_the_audit_triggers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_admin import admin
+    from tests.admin_cli import admin
 
     path = tmp_path / "old.db"
     monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])

@@ -14,9 +14,9 @@ from aiohttp import web
 from click.testing import Result
 
 from sidecar.rules.secrets import MASK
+from tests.admin_cli import admin, count
 from tests.conftest import Webhook, answer
 from tests.helpers import closed_port
-from tests.test_admin import admin, count
 
 
 async def run(db: Path, *args: str, **kwargs: Any) -> Result:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from tests.admin_cli import admin
 from tests.conftest import Webhook, answer, check_request, denial_reason
 from tests.helpers import OK, PERMISSION_DENIED, eventually
-from tests.test_admin import admin
 
 
 async def test_admin_edits_reach_a_running_sidecar(db: Path, start_sidecar, authz, webhook: Webhook) -> None:

@@ -11,11 +11,10 @@ from typing import Any
 
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
-from tests.conftest import answer, check_request, seed
+from tests.admin_cli import admin
+from tests.conftest import ExplodingEvaluator, answer, check_request, seed
 from tests.envoy_harness import ENVOY_YAML, access_log, render_config, run_envoy
 from tests.helpers import eventually, http_get, metric, ops_get
-from tests.test_admin import admin
-from tests.test_server import ExplodingEvaluator
 
 REASON = 'rule "new-check": status is "inactive", expected "active"'
 

@@ -19,15 +19,12 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from click.testing import CliRunner, Result
 
 from sidecar import db as store
-from sidecar.admin import cli
 from sidecar.bundles import (
     BundleRefused,
     BundleSync,
     HttpSource,
-    build_bundle,
     content_hash,
     load_signing_key,
     load_verification_key,
@@ -36,6 +33,7 @@ from sidecar.bundles import (
 from sidecar.bundles import _sync as bundle_sync
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
+from tests.admin_cli import admin
 from tests.conftest import StartSidecar, check_request
 from tests.envoy_harness import ENVOY_YAML, render_config, run_envoy
 from tests.helpers import (
@@ -49,27 +47,7 @@ from tests.helpers import (
     serving,
     start_server,
 )
-
-ALLOW_ALL = {"version": 1, "rules": [], "policies": [
-    {"name": "app", "hosts": ["app.example.com"], "rules": []}]}
-DENY_ALL: dict[str, Any] = {"version": 1, "rules": [], "policies": []}  # no policy: the default action, deny
-
-
-def admin(db: Path, *args: str) -> Result:
-    runner = CliRunner(env={"SAFOUS_DB": None, "SAFOUS_ACTOR": None, "SAFOUS_SECRET_DIR": None,
-                            "SAFOUS_SECRET_ENV_PREFIX": None})
-    return runner.invoke(cli, ["--db", str(db), "--actor", "alice", *args], catch_exceptions=False)
-
-
-@dataclass
-class Keys:
-    dir: Path
-
-    def make(self, name: str, algorithm: str = "ed25519") -> tuple[Path, Path, str]:
-        """``bundle keygen``: (private, public, key id)."""
-        result = admin(self.dir / "unused.db", "bundle", "keygen", str(self.dir / name), "--algorithm", algorithm)
-        assert result.exit_code == 0, result.output
-        return self.dir / f"{name}.key", self.dir / f"{name}.pub", result.output.split("key id ")[1].split()[0]
+from tests.signed_bundles import ALLOW_ALL, DENY_ALL, Keys, bundle_of
 
 
 @pytest.fixture
@@ -93,11 +71,6 @@ def signed_raw(payload: bytes, key_file: Path, kid: str) -> bytes:
     """A JWS over any bytes, JSON or not."""
     key = load_signing_key(key_file.read_bytes(), str(key_file))
     return jwt.PyJWS().encode(payload, key, algorithm="EdDSA", headers={"kid": kid}).encode()
-
-
-def bundle_of(document: dict[str, Any], key_file: Path, sequence: int, kid: str | None = None) -> bytes:
-    key = load_signing_key(key_file.read_bytes(), str(key_file))
-    return build_bundle(document, key, key_id=kid, sequence=sequence)[0].encode()
 
 
 # --- the format: a table of what is refused ----------------------------------------------------

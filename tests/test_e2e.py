@@ -17,7 +17,14 @@ from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.certs import client_ssl_context, make_client_cert, make_foreign_client_cert
 from tests.conftest import answer, seed
-from tests.envoy_harness import ENVOY_MTLS_YAML, ENVOY_YAML, render_config, run_envoy
+from tests.envoy_harness import (
+    ENVOY_MTLS_YAML,
+    ENVOY_YAML,
+    WITHOUT_ENVOY_STRIP,
+    render_config,
+    run_envoy,
+    safous_headers,
+)
 from tests.helpers import http_get
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,21 +98,6 @@ async def test_allow_and_deny_through_envoy(db: Path, start_sidecar, upstream, w
     # The client's identity header was stripped by Envoy; the request id is Envoy's x-request-id.
     assert rows[2][1] == "" and rows[2][2] == "127.0.0.1"
     assert rows[2][0] == denial["request_id"] and len(rows[2][0]) == 36
-
-
-# The shipped strip of client-sent x-safous-* headers, turned into a no-op: what the app gets of
-# that namespace then depends on the sidecar alone.
-WITHOUT_ENVOY_STRIP = {'key_matcher: { prefix: "x-safous-", ignore_case: true }':
-                       'key_matcher: { prefix: "x-not-safous-", ignore_case: true }'}
-
-
-def safous_headers(echo: bytes) -> dict[str, str]:
-    """The x-safous-* headers the echo upstream received, also spelt with underscores, as a
-    CGI/WSGI app reads them (a repeated one would fail the test)."""
-    pairs = [(k, v) for k, v in json.loads(echo)["headers"]
-             if k.lower().replace("_", "-").startswith("x-safous-")]
-    assert len(pairs) == len({k for k, _ in pairs}), pairs
-    return dict(pairs)
 
 
 async def test_forged_safous_headers_are_removed_even_if_envoy_does_not_strip_them(

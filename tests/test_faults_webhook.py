@@ -23,125 +23,16 @@ from typing import Any, Self
 import pytest
 
 from sidecar.policies import Policy
-from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
+from sidecar.rules.model import AuthType, Rule
 from tests.conftest import ACTIVE, check_request, denial_reason, seed
 from tests.helpers import OK, PERMISSION_DENIED, FakeClock, code_of, eventually, webhook_evaluator
+from tests.webhook_servers import PASSING, Behaviour, RawRequest, RawServer, head, respond
 
 MiB = 1 << 20
 TIMEOUT_MS = 400
 TIMEOUT = TIMEOUT_MS / 1000
 MARGIN = 0.3
 """Scheduling slack on top of a rule's timeout: a deny may come this much later, no more."""
-PASSING = b'{"status": "active"}'
-
-
-# --- a raw HTTP/1.1 server -----------------------------------------------------------------
-
-@dataclass
-class RawRequest:
-    """One request as it arrived: the head exactly as received, parsed for convenience."""
-
-    method: str
-    target: str
-    head: bytes
-    headers: list[tuple[str, bytes]]
-    body: bytes
-
-    @property
-    def path(self) -> str:
-        return self.target.split("?", 1)[0]
-
-    def values(self, name: str) -> list[bytes]:
-        return [v for k, v in self.headers if k == name.lower()]
-
-
-Behaviour = Callable[[RawRequest, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class RawServer:
-    """HTTP/1.1 on 127.0.0.1:0, one request per connection. ``routes`` maps a path (without
-    query) to a ``Behaviour``, ``fallback`` answers the others. Records every request."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Behaviour] = {}
-        self.fallback: Behaviour = respond(404, b'{"error": "no such route"}')
-        self.requests: list[RawRequest] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> RawServer:
-        # A large line limit: the injection tests send very long URLs and header values.
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=8 * MiB)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    def seen(self, path: str) -> list[RawRequest]:
-        return [r for r in self.requests if r.path == path]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            request_line, *lines = head[:-4].split(b"\r\n")
-            method, target, _ = request_line.decode("ascii").split(" ", 2)
-            headers = []
-            for line in lines:
-                name, _, value = line.partition(b":")
-                headers.append((name.decode("ascii").lower(), value.removeprefix(b" ")))
-            length = int(next((v for k, v in headers if k == "content-length"), b"0"))
-            body = await reader.readexactly(length)
-            request = RawRequest(method, target, head, headers, body)
-            self.requests.append(request)
-            await self.routes.get(request.path, self.fallback)(request, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up: what several faults are about
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[RawServer]:
-    server = await RawServer().start()
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
-def head(status: int, *, content_type: str | None = "application/json",
-         length: int | None = None, extra: tuple[str, ...] = ()) -> bytes:
-    lines = [f"HTTP/1.1 {status} Whatever"]
-    if content_type is not None:
-        lines.append(f"Content-Type: {content_type}")
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    lines += [*extra, "Connection: close"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-
-
-def respond(status: int = 200, body: bytes = PASSING, *, content_type: str | None = "application/json",
-            extra: tuple[str, ...] = ()) -> Behaviour:
-    """A complete, well-formed answer."""
-    async def behaviour(request: RawRequest, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
-        writer.write(head(status, content_type=content_type, length=len(body), extra=extra) + body)
-        await writer.drain()
-    return behaviour
 
 
 def reset(after: bytes = b"") -> Behaviour:
@@ -339,8 +230,6 @@ async def faults(raw: RawServer, refused_port: int) -> AsyncIterator[Faults]:
         yield Faults(raw, refused_port, backlog)
 
 
-def action(kind: str, key: str, value: str) -> ResponseAction:
-    return ResponseAction(type=ActionType(kind), key=key, value=value)
 
 
 

@@ -13,9 +13,9 @@ import grpc
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
+from tests.admin_cli import admin
 from tests.conftest import check_request, seed
 from tests.helpers import start_server
-from tests.test_admin import admin
 
 
 async def run_sidecar(db: Path, paths: list[tuple[str, str]]) -> list[str]:

@@ -23,16 +23,16 @@ from sidecar.policies import Policy
 from sidecar.rules import UnavailableEvaluator
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.conftest import answer, check_request, seed
-from tests.envoy_harness import render_config, run_envoy
-from tests.helpers import OK, PERMISSION_DENIED, http_get
-from tests.test_e2e import WITHOUT_ENVOY_STRIP, safous_headers
-from tests.test_jwt_e2e import (
+from tests.envoy_harness import (
     ENVOY_JWT_YAML,
     JWKS_PATH_LITERAL,
-    SigningKey,
-    bearer,
-    claims,
+    WITHOUT_ENVOY_STRIP,
+    render_config,
+    run_envoy,
+    safous_headers,
 )
+from tests.helpers import OK, PERMISSION_DENIED, http_get
+from tests.jwt_tokens import SigningKey, bearer, claims
 
 pytestmark = pytest.mark.timeout(60)
 

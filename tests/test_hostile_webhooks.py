@@ -36,16 +36,9 @@ from sidecar.rules.judge import (
 from sidecar.rules.model import Rule, Verification
 from sidecar.rules.responses import compile_actions
 from sidecar.rules.safe_regex import RegexError, compile_regex
-from tests.conftest import check_request, denial_reason, seed
+from tests.conftest import ACTIVE, check_request, denial_reason, seed
 from tests.helpers import OK, code_of, eventually
-from tests.test_faults_webhook import (  # noqa: F401
-    ACTIVE,
-    PASSING,
-    RawServer,
-    action,
-    raw,
-    respond,
-)
+from tests.webhook_servers import PASSING, RawServer, action, respond
 
 MiB = 1 << 20
 # ~1 MiB of numbers with fractions: each one costs Python when the answer is parsed.
@@ -86,7 +79,7 @@ async def unrelated_held_back(stub: Any, hostile: Callable[[], Awaitable[float]]
 
 
 async def test_a_catastrophic_regex_matches_in_linear_time(
-        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     raw.routes["/evil"] = respond(200, EVIL_TEXT)
     raw.routes["/ok"] = respond(200, PASSING)
     evil = Rule(name="evil", url=raw.url + "/evil", timeout_ms=2000,
@@ -116,7 +109,7 @@ async def test_a_catastrophic_regex_matches_in_linear_time(
 ])
 async def test_a_stored_regex_re2_refuses_loads_as_rule_invalid(
         pattern: str, construct: str, db: Path, start_sidecar: Any, authz: Any,
-        raw: RawServer) -> None:  # noqa: F811
+        raw: RawServer) -> None:
     raw.routes["/ok"] = respond(200, PASSING)
     seed(db, rules_for(raw), [Policy(name="p", path_prefix="/p", rules=("ok",))])
     conn = sqlite3.connect(db)  # as an old rules.db, or plain SQL, would hold it
@@ -135,7 +128,7 @@ async def test_a_stored_regex_re2_refuses_loads_as_rule_invalid(
 
 
 async def test_large_answers_are_judged_off_the_loop_within_the_rules_deadline(
-        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     """Eight 1 MiB answers of numbers at once: each check is decided by its deadline (the
     parse counts against the rule's timeout) and an unrelated check is not held up."""
     raw.routes["/numbers"] = respond(200, NUMBERS)
@@ -170,7 +163,7 @@ async def test_large_answers_are_judged_off_the_loop_within_the_rules_deadline(
 
 
 async def test_a_huge_stored_value_fails_the_rule_and_is_not_kept(
-        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     raw.routes["/ok"] = respond(200, PASSING)
     raw.routes["/huge"] = respond(200, json.dumps(
         {"status": "active", "token": "t" * (MiB - 100)}).encode())
@@ -200,7 +193,7 @@ async def test_a_huge_stored_value_fails_the_rule_and_is_not_kept(
 
 
 async def test_client_sent_megabytes_do_not_grow_the_cache(
-        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     """A 60 KB header used by a cached rule: the key is a digest, so each entry stays small."""
     raw.routes["/h"] = respond(200, b'{"status": "down"}')
     seed(db, [Rule(name="h", url=raw.url + "/h", headers=(("X-Big", "%headers.x-big%"),),
@@ -220,7 +213,7 @@ async def test_client_sent_megabytes_do_not_grow_the_cache(
 
 @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x9b"])
 async def test_a_stored_value_with_a_line_separator_or_c1_control_is_refused(
-        separator: str, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        separator: str, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     raw.routes["/sep"] = respond(200, json.dumps({"status": "active", "token": f"a{separator}b"}).encode())
     seed(db, [Rule(name="sep", url=raw.url + "/sep",
                    actions=(action("store", "token", "token"),))],
@@ -310,7 +303,7 @@ def rules_db(db: Path) -> Iterator[sqlite3.Connection]:
 @given(body=ANSWERS, pattern=RE2_PATTERNS)
 async def test_any_answer_is_decided_within_the_deadline_without_holding_other_checks(
         body: bytes, pattern: str, db: Path, rules_db: sqlite3.Connection, start_sidecar: Any, authz: Any,
-        raw: RawServer) -> None:  # noqa: F811
+        raw: RawServer) -> None:
     rule = Rule(name="r", url=raw.url + "/answer", timeout_ms=DEADLINE_MS, actions=(action("regex", "v", pattern),))
     if not hasattr(raw, "sidecar"):  # the first example starts the sidecar; the others reuse it
         raw.routes["/ok"] = respond(200, PASSING)
@@ -505,7 +498,7 @@ async def test_regexes_that_are_costly_together_are_judged_off_the_loop(monkeypa
 
 @pytest.mark.parametrize("answer", [b'{"token": "ab\\ud800cd"}', b'{"token": "ok", "x": ["\\udfff"]}'])
 async def test_an_answer_with_a_lone_surrogate_is_invalid_not_an_internal_error(
-        answer: bytes, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        answer: bytes, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     raw.routes["/s"] = respond(200, answer)
     seed(db, [Rule(name="s", url=raw.url + "/s", cache_ttl=60,
                    actions=(action("regex", "token", "^a"), action("store", "token", "token")))],

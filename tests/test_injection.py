@@ -34,16 +34,9 @@ from sidecar.edge import (
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
 from sidecar.rules.unsafe import MAX_PATH_VALUE
-from tests.conftest import check_request, denial_reason, seed
+from tests.conftest import ACTIVE, check_request, denial_reason, seed
 from tests.helpers import OK, PERMISSION_DENIED, eventually
-from tests.test_faults_webhook import (  # noqa: F401
-    ACTIVE,
-    RawRequest,
-    RawServer,
-    action,
-    raw,
-    respond,
-)
+from tests.webhook_servers import RawRequest, RawServer, action, respond
 
 # Pieces that mean something somewhere: HTTP (CR, LF, NUL, ":"), URLs ("/", "?", "#", "&",
 # "=", "%XX", "@"), JSON ('"', "\\", "\\u0000"), form bodies ("+"), templates ("%name%",
@@ -136,7 +129,7 @@ def decoded(escaped: str) -> str:
 @given(v=VALUE, username=VALUE, agent=VALUE)
 async def test_client_values_cannot_change_a_webhook_request(
         v: str, username: str, agent: str, db: Path, start_sidecar: Any, authz: Any,
-        raw: RawServer) -> None:  # noqa: F811
+        raw: RawServer) -> None:
     """URL: path segments and query keys fixed, the host too; headers: the same names every
     time, the values byte for byte, or no request at all (``unsafe_parameter``); JSON and
     form bodies: the same keys, the values as sent."""
@@ -228,7 +221,7 @@ JSON_VALUES = st.recursive(
 @settings(HYPOTHESIS, max_examples=60)
 @given(v=VALUE, document=JSON_VALUES)
 async def test_a_reason_quoting_a_webhook_value_reaches_envoy_as_one_safe_line(
-        v: str, document: Any, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:  # noqa: F811
+        v: str, document: Any, db: Path, start_sidecar: Any, authz: Any, raw: RawServer) -> None:
     """The webhook answers with a value the client chose (it echoes ``x-v``) or with any JSON
     value; a ``value_mismatch`` reason quotes it. Whatever it holds, Envoy gets one line of
     printable ASCII, at most 256 characters, and a value that is already such a line is
@@ -279,7 +272,7 @@ NAME = st.one_of(VALUE.map(lambda s: s[:120] or "x"),
 @settings(HYPOTHESIS, max_examples=8)
 @given(names=st.lists(NAME, min_size=10, max_size=10, unique=True))
 async def test_rule_names_reach_envoy_as_one_safe_line(
-        names: list[str], db: Path, start_sidecar: Any, authz: Any, raw: RawServer,  # noqa: F811
+        names: list[str], db: Path, start_sidecar: Any, authz: Any, raw: RawServer,
         refused_port: int) -> None:
     """Rule names are free text (up to 128 characters) and every rule reason names its rule.
     Ten rules per example, written to rules.db together and picked up by one reload: half

@@ -30,7 +30,7 @@ from sidecar.rules.oauth import (
     token_lifetime,
 )
 from tests.helpers import FakeClock, eventually
-from tests.test_webhook import Api, Serve, failure, get, serve  # noqa: F401
+from tests.webhook_servers import Api, Serve, failure, get
 
 SECRET = "s3cr:et/+&% é"
 CLIENT_ID = "my client:1"
@@ -137,7 +137,7 @@ def tokens(expires_in: Any = 3600) -> Callable[[int], tuple[int, Any]]:
 
 
 @pytest.fixture
-async def idp(serve: Serve) -> TokenEndpoint:  # noqa: F811
+async def idp(serve: Serve) -> TokenEndpoint:
     endpoint: TokenEndpoint
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -183,7 +183,7 @@ def auth(endpoint: TokenEndpoint) -> OAuthAuth:
     return OAuthAuth(endpoint.api.url + "/oauth2/token?tenant=t1", CLIENT_ID, SECRET)
 
 
-async def test_the_token_request_and_the_bearer_header(serve: Serve, idp: TokenEndpoint,  # noqa: F811
+async def test_the_token_request_and_the_bearer_header(serve: Serve, idp: TokenEndpoint,
                                                        client: WebhookClient) -> None:
     api = await serve(accepts("tok-0"))
     response = await client.call(get(api.url + "/check", ("Authorization", "rule's own")),
@@ -202,7 +202,7 @@ async def test_the_token_request_and_the_bearer_header(serve: Serve, idp: TokenE
     assert bearers(api) == ["Bearer tok-0"]  # replaces the rule's Authorization header
 
 
-async def test_concurrent_calls_share_one_token_request(serve: Serve, idp: TokenEndpoint,  # noqa: F811
+async def test_concurrent_calls_share_one_token_request(serve: Serve, idp: TokenEndpoint,
                                                         client: WebhookClient) -> None:
     idp.delay = 0.05
     api = await serve(accepts("tok-0"))
@@ -218,7 +218,7 @@ async def test_concurrent_calls_share_one_token_request(serve: Serve, idp: Token
 @pytest.mark.parametrize(("expires_in", "kept"), [(100, 90.0), (3600, 3570.0),
                                                   (None, 270.0), (0, 0.9)])
 async def test_a_token_is_reused_until_shortly_before_it_expires(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: FakeClock,  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: FakeClock,
         expires_in: Any, kept: float) -> None:
     idp.answer = tokens(expires_in)
     api = await serve(accepts("tok-0", "tok-1"))
@@ -236,7 +236,7 @@ async def test_a_token_is_reused_until_shortly_before_it_expires(
 
 
 async def test_two_rules_with_the_same_client_share_a_token_but_not_across_secrets(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:
     api = await serve(accepts("tok-0", "tok-1"))
     same = auth(idp)
     await client.call(get(api.url + "/a"), timeout=2, auth=same)
@@ -249,7 +249,7 @@ async def test_two_rules_with_the_same_client_share_a_token_but_not_across_secre
 
 
 async def test_a_401_refreshes_the_token_once_and_retries_once(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:
     api = await serve(accepts("tok-1"))  # tok-0 was revoked
 
     response = await client.call(get(api.url + "/"), timeout=2, auth=auth(idp))
@@ -262,7 +262,7 @@ async def test_a_401_refreshes_the_token_once_and_retries_once(
 
 
 async def test_a_webhook_that_always_answers_401_is_tried_twice(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:
     api = await serve(accepts())
 
     response = await client.call(get(api.url + "/"), timeout=2, auth=auth(idp))
@@ -272,7 +272,7 @@ async def test_a_webhook_that_always_answers_401_is_tried_twice(
     assert bearers(api) == ["Bearer tok-0", "Bearer tok-1"]
 
 
-async def test_concurrent_401s_share_one_refresh(serve: Serve, idp: TokenEndpoint,  # noqa: F811
+async def test_concurrent_401s_share_one_refresh(serve: Serve, idp: TokenEndpoint,
                                                  client: WebhookClient) -> None:
     idp.delay = 0.02
     api = await serve(accepts("tok-1"))
@@ -285,7 +285,7 @@ async def test_concurrent_401s_share_one_refresh(serve: Serve, idp: TokenEndpoin
 
 
 async def test_invalidate_keeps_a_token_that_already_replaced_the_refused_one(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:
     api = await serve(accepts("tok-0", "tok-1"))
     credentials = auth(idp)
     key = TokenKey.of(credentials)
@@ -311,7 +311,7 @@ async def test_invalidate_keeps_a_token_that_already_replaced_the_refused_one(
     ((200, {"access_token": "t", "token_type": "MAC"}), 'OAuth token_type is "MAC", expected Bearer'),
 ])
 async def test_an_unusable_token_endpoint_fails_the_call(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient,  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient,
         caplog: pytest.LogCaptureFixture, answer: tuple[int, Any], reason: str) -> None:
     caplog.set_level(logging.DEBUG)
     idp.answer = lambda n: answer
@@ -324,7 +324,7 @@ async def test_an_unusable_token_endpoint_fails_the_call(
     assert api.seen == []
 
 
-async def test_an_unreachable_token_endpoint_fails_the_call(serve: Serve,  # noqa: F811
+async def test_an_unreachable_token_endpoint_fails_the_call(serve: Serve,
                                                             client: WebhookClient,
                                                             refused_port: int) -> None:
     api = await serve(accepts("t"))
@@ -338,7 +338,7 @@ async def test_an_unreachable_token_endpoint_fails_the_call(serve: Serve,  # noq
 
 
 async def test_an_outage_costs_one_token_request_per_second(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: FakeClock) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient, clock: FakeClock) -> None:
     idp.delay = 0.05
     idp.answer = lambda n: (503, {"error": "temporarily_unavailable"})
     api = await serve(accepts("tok-1"))
@@ -360,7 +360,7 @@ async def test_an_outage_costs_one_token_request_per_second(
 
 
 async def test_a_slow_token_endpoint_times_the_call_out_but_its_token_is_kept(
-        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, client: WebhookClient) -> None:
     idp.held = asyncio.Event()  # answers only once the call has timed out
     api = await serve(accepts("tok-0"))
 
@@ -375,7 +375,7 @@ async def test_a_slow_token_endpoint_times_the_call_out_but_its_token_is_kept(
 
 
 async def test_closing_the_client_cancels_a_token_request_cleanly(
-        serve: Serve, idp: TokenEndpoint, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+        serve: Serve, idp: TokenEndpoint, caplog: pytest.LogCaptureFixture) -> None:
     idp.delay = 5
     api = await serve(accepts("tok-0"))
     client = WebhookClient()

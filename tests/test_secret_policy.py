@@ -21,9 +21,9 @@ from sidecar.policies import Policy
 from sidecar.rules.model import AuthType, Rule
 from sidecar.rules.secrets import SecretError, SecretPolicy, parse_secret_dirs, resolve_secret
 from sidecar.settings import Settings
+from tests.admin_cli import admin, count, refused, stored_rules
 from tests.conftest import Webhook, answer, check_request, denial_reason, seed
 from tests.helpers import ROOT, code_of, start_server
-from tests.test_admin import admin, count, refused, stored_rules
 
 SECRET = "s3cr3t-in-the-dir"
 OUTSIDE = "outside-secret-never-read"

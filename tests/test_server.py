@@ -19,7 +19,7 @@ from sidecar.policies import Policy, PolicyIndex
 from sidecar.rules import UnavailableEvaluator
 from sidecar.rules.model import Rule
 from sidecar.snapshot import Snapshot
-from tests.conftest import check_request, denial_reason, seed
+from tests.conftest import ExplodingEvaluator, check_request, denial_reason, seed
 from tests.helpers import OK, PERMISSION_DENIED, eventually
 
 RULE = Rule(name="posture", url="http://127.0.0.1:9/check")
@@ -90,11 +90,6 @@ async def test_a_policy_without_a_rule_list_in_the_snapshot_denies() -> None:
         decision, _ = await checker.check(attrs)
         assert (decision.allowed, decision.code, decision.policy) == (False, Code.INTERNAL_ERROR, "app")
         assert decision.reason == 'policy "app" has no rule list in the loaded snapshot'
-
-
-class ExplodingEvaluator(UnavailableEvaluator):
-    async def evaluate(self, policy, rules, params) -> Decision:
-        raise RuntimeError("boom")
 
 
 async def test_an_exception_inside_a_check_is_an_internal_error_deny(db: Path, start_sidecar, authz) -> None:

@@ -19,9 +19,9 @@ from sidecar.db import ActivityRecord
 from sidecar.policies import Policy
 from sidecar.rules import trace
 from sidecar.rules.model import ActionType, AuthType, ResponseAction, Rule
+from tests.admin_cli import admin
 from tests.conftest import answer, check_request, seed
 from tests.helpers import eventually, metric, ops_get
-from tests.test_admin import admin
 
 SECRET = "s3cr3t-static-token"
 PASSWORD = "pa55-word-in-clear"

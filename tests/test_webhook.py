@@ -8,87 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import gc
 import gzip
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from sidecar.decision import Code
-from sidecar.rules.client import BasicAuth, WebhookClient, WebhookFailure, WebhookResponse
+from sidecar.rules.client import BasicAuth, WebhookClient, WebhookResponse
 from sidecar.rules.templates import WebhookRequest
 from tests.certs import make_ca, make_server_cert
-from tests.helpers import serving
+from tests.webhook_servers import Handler, Serve, failure, get
 
 MiB = 1 << 20
 SLACK = 0.5
 """How much later than its timeout a call may fail on a loaded machine: far below the slow
 server's 5 s, so a timeout that does not fire, or restarts with each byte, still fails."""
-
-
-@dataclass
-class Seen:
-    """One request as the server received it."""
-
-    method: str
-    raw_path: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    peer: tuple[str, int]
-
-    def values(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
-
-
-@dataclass
-class Api:
-    """A running third-party API: its base URL and every request it received."""
-
-    url: str
-    seen: list[Seen] = field(default_factory=list)
-
-    @property
-    def peers(self) -> set[tuple[str, int]]:
-        return {s.peer for s in self.seen}
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Serve = Callable[..., Awaitable[Api]]
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """Start an aiohttp app on 127.0.0.1:0 whose every route is ``handler`` (recorded first)."""
-    apps = contextlib.AsyncExitStack()
-
-    async def start(handler: Handler, *, ssl_context: ssl.SSLContext | None = None) -> Api:
-        api = Api("")
-
-        async def record(request: web.Request) -> web.StreamResponse:
-            body = await request.read()
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-            peer = request.transport.get_extra_info("peername") if request.transport else None
-            api.seen.append(Seen(request.method, request.raw_path, headers, body, tuple(peer[:2])))
-            return await handler(request)
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", record)
-        # handler_cancellation: a handler still sleeping when the client leaves is cancelled,
-        # so teardown does not wait for it.
-        port = await apps.enter_async_context(serving(app, ssl_context=ssl_context, handler_cancellation=True,
-                                                      shutdown_timeout=0.5))
-        api.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
-        return api
-
-    async with apps:
-        yield start
 
 
 @pytest.fixture
@@ -101,16 +41,6 @@ def json_ok(body: bytes = b'{"status": "active"}') -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.Response(body=body, content_type="application/json", charset="utf-8")
     return handler
-
-
-def get(url: str, *headers: tuple[str, str]) -> WebhookRequest:
-    return WebhookRequest("GET", url, tuple(headers), None)
-
-
-async def failure(call: Awaitable[WebhookResponse]) -> WebhookFailure:
-    with pytest.raises(WebhookFailure) as info:
-        await call
-    return info.value
 
 
 # --- what arrives ------------------------------------------------------------------------

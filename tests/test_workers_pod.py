@@ -34,6 +34,7 @@ from sidecar.settings import Settings
 from sidecar.workers import SOCKET_PATH_MAX_BYTES, AnswerTooLarge, Supervisor, read_answer, sockets_dir
 from tests.conftest import check_request
 from tests.helpers import FRESH, OK, ServerLog, eventually, free_port, metric, ops_get, start_server
+from tests.signed_bundles import ALLOW_ALL, Keys, bundle_of
 
 WORKERS = 2
 
@@ -131,8 +132,6 @@ async def test_the_pods_metrics_and_readiness_under_workers(tmp_path: Path) -> N
 async def test_the_pods_readiness_shows_each_workers_bundle_revision(tmp_path: Path) -> None:
     """With --bundle, the pod's /readyz says which revision each worker answers by (a worker's
     own page does; the supervisor's must not hide it)."""
-    from tests.test_bundles import ALLOW_ALL, Keys, bundle_of
-
     private, public, _ = Keys(tmp_path).make("signing")
     source = tmp_path / "bundle.jws"
     source.write_bytes(bundle_of(ALLOW_ALL, private, 7))
