@@ -1,7 +1,7 @@
 """`make bench`: what a check costs on top of gRPC itself, measured side by side with a bare
 always-OK Check servicer built from the same generated code, in the same run.
 
-Everything runs on loopback and is bounded in time (about six minutes in all). Load comes
+Everything runs on loopback and is bounded in time (about seven minutes in all). Load comes
 from h2load (gRPC: a length-prefixed serialized CheckRequest posted with
 ``content-type: application/grpc``) and wrk (HTTP through Envoy), except where every request
 must differ (the 100 ms webhook: single flight would merge identical ones), which uses a small
@@ -794,7 +794,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3, help="seconds of load per run")
     parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
     parser.add_argument("--only", choices=["all", "fixed", "stalls"], default="all",
-                        help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about two minutes); "
+                        help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about three minutes); "
                              "stalls: only the 10,000-rule reload and bundle activation (about two minutes)")
     args = parser.parse_args()
     if args.role == "baseline":
