@@ -1,4 +1,5 @@
-"""Shared fixtures: real rules.db files, a real sidecar on port 0, a real gRPC client."""
+"""Shared fixtures: real rules.db files, a real sidecar on port 0, a real gRPC client, and
+third-party APIs on loopback (``serve``, ``raw``: see tests/webhook_servers.py)."""
 
 from __future__ import annotations
 
@@ -253,6 +254,7 @@ async def serve() -> AsyncIterator[Serve]:
 
 @pytest.fixture
 async def raw() -> AsyncIterator[RawServer]:
+    """A ``RawServer`` on 127.0.0.1:0, closed with whatever it is still answering."""
     server = await RawServer().start()
     try:
         yield server
