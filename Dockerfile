@@ -29,11 +29,14 @@ RUN python -m build --outdir /dist .
 
 FROM ${PYTHON_IMAGE}
 # Nothing to write at import time (the wheel's modules are compiled when installed), log lines
-# reach `docker logs` / `kubectl logs` as they are written.
+# reach `docker logs` / `kubectl logs` as they are written. Health and metrics listen on every
+# interface for the kubelet's probes and Prometheus, which needs --insecure-listen http (that
+# listener has no TLS); gRPC stays on loopback, and would refuse a network address without TLS.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SAFOUS_DB=/var/lib/safous/rules.db \
-    SAFOUS_HTTP=0.0.0.0:9192
+    SAFOUS_HTTP=0.0.0.0:9192 \
+    SAFOUS_INSECURE_LISTEN=http
 RUN groupadd --system --gid 10001 safous \
     && useradd --system --uid 10001 --gid safous --no-create-home --home-dir /var/lib/safous \
        --shell /usr/sbin/nologin safous \

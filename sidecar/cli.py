@@ -7,6 +7,7 @@ documentation cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import typing
 from collections.abc import Sequence
@@ -51,10 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         for error in exc.errors():
-            where = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "settings"
-            print(f"safous-sidecar: {where}: {error['msg']}", file=sys.stderr)
+            if error["loc"]:
+                where = "--" + str(error["loc"][0]).replace("_", "-")
+                print(f"safous-sidecar: {where}: {error['msg']}", file=sys.stderr)
+            else:  # a check across settings: its message names the flags
+                print(f"safous-sidecar: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
+    for name, flag, address in settings.exposed_listeners():
+        logging.getLogger("sidecar").warning("listening on the network without TLS (--insecure-listen)",
+                                             extra={"listener": name, "flag": flag, "listen": address})
     from .server import run_loop, serve  # late: grpc is not needed for --help or errors
     from .workers import run_workers
 

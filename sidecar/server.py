@@ -246,6 +246,8 @@ class Sidecar:
 
     def _state_metrics(self) -> Iterator[Any]:
         yield gauge("safous_ready", "1 when ready to serve (see /readyz)", float(self.not_ready() is None))
+        yield gauge("safous_insecure_listeners", "Listeners open to the network without TLS (--insecure-listen)",
+                    len(self.settings.exposed_listeners()))
         snapshot = self.checker.snapshot
         yield gauge("safous_rules_snapshot_version", "Rules snapshots loaded since start",
                     snapshot.version if snapshot else 0)

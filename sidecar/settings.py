@@ -7,6 +7,7 @@ default. Values are validated at start and a bad one stops the server with a cle
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,22 @@ def split_host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (of ``split_host_port``) is reachable from this machine only. A name other
+    than ``localhost`` may resolve to anything: it counts as the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+Listener = Literal["grpc", "http"]
+"""The sidecar's listeners by name, as ``--insecure-listen`` names them: ``grpc`` (``--listen``),
+``http`` (``--http``)."""
 
 
 class Settings(BaseSettings):
@@ -114,6 +131,11 @@ class Settings(BaseSettings):
         None, description="env:NAME or file:PATH of a bearer token sent to an http(s) --bundle (within "
         "--secret-dir / --secret-env-prefix)")
     bundle_max_bytes: int = Field(16 << 20, ge=1, description="largest bundle accepted, in bytes")
+    insecure_listen: Annotated[tuple[Listener, ...], NoDecode] = Field(
+        (), description="listeners allowed on a network address without TLS, by name: grpc (--listen), http "
+        "(--http); repeat the flag for more; the variable takes a comma-separated list. Without it such a "
+        "listener refuses to start: whoever reaches the gRPC port can make the sidecar call the webhooks with "
+        "its credentials")
     bundle_min_sequence: int = Field(
         0, ge=0, description="refuse bundles with a lower sequence even on an empty rules.db (set it from the "
         "publisher, e.g. the sequence of the last security fix: a fresh pod cannot be fed an older bundle)")
@@ -129,6 +151,11 @@ class Settings(BaseSettings):
     @classmethod
     def _secret_dirs(cls, value: Any) -> Any:
         return parse_secret_dirs(value) if isinstance(value, (str, list, tuple)) else value
+
+    @field_validator("insecure_listen", mode="before")
+    @classmethod
+    def _listener_list(cls, value: Any) -> Any:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
     @field_validator("bundle_verification_key", mode="before")
     @classmethod
@@ -151,6 +178,28 @@ class Settings(BaseSettings):
         if self.bundle_bearer_token is not None:
             self.secret_policy.check(self.bundle_bearer_token)
         return self
+
+    @model_validator(mode="after")
+    def _exposure(self) -> Settings:
+        # Like Redis's protected mode: a plaintext listener the network reaches is an oracle
+        # and a confused deputy (webhook calls with the sidecar's credentials, parameters of
+        # the caller's choosing), so it exists only when the operator named it.
+        for name, flag, address in self.exposed_listeners():
+            if name not in self.insecure_listen:
+                tls = " or serve it over TLS (--tls-cert, --tls-key, --tls-client-ca)" if name == "grpc" else ""
+                raise ValueError(
+                    f"{flag} {address} is reachable from the network without TLS; listen on loopback (127.0.0.1)"
+                    f"{tls}, or accept it on purpose with --insecure-listen {name}")
+        return self
+
+    def exposed_listeners(self) -> list[tuple[Listener, str, str]]:
+        """The listeners on a network address without TLS, as (name, flag, address)."""
+        listeners: list[tuple[Listener, str, str]] = []
+        if self.tls_cert is None and not is_loopback(split_host_port(self.listen)[0]):
+            listeners.append(("grpc", "--listen", self.listen))
+        if self.http is not None and not is_loopback(split_host_port(self.http)[0]):
+            listeners.append(("http", "--http", self.http))
+        return listeners
 
     @field_validator("secret_env_prefix")
     @classmethod

@@ -146,6 +146,34 @@ def test_kubernetes_example_runs_the_image_as_the_dockerfile_builds_it():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
 
 
+def _dockerfile_env() -> dict[str, str]:
+    """The final stage's ENV, NAME=VALUE pairs (continuation lines joined)."""
+    final = (PROJECT_ROOT / "Dockerfile").read_text().replace("\\\n", " ").rsplit("\nFROM ", 1)[1]
+    (pairs,) = re.findall(r"^ENV\s+(.*)$", final, re.M)
+    return dict(pair.split("=", 1) for pair in pairs.split())
+
+
+def _kubernetes_env() -> dict[str, str]:
+    (doc,) = _documents(KUBERNETES_EXAMPLE)
+    return {e["name"]: e["value"] for e in _sidecar_container(doc)["env"] if "value" in e}
+
+
+@pytest.mark.parametrize("shipped", [_dockerfile_env, _kubernetes_env], ids=["Dockerfile", "kubernetes"])
+def test_the_shipped_settings_open_only_the_probes_to_the_network(shipped, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image and the example start (no listener is refused), and only the plaintext health
+    and metrics port is on the network: gRPC stays on loopback."""
+    from sidecar.settings import Settings
+
+    for name in [n for n in os.environ if n.startswith("SAFOUS_")]:
+        monkeypatch.delenv(name)
+    for name, value in shipped().items():
+        if name.startswith("SAFOUS_") and name.removeprefix("SAFOUS_").lower() in Settings.model_fields:
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.exposed_listeners() == [("http", "--http", "0.0.0.0:9192")]
+    assert settings.insecure_listen == ("http",)
+
+
 # --------------------------------------------------------------------------- Envoy
 
 

@@ -478,8 +478,10 @@ def import_(admin: Admin, file: IO[str], replace: bool) -> None:
 @cli.command("ui")
 @click.option("--listen", default="127.0.0.1:8001", show_default=True, metavar="HOST:PORT",
               help="Where the portal listens (port 0: any free port). It has no login: keep it on loopback.")
+@click.option("--insecure-listen", is_flag=True,
+              help="Allow a --listen address the network reaches (refused otherwise: no login, no TLS).")
 @click.pass_obj
-def ui(admin: Admin, listen: str) -> None:
+def ui(admin: Admin, listen: str, insecure_listen: bool) -> None:
     """Browse rules.db in a web browser, read-only.
 
     The admins' portal (Datasette): the activity log (who was denied and why, with facets, a
@@ -490,7 +492,7 @@ def ui(admin: Admin, listen: str) -> None:
     """
     from .portal import serve  # datasette: loaded only for this command
 
-    serve(admin, listen)
+    serve(admin, listen, insecure_listen=insecure_listen)
 
 
 cli.add_command(bundle)

@@ -1,7 +1,8 @@
 """``safous-admin ui``: the portal served over HTTP (uvicorn, as ``datasette serve`` does).
 
-Loopback by default. The portal has no login: whoever reaches the port reads the activity and
-audit logs (never a secret), so another address is allowed but warned about. On loopback a
+Loopback by default. The portal has no login and no TLS: whoever reaches the port reads the
+activity and audit logs (user names, addresses; never a secret), so another address needs
+``--insecure-listen``, and is warned about even then. On loopback a
 request must name the portal's own address in its Host header: a web page the admin opens
 elsewhere cannot point a name of its own at 127.0.0.1 (DNS rebinding) and read the portal
 through the admin's browser.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import signal
 import socket
 from collections.abc import Iterator
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import click
 import uvicorn
 
-from sidecar.settings import split_host_port
+from sidecar.settings import is_loopback, split_host_port
 
 from ..access import Admin
 from ..display import warn
@@ -30,19 +30,10 @@ from .asgi import host_guard
 __all__ = ["allowed_hosts", "serve"]
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
     """The Host headers a portal listening on ``host``:``port`` answers: the loopback names
     with that port when ``host`` is a loopback address, else any (None)."""
-    if not _is_loopback(host):
+    if not is_loopback(host):
         return None
     names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
     return frozenset({f"{n}:{port}" for n in names} | (names if port == 80 else set()))
@@ -63,16 +54,20 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(admin: Admin, listen: str) -> None:
+def serve(admin: Admin, listen: str, *, insecure_listen: bool = False) -> None:
     """Serve ``admin.db`` read-only on ``listen`` (HOST:PORT, port 0 picks one) until SIGINT or
     SIGTERM, then clean up and return. Prints the portal's address once it accepts connections.
-    Raises ``AdminError`` (exit 2): a bad address, one that cannot be listened on, a missing
-    rules.db."""
+    Raises ``AdminError`` (exit 2): a bad address, a network address without ``insecure_listen``,
+    one that cannot be listened on, a missing rules.db."""
     try:
         host, port = split_host_port(listen)
     except ValueError as exc:
         raise AdminError(f"--listen: {exc}", 2) from None
-    if not _is_loopback(host):
+    if not is_loopback(host):
+        if not insecure_listen:
+            raise AdminError(f"--listen {listen} is reachable from the network, and the portal has no login and no "
+                             "TLS; listen on loopback (127.0.0.1, the default), or accept it on purpose with "
+                             "--insecure-listen", 2)
         warn(f"the portal has no login: anyone who reaches {listen} reads the activity and audit logs "
              "(secrets stay out); the default, 127.0.0.1, keeps it to this machine")
     sock = _bind(host, port)
