@@ -3,9 +3,10 @@ rules.db, report.
 
 With ``--bundle`` set the bundle owns rules and policies. Each new version of the source is
 verified (signature by key id, content hash, no literal secret), validated exactly as the admin
-script validates an import, then applied in one ``admin_transaction`` with actor
-``bundle:<revision>`` together with its ``bundle_state`` row; the rules watcher then reloads it
-(asked at once, so a new revision answers without waiting for the next reload tick).
+script validates an import (both use ``sidecar.exchange``: what it refuses, a bundle cannot
+bring in), then applied in one ``admin_transaction`` with actor ``bundle:<revision>`` together
+with its ``bundle_state`` row; the rules watcher then reloads it (asked at once, so a new
+revision answers without waiting for the next reload tick).
 
 Fail closed, keep the last good: anything that goes wrong (``BundleRefused``, whatever the
 reason) changes nothing in rules.db, so the last applied revision keeps answering; the reason
@@ -48,6 +49,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sidecar import db
+from sidecar.exchange import InvalidContent, apply_import, plan_import
 from sidecar.rules.secrets import SecretPolicy, resolve_secret
 from sidecar.settings import Settings
 from sidecar.snapshot import cancel_and_wait
@@ -83,10 +85,6 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy,
     invalid_content, store_error); nothing is written then. A sequence below ``min_sequence``
     is ``older_revision``, whatever rules.db holds (it remembers only what it applied: an empty
     one would take any)."""
-    # The admin script's own validation and import: what it refuses, a bundle cannot bring in.
-    from sidecar.admin.exchange import apply_import, plan_import
-    from sidecar.admin.validation import AdminError
-
     try:
         conn = db.connect(path, create=False)
     except db.StoreError as exc:
@@ -109,7 +107,7 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy,
             try:
                 plan = plan_import(bundle.document, db.read_rules(conn), db.read_policies(conn), replace=True,
                                    secrets=secrets)
-            except AdminError as exc:
+            except InvalidContent as exc:
                 raise BundleRefused("invalid_content", str(exc)) from None
             apply_import(conn, plan)
             db.write_bundle_state(conn, db.BundleState(bundle.revision, bundle.sequence, bundle.content_sha256,
