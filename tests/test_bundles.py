@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,11 +158,14 @@ def test_build_refuses_a_sequence_no_sidecar_can_hold(tmp_path: Path, keys: Keys
 @dataclass
 class BundleServer:
     """Serves the published bundle with an ETag, counting answers; ``down`` answers 503;
-    ``truncate`` announces more bytes than it sends."""
+    ``truncate`` announces more bytes than it sends; each answer with a body takes the next of
+    ``damage`` (if any) to the bytes, and still sends the ETag of the published ones, as a proxy or
+    a CDN edge that mangles an object in transit does."""
 
     body: bytes = b""
     down: bool = False
     truncate: bool = False
+    damage: list[Callable[[bytes], bytes]] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
     url: str = ""
 
@@ -189,7 +192,8 @@ async def bundle_server() -> AsyncIterator[BundleServer]:
             await response.write(server.body[: len(server.body) // 2])
             request.transport.close()  # type: ignore[union-attr]
             return response
-        return web.Response(body=server.body, headers={"ETag": etag})
+        body = server.damage.pop(0)(server.body) if server.damage else server.body
+        return web.Response(body=body, headers={"ETag": etag})
 
     app = web.Application()
     app.router.add_get("/bundle.jws", handle)
@@ -309,7 +313,9 @@ async def test_fleet_follows_published_revisions_and_refuses_what_it_must(
         before = [await failures(p, reason) for p in fleet]
         bundle_server.publish(data)
         for process, count in zip(fleet, before, strict=True):
-            await eventually(lambda p=process, c=count, r=reason: _more(p, r, c), timeout=INTERVAL + 3,
+            # Up to 8 intervals: bytes that did not verify are downloaded again with the failure
+            # backoff, and the first refusals here follow one another.
+            await eventually(lambda p=process, c=count, r=reason: _more(p, r, c), timeout=INTERVAL * 8 + 3,
                              what=f"{reason} counted")
         assert [await decision(authz, p) for p in fleet] == ["allowed"] * 3, reason
         status, text = await ops_get(fleet[0].ops, "/readyz")
@@ -375,6 +381,83 @@ async def _more_fetches(process: Process, result: str, than: float) -> bool:
 
 async def _more(process: Process, reason: str, than: float) -> bool:
     return await failures(process, reason) > than
+
+
+def _byte_changed(data: bytes) -> bytes:
+    """One character of the signed payload changed: what a bit flip in transit makes of it."""
+    head, payload, signature = data.split(b".")
+    middle = len(payload) // 2
+    changed = b"B" if payload[middle:middle + 1] == b"A" else b"A"
+    return b".".join((head, payload[:middle] + changed + payload[middle + 1:], signature))
+
+
+def _cut_short(data: bytes) -> bytes:
+    """The first half, whole as far as HTTP can tell: a proxy that gave up and sent what it had."""
+    return data[: len(data) // 2]
+
+
+async def test_a_download_that_fails_verification_is_not_remembered(
+        keys: Keys, bundle_server: BundleServer, start_sidecar: StartSidecar, authz: Any) -> None:
+    """A new revision's bytes arrive damaged once, under its own ETag. Remembering that ETag
+    would make the next poll a 304 and keep the old revision answering until the next publish;
+    the sidecar downloads it again instead (after the failure backoff) and applies it."""
+    private, public, _ = keys.make("signing")
+    bundle_server.publish(bundle_of(ALLOW_ALL, private, 1))
+    sidecar = await start_sidecar(bundle=bundle_server.url, bundle_verification_key=(str(public),),
+                                  bundle_poll_interval=INTERVAL, http="127.0.0.1:0")
+    assert sidecar.ops is not None
+    ops = sidecar.ops.port
+    stub = authz(sidecar.port)
+    await eventually(lambda: _allowed(stub), timeout=3)
+    cases = [(2, DENY_ALL, _byte_changed, "bad_signature", "no_matching_policy"),
+             (3, ALLOW_ALL, _cut_short, "malformed", "allowed")]
+    for sequence, document, damage, reason, expected in cases:
+        # Damage first: until the new bundle is published, polls are 304s, which carry no body.
+        bundle_server.damage.append(damage)
+        bundle_server.publish(bundle_of(document, private, sequence))
+
+        async def answers(want: str = expected) -> bool:
+            return code_of(await stub.Check(check_request("/"))) == want
+
+        # One refused download, one poll interval doubled, one download applied.
+        await eventually(answers, timeout=INTERVAL * 2 + 3, what=f"{expected} after {reason}")
+        assert bundle_server.damage == []
+        page = (await ops_get(ops, "/metrics"))[1]
+        assert metric(page, "safous_bundle_activation_failures_total", reason=reason) == 1
+        revision = f"{sequence}-{content_hash(document)[:12]}"
+        assert metric(page, "safous_bundle_revision_info", revision=revision) == 1
+        status, text = await ops_get(ops, "/readyz")
+        assert status == 200 and "last failure" not in text
+
+
+async def test_a_file_that_fails_verification_is_read_again(tmp_path: Path, keys: Keys, db: Path) -> None:
+    """A bundle file written in place rather than swapped (not a kubelet's ConfigMap: a hostPath,
+    a shared volume, a copy tool) can be read half written. When the rest lands within the same
+    tick of the file system's clock, and the file had its full size already (preallocated), the
+    file's tag (inode, mtime, size) is the one read: remembered, the half file would hide the
+    whole one until the next publish."""
+    private, public, _ = keys.make("signing")
+    good = bundle_of(ALLOW_ALL, private, 1)
+    path = tmp_path / "bundle.jws"
+    half = len(good) // 2
+    path.write_bytes(good[:half] + b"\0" * (len(good) - half))
+    written = path.stat()
+    sync = BundleSync(Settings(db=db, bundle=str(path), bundle_verification_key=(str(public),),
+                               bundle_poll_interval=1.0), _nothing, rng=lambda: 0.0)
+    try:
+        assert await sync.poll_once() == "refused"
+        assert sync.last_failure is not None and sync.last_failure[0] == "malformed"
+        assert sync.next_delay() == 2.0  # read again, after the failure backoff
+        with path.open("r+b") as file:
+            file.write(good)
+        os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))  # the same tick
+        assert await sync.poll_once() == "applied"
+        assert sync.applied is not None and sync.applied.revision == f"1-{content_hash(ALLOW_ALL)[:12]}"
+        assert sync.last_failure is None and sync.next_delay() == 1.0
+        # Verified and applied: remembered, not read again.
+        assert await sync.poll_once() == "unchanged"
+    finally:
+        await sync.stop()
 
 
 # --- a kubelet-mounted ConfigMap ---------------------------------------------------------------
@@ -564,7 +647,8 @@ async def test_an_unexpected_apply_error_is_a_refusal(tmp_path: Path, db: Path,
     source = tmp_path / "bundle.jws"
     source.write_bytes(b"not read: the apply is a stand-in")
     monkeypatch.setattr(bundle_sync, "verify_and_apply", _failing_apply)
-    sync = BundleSync(Settings(db=db, bundle=str(source), bundle_insecure_skip_verify=True), _nothing)
+    sync = BundleSync(Settings(db=db, bundle=str(source), bundle_insecure_skip_verify=True,
+                               bundle_poll_interval=1.0), _nothing, rng=lambda: 0.0)
     try:
         assert await sync.poll_once() == "refused"
         assert sync.refusals["malformed"] == 1
@@ -573,9 +657,10 @@ async def test_an_unexpected_apply_error_is_a_refusal(tmp_path: Path, db: Path,
         assert reason == "malformed" and why.startswith("the apply failed unexpectedly: OverflowError: xxx")
         assert len(why) <= 300  # not the 100,000 characters of the exception
         assert sync.not_ready() == f"no bundle revision applied yet from {source}: malformed: {why}"
-        # The same bytes are not applied again on every poll.
-        assert await sync.poll_once() == "unchanged"
-        assert sync.refusals["malformed"] == 1
+        # Nothing says the bytes verified: read again, with the failure backoff.
+        assert sync.next_delay() == 2.0
+        assert await sync.poll_once() == "refused"
+        assert sync.refusals["malformed"] == 2 and sync.next_delay() == 4.0
     finally:
         await sync.stop()
 

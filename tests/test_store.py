@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from sidecar.admin.display import masked_headers
 from sidecar.db import (
     ActivityRecord,
     RowMemo,
@@ -35,6 +34,7 @@ from sidecar.db import (
 )
 from sidecar.db.activity import TRACE_MAX_BYTES
 from sidecar.db.columns import POLICY_COLUMNS, RULE_COLUMNS, decoded
+from sidecar.exchange import masked_headers
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, AuthType, InvalidRow, ResponseAction, Rule
 from sidecar.rules.secrets import MASK, SECRET_HEADERS

@@ -3,11 +3,12 @@
     cli.py         the commands (click), each docstring its --help: a thin shell
     options.py     the commands' options, parsed into typed values and merged into fields
     access.py      how a command opens rules.db: readers never create or migrate it
-    validation.py  what is checked before anything is written (AdminError)
-    order.py       which earlier rule of a policy stores each value a rule uses
+    validation.py  how a refusal is worded (AdminError, option names); the checks themselves,
+                   the export document and the import plan are ``sidecar.exchange``'s, which
+                   the sidecar's bundles use too
     checks.py      what the sidecar will make of what is stored: problems and warnings
     display.py     tables, details and log entries, secrets masked, terminal-safe text
-    exchange.py    export / import of the whole rule and policy set
+    exchange.py    the files export writes and import reads
     dryrun.py      `test`: one rule run once, as the sidecar runs it, and its report
     portal/        `ui`: the admins' portal, rules.db read-only in a browser (Datasette)
 

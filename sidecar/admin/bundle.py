@@ -14,10 +14,10 @@ import click
 
 from sidecar import db
 from sidecar.bundles import ALGORITHMS, MAX_SEQUENCE, BundleRefused, build_bundle, generate_key, load_signing_key
+from sidecar.exchange import InvalidContent, export_document, plan_import
 
 from . import display
 from .access import Admin
-from .exchange import export_document, plan_import
 from .validation import AdminError
 
 __all__ = ["bundle"]
@@ -134,8 +134,8 @@ def build(admin: Admin, out: str, signing_key: str, key_id: str | None, sequence
     document = export_document(rules, policies, with_secrets=True)
     try:
         plan_import(document, [], [], replace=True, secrets=admin.secrets)
-    except AdminError as exc:
-        raise AdminError(f"the rule set does not validate, no bundle written: {exc}") from None
+    except InvalidContent as exc:
+        raise InvalidContent(f"the rule set does not validate, no bundle written: {exc}") from None
     pem, where = _signing_key_pem(signing_key)
     try:
         key = load_signing_key(pem, where)

@@ -1,7 +1,7 @@
 """What the sidecar will make of what is stored: the problems ``show`` and ``list`` report, and
 the warnings a change earns when it leaves something the sidecar cannot run.
 
-``validation`` refuses input before it is written; these look at rows as they are (a row
+``sidecar.exchange`` refuses input before it is written; these look at rows as they are (a row
 written with plain SQL may not validate, a rule enabled or disabled may break the order of a
 policy's stored values) and say, in the admin's words, which requests the sidecar will then
 deny with ``rule_invalid``. They only read, inside the command's transaction.
@@ -15,13 +15,21 @@ from typing import Any
 
 from sidecar import db
 from sidecar.db import ObjectKind, StoredPolicy, StoredRule
+from sidecar.exchange import (
+    InvalidContent,
+    check_secrets,
+    quoted,
+    stored_problem,
+    stored_problems,
+    validate_policy,
+)
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
 from sidecar.rules.secrets import SecretPolicy, is_reference
 from sidecar.rules.templates import TemplateError, compile_rule_request
 
 from .options import RuleOptions
-from .validation import AdminError, check_secrets, quoted, stored_problem, stored_problems, validate_policy
+from .validation import CLI_OPTIONS
 
 __all__ = [
     "clear_secret_warnings",
@@ -43,7 +51,7 @@ def rule_problem(stored: StoredRule, secrets: SecretPolicy) -> str | None:
     try:
         compile_rule_request(stored.rule)
         check_secrets(stored.rule, secrets)
-    except (TemplateError, AdminError) as exc:
+    except (TemplateError, InvalidContent) as exc:
         return str(exc)
     return None
 
@@ -98,10 +106,10 @@ def switch_warnings(conn: sqlite3.Connection, kind: ObjectKind, name: str, secre
 
 
 def validated_policy(conn: sqlite3.Connection, fields: Mapping[str, Any]) -> tuple[Policy, list[str]]:
-    """The policy ``fields`` describe, checked against the stored rules (``AdminError``), and a
+    """The policy ``fields`` describe, checked against the stored rules (``InvalidContent``), and a
     warning for each of its rules stored broken, for which it will deny."""
     rules = {r.name: r for r in db.read_rules(conn)}
-    policy = validate_policy(fields, {n: r.rule for n, r in rules.items()}, option_names=True)
+    policy = validate_policy(fields, {n: r.rule for n, r in rules.items()}, names=CLI_OPTIONS)
     return policy, [f"rule {quoted(name)} does not validate ({rules[name].error}): policy "
                     f"{quoted(policy.name)} denies with rule_invalid until it is repaired"
                     for name in policy.rules if rules[name].rule is None]

@@ -1,12 +1,12 @@
 """The ``safous-admin`` command line (a contract: scripts depend on its names; see the README).
 
 A thin shell over the database API (``sidecar.db``), in the manner of sqlite-utils: each command's docstring is its
-``--help``; it parses its options (``options``), validates (``validation``), then reads or
+``--help``; it parses its options (``options``), validates (``sidecar.exchange``), then reads or
 writes rules.db (``access``: readers never create it, writers do all or nothing, the actor
 recorded for the audit triggers), says what the sidecar will make of the result (``checks``)
-and prints (``display``). Domain errors (``AdminError``, ``StoreError``) become one
-``Error: ...`` line on stderr and exit status 1 here, at the edge, or 2 for an ``AdminError``
-that says so; usage errors exit 2, as click makes them.
+and prints (``display``). Domain errors (``AdminError``, ``InvalidContent``, ``StoreError``)
+become one ``Error: ...`` line on stderr and exit status 1 here, at the edge, or 2 for an
+``AdminError`` that says so; usage errors exit 2, as click makes them.
 """
 
 from __future__ import annotations
@@ -21,10 +21,20 @@ import click
 
 from sidecar import __version__, db
 from sidecar.db import ObjectKind
+from sidecar.exchange import (
+    InvalidContent,
+    apply_import,
+    check_name,
+    export_document,
+    plan_import,
+    quoted,
+    validate_rule,
+)
 
 from . import checks, display
 from .access import Admin, one_policy, one_rule
 from .bundle import bundle
+from .exchange import read_document, write_export
 from .logs import explain, logs
 from .options import (
     PolicyOptions,
@@ -38,7 +48,7 @@ from .options import (
     secret_policy,
     test_options,
 )
-from .validation import AdminError, check_name, not_found, quoted, validate_rule
+from .validation import CLI_OPTIONS, AdminError, not_found
 
 
 class _ConfigurationFailure(click.ClickException):
@@ -53,6 +63,8 @@ class _AdminGroup(click.Group):
             return super().invoke(ctx)
         except AdminError as exc:
             raise (_ConfigurationFailure if exc.exit_code == 2 else click.ClickException)(str(exc)) from None
+        except InvalidContent as exc:
+            raise click.ClickException(str(exc)) from None
         except db.StoreError as exc:
             raise click.ClickException(str(exc)) from None
         except sqlite3.Error as exc:  # a BEGIN or COMMIT the store did not word
@@ -131,7 +143,7 @@ def rule_add(admin: Admin, /, name: str, **opts: Any) -> None:
     """
     options = RuleOptions(**opts)
     check_name("rule", name)
-    rule = validate_rule(rule_fields({"name": name}, options, edit=False), option_names=True,
+    rule = validate_rule(rule_fields({"name": name}, options, edit=False), names=CLI_OPTIONS,
                          secrets=admin.secrets)
     with admin.write(create=True) as conn:
         if db.read_rules(conn, name):
@@ -157,7 +169,7 @@ def rule_edit(admin: Admin, /, name: str, **opts: Any) -> None:
     options = RuleOptions(**opts)
     with admin.write() as conn:
         stored = one_rule(conn, name)
-        rule = validate_rule(rule_fields(stored.fields, options, edit=True), option_names=True,
+        rule = validate_rule(rule_fields(stored.fields, options, edit=True), names=CLI_OPTIONS,
                              secrets=admin.secrets)
         if stored.rule == rule:
             click.echo(f"rule {quoted(name)} unchanged")
@@ -425,8 +437,6 @@ def export(admin: Admin, file: str | None, with_secrets: bool) -> None:
     Secrets are masked unless --with-secrets; references (env:NAME, file:PATH) are written as
     they are. `safous-admin import FILE` reads it back.
     """
-    from .exchange import export_document, write_export
-
     with admin.read() as conn:
         rules = db.read_rules(conn)
         policies = db.read_policies(conn)
@@ -456,15 +466,13 @@ def import_(admin: Admin, file: IO[str], replace: bool) -> None:
     A masked secret keeps the one stored for that rule. Without --replace, rules and policies
     that FILE does not hold are kept.
     """
-    from .exchange import apply_import, plan_import, read_document
-
     source, document = read_document(file)
     with admin.write(create=True) as conn:
         try:
             plan = plan_import(document, db.read_rules(conn), db.read_policies(conn), replace=replace,
                                secrets=admin.secrets)
-        except AdminError as exc:
-            raise AdminError(f"{source}: {exc}") from None
+        except InvalidContent as exc:
+            raise InvalidContent(f"{source}: {exc}") from None
         apply_import(conn, plan)
     for verb, kind, name in plan.changes:
         click.echo(f"{verb} {kind} {quoted(name)}")

@@ -6,8 +6,8 @@ Two rules hold for everything printed:
 - a secret is never shown in clear: a rule's password and client secret go through
   ``sidecar.rules.secrets.mask`` (a reference as written, a clear value as the mask), and the
   values of its Authorization and Proxy-Authorization headers are the mask, whatever shape a
-  row written with plain SQL gives them (``masked_headers``); only ``export --with-secrets``
-  writes them as stored;
+  row written with plain SQL gives them (``sidecar.exchange.redacted``, as exports mask them);
+  only ``export --with-secrets`` writes them as stored;
 - text that came from outside (activity-log usernames and paths, webhook answers, names written
   with plain SQL) cannot drive the terminal: control and format characters are shown escaped.
 """
@@ -24,10 +24,9 @@ import click
 from sidecar.db import ActivityRecord, AuditEntry, StoredPolicy, StoredRule, iso_time
 from sidecar.db.activity import TRACE_MAX_BYTES
 from sidecar.decision import result_name
+from sidecar.exchange import masked_headers, policy_document, quoted, redacted, rule_document
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, STORED_PREFIX
-from sidecar.rules.secrets import MASK, SECRET_HEADERS, mask
-
-from .validation import quoted
+from sidecar.rules.secrets import MASK, SECRET_HEADERS
 
 __all__ = [
     "action_lines",
@@ -38,15 +37,12 @@ __all__ = [
     "clean",
     "counted",
     "header_lines",
-    "masked_headers",
     "parameter_table",
     "policy_details",
-    "policy_document",
     "policy_line",
     "policy_table",
     "redact_header",
     "rule_details",
-    "rule_document",
     "rule_line",
     "rule_table",
     "table",
@@ -71,58 +67,6 @@ def clean(text: str, *, multiline: bool = False) -> str:
 
 def redact_header(name: str, value: str) -> str:
     return MASK if name.lower() in SECRET_HEADERS else value
-
-
-def _masked_object(headers: Mapping[Any, Any]) -> dict[Any, Any]:
-    return {k: MASK if str(k).lower() in SECRET_HEADERS else v for k, v in headers.items()}
-
-
-def _masked_entry(entry: Any) -> Any:
-    if isinstance(entry, Mapping):
-        return _masked_object(entry)
-    if not isinstance(entry, (list, tuple)):
-        return MASK  # text such as "Authorization: Bearer ...": no name to tell it is not secret
-    if len(entry) < 2 or (isinstance(entry[0], str) and entry[0].lower() not in SECRET_HEADERS):
-        return list(entry)
-    return [entry[0], MASK]
-
-
-def masked_headers(headers: Any) -> Any:
-    """A rule's headers as they may be shown: each value under an Authorization or
-    Proxy-Authorization name (any case) masked. Rows written with plain SQL may hold any shape;
-    values are kept only where a name says they are no secret: ``[name, value...]`` pairs of
-    any length (a secret one becomes ``[name, MASK]``), ``{name: value}`` objects (inside the
-    list or instead of it); anything else is the mask (None stays None). The same choices as
-    the audit documents' (migration ``0008_audit_headers_masked``)."""
-    if headers is None:
-        return None
-    if isinstance(headers, Mapping):
-        return _masked_object(headers)
-    if not isinstance(headers, (list, tuple)):
-        return MASK
-    return [_masked_entry(entry) for entry in headers]
-
-
-def _redact(fields: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(fields)
-    for field in ("password", "client_secret"):
-        if isinstance(out.get(field), str):
-            out[field] = mask(out[field])
-    if "headers" in out:
-        out["headers"] = masked_headers(out["headers"])
-    return out
-
-
-def rule_document(stored: StoredRule, *, with_secrets: bool = False) -> dict[str, Any]:
-    """The rule as exported: the model's fields (as stored when the row does not validate),
-    secrets masked unless ``with_secrets``."""
-    fields = stored.rule.model_dump(mode="json") if stored.rule else dict(stored.fields)
-    return fields if with_secrets else _redact(fields)
-
-
-def policy_document(stored: StoredPolicy) -> dict[str, Any]:
-    """The policy as exported: the model's fields (as stored when the row does not validate)."""
-    return stored.policy.model_dump(mode="json") if stored.policy else dict(stored.fields)
 
 
 def warn(*messages: str) -> None:
@@ -191,7 +135,7 @@ def action_lines(actions: Any) -> list[str]:
 
 def rule_details(stored: StoredRule, problem: str | None) -> str:
     """``rule show``: every field, secrets masked, and what is wrong with it, if anything."""
-    doc = _redact(stored.fields)
+    doc = redacted(stored.fields)
     auth = doc.get("auth")
     pairs: list[tuple[str, str | Sequence[str]]] = [
         ("enabled", _yes(doc.get("enabled"))),

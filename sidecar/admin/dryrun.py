@@ -26,6 +26,7 @@ from typing import Any
 
 from sidecar import db
 from sidecar.decision import Code
+from sidecar.exchange import quoted
 from sidecar.parameters import HEADER_PREFIX, PARAMETERS, UnknownParameter, check_parameter_name
 from sidecar.rules.client import BasicAuth, OAuthAuth, WebhookClient, WebhookFailure, WebhookResponse
 from sidecar.rules.evaluator import CompiledRule, WebhookEvaluator, judge_response
@@ -45,7 +46,7 @@ from sidecar.rules.templates import Lookup, UnsafeParameter, WebhookRequest
 
 from . import display
 from .access import Admin, one_rule
-from .validation import AdminError, quoted
+from .validation import AdminError
 
 __all__ = ["ActionVerdict", "DryRun", "dry_run", "parameter_lookup", "report", "run_stored", "shown_headers"]
 

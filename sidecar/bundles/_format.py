@@ -9,7 +9,7 @@ the key. Its payload is JSON::
      "sequence": 1767225600123,        # creation time in ms unless given: only a greater one applies
      "created_at": "2026-01-01T00:00:00.123Z",
      "content_sha256": "<hex SHA-256 of the canonical JSON of document>",
-     "document": {<the export document of sidecar.admin.exchange>}}
+     "document": {<the export document of sidecar.exchange>}}
 
 The signature covers the whole payload, so the revision and sequence cannot be changed apart
 from the content: a replayed old bundle keeps its old sequence and is refused as older. A key

@@ -57,7 +57,8 @@ class BundleSource(ABC):
     async def fetch(self) -> Fetched | None: ...
 
     def remember(self, tag: str | None) -> None:
-        """The version handled (applied, or refused for what it holds): not fetched again."""
+        """The version verified (applied, or refused for what its verified content says): not
+        fetched again."""
         self.remembered = tag
 
     async def close(self) -> None:

@@ -3,9 +3,10 @@ rules.db, report.
 
 With ``--bundle`` set the bundle owns rules and policies. Each new version of the source is
 verified (signature by key id, content hash, no literal secret), validated exactly as the admin
-script validates an import, then applied in one ``admin_transaction`` with actor
-``bundle:<revision>`` together with its ``bundle_state`` row; the rules watcher then reloads it
-(asked at once, so a new revision answers without waiting for the next reload tick).
+script validates an import (both use ``sidecar.exchange``: what it refuses, a bundle cannot
+bring in), then applied in one ``admin_transaction`` with actor ``bundle:<revision>`` together
+with its ``bundle_state`` row; the rules watcher then reloads it (asked at once, so a new
+revision answers without waiting for the next reload tick).
 
 Fail closed, keep the last good: anything that goes wrong (``BundleRefused``, whatever the
 reason) changes nothing in rules.db, so the last applied revision keeps answering; the reason
@@ -21,8 +22,14 @@ Stopping ends an apply under way (its process is terminated: SQLite rolls the op
 back), so nothing is applied after the sidecar said it stopped.
 
 Polling: every ``--bundle-poll-interval`` seconds, less a random 0-20 % (sidecars started
-together spread out, and the interval stays a bound); while the source fails, the interval
-doubles per failure up to 8 times itself.
+together spread out, and the interval stays a bound); while the source fails, or serves bytes
+that do not verify, the interval doubles per failure up to 8 times itself.
+
+Only verified bytes are remembered (their ETag, their file's identity): those applied, and those
+refused for what their verified content says (``VERIFIED_REFUSALS``), which would say it again.
+Bytes that did not verify may be the channel's doing (a proxy or a CDN edge that damaged them, a
+file read half written), so the next poll reads the source again: remembering them would turn
+the good bytes served under the same ETag into a 304 and keep the old revision answering.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sidecar import db
+from sidecar.exchange import InvalidContent, apply_import, plan_import
 from sidecar.rules.secrets import SecretPolicy, resolve_secret
 from sidecar.settings import Settings
 from sidecar.snapshot import cancel_and_wait
@@ -65,6 +73,9 @@ FETCH_RESULTS = ("200", "304", "failed")
 _MAX_ERROR_CHARS = 300  # of an unexpected exception's text, in the log line and /readyz
 _STOP_SECONDS = 5.0  # for a terminated apply process to be gone, before it is killed
 _APPLY_NICENESS = 10  # added to the apply process's: the checks' loop comes first
+# Raised once the bytes are known whole (signature, or with --bundle-insecure-skip-verify the
+# content hash, checked): the same bytes would be refused again.
+VERIFIED_REFUSALS: frozenset[RefusalReason] = frozenset({"older_revision", "invalid_content", "literal_secret"})
 
 
 def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy, min_sequence: int = 0) -> bool:
@@ -74,10 +85,6 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy,
     invalid_content, store_error); nothing is written then. A sequence below ``min_sequence``
     is ``older_revision``, whatever rules.db holds (it remembers only what it applied: an empty
     one would take any)."""
-    # The admin script's own validation and import: what it refuses, a bundle cannot bring in.
-    from sidecar.admin.exchange import apply_import, plan_import
-    from sidecar.admin.validation import AdminError
-
     try:
         conn = db.connect(path, create=False)
     except db.StoreError as exc:
@@ -100,7 +107,7 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy,
             try:
                 plan = plan_import(bundle.document, db.read_rules(conn), db.read_policies(conn), replace=True,
                                    secrets=secrets)
-            except AdminError as exc:
+            except InvalidContent as exc:
                 raise BundleRefused("invalid_content", str(exc)) from None
             apply_import(conn, plan)
             db.write_bundle_state(conn, db.BundleState(bundle.revision, bundle.sequence, bundle.content_sha256,
@@ -235,15 +242,12 @@ class BundleSync:
             self.failures_in_row += 1
             self._refused(exc)
             return "failed"
-        self.failures_in_row = 0
         if self.last_failure is not None and self.last_failure[0] in ("fetch_failed", "too_large", "truncated"):
             log.info("bundle source readable again", extra={"source": self.source.name})
             self.last_failure = None
-        if fetched is None:
-            self.fetches["304"] += 1
-            return "unchanged"
-        self.fetches["200"] += 1
-        if fetched.tag == self.source.remembered:
+        self.fetches["304" if fetched is None else "200"] += 1
+        if fetched is None or fetched.tag == self.source.remembered:
+            self.failures_in_row = 0
             return "unchanged"
         try:
             self._apply = self._apply_process().submit(
@@ -254,22 +258,24 @@ class BundleSync:
             broken, self._pool = self._pool, None  # started afresh on the next poll
             if broken is not None:
                 broken.shutdown(wait=False, cancel_futures=True)
+            self.failures_in_row += 1
             self._refused(BundleRefused("store_error", "the apply process stopped"))
             return "refused"
         except BundleRefused as exc:
-            if exc.reason != "store_error":  # a busy rules.db is retried; a bad bundle is not re-read
-                self.source.remember(fetched.tag)
+            if exc.reason in VERIFIED_REFUSALS:
+                self._verified(fetched.tag)
+            else:
+                self.failures_in_row += 1
             self._refused(exc)
             return "refused"
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by _refused
-            # An input the checks missed, or a bug: refused like a bundle that is not one.
-            # malformed, not store_error: the same bytes would fail the same way, so they are
-            # not re-applied every poll (store_error is retried); publishing anew tries again.
-            self.source.remember(fetched.tag)
+            # An input the checks missed, or a bug: refused like a bundle that is not one. Not
+            # remembered: nothing says whether the bytes verified before it.
+            self.failures_in_row += 1
             text = f"the apply failed unexpectedly: {type(exc).__name__}: {exc}"
             self._refused(BundleRefused("malformed", text[:_MAX_ERROR_CHARS]), cause=exc)
             return "refused"
-        self.source.remember(fetched.tag)
+        self._verified(fetched.tag)
         if not applied:
             # That very revision is in rules.db already: applied by another process on it (a
             # --workers sibling) after this one read the state. Answer by it too; whatever this
@@ -296,6 +302,12 @@ class BundleSync:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_background_priority)
         return self._pool
+
+    def _verified(self, tag: str) -> None:
+        """The bytes of ``tag`` verified: not read again until the source changes, and the source
+        is well (no backoff)."""
+        self.source.remember(tag)
+        self.failures_in_row = 0
 
     def _refused(self, exc: BundleRefused, *, cause: BaseException | None = None) -> None:
         """Count, report (logged once per change; ``cause``'s traceback with it) and show it."""
