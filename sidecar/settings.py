@@ -25,6 +25,7 @@ from .rules.secrets import (
 )
 
 _IDENTITY = IdentityConfig()
+MAX_CHECKS_IN_PROGRESS = 1024
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -90,6 +91,9 @@ class Settings(BaseSettings):
     trace: Literal["denied", "all", "off"] = Field(
         "denied", description="keep the evidence behind decisions (each rule's request, answer, outcome; "
         "safous-admin explain): for denials and audit denials, every decision, or none")
+    max_checks_in_progress: int = Field(
+        MAX_CHECKS_IN_PROGRESS, ge=1, description="checks decided at once (most waiting for webhooks); one beyond "
+        "it is denied at once with code overloaded, as is one whose caller's deadline passed before it started")
     activity_queue: int = Field(10_000, ge=1, description="decisions buffered for the activity log before dropping")
     username_header: str = Field(_IDENTITY.username_header, description="header carrying %username%")
     device_id_header: str = Field(_IDENTITY.device_id_header, description="header carrying %device_id%")

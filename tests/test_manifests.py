@@ -234,6 +234,16 @@ def test_envoy_config_validates(path: Path, tmp_path: Path):
     _envoy_validate(rendered, tmp_path, path.name)
 
 
+@pytest.mark.parametrize("path", ENVOY, ids=_id)
+def test_envoy_sends_the_sidecar_no_more_checks_than_it_admits(path: Path):
+    from sidecar.settings import Settings
+
+    (doc,) = _documents(path)
+    (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "safous_sidecar"]
+    assert cluster["circuit_breakers"]["thresholds"] == [
+        {"max_requests": Settings.model_fields["max_checks_in_progress"].default}]
+
+
 def test_envoy_config_as_the_kubernetes_example_ships_it(tmp_path: Path):
     """The example's ConfigMap holds envoy/envoy.yaml with the listener on 0.0.0.0, made by the
     sed command its comment gives; that command must still apply, and its result validate."""
