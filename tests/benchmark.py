@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http.server
 import os
 import platform
@@ -432,6 +433,10 @@ def run(duration: float, only: str = "all") -> list[Result]:
         with process([sys.executable, "-m", "tests.benchmark", "webhook", str(hook_port)], hook_port):
             off = make_db(work / "off.db", webhook, integration=False)
             cached = make_db(work / "cached.db", webhook, rules_per_policy=3, cache_ttl=600)
+            if only == "overload":
+                return [cpu_overload(off, payload, duration, work), webhook_overload(
+                    make_db(work / "slow1.db", webhook, rules_per_policy=1, endpoint="slow",
+                            url_param="%headers.x-unique%"), duration)]
             if only == "stalls":
                 big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
                 return [reload_stall(big_db, payload, work), bundle_activation(big_db, payload, work)]
@@ -487,6 +492,8 @@ def run(duration: float, only: str = "all") -> list[Result]:
             two.note = "h2load shares the 2 cores with both workers"
 
             results.extend(through_envoy(work / "off.db", duration, work))
+            results.append(cpu_overload(off, payload, duration, work))
+            results.append(webhook_overload(slow_db, duration))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -767,6 +774,145 @@ def through_envoy(db: Path, duration: float, work: Path) -> list[Result]:
     return results
 
 
+# ----------------------------------------------------------------------- overload
+
+OVERLOAD_LIMIT = 16
+"""--max-checks-in-progress of the webhook overload row: with the 100 ms webhook, 160 checks/s."""
+PROBES = 4
+
+
+def _running(proc: subprocess.Popen[str]) -> bool:
+    return proc.poll() is None
+
+
+async def _probes(port: int, pid: int, running: Callable[[], bool]) -> tuple[list[str], float]:
+    """Checks on ``PROBES`` channels of their own, one after the other on each, while
+    ``running()``: each one's outcome (the gRPC status of the answer, or the error's name) and
+    the server's peak RSS meanwhile."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    outcomes: list[str] = []
+    peak = 0.0
+
+    async def probe() -> None:
+        nonlocal peak
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+                                             ) as channel:
+            stub = pb_grpc.AuthorizationStub(channel)
+            while running():
+                try:
+                    outcomes.append(str((await stub.Check(check_request("/probe"), timeout=30)).status.code))
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(exc.code().name)
+                peak = max(peak, rss_mb(pid))
+                await asyncio.sleep(0.25)
+
+    await asyncio.gather(*(probe() for _ in range(PROBES)))
+    return outcomes, peak
+
+
+def cpu_overload(db: Path, payload: Path, duration: float, work: Path) -> Result:
+    """h2load straight at the gRPC port, 16 connections x 100 streams (about twice what the
+    sidecar answers on 2 cores), with probes on channels of their own: the bare servicer under
+    the same load first, whose probes the gRPC core cancels."""
+    measured = []
+    for db_or_bare in (None, db):
+        port = free_port()
+        log = Path(tempfile.mktemp(suffix=".tsv", dir=work))
+        with server(db_or_bare, port) as proc:
+            load = subprocess.Popen(
+                ["h2load", "-D", f"{duration:g}", "-c", "16", "-m", "100", "-t", "1", "-d", str(payload),
+                 "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
+                 f"http://127.0.0.1:{port}{CHECK_PATH}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(0.5)
+            outcomes, peak = asyncio.run(_probes(port, proc.pid, functools.partial(_running, load)))
+            out = load.communicate(timeout=60)[0]
+        latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines()
+                     if line.count("\t") >= 2]
+        log.unlink()
+        rate = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
+        errors = sum(outcome != "0" for outcome in outcomes)
+        measured.append((rate, percentile(latencies, 0.5), percentile(latencies, 0.99), errors, len(outcomes), peak))
+    (_, _, bare_p99, bare_errors, bare_probes, _), (rate, p50, p99, errors, probes, peak) = measured
+    result = Result("overload, CPU: h2load 16×100 at the gRPC port (~2× what it answers)", rate, p50, p99)
+    result.ratio_to = f"bare servicer: {bare_errors} of {bare_probes} probes CANCELLED"
+    result.target, result.met = "0 gRPC errors", errors == 0
+    result.note = (f"{errors} of {probes} probes failed; sidecar RSS {peak:.0f} MB at most; p99 is the queue's "
+                   f"(bare servicer {bare_p99:.0f} ms)")
+    print(f"  {result.scenario}: {result.note}; {result.ratio_to}", flush=True)
+    return result
+
+
+async def _open_loop(port: int, rate: float, duration: float) -> list[tuple[str, float]]:
+    """Checks at ``rate`` a second for ``duration`` seconds whatever the answers (open loop),
+    each rendering its own webhook URL: (the code or the gRPC error's name, seconds) each."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+    from tests.helpers import code_of
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.AuthorizationStub(channel)
+
+        async def one(i: int) -> tuple[str, float]:
+            started = time.perf_counter()
+            try:
+                response = await stub.Check(check_request("/app", headers={"x-unique": f"{rate}-{i}"}), timeout=30)
+                return code_of(response), time.perf_counter() - started
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name, time.perf_counter() - started
+
+        tasks = []
+        begin = time.perf_counter()
+        for i in range(int(rate * duration)):
+            await asyncio.sleep(max(0.0, begin + i / rate - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(i)))
+        return list(await asyncio.gather(*tasks))
+
+
+def webhook_overload(slow_db: Path, duration: float) -> Result:
+    """Checks waiting for a 100 ms webhook, offered at twice what --max-checks-in-progress lets
+    through (OVERLOAD_LIMIT / 0.1 s), after a run at a quarter of it."""
+    capacity = OVERLOAD_LIMIT / 0.1
+    port = free_port()
+    with sidecar(slow_db, port, "--max-checks-in-progress", str(OVERLOAD_LIMIT)) as proc:
+        unloaded = asyncio.run(_open_loop(port, capacity / 4, 2))
+        peak = 0.0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.1):
+                peak = max(peak, rss_mb(proc.pid))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            loaded = asyncio.run(_open_loop(port, capacity * 2, duration))
+        finally:
+            done.set()
+            sampler.join()
+    alone = [seconds * 1000 for code, seconds in unloaded if code == "allowed"]
+    admitted = [seconds * 1000 for code, seconds in loaded if code == "allowed"]
+    refused = [seconds * 1000 for code, seconds in loaded if code == "overloaded"]
+    errors = len(loaded) - len(admitted) - len(refused)
+    result = Result(f"overload, webhooks: 100 ms webhook, {capacity * 2:.0f} checks/s offered (2× "
+                    f"--max-checks-in-progress {OVERLOAD_LIMIT})", len(admitted) / duration,
+                    percentile(admitted, 0.5), percentile(admitted, 0.99))
+    result.ratio_to = f"unloaded p99 ({percentile(alone, 0.99):.0f} ms)"
+    result.ratio = result.p99 / percentile(alone, 0.99)
+    result.target = "admitted p99 ≤ 1.25 × unloaded; 0 gRPC errors"
+    result.met = result.ratio <= 1.25 and errors == 0 and len(alone) == len(unloaded)
+    result.note = (f"{len(refused) / len(loaded):.0%} answered overloaded (p99 {percentile(refused, 0.99):.1f} ms), "
+                   f"{errors} gRPC errors, sidecar RSS {peak:.0f} MB at most")
+    print(f"  {result.scenario}: p99 {result.p99:.0f} ms; {result.note}", flush=True)
+    return result
+
+
 # ------------------------------------------------------------------------ report
 
 def machine() -> str:
@@ -793,9 +939,10 @@ def main() -> int:
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("--duration", type=float, default=3, help="seconds of load per run")
     parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
-    parser.add_argument("--only", choices=["all", "fixed", "stalls"], default="all",
+    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload"], default="all",
                         help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about three minutes); "
-                             "stalls: only the 10,000-rule reload and bundle activation (about two minutes)")
+                             "stalls: only the 10,000-rule reload and bundle activation (about two minutes); "
+                             "overload: only the two overload rows (about half a minute)")
     args = parser.parse_args()
     if args.role == "baseline":
         _baseline_main(args.port)
