@@ -8,12 +8,10 @@ activity log, exit 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -30,11 +28,10 @@ from .attributes import RequestAttributes
 from .bundles import BundleSync
 from .check import Checker
 from .db import ActivityRecord
-from .decision import Code, Decision
 from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
-from .parameters import Parameters, map_parameters
-from .rules import RuleEvaluator, trace
+from .pipeline import INTERNAL, Pipeline
+from .rules import RuleEvaluator
 from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
 from .settings import Settings
@@ -43,10 +40,8 @@ from .snapshot import RulesWatcher, Snapshot
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
-_INTERNAL = Decision.deny(Code.INTERNAL_ERROR, "internal error in the authorization sidecar")
 # Built once at import so the last-resort answer cannot itself fail.
-_INTERNAL_RESPONSE = edge.build_response(_INTERNAL, "")
-_UNREAD = RequestAttributes(request_id="", path="")
+_INTERNAL_RESPONSE = edge.build_response(INTERNAL, "")
 # Calls the gRPC core holds until the event loop picks them up (one per loop turn: under load
 # this is where checks queue, before any Python runs). By default it cancels a random share of
 # new calls once 1,000 wait, all past 3,000: RST_STREAM, which a caller sees as CANCELLED and
@@ -54,157 +49,28 @@ _UNREAD = RequestAttributes(request_id="", path="")
 # for both keeps every call up to it (about 13 KB each while queued: 8,192 is ~110 MB); a
 # call beyond it is still cancelled by the core, the only bound on its memory.
 QUEUED_CALLS = 8192
-# What a trace's summary holds at most (the request's fields as ``_record`` cuts them), about.
-_SUMMARY_BYTES = 4096
-
-
-def caller_gone(time_remaining: float | None, started: float, *, stopping: bool = False) -> Decision:
-    """The deny recorded for a check whose call ended before it was decided."""
-    waited = (time.perf_counter() - started) * 1000
-    if stopping:
-        return Decision.deny(Code.CALLER_GONE, f"the sidecar stopped after {waited:.0f} ms, its --grace-period over, "
-                             "before the rules were decided; the client got the proxy's own answer, not this one")
-    why = "its deadline passed" if time_remaining is not None and time_remaining <= 0 else "it cancelled the call"
-    return Decision.deny(Code.CALLER_GONE, f"the proxy stopped waiting after {waited:.0f} ms ({why}) before the "
-                         "rules were decided; the client got the proxy's own answer, not this one")
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):
-    def __init__(self, checker: Checker, activity: ActivityLog, settings: Settings, admission: Admission) -> None:
-        self._checker = checker
-        self._activity = activity
-        self._admission = admission
+    """The gRPC edge of the ``Pipeline``: a CheckRequest in, a CheckResponse out."""
+
+    def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
+        self._pipeline = pipeline
         self._jwt_namespace = settings.jwt_metadata_namespace
         self._jwt_key = settings.jwt_payload_key
-        self._trace = settings.trace
-        self.stopping = False  # set once the server's grace period has begun
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:  # noqa: N802
-        started = time.perf_counter()
-        refused = self._admission.admit(context.time_remaining())
-        if refused is not None:
-            return self._undecided(request, refused, started)
-        try:
-            if tracing.enabled():
-                return await self._traced_check(request, context)
-            return await self._check(request)
-        except asyncio.CancelledError:
-            # The caller stopped waiting (its deadline passed, or it cancelled the call) and
-            # gRPC cancelled the check: no answer reaches it, but the check is recorded as any
-            # other, so that a timeout in Envoy has its row in the activity log.
-            self._undecided(request, caller_gone(context.time_remaining(), started, stopping=self.stopping), started)
-            raise
-        finally:
-            self._admission.leave()
+        def read() -> RequestAttributes:
+            return edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
 
-    def _undecided(self, request: pb.CheckRequest, decision: Decision, started: float) -> pb.CheckResponse:
-        """Answer and record ``decision``, reached without running the rules (``overloaded``,
-        ``caller_gone``): no trace is kept, but the request is read so that the activity log
-        says whose check it was."""
-        attrs: RequestAttributes | None = None
-        params: Parameters | None = None
-        try:
-            attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
-            params = map_parameters(attrs, self._checker.identity)
-            response = edge.build_response(decision, attrs.request_id)
-        except Exception:
-            log.exception("check failed at the edge")
-            decision, response = _INTERNAL, _INTERNAL_RESPONSE
-        try:
-            self._record(attrs, params, decision, (time.perf_counter() - started) * 1000)
-        except Exception:
-            log.exception("could not record a decision")
-        return response
-
-    async def _traced_check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
-        """``_check`` in a span that joins Envoy's trace (its gRPC call's ``traceparent``, else
-        the request's)."""
-        if self._trace == "off":
-            # The span counts the rules answered from the cache: the check notes them (and
-            # nothing else) in a trace that is never recorded.
-            trace.start(evidence=False)
-        stack = contextlib.ExitStack()
-        try:
-            metadata = {key: value for key, value in (context.invocation_metadata() or ())
-                        if isinstance(value, str)}
+        def carriers() -> tuple[Mapping[str, str], ...]:
+            metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
             # The protobuf map itself: the span needs one key, not a copy of every header.
-            span = stack.enter_context(tracing.check_span((metadata, request.attributes.request.http.headers)))
-        except Exception:
-            # Fail closed here too: a tracing failure must not become a gRPC error (Envoy's
-            # failure_mode would decide); the check goes on without its span.
-            log.exception("could not start the check's span")
-            return await self._check(request)
-        response = _INTERNAL_RESPONSE
-        try:
-            with stack:
-                response = await self._check(request, span)
-        except Exception:
-            log.exception("could not end the check's span")
+            return metadata, request.attributes.request.http.headers
+
+        response: pb.CheckResponse = await self._pipeline.answer(
+            read, edge.build_response, _INTERNAL_RESPONSE, time_remaining=context.time_remaining, carriers=carriers)
         return response
-
-    async def _check(self, request: pb.CheckRequest, span: Any = None) -> pb.CheckResponse:
-        started = time.perf_counter()
-        attrs: RequestAttributes | None = None
-        params: Parameters | None = None
-        # The snapshot the checker decides on (it reads it before its first await): the trace
-        # lists the rules it ran, whatever a reload does meanwhile.
-        check_trace = (trace.start(snapshot.policy_rules if (snapshot := self._checker.snapshot) else None)
-                       if self._trace != "off" else None)
-        try:
-            attrs = edge.read_request(request, jwt_namespace=self._jwt_namespace, jwt_payload_key=self._jwt_key)
-            decision, params = await self._checker.check(attrs)
-            response = edge.build_response(
-                decision, attrs.request_id, self._checker.headers_to_remove(params, decision) if params else ())
-        except Exception:
-            # Fail closed: never a gRPC error (Envoy's failure_mode decides those) nor an unset status.
-            log.exception("check failed at the edge")
-            decision, response = _INTERNAL, _INTERNAL_RESPONSE
-        latency_ms = (time.perf_counter() - started) * 1000
-        try:
-            if span is not None:
-                noted = check_trace or trace.current()
-                cached = sum(1 for r in noted.rules.values() if r.source == "cache") if noted else 0
-                span.set_attributes({"safous.decision": edge.result_of(decision), "safous.code": str(decision.code),
-                                     "safous.policy": decision.policy or "", "safous.rules_from_cache": cached})
-            self._record(attrs, params, decision, latency_ms, check_trace)
-        except Exception:
-            log.exception("could not record a decision")
-        return response
-
-    def _record(self, attrs: RequestAttributes | None, params: Parameters | None,
-                decision: Decision, latency_ms: float, check_trace: trace.CheckTrace | None = None) -> None:
-        seen = attrs or _UNREAD  # the CheckRequest could not be read: the decision is recorded anyway
-        # Client values as the activity log, the decision log line and the trace keep them:
-        # bounded once here, whatever a client sent (Envoy lets headers reach 60 KiB).
-        # Positional, in ActivityRecord's field order (half the cost of keywords, on every check):
-        # at, request_id, username, source_ip, host, path, method, policy, allowed, code, status,
-        # latency_ms, policy_source, audit_deny.
-        record = ActivityRecord(
-            time.time(), seen.request_id[:256], params.values["username"][:256] if params else "",
-            seen.source.ip[:64], seen.host[:256], seen.path[:1024], seen.method[:32], decision.policy,
-            decision.allowed, decision.code, decision.reason[:2048], latency_ms, decision.policy_source,
-            decision.audit_deny,
-        )
-        if attrs is not None and check_trace is not None and (
-                document := self._trace_of(record, decision, check_trace)) is not None:
-            self._activity.record_traced(record._replace(trace=document), check_trace.size() + _SUMMARY_BYTES)
-            return
-        self._activity.record(record)
-
-    def _trace_of(self, record: ActivityRecord, decision: Decision,
-                  check_trace: trace.CheckTrace) -> Callable[[], dict[str, Any]] | None:
-        """What builds the check's trace document in the activity writer (off the request
-        path): for denials and audit denials, or every decision with ``--trace all``."""
-        if self._trace == "denied" and decision.allowed and not decision.audit_deny:
-            return None
-        summary = {"request_id": record.request_id, "method": record.method, "host": record.host,
-                   "path": record.path, "policy": decision.policy, "decision": edge.result_of(decision),
-                   "code": str(decision.code), "reason": record.status}
-
-        def document() -> dict[str, Any]:
-            return {**summary, **check_trace.document(check_trace.order(decision.policy))}
-
-        return document
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -240,7 +106,7 @@ class Sidecar:
         self.metrics = Metrics(self._state_metrics)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=self._on_batch)
-        self.service = AuthorizationService(self.checker, self.activity, settings, self.admission)
+        self.pipeline = Pipeline(self.checker, self.activity, self.admission, settings.trace)
         self.retention = ActivityRetention(settings.db, days=settings.activity_retention_days,
                                            rows=settings.activity_retention_rows)
         self.watcher = RulesWatcher(settings.db, self.evaluator, settings.reload_interval, self._on_snapshot,
@@ -348,7 +214,7 @@ class Sidecar:
         if await asyncio.to_thread(tracing.configure):
             log.info("OpenTelemetry traces on (OTLP/HTTP)")
         pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
-            self.service, self.server)
+            AuthorizationService(self.pipeline, self.settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
@@ -380,7 +246,7 @@ class Sidecar:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, finish in-flight checks within ``grace``, flush the activity log."""
-        self.draining = self.service.stopping = True
+        self.draining = self.pipeline.stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period if grace is None else grace)
         if self.ops is not None:
