@@ -8,7 +8,8 @@ and record alike and the checker never learns which one called it.
 
 Fail closed: a request that cannot be read, a check that fails, an answer that cannot be built
 all end as the edge's ``internal`` answer (an ``internal_error`` deny built in advance), never
-an exception out of the pipeline, and every one is recorded.
+an exception out of the pipeline, and every one is recorded. ``internal`` makes that answer
+without fail (the gRPC edge returns one built at import).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ Read = Callable[[], RequestAttributes]
 Respond = Callable[[Decision, str, tuple[str, ...]], Answer]
 """The edge's answer for (a decision, the request id, the client-sent headers the upstream
 must not see: ``Checker.headers_to_remove``); may raise."""
+Internal = Callable[[], Answer]
+"""Makes the edge's ``internal_error`` deny, without fail."""
 Carriers = Callable[[], tuple[Mapping[str, str], ...]]
 """Where a ``traceparent`` the check's span should join may be, first found wins."""
 
@@ -70,7 +73,7 @@ class Pipeline:
         self._trace = trace_mode
         self.stopping = False  # set once the servers' grace period has begun
 
-    async def answer(self, read: Read, respond: Respond[Answer], internal: Answer, *,
+    async def answer(self, read: Read, respond: Respond[Answer], internal: Internal[Answer], *,
                      time_remaining: Callable[[], float | None] = _no_deadline,
                      carriers: Carriers | None = None) -> Answer:
         """Decide the request ``read`` gives and answer it with ``respond``. ``time_remaining``:
@@ -94,7 +97,7 @@ class Pipeline:
         finally:
             self._admission.leave()
 
-    def _undecided(self, read: Read, respond: Respond[Answer], internal: Answer, decision: Decision,
+    def _undecided(self, read: Read, respond: Respond[Answer], internal: Internal[Answer], decision: Decision,
                    started: float) -> Answer:
         """Answer and record ``decision``, reached without running the rules (``overloaded``,
         ``caller_gone``): no trace is kept, but the request is read so that the activity log
@@ -107,14 +110,15 @@ class Pipeline:
             answer = respond(decision, attrs.request_id, ())
         except Exception:
             log.exception("check failed at the edge")
-            decision, answer = INTERNAL, internal
+            decision, answer = INTERNAL, internal()
         try:
             self._record(attrs, params, decision, (time.perf_counter() - started) * 1000)
         except Exception:
             log.exception("could not record a decision")
         return answer
 
-    async def _traced(self, read: Read, respond: Respond[Answer], internal: Answer, carriers: Carriers) -> Answer:
+    async def _traced(self, read: Read, respond: Respond[Answer], internal: Internal[Answer],
+                      carriers: Carriers) -> Answer:
         """``_decide`` in a span that joins the proxy's trace (the ``traceparent`` of its call,
         else the request's)."""
         if self._trace == "off":
@@ -129,15 +133,16 @@ class Pipeline:
             # goes on without its span.
             log.exception("could not start the check's span")
             return await self._decide(read, respond, internal)
-        answer = internal
+        answer: Answer | None = None
         try:
             with stack:
                 answer = await self._decide(read, respond, internal, span)
         except Exception:
             log.exception("could not end the check's span")
-        return answer
+        return internal() if answer is None else answer
 
-    async def _decide(self, read: Read, respond: Respond[Answer], internal: Answer, span: Any = None) -> Answer:
+    async def _decide(self, read: Read, respond: Respond[Answer], internal: Internal[Answer],
+                      span: Any = None) -> Answer:
         started = time.perf_counter()
         attrs: RequestAttributes | None = None
         params: Parameters | None = None
@@ -154,7 +159,7 @@ class Pipeline:
             # Fail closed: never an error out of the edge (the proxy's failure mode would decide
             # those) nor an answer that could read as an allow.
             log.exception("check failed at the edge")
-            decision, answer = INTERNAL, internal
+            decision, answer = INTERNAL, internal()
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             if span is not None:

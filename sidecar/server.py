@@ -25,9 +25,11 @@ from .activity import ActivityLog
 from .activity_retention import ActivityRetention
 from .admission import CAUSES, Admission
 from .attributes import RequestAttributes
+from .authz_http import AuthzHttpServer
 from .bundles import BundleSync
 from .check import Checker
 from .db import ActivityRecord
+from .http_edge import HttpEdgeConfig
 from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
 from .pipeline import INTERNAL, Pipeline
@@ -51,6 +53,10 @@ _INTERNAL_RESPONSE = edge.build_response(INTERNAL, "")
 QUEUED_CALLS = 8192
 
 
+def _internal_response() -> pb.CheckResponse:
+    return _INTERNAL_RESPONSE
+
+
 class AuthorizationService(pb_grpc.AuthorizationServicer):
     """The gRPC edge of the ``Pipeline``: a CheckRequest in, a CheckResponse out."""
 
@@ -69,7 +75,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):
             return metadata, request.attributes.request.http.headers
 
         response: pb.CheckResponse = await self._pipeline.answer(
-            read, edge.build_response, _INTERNAL_RESPONSE, time_remaining=context.time_remaining, carriers=carriers)
+            read, edge.build_response, _internal_response, time_remaining=context.time_remaining, carriers=carriers)
         return response
 
 
@@ -128,6 +134,12 @@ class Sidecar:
             ("grpc.server.max_pending_requests_hard_limit", QUEUED_CALLS),
         ])
         self.port = 0
+        # --authz-http: the same pipeline behind an HTTP listener (sidecar.authz_http).
+        self.authz_http = AuthzHttpServer(
+            settings.authz_http, self.pipeline,
+            HttpEdgeConfig(settings.authz_http_profile or "envoy", settings.authz_http_trusted_hops,
+                           settings.authz_http_client_cert_header or "", settings.authz_http_path_prefix),
+            reuse_port=reuse_port) if settings.authz_http else None
 
     def not_ready(self) -> str | None:
         """Why the sidecar should not get traffic, or None when it is ready (for /readyz and
@@ -229,6 +241,8 @@ class Sidecar:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
         if self.ops is not None:
             await self.ops.start()
+        if self.authz_http is not None:
+            await self.authz_http.start()
         self.activity.start()
         self.retention.start()
         await self.evaluator.start()
@@ -241,6 +255,7 @@ class Sidecar:
         self.watcher.start()
         await self.server.start()
         log.info("listening", extra={"listen": self.settings.listen, "port": self.port, "db": str(self.settings.db),
+                                     **({"authz_http_port": self.authz_http.port} if self.authz_http else {}),
                                      "version": __version__})
         return self.port
 
@@ -248,7 +263,8 @@ class Sidecar:
         """Drain: NOT_SERVING, finish in-flight checks within ``grace``, flush the activity log."""
         self.draining = self.pipeline.stopping = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_period if grace is None else grace)
+        grace = self.settings.grace_period if grace is None else grace
+        await asyncio.gather(self.server.stop(grace), *([self.authz_http.stop(grace)] if self.authz_http else []))
         if self.ops is not None:
             await self.ops.stop()
         if self.bundles is not None:

@@ -47,9 +47,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-Listener = Literal["grpc", "http"]
+Listener = Literal["grpc", "http", "authz-http"]
 """The sidecar's listeners by name, as ``--insecure-listen`` names them: ``grpc`` (``--listen``),
-``http`` (``--http``)."""
+``http`` (``--http``), ``authz-http`` (``--authz-http``)."""
 
 
 class Settings(BaseSettings):
@@ -60,6 +60,22 @@ class Settings(BaseSettings):
     default_action: DefaultAction = Field(
         "deny", description="decision when no policy matches (zero trust: deny)")
     http: str | None = Field(None, description="HOST:PORT serving /healthz, /readyz and /metrics (off when unset)")
+    authz_http: str | None = Field(
+        None, description="HOST:PORT of the HTTP authorization endpoint, beside gRPC: Envoy's http_service, nginx "
+        "auth_request, Caddy forward_auth, Traefik forwardAuth (off when unset; needs --authz-http-profile)")
+    authz_http_profile: Literal["envoy", "forward-auth"] | None = Field(
+        None, description="who calls --authz-http, so where a request's facts come from: envoy (its http_service, "
+        "with the shipped config's x-safous-authz-* headers) or forward-auth (nginx, Caddy, Traefik: "
+        "X-Forwarded-Method, -Uri, -Host, -Proto, -For)")
+    authz_http_trusted_hops: int = Field(
+        1, ge=1, le=16, description="forward-auth: %remote_ip% is the address this many trusted proxies back in "
+        "X-Forwarded-For, counted from the right (1: the one the proxy calling the sidecar appended)")
+    authz_http_client_cert_header: str | None = Field(
+        None, description="forward-auth: the header in which the proxy passes the client certificate (URL-encoded "
+        "PEM, PEM or base64 DER), for %cert_*%; read only when named (a client could send any other)")
+    authz_http_path_prefix: str = Field(
+        "", description="envoy: the path_prefix of Envoy's http_service, removed from the path before policies "
+        "match it")
     tls_cert: FilePath | None = Field(
         None, description="PEM certificate for TLS on the gRPC listener (plaintext when unset)")
     tls_key: FilePath | None = Field(None, description="PEM private key of --tls-cert")
@@ -137,14 +153,14 @@ class Settings(BaseSettings):
     bundle_max_bytes: int = Field(16 << 20, ge=1, description="largest bundle accepted, in bytes")
     insecure_listen: Annotated[tuple[Listener, ...], NoDecode] = Field(
         (), description="listeners allowed on a network address without TLS, by name: grpc (--listen), http "
-        "(--http); repeat the flag for more; the variable takes a comma-separated list. Without it such a "
-        "listener refuses to start: whoever reaches the gRPC port can make the sidecar call the webhooks with "
-        "its credentials")
+        "(--http), authz-http (--authz-http); repeat the flag for more; the variable takes a comma-separated "
+        "list. Without it such a listener refuses to start: whoever reaches the gRPC port can make the sidecar "
+        "call the webhooks with its credentials")
     bundle_min_sequence: int = Field(
         0, ge=0, description="refuse bundles with a lower sequence even on an empty rules.db (set it from the "
         "publisher, e.g. the sequence of the last security fix: a fresh pod cannot be fed an older bundle)")
 
-    @field_validator("listen", "http")
+    @field_validator("listen", "http", "authz_http")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
@@ -203,7 +219,25 @@ class Settings(BaseSettings):
             listeners.append(("grpc", "--listen", self.listen))
         if self.http is not None and not is_loopback(split_host_port(self.http)[0]):
             listeners.append(("http", "--http", self.http))
+        if self.authz_http is not None and not is_loopback(split_host_port(self.authz_http)[0]):
+            listeners.append(("authz-http", "--authz-http", self.authz_http))
         return listeners
+
+    @model_validator(mode="after")
+    def _authz_http_profile(self) -> Settings:
+        if self.authz_http is None:
+            return self
+        if self.authz_http_profile is None:
+            raise ValueError("--authz-http needs --authz-http-profile envoy|forward-auth: which proxy calls it decides "
+                             "which of its headers are believed")
+        if self.authz_http_client_cert_header and self.authz_http_profile != "forward-auth":
+            raise ValueError("--authz-http-client-cert-header is for --authz-http-profile forward-auth (Envoy passes "
+                             "the certificate in x-safous-authz-certificate)")
+        if self.authz_http_path_prefix and (self.authz_http_profile != "envoy"
+                                            or not self.authz_http_path_prefix.startswith("/")):
+            raise ValueError("--authz-http-path-prefix is for --authz-http-profile envoy, and starts with /")
+        return self
+
 
     @field_validator("secret_env_prefix")
     @classmethod

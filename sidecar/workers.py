@@ -131,13 +131,16 @@ def _socket_name(index: int) -> str:
 
 def run_workers(settings: Settings) -> int:
     """Run the pod until SIGTERM/SIGINT: 0 when every worker stopped cleanly, 1 when the pod
-    gave up or a worker did not stop cleanly, 2 for ``--listen`` with port 0."""
-    if split_host_port(settings.listen)[1] == 0:
-        log.error("cannot start: --workers needs a fixed port, not 0")
-        return 2
-    if not _port_is_free(settings.listen):
-        log.error("cannot start: cannot listen on %s: address in use", settings.listen)
-        return 1
+    gave up or a worker did not stop cleanly, 2 for ``--listen`` or ``--authz-http`` with port 0."""
+    for flag, listen in (("--listen", settings.listen), ("--authz-http", settings.authz_http)):
+        if listen is None:
+            continue
+        if split_host_port(listen)[1] == 0:
+            log.error("cannot start: --workers needs a fixed port for %s, not 0", flag)
+            return 2
+        if not _port_is_free(listen):
+            log.error("cannot start: cannot listen on %s: address in use", listen)
+            return 1
     try:
         db.ensure_database(settings.db)  # once, before the workers race to migrate
         supervisor = Supervisor(settings)
