@@ -265,40 +265,115 @@ def many_policies(count: int) -> list[Policy]:
     return [open_policy(f"p{i:03d}-{'x' * 60}", f"h{i}.example.com") for i in range(count)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "replacing rules.db by rename while the sidecar runs corrupts the new file: the sidecar's "
-    "long-lived connections (sidecar/activity.py ActivityLog._write, sidecar/snapshot.py "
-    "RulesWatcher) keep the old rules.db-wal, which SQLite then applies to the new file "
-    "('database disk image is malformed')"))
+def paths_in(path: Path) -> list[str]:
+    """The activity log's paths in a rules.db that is not (or no longer) under its name."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [p for (p,) in conn.execute("SELECT path FROM activity_log ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def integrity(path: Path) -> list[tuple[str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
 async def test_rules_db_replaced_by_another_file_is_picked_up(
-        db: Path, start_sidecar, authz, tmp_path: Path) -> None:
+        db: Path, start_sidecar, authz, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``mv new.db rules.db`` while the sidecar runs and decides: the new rules are served, the
+    new file stays whole, and every decision is in exactly one file — those written before in
+    the old one (kept here by a second link, as ``mv rules.db old.db`` first would), the others
+    in the new one."""
     seed(db, [], [A])
     sidecar = await start_sidecar(reload_interval=0.05, http="127.0.0.1:0")
     stub = authz(sidecar.port)
     for i in range(10):
         assert await decide(stub, "a.example.com", f"/old-{i}") == "allowed"
     await eventually(lambda: sidecar.activity.written == 10)  # in the old file's WAL
+    old = tmp_path / "old.db"
+    os.link(db, old)
 
     new = tmp_path / "new.db"
     seed(new, [], [B, *many_policies(200)])  # another rules.db, built elsewhere
     os.replace(new, db)  # mv new.db rules.db: a new inode under the same name
+    during = 0
 
     async def new_rules_served() -> bool:
-        return (await decide(stub, "b.example.com"), await decide(stub, "a.example.com")) == (
-            "allowed", "no_matching_policy")
+        nonlocal during
+        during += 1  # decisions all along the switch
+        return (await decide(stub, "b.example.com", f"/during-{during}"),
+                await decide(stub, "a.example.com", f"/during-{during}")) == ("allowed", "no_matching_policy")
 
     try:
-        await eventually(new_rules_served, timeout=3)
+        pickup = await timed_wait(new_rules_served, timeout=3)
     except AssertionError:
         raise AssertionError(f"new rules not served; /readyz: {await readyz(sidecar)}") from None
-    finally:
-        await sidecar.stop(grace=1)
+    for i in range(5):
+        assert await decide(stub, "h199.example.com", f"/new-{i}") == "allowed"
+    assert (await readyz(sidecar))[0] == 200
+    await sidecar.stop(grace=1)
+
+    assert integrity(db) == [("ok",)] and integrity(old) == [("ok",)]
     conn = sqlite3.connect(db)
     try:  # the admin's new file is intact
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert conn.execute("SELECT count(*) FROM policies").fetchone() == (201,)
     finally:
         conn.close()
+    in_old, in_new = paths_in(old), activity_paths(db)
+    assert in_old[:10] == [f"/old-{i}" for i in range(10)]  # checkpointed into the old file
+    assert not any(p.startswith("/old-") for p in in_new)
+    assert sorted(in_old + in_new) == sorted([f"/old-{i}" for i in range(10)] + [f"/new-{i}" for i in range(5)]
+                                            + [f"/during-{i}" for i in range(1, during + 1) for _ in "ab"])
+    assert sidecar.activity.dropped == 0
+    assert logged(caplog, logging.WARNING, "rules.db is another file now: its connections follow it")
+    print(f"\nmv over rules.db: new rules served {pickup * 1000:.0f} ms after (reload interval 50 ms), "
+          f"{len(in_old) - 10} decisions of the switch in the old file, {len(in_new)} in the new")
+
+
+async def test_decisions_pending_when_rules_db_is_replaced_go_to_the_new_file_once(
+        db: Path, start_sidecar, authz, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Decisions the old file's write lock held back are pending when the file is replaced:
+    they are written to the new one, the file the name holds (the old one is usually gone),
+    each once."""
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 100)
+    seed(db, [], [A])
+    sidecar = await start_sidecar(reload_interval=0.05)
+    stub = authz(sidecar.port)
+    assert await decide(stub, "a.example.com", "/before") == "allowed"
+    await eventually(lambda: sidecar.activity.written == 1)
+    old = tmp_path / "old.db"
+    os.link(db, old)
+
+    holder = hold_write_lock(db)
+    try:
+        for i in range(5):
+            assert await decide(stub, "a.example.com", f"/pending-{i}") == "allowed"
+        await eventually(lambda: logged(caplog, logging.ERROR, "activity log write failed"))
+        assert sidecar.activity.depth == 5
+        new = tmp_path / "new.db"
+        seed(new, [], [B])
+        os.replace(new, db)
+
+        async def new_rules_served() -> bool:
+            return await decide(stub, "b.example.com", "/probe") == "allowed"
+
+        await eventually(new_rules_served)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await eventually(lambda: sidecar.activity.depth == 0, what="the pending decisions written")
+    await sidecar.stop(grace=1)
+
+    assert sidecar.activity.dropped == 0
+    assert paths_in(old) == ["/before"]
+    in_new = activity_paths(db)
+    assert [p for p in in_new if p.startswith("/pending-")] == [f"/pending-{i}" for i in range(5)]
+    assert integrity(db) == [("ok",)] and integrity(old) == [("ok",)]
 
 
 async def test_rules_db_restored_in_place_with_sqlites_backup_api_is_picked_up(

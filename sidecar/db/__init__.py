@@ -11,6 +11,8 @@ Where things are:
 - ``activity``: the activity log: appending, pruning, reading, and the portal's full-text
   index of denial reasons (kept in a database of the portal's own).
 - ``bundle_state``: which signed bundle a rules.db holds (``safous-sidecar serve --bundle``).
+- ``replaced``: the sidecar's long-lived connections, which follow rules.db when another file
+  takes its name (``mv``) without ever pairing the new file with the old one's ``-wal``.
 
 Connections use WAL (readers never block the admin's writes, and the other way round) and a
 busy timeout. Every function here blocks: the server calls them through ``asyncio.to_thread``
@@ -52,6 +54,7 @@ from .objects import (
     save_rule,
     set_enabled,
 )
+from .replaced import DatabaseFile, FileConnection
 from .rule_set import RowMemo, RuleSet, data_version, load_rule_set, rules_version
 
 __all__ = [
@@ -60,6 +63,8 @@ __all__ = [
     "ActivityRecord",
     "AuditEntry",
     "BundleState",
+    "DatabaseFile",
+    "FileConnection",
     "ObjectKind",
     "RowMemo",
     "RuleSet",
