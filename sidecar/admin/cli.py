@@ -24,6 +24,7 @@ from sidecar.db import ObjectKind
 
 from . import checks, display
 from .access import Admin, one_policy, one_rule
+from .backup import backup, restore
 from .bundle import bundle
 from .logs import explain, logs
 from .options import (
@@ -493,6 +494,8 @@ def ui(admin: Admin, listen: str) -> None:
     serve(admin, listen)
 
 
+cli.add_command(backup)
+cli.add_command(restore)
 cli.add_command(bundle)
 cli.add_command(logs)
 cli.add_command(explain)
