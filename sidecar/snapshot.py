@@ -146,6 +146,13 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
     )
 
 
+DAMAGED = (" (rules.db is damaged: was a file copied over it while in use? Move it aside and restore a backup "
+           "with safous-admin restore)")
+"""Said with a reload error when SQLite finds rules.db corrupt: overwriting a live file in place
+(``cp``) is the cause SQLite's docs name first, and nothing here can undo it (README,
+"Operating it")."""
+
+
 class RulesWatcher:
     """Loads rules.db and reloads it when it changes (commits by any process, or the file
     being replaced), polling cheaply with ``PRAGMA data_version``. ``freeze``: gc.freeze()
@@ -242,7 +249,7 @@ class RulesWatcher:
         except db.StoreError as exc:
             await asyncio.to_thread(self._drop_connection)
             self.reloads_failed += 1
-            error = str(exc)
+            error = str(exc) + (DAMAGED if exc.damaged else "")
             if self.last_error != error:
                 log.error("rules.db reload failed, serving the last good rules", extra={"error": error})
                 self.last_error = error

@@ -36,6 +36,7 @@ from sidecar.db import ActivityRecord, admin_transaction, connect, connection, s
 from sidecar.logs import decision_from_log_line
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
+from tests.admin_cli import admin
 from tests.conftest import answer, check_request, denial_reason, seed
 from tests.helpers import (
     OK,
@@ -374,6 +375,67 @@ async def test_decisions_pending_when_rules_db_is_replaced_go_to_the_new_file_on
     in_new = activity_paths(db)
     assert [p for p in in_new if p.startswith("/pending-")] == [f"/pending-{i}" for i in range(5)]
     assert integrity(db) == [("ok",)] and integrity(old) == [("ok",)]
+
+
+async def test_cp_over_a_live_rules_db_is_reported_and_restore_repairs_it(
+        db: Path, start_sidecar, authz, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``cp new.db rules.db`` while the sidecar runs: the same inode, rewritten behind SQLite's
+    back while its -wal still holds pages of the old content, which SQLite reads and
+    checkpoints as the new file's (SQLite's "How To Corrupt An SQLite Database File": a file
+    overwritten while in use). Nothing can tell such a copy from SQLite's own writes, and the
+    file is damaged. What a user sees: the last good rules, /readyz and the log saying rules.db
+    is damaged and what to do; and doing it (mv aside, safous-admin restore) serves the new
+    rules from a whole file."""
+    seed(db, [], [A])
+    sidecar = await start_sidecar(reload_interval=0.05, http="127.0.0.1:0")
+    stub = authz(sidecar.port)
+    for i in range(10):
+        assert await decide(stub, "a.example.com", f"/old-{i}") == "allowed"
+    await eventually(lambda: sidecar.activity.written == 10)  # in the WAL
+    new = tmp_path / "new.db"
+    seed(new, [], [B, *many_policies(200)])
+
+    shutil.copyfile(new, db)  # cp new.db rules.db
+
+    async def reported_damaged() -> bool:
+        await decide(stub, "a.example.com", "/after-cp")  # a commit: the watcher reads rules.db again
+        return "rules.db is damaged" in (await readyz(sidecar))[1]
+
+    await eventually(reported_damaged, timeout=3)
+    status, body = await readyz(sidecar)
+    assert status == 503 and body.endswith(
+        "database disk image is malformed (rules.db is damaged: was a file copied over it while in use? Move it "
+        "aside and restore a backup with safous-admin restore)\n"), body
+    assert logged(caplog, logging.ERROR, "rules.db reload failed, serving the last good rules")
+    assert await decide(stub, "a.example.com") == "allowed"  # the last good rules
+    assert await decide(stub, "b.example.com") == "no_matching_policy"
+
+    os.replace(db, tmp_path / "damaged.db")  # mv rules.db damaged.db: the sidecar follows
+
+    def restored() -> bool:
+        result = admin(db, "restore", str(new))
+        return result.exit_code == 0 and result.stdout.endswith(
+            f'restored {db} from {new}: 0 rules and 201 policies, 201 changes audited as "alice"\n')
+
+    await eventually(lambda: asyncio.to_thread(restored), what="restore once the sidecar has followed the mv")
+
+    async def new_rules_served() -> bool:
+        return (await decide(stub, "b.example.com"), await decide(stub, "a.example.com")) == (
+            "allowed", "no_matching_policy")
+
+    await eventually(new_rules_served, timeout=3)
+    assert (await readyz(sidecar))[0] == 200
+    await sidecar.stop(grace=1)
+    assert integrity(db) == [("ok",)]
+    assert query_one(db, "SELECT count(*) FROM policies") == 201
+
+
+def query_one(path: Path, sql: str) -> Any:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchone()[0]
+    finally:
+        conn.close()
 
 
 async def test_rules_db_restored_in_place_with_sqlites_backup_api_is_picked_up(
