@@ -52,8 +52,8 @@ def restore(admin: Admin, source: Path) -> None:
     IN (from `safous-admin backup`, or any rules.db) is checked first: a SQLite database that
     passes its integrity check and that this version can bring up to date. Its pages are then
     written into rules.db through SQLite, in one transaction: the sidecar serves its rules
-    within --reload-interval, and nothing is corrupted (unlike mv or cp over a live file). A
-    bundle-managed rules.db is refused unless --force.
+    within --reload-interval, and nothing is corrupted, as a cp over the live file would be.
+    A bundle-managed rules.db is refused unless --force.
 
     Rules, policies and bundle state become IN's. Nothing is lost from the logs: the audit log
     keeps the rows of both files, plus one row per rule or policy the restore changed and one
