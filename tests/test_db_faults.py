@@ -39,11 +39,13 @@ from sidecar.rules.model import ActionType, ResponseAction, Rule
 from tests.admin_cli import admin
 from tests.conftest import answer, check_request, denial_reason, seed
 from tests.helpers import (
+    FRESH,
     OK,
     PERMISSION_DENIED,
     activity_paths,
     code_of,
     eventually,
+    free_port,
     metric,
     ops_get,
     start_server,
@@ -375,6 +377,56 @@ async def test_decisions_pending_when_rules_db_is_replaced_go_to_the_new_file_on
     in_new = activity_paths(db)
     assert [p for p in in_new if p.startswith("/pending-")] == [f"/pending-{i}" for i in range(5)]
     assert integrity(db) == [("ok",)] and integrity(old) == [("ok",)]
+
+
+async def test_rules_db_replaced_under_workers_is_followed_by_each(tmp_path: Path) -> None:
+    """``--workers 2``: two processes hold rules.db, each with its own connections. Each
+    follows the new file (one at a time, under the directory's flock), neither pairs it with
+    the old -wal, and the decisions made after go to it."""
+    db = tmp_path / "rules.db"
+    seed(db, [], [A])
+    port = free_port()  # --workers needs a fixed port
+    log, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}", "--workers", "2",
+                                     "--reload-interval", "0.05")
+    try:
+        await asyncio.to_thread(log.wait_for, "listening", 2)
+
+        async def fresh_decision(host: str, path: str) -> str:
+            # A new connection each time: each lands on one worker, and both get some.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FRESH) as channel:
+                return await decide(pb_grpc.AuthorizationStub(channel), host, path)
+
+        for i in range(40):
+            assert await fresh_decision("a.example.com", f"/old-{i}") == "allowed"
+        await eventually(lambda: len(activity_paths(db)) == 40, what="both workers' decisions written")
+        assert {e["worker"] for e in log.records() if e.get("logger") == "sidecar.decision"} == {0, 1}
+        new = tmp_path / "new.db"
+        seed(new, [], [B, *many_policies(200)])
+        os.replace(new, db)
+
+        async def both_follow() -> bool:
+            for _ in range(10):
+                if (await fresh_decision("b.example.com", "/probe"), await fresh_decision("a.example.com", "/probe")
+                        ) != ("allowed", "no_matching_policy"):
+                    return False
+            return True
+
+        await eventually(both_follow, timeout=5)
+        for i in range(40):
+            assert await fresh_decision("h199.example.com", f"/new-{i}") == "allowed"
+        log.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(log.proc.wait, 15) == 0, log.tail(60)
+    finally:
+        await asyncio.to_thread(log.close)
+    followed = {e["worker"] for e in log.records() if e.get("message") == "rules.db is another file now: its "
+                "connections follow it"}
+    assert followed == {0, 1}
+    assert integrity(db) == [("ok",)]
+    assert query_one(db, "SELECT count(*) FROM policies") == 201
+    in_new = activity_paths(db)
+    # Each worker writes its own batches: the order is the workers' flushes, not the checks'.
+    assert sorted(p for p in in_new if p.startswith("/new-")) == sorted(f"/new-{i}" for i in range(40))
+    assert not any(p.startswith("/old-") for p in in_new)
 
 
 async def test_cp_over_a_live_rules_db_is_reported_and_restore_repairs_it(
