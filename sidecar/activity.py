@@ -12,6 +12,8 @@ full disk, rules.db missing for a moment) is not lost: it goes back to the head 
 the next flush writes it with the decisions that came meanwhile, the list's bound still holding.
 Its log lines are not written again. Flushes that fail in a row come further apart (at most
 ``RETRY_MAX_DELAY``), so a database gone for good costs one error line every few seconds.
+Another file put under rules.db's name (``mv``) gets the decisions not written yet; those
+written before stay in the old file (``_write`` says why).
 
 A decision with a trace (``record_traced``) holds up to some 40 KiB per rule until written. The
 traces of the decisions not yet written (pending, being written, kept for a retry) stay within
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +43,6 @@ class ActivityLog:
     def __init__(self, db_path: Path, max_queue: int = 10_000, *, flush_interval: float = 0.2,
                  on_batch: Callable[[list[ActivityRecord]], None] | None = None,
                  max_trace_bytes: int = MAX_PENDING_TRACE_BYTES) -> None:
-        self._path = db_path
         self._max = max_queue
         self._max_trace_bytes = max_trace_bytes
         # The size of each trace not yet written (pending or being written), by the id of its
@@ -59,8 +59,7 @@ class ActivityLog:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
-        self._conn: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._db = db.DatabaseFile.at(db_path).connection()
         self.written = 0
         self.dropped = 0
         self.traces_dropped = 0
@@ -106,19 +105,17 @@ class ActivityLog:
                 self._on_batch(batch[announced:] if announced else batch)
             except Exception:
                 log.exception("could not write decision log lines")
-        identity = db.file_identity(self._path)
-        if self._conn is not None and identity != self._identity:
-            # rules.db was replaced or deleted: this connection writes to the old file.
-            self._conn.close()
-            self._conn = None
-        if self._conn is None:
-            self._conn = db.connect(self._path, create=False)
-            self._identity = identity
+        # Checked before each batch (use()): when another file has taken rules.db's name, the
+        # batch goes to that file, and what was written before stays in the old one. So a
+        # decision is written once, in the activity log that the name holds when it is
+        # written: the one admins read. The old file, not it, would be the wrong one: `mv`
+        # usually unlinks it (its rows would be lost with it), and writing there after the
+        # switch would take an old connection whose -wal the new file may share.
         try:
-            db.insert_activity(self._conn, batch)
+            with self._db.use() as conn:
+                db.insert_activity(conn, batch)
         except db.StoreError:
-            self._conn.close()
-            self._conn = None
+            self._db.close()
             raise
 
     async def _flush(self, *, last: bool = False) -> None:
@@ -193,6 +190,4 @@ class ActivityLog:
             await self._task
             self._task = None
         await self._flush(last=True)
-        if self._conn is not None:
-            await asyncio.to_thread(self._conn.close)
-            self._conn = None
+        await asyncio.to_thread(self._db.close)

@@ -93,19 +93,17 @@ class ActivityRetention:
         return iso_time(self._clock() - self.days * 86_400)
 
     def _prune(self, older_than: str | None) -> int:
-        """In a worker thread: one prune on a connection of its own."""
+        """In a worker thread: one prune on a connection of its own, which never creates
+        rules.db and follows it when another file takes its name."""
+        rules_db = db.DatabaseFile.at(self._path).connection()
         try:
-            # Not exists() then connect(): a rules.db deleted in between would come back empty.
-            conn = db.connect(self._path, create=False)
+            return db.prune_activity(rules_db, older_than=older_than, keep_rows=self.rows, stop=self._stop)
         except db.StoreError as exc:
             if not self._path.exists():  # only to word the error
                 raise db.StoreError(f"cannot prune the activity log: {self._path} does not exist") from exc
             raise
-        try:
-            return db.prune_activity(conn, older_than=older_than, keep_rows=self.rows,
-                                        stop=self._stop)
         finally:
-            conn.close()
+            rules_db.close()
 
     async def prune_now(self) -> int:
         """Prune once now; return the number of rows deleted (0 if it failed: see ``last_error``).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -147,6 +146,13 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
     )
 
 
+DAMAGED = (" (rules.db is damaged: was a file copied over it while in use? Move it aside and restore a backup "
+           "with safous-admin restore)")
+"""Said with a reload error when SQLite finds rules.db corrupt: overwriting a live file in place
+(``cp``) is the cause SQLite's docs name first, and nothing here can undo it (README,
+"Operating it")."""
+
+
 class RulesWatcher:
     """Loads rules.db and reloads it when it changes (commits by any process, or the file
     being replaced), polling cheaply with ``PRAGMA data_version``. ``freeze``: gc.freeze()
@@ -156,7 +162,6 @@ class RulesWatcher:
     def __init__(self, db_path: Path, evaluator: RuleEvaluator, interval: float,
                  on_change: Callable[[Snapshot], None],
                  on_health: Callable[[str | None], None] | None = None, *, freeze: bool = False) -> None:
-        self._path = db_path
         self._freeze = freeze
         self._evaluator = evaluator
         self._interval = interval
@@ -165,8 +170,8 @@ class RulesWatcher:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload: float | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._db = db.DatabaseFile.at(db_path).connection(readonly=True)
+        self._opened = 0  # the connection's openings when last read: another file, another data_version
         self._seen_data: int | None = None
         self._seen_rules: tuple[int, bytes] | None = None
         self._version = 0
@@ -192,26 +197,22 @@ class RulesWatcher:
                 raise db.StoreError(f"reload failed unexpectedly: {type(exc).__name__}: {exc}"[:300]) from exc
 
     def _load_locked(self, force: bool) -> Snapshot | None:
-        identity = db.file_identity(self._path)
-        if identity is None:
-            raise db.StoreError(f"{self._path} does not exist")
-        if self._conn is None or identity != self._identity:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = db.connect(self._path, readonly=True)
-            self._identity = identity
-            self._seen_data = self._seen_rules = None
-        # data_version is the cheap test (no query on a table); rules_version tells whether the
-        # commit touched rules at all, as most commits are the activity log's.
-        seen_data = db.data_version(self._conn)
-        if not force and seen_data == self._seen_data:
-            return None
-        seen_rules = db.rules_version(self._conn)
-        self._seen_data = seen_data
-        if not force and seen_rules == self._seen_rules:
-            return None
-        pace = Pacer()
-        rule_set = db.load_rule_set(self._conn, self._memo, pace)
+        # use() follows rules.db when another file takes its name (the whole process switches).
+        with self._db.use() as conn:
+            if self._db.opened != self._opened:
+                self._opened = self._db.opened
+                self._seen_data = self._seen_rules = None
+            # data_version is the cheap test (no query on a table); rules_version tells whether
+            # the commit touched rules at all, as most commits are the activity log's.
+            seen_data = db.data_version(conn)
+            if not force and seen_data == self._seen_data:
+                return None
+            seen_rules = db.rules_version(conn)
+            self._seen_data = seen_data
+            if not force and seen_rules == self._seen_rules:
+                return None
+            pace = Pacer()
+            rule_set = db.load_rule_set(conn, self._memo, pace)
         self._seen_rules = seen_rules
         self._version += 1
         self._snapshot = build_snapshot(rule_set, self._evaluator, self._version, self._snapshot, pace)
@@ -248,9 +249,10 @@ class RulesWatcher:
         except db.StoreError as exc:
             await asyncio.to_thread(self._drop_connection)
             self.reloads_failed += 1
-            if self.last_error != str(exc):
-                log.error("rules.db reload failed, serving the last good rules", extra={"error": str(exc)})
-                self.last_error = str(exc)
+            error = str(exc) + (DAMAGED if exc.damaged else "")
+            if self.last_error != error:
+                log.error("rules.db reload failed, serving the last good rules", extra={"error": error})
+                self.last_error = error
                 if self._on_health is not None:
                     self._on_health(self.last_error)
             raise
@@ -271,9 +273,7 @@ class RulesWatcher:
 
     def _drop_connection(self) -> None:
         with self._connection_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._db.close()
 
     async def _run(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from sidecar.activity_retention import ActivityRetention
 from sidecar.db import (
     PRUNE_PAUSE,
     ActivityRecord,
+    DatabaseFile,
     admin_transaction,
     connect,
     ensure_database,
@@ -66,11 +67,11 @@ def count(db: Path) -> int:
 
 
 def prune(db: Path, **kwargs: object) -> int:
-    conn = connect(db)
+    rules_db = DatabaseFile.at(db).connection()
     try:
-        return prune_activity(conn, **kwargs)  # type: ignore[arg-type]
+        return prune_activity(rules_db, **kwargs)  # type: ignore[arg-type]
     finally:
-        conn.close()
+        rules_db.close()
 
 
 # ------------------------------------------------------------------------- what is kept
@@ -321,7 +322,7 @@ async def test_a_read_only_database_is_reported_not_raised(db: Path, monkeypatch
     """The file opened read-only, as on a read-only volume (the tests may run as root, whom file
     modes do not stop): SQLite refuses the DELETE."""
     insert(db, [NOW - 3 * DAY] * 4)
-    monkeypatch.setattr("sidecar.db.connect", lambda path, **_: connect(path, readonly=True))
+    monkeypatch.setattr("sidecar.db.replaced.connect", lambda path, **_: connect(path, readonly=True))
     retention = ActivityRetention(db, days=1, rows=10, clock=lambda: NOW)
     assert await retention.prune_now() == 0
     assert retention.last_error and "readonly" in retention.last_error

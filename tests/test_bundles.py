@@ -613,6 +613,27 @@ async def test_a_revision_a_sibling_applied_clears_the_failure_shown(tmp_path: P
         await sync.stop()
 
 
+def test_a_bundle_waits_until_the_sidecar_follows_a_replaced_rules_db(tmp_path: Path, keys: Keys, db: Path) -> None:
+    """``mv new.db rules.db``: until the sidecar has followed the new file (its connections
+    closed, the old -wal removed), the apply process must not open it, or it would pair the
+    two. Refused as store_error, which the next poll retries."""
+    private, public, _ = keys.make("signing")
+    bundle = parse_bundle(bundle_of(ALLOW_ALL, private, 1), {k.key_id: k for k in [load_verification_key(str(public))]})
+    followed = store.file_identity(db)  # the file the sidecar's connections are on
+    new = tmp_path / "new.db"
+    store.ensure_database(new)
+    os.replace(new, db)
+
+    with pytest.raises(BundleRefused) as refused:
+        bundle_sync.apply_bundle(db, bundle, "test", Settings().secret_policy, followed=followed)
+    assert (refused.value.reason, str(refused.value)) == (
+        "store_error", f"{db} was replaced and the sidecar has not followed it yet")
+    conn = store.connect(db, readonly=True)
+    assert store.read_bundle_state(conn) is None
+    conn.close()
+    assert bundle_sync.apply_bundle(db, bundle, "test", Settings().secret_policy, followed=store.file_identity(db))
+
+
 def _slow_apply(path: str, *_: object) -> tuple[str, str | None, bool]:
     """Stands in for the apply of a large bundle: started (the file names the process), and
     committed seconds later. At module level: the apply process imports it by name."""

@@ -36,13 +36,16 @@ from sidecar.db import ActivityRecord, admin_transaction, connect, connection, s
 from sidecar.logs import decision_from_log_line
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
+from tests.admin_cli import admin
 from tests.conftest import answer, check_request, denial_reason, seed
 from tests.helpers import (
+    FRESH,
     OK,
     PERMISSION_DENIED,
     activity_paths,
     code_of,
     eventually,
+    free_port,
     metric,
     ops_get,
     start_server,
@@ -265,38 +268,224 @@ def many_policies(count: int) -> list[Policy]:
     return [open_policy(f"p{i:03d}-{'x' * 60}", f"h{i}.example.com") for i in range(count)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "replacing rules.db by rename while the sidecar runs corrupts the new file: the sidecar's "
-    "long-lived connections (sidecar/activity.py ActivityLog._write, sidecar/snapshot.py "
-    "RulesWatcher) keep the old rules.db-wal, which SQLite then applies to the new file "
-    "('database disk image is malformed')"))
+def paths_in(path: Path) -> list[str]:
+    """The activity log's paths in a rules.db that is not (or no longer) under its name."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [p for (p,) in conn.execute("SELECT path FROM activity_log ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def integrity(path: Path) -> list[tuple[str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
 async def test_rules_db_replaced_by_another_file_is_picked_up(
-        db: Path, start_sidecar, authz, tmp_path: Path) -> None:
+        db: Path, start_sidecar, authz, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``mv new.db rules.db`` while the sidecar runs and decides: the new rules are served, the
+    new file stays whole, and every decision is in exactly one file — those written before in
+    the old one (kept here by a second link, as ``mv rules.db old.db`` first would), the others
+    in the new one."""
     seed(db, [], [A])
     sidecar = await start_sidecar(reload_interval=0.05, http="127.0.0.1:0")
     stub = authz(sidecar.port)
     for i in range(10):
         assert await decide(stub, "a.example.com", f"/old-{i}") == "allowed"
     await eventually(lambda: sidecar.activity.written == 10)  # in the old file's WAL
+    old = tmp_path / "old.db"
+    os.link(db, old)
 
     new = tmp_path / "new.db"
     seed(new, [], [B, *many_policies(200)])  # another rules.db, built elsewhere
     os.replace(new, db)  # mv new.db rules.db: a new inode under the same name
+    during = 0
+
+    async def new_rules_served() -> bool:
+        nonlocal during
+        during += 1  # decisions all along the switch
+        return (await decide(stub, "b.example.com", f"/during-{during}"),
+                await decide(stub, "a.example.com", f"/during-{during}")) == ("allowed", "no_matching_policy")
+
+    try:
+        pickup = await timed_wait(new_rules_served, timeout=3)
+    except AssertionError:
+        raise AssertionError(f"new rules not served; /readyz: {await readyz(sidecar)}") from None
+    for i in range(5):
+        assert await decide(stub, "h199.example.com", f"/new-{i}") == "allowed"
+    assert (await readyz(sidecar))[0] == 200
+    await sidecar.stop(grace=1)
+
+    assert integrity(db) == [("ok",)] and integrity(old) == [("ok",)]
+    conn = sqlite3.connect(db)
+    try:  # the admin's new file is intact
+        assert conn.execute("SELECT count(*) FROM policies").fetchone() == (201,)
+    finally:
+        conn.close()
+    in_old, in_new = paths_in(old), activity_paths(db)
+    assert in_old[:10] == [f"/old-{i}" for i in range(10)]  # checkpointed into the old file
+    assert not any(p.startswith("/old-") for p in in_new)
+    assert sorted(in_old + in_new) == sorted([f"/old-{i}" for i in range(10)] + [f"/new-{i}" for i in range(5)]
+                                            + [f"/during-{i}" for i in range(1, during + 1) for _ in "ab"])
+    assert sidecar.activity.dropped == 0
+    assert logged(caplog, logging.WARNING, "rules.db is another file now: its connections follow it")
+    print(f"\nmv over rules.db: new rules served {pickup * 1000:.0f} ms after (reload interval 50 ms), "
+          f"{len(in_old) - 10} decisions of the switch in the old file, {len(in_new)} in the new")
+
+
+async def test_decisions_pending_when_rules_db_is_replaced_go_to_the_new_file_once(
+        db: Path, start_sidecar, authz, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Decisions the old file's write lock held back are pending when the file is replaced:
+    they are written to the new one, the file the name holds (the old one is usually gone),
+    each once."""
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 100)
+    seed(db, [], [A])
+    sidecar = await start_sidecar(reload_interval=0.05)
+    stub = authz(sidecar.port)
+    assert await decide(stub, "a.example.com", "/before") == "allowed"
+    await eventually(lambda: sidecar.activity.written == 1)
+    old = tmp_path / "old.db"
+    os.link(db, old)
+
+    holder = hold_write_lock(db)
+    try:
+        for i in range(5):
+            assert await decide(stub, "a.example.com", f"/pending-{i}") == "allowed"
+        await eventually(lambda: logged(caplog, logging.ERROR, "activity log write failed"))
+        assert sidecar.activity.depth == 5
+        new = tmp_path / "new.db"
+        seed(new, [], [B])
+        os.replace(new, db)
+
+        async def new_rules_served() -> bool:
+            return await decide(stub, "b.example.com", "/probe") == "allowed"
+
+        await eventually(new_rules_served)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await eventually(lambda: sidecar.activity.depth == 0, what="the pending decisions written")
+    await sidecar.stop(grace=1)
+
+    assert sidecar.activity.dropped == 0
+    assert paths_in(old) == ["/before"]
+    in_new = activity_paths(db)
+    assert [p for p in in_new if p.startswith("/pending-")] == [f"/pending-{i}" for i in range(5)]
+    assert integrity(db) == [("ok",)] and integrity(old) == [("ok",)]
+
+
+async def test_rules_db_replaced_under_workers_is_followed_by_each(tmp_path: Path) -> None:
+    """``--workers 2``: two processes hold rules.db, each with its own connections. Each
+    follows the new file (one at a time, under the directory's flock), neither pairs it with
+    the old -wal, and the decisions made after go to it."""
+    db = tmp_path / "rules.db"
+    seed(db, [], [A])
+    port = free_port()  # --workers needs a fixed port
+    log, _ = await asyncio.to_thread(start_server, db, "--listen", f"127.0.0.1:{port}", "--workers", "2",
+                                     "--reload-interval", "0.05")
+    try:
+        await asyncio.to_thread(log.wait_for, "listening", 2)
+
+        async def fresh_decision(host: str, path: str) -> str:
+            # A new connection each time: each lands on one worker, and both get some.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FRESH) as channel:
+                return await decide(pb_grpc.AuthorizationStub(channel), host, path)
+
+        for i in range(40):
+            assert await fresh_decision("a.example.com", f"/old-{i}") == "allowed"
+        await eventually(lambda: len(activity_paths(db)) == 40, what="both workers' decisions written")
+        assert {e["worker"] for e in log.records() if e.get("logger") == "sidecar.decision"} == {0, 1}
+        new = tmp_path / "new.db"
+        seed(new, [], [B, *many_policies(200)])
+        os.replace(new, db)
+
+        async def both_follow() -> bool:
+            for _ in range(10):
+                if (await fresh_decision("b.example.com", "/probe"), await fresh_decision("a.example.com", "/probe")
+                        ) != ("allowed", "no_matching_policy"):
+                    return False
+            return True
+
+        await eventually(both_follow, timeout=5)
+        for i in range(40):
+            assert await fresh_decision("h199.example.com", f"/new-{i}") == "allowed"
+        log.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(log.proc.wait, 15) == 0, log.tail(60)
+    finally:
+        await asyncio.to_thread(log.close)
+    followed = {e["worker"] for e in log.records() if e.get("message") == "rules.db is another file now: its "
+                "connections follow it"}
+    assert followed == {0, 1}
+    assert integrity(db) == [("ok",)]
+    assert query_one(db, "SELECT count(*) FROM policies") == 201
+    in_new = activity_paths(db)
+    # Each worker writes its own batches: the order is the workers' flushes, not the checks'.
+    assert sorted(p for p in in_new if p.startswith("/new-")) == sorted(f"/new-{i}" for i in range(40))
+    assert not any(p.startswith("/old-") for p in in_new)
+
+
+async def test_cp_over_a_live_rules_db_is_reported_and_restore_repairs_it(
+        db: Path, start_sidecar, authz, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``cp new.db rules.db`` while the sidecar runs: the same inode, rewritten behind SQLite's
+    back while its -wal still holds pages of the old content, which SQLite reads and
+    checkpoints as the new file's (SQLite's "How To Corrupt An SQLite Database File": a file
+    overwritten while in use). Nothing can tell such a copy from SQLite's own writes, and the
+    file is damaged. What a user sees: the last good rules, /readyz and the log saying rules.db
+    is damaged and what to do; and doing it (mv aside, safous-admin restore) serves the new
+    rules from a whole file."""
+    seed(db, [], [A])
+    sidecar = await start_sidecar(reload_interval=0.05, http="127.0.0.1:0")
+    stub = authz(sidecar.port)
+    for i in range(10):
+        assert await decide(stub, "a.example.com", f"/old-{i}") == "allowed"
+    await eventually(lambda: sidecar.activity.written == 10)  # in the WAL
+    new = tmp_path / "new.db"
+    seed(new, [], [B, *many_policies(200)])
+
+    shutil.copyfile(new, db)  # cp new.db rules.db
+
+    async def reported_damaged() -> bool:
+        await decide(stub, "a.example.com", "/after-cp")  # a commit: the watcher reads rules.db again
+        return "rules.db is damaged" in (await readyz(sidecar))[1]
+
+    await eventually(reported_damaged, timeout=3)
+    status, body = await readyz(sidecar)
+    assert status == 503 and body.endswith(
+        "database disk image is malformed (rules.db is damaged: was a file copied over it while in use? Move it "
+        "aside and restore a backup with safous-admin restore)\n"), body
+    assert logged(caplog, logging.ERROR, "rules.db reload failed, serving the last good rules")
+    assert await decide(stub, "a.example.com") == "allowed"  # the last good rules
+    assert await decide(stub, "b.example.com") == "no_matching_policy"
+
+    os.replace(db, tmp_path / "damaged.db")  # mv rules.db damaged.db: the sidecar follows
+
+    def restored() -> bool:
+        result = admin(db, "restore", str(new))
+        return result.exit_code == 0 and result.stdout.endswith(
+            f'restored {db} from {new}: 0 rules and 201 policies, 201 changes audited as "alice"\n')
+
+    await eventually(lambda: asyncio.to_thread(restored), what="restore once the sidecar has followed the mv")
 
     async def new_rules_served() -> bool:
         return (await decide(stub, "b.example.com"), await decide(stub, "a.example.com")) == (
             "allowed", "no_matching_policy")
 
+    await eventually(new_rules_served, timeout=3)
+    assert (await readyz(sidecar))[0] == 200
+    await sidecar.stop(grace=1)
+    assert integrity(db) == [("ok",)]
+    assert query_one(db, "SELECT count(*) FROM policies") == 201
+
+
+def query_one(path: Path, sql: str) -> Any:
+    conn = sqlite3.connect(path)
     try:
-        await eventually(new_rules_served, timeout=3)
-    except AssertionError:
-        raise AssertionError(f"new rules not served; /readyz: {await readyz(sidecar)}") from None
-    finally:
-        await sidecar.stop(grace=1)
-    conn = sqlite3.connect(db)
-    try:  # the admin's new file is intact
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert conn.execute("SELECT count(*) FROM policies").fetchone() == (201,)
+        return conn.execute(sql).fetchone()[0]
     finally:
         conn.close()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar import db
-from sidecar.db import StoredPolicy, StoredRule
+from sidecar.db import BundleState, StoredPolicy, StoredRule
 from sidecar.rules.secrets import SecretPolicy
 
 from .display import warn
@@ -79,19 +79,22 @@ class Admin:
         try:
             if db.pending_migrations(conn):
                 db.migrate(conn)
-            actor = self.actor
-            bundle = db.read_bundle_state(conn)
-            if bundle is not None:
-                if not self.force:
-                    raise AdminError(f"rules.db {self.db} is managed by the bundle {bundle.source} (revision "
-                                     f"{bundle.revision}): change the rules where the bundle is built and publish "
-                                     "a new one, or give --force to change this copy anyway (audited; the next "
-                                     "bundle undoes it)", 2)
-                actor = f"{actor} (--force over bundle {bundle.revision})"
-            with db.admin_transaction(conn, actor):
+            with db.admin_transaction(conn, self.actor_over(db.read_bundle_state(conn))):
                 yield conn
         finally:
             conn.close()
+
+    def actor_over(self, bundle: BundleState | None) -> str:
+        """The actor to record for a change of a rules.db holding ``bundle``; ``AdminError``
+        (exit 2) for a bundle-managed one without ``--force``."""
+        if bundle is None:
+            return self.actor
+        if not self.force:
+            raise AdminError(f"rules.db {self.db} is managed by the bundle {bundle.source} (revision "
+                             f"{bundle.revision}): change the rules where the bundle is built and publish "
+                             "a new one, or give --force to change this copy anyway (audited; the next "
+                             "bundle undoes it)", 2)
+        return f"{self.actor} (--force over bundle {bundle.revision})"
 
 
 def one_rule(conn: sqlite3.Connection, name: str, exit_code: int = 1) -> StoredRule:

@@ -33,6 +33,7 @@ from sidecar.exchange import (
 
 from . import checks, display
 from .access import Admin, one_policy, one_rule
+from .backup import backup, restore
 from .bundle import bundle
 from .exchange import read_document, write_export
 from .logs import explain, logs
@@ -503,6 +504,8 @@ def ui(admin: Admin, listen: str, insecure_listen: bool) -> None:
     serve(admin, listen, insecure_listen=insecure_listen)
 
 
+cli.add_command(backup)
+cli.add_command(restore)
 cli.add_command(bundle)
 cli.add_command(logs)
 cli.add_command(explain)

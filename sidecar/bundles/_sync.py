@@ -78,19 +78,32 @@ _APPLY_NICENESS = 10  # added to the apply process's: the checks' loop comes fir
 VERIFIED_REFUSALS: frozenset[RefusalReason] = frozenset({"older_revision", "invalid_content", "literal_secret"})
 
 
-def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy, min_sequence: int = 0) -> bool:
+def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy, min_sequence: int = 0, *,
+                 followed: tuple[int, int] | None = None) -> bool:
     """Apply ``bundle`` to the rules.db at ``path`` in one transaction, audited with actor
     ``bundle:<revision>``. Returns False when that very revision is already applied (nothing
     written, nothing audited). Blocks. Raises ``BundleRefused`` (older_revision,
     invalid_content, store_error); nothing is written then. A sequence below ``min_sequence``
     is ``older_revision``, whatever rules.db holds (it remembers only what it applied: an empty
-    one would take any)."""
+    one would take any).
+
+    ``followed``: the file (st_dev, st_ino) the sidecar's connections are on. Another file
+    under the name is refused (store_error, tried again next poll) until the sidecar has
+    followed it: until then the old file's -wal may still be beside it (``sidecar.db.replaced``),
+    and a connection opened now would pair the two."""
+    identity = db.file_identity(path)
+    if followed is not None and identity != followed:
+        raise BundleRefused("store_error", f"{path} was replaced and the sidecar has not followed it yet")
     try:
         conn = db.connect(path, create=False)
     except db.StoreError as exc:
         raise BundleRefused("store_error", str(exc)) from None
     try:
         with db.admin_transaction(conn, f"bundle:{bundle.revision}"):
+            # Holding the write lock: a file put under the name since it was opened gets
+            # nothing through this connection, whose writes would reach only the old file.
+            if db.file_identity(path) != identity:
+                raise BundleRefused("store_error", f"{path} was replaced while the bundle was applied")
             state = db.read_bundle_state(conn)
             # Before "already applied": a rules.db holding this very revision below the floor
             # does not make it acceptable.
@@ -120,7 +133,8 @@ def apply_bundle(path: Path, bundle: Bundle, source: str, secrets: SecretPolicy,
 
 
 def verify_and_apply(path: str, body: bytes, key_specs: tuple[str, ...], verify: bool, source: str,
-                     secrets: SecretPolicy, min_sequence: int = 0) -> tuple[str, str | None, bool]:
+                     secrets: SecretPolicy, min_sequence: int = 0,
+                     followed: tuple[int, int] | None = None) -> tuple[str, str | None, bool]:
     """In the apply process: verify ``body`` with the keys ``key_specs`` name and apply it
     (``apply_bundle``); the revision, its key id and whether it was applied. Raises
     ``BundleRefused``.
@@ -135,7 +149,8 @@ def verify_and_apply(path: str, body: bytes, key_specs: tuple[str, ...], verify:
         # This sidecar's file, not the bundle, is at fault: store_error, tried again next poll.
         raise BundleRefused("store_error", str(exc)) from None
     bundle = parse_bundle(body, keys, verify=verify)
-    return bundle.revision, bundle.key_id, apply_bundle(Path(path), bundle, source, secrets, min_sequence)
+    return bundle.revision, bundle.key_id, apply_bundle(Path(path), bundle, source, secrets, min_sequence,
+                                                        followed=followed)
 
 
 def open_source(settings: Settings) -> BundleSource:
@@ -156,6 +171,7 @@ class BundleSync:
     def __init__(self, settings: Settings, on_applied: Callable[[], Awaitable[None]], *,
                  source: BundleSource | None = None, rng: Callable[[], float] = random.random) -> None:
         self._db = settings.db
+        self._file = db.DatabaseFile.at(settings.db)
         self._secrets = settings.secret_policy
         self._interval = settings.bundle_poll_interval
         self._verify = not settings.bundle_insecure_skip_verify
@@ -213,11 +229,8 @@ class BundleSync:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_state(self) -> db.BundleState | None:
-        conn = db.connect(self._db, readonly=True)
-        try:
+        with self._file.opened(readonly=True) as conn:
             return db.read_bundle_state(conn)
-        finally:
-            conn.close()
 
     def next_delay(self) -> float:
         """Seconds until the next poll: the interval (doubled per failure in a row, at most 8
@@ -252,7 +265,7 @@ class BundleSync:
         try:
             self._apply = self._apply_process().submit(
                 verify_and_apply, str(self._db), fetched.body, tuple(self._key_specs), self._verify,
-                self.source.name, self._secrets, self._min_sequence)
+                self.source.name, self._secrets, self._min_sequence, self._file.identity)
             revision, key_id, applied = await asyncio.wrap_future(self._apply)
         except BrokenProcessPool:
             broken, self._pool = self._pool, None  # started afresh on the next poll

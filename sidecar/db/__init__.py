@@ -11,6 +11,9 @@ Where things are:
 - ``activity``: the activity log: appending, pruning, reading, and the portal's full-text
   index of denial reasons (kept in a database of the portal's own).
 - ``bundle_state``: which signed bundle a rules.db holds (``safous-sidecar serve --bundle``).
+- ``backup``: ``safous-admin backup`` and ``restore``, over SQLite's online backup API.
+- ``replaced``: the sidecar's long-lived connections, which follow rules.db when another file
+  takes its name (``mv``) without ever pairing the new file with the old one's ``-wal``.
 
 Connections use WAL (readers never block the admin's writes, and the other way round) and a
 busy timeout. Every function here blocks: the server calls them through ``asyncio.to_thread``
@@ -37,6 +40,7 @@ from .activity import (
     read_trace,
 )
 from .audit import AuditEntry, admin_transaction, flush_audit, read_audit
+from .backup import Contents, Restored, backup_database, restore_database
 from .bundle_state import BundleState, read_bundle_state, write_bundle_state
 from .connection import BUSY_TIMEOUT_MS, StoreError, connect, file_identity, transaction
 from .migrations import ensure_database, migrate, pending_migrations
@@ -52,6 +56,7 @@ from .objects import (
     save_rule,
     set_enabled,
 )
+from .replaced import DatabaseFile, FileConnection
 from .rule_set import RowMemo, RuleSet, data_version, load_rule_set, rules_version
 
 __all__ = [
@@ -60,13 +65,18 @@ __all__ = [
     "ActivityRecord",
     "AuditEntry",
     "BundleState",
+    "Contents",
+    "DatabaseFile",
+    "FileConnection",
     "ObjectKind",
+    "Restored",
     "RowMemo",
     "RuleSet",
     "StoreError",
     "StoredPolicy",
     "StoredRule",
     "admin_transaction",
+    "backup_database",
     "connect",
     "data_version",
     "delete_policy",
@@ -87,6 +97,7 @@ __all__ = [
     "read_policies",
     "read_rules",
     "read_trace",
+    "restore_database",
     "rules_version",
     "save_policy",
     "save_rule",

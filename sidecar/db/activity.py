@@ -12,13 +12,15 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..decision import PolicySource
 from .connection import StoreError, sqlite_utils_db, transaction, translated
+from .replaced import FileConnection
 
 
 class ActivityRecord(NamedTuple):
@@ -80,8 +82,8 @@ def parse_iso_time(text: str) -> float:
 log = logging.getLogger(__name__)
 
 # The columns in ActivityRecord's field order: a row is the record but for its time's format.
-_COLUMNS = ActivityRecord._fields[:14]
-_INSERT = f"INSERT INTO activity_log ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+ACTIVITY_COLUMNS = ActivityRecord._fields[:14]
+_INSERT = f"INSERT INTO activity_log ({', '.join(ACTIVITY_COLUMNS)}) VALUES ({','.join('?' * len(ACTIVITY_COLUMNS))})"
 TRACE_MAX_BYTES = 16 * 1024
 """A stored trace's size at most (UTF-8): past it, its request bodies and answers are cut."""
 DEFAULT_TRACE_KEEP = 4096
@@ -196,7 +198,7 @@ def read_trace(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | No
 PRUNE_PAUSE = 0.15
 
 
-def prune_activity(conn: sqlite3.Connection, *, older_than: str | None, keep_rows: int | None,
+def prune_activity(rules_db: FileConnection, *, older_than: str | None, keep_rows: int | None,
                    batch: int = 5000, pause: float = PRUNE_PAUSE,
                    stop: threading.Event | None = None) -> int:
     """Delete the activity log rows older than ``older_than`` (a time in the log's format: UTC,
@@ -205,13 +207,26 @@ def prune_activity(conn: sqlite3.Connection, *, older_than: str | None, keep_row
 
     At most ``batch`` rows per BEGIN IMMEDIATE transaction, ``pause`` seconds between
     transactions (see above). ``stop``, set from another thread, ends the pruning between two
-    batches. Raises ``StoreError``; the batches committed before the error stay deleted."""
+    batches, and so does another file taking rules.db's name (checked before each batch: an id
+    read from one file means nothing in another, and the next run prunes the new one). Raises
+    ``StoreError``; the batches committed before the error stay deleted."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
     if keep_rows is not None and keep_rows < 0:
         raise ValueError("keep_rows must not be negative")
     deleted = 0
     need_pause = False  # none before the first transaction
+    first_opened: int | None = None
+
+    @contextmanager
+    def same_file() -> Iterator[sqlite3.Connection | None]:
+        """The connection, or None once it is on another file than the pruning began on. Not
+        held across pauses: a file replaced meanwhile is followed without waiting for them."""
+        nonlocal first_opened
+        with rules_db.use() as conn:
+            if first_opened is None:
+                first_opened = rules_db.opened
+            yield conn if rules_db.opened == first_opened else None
 
     def delete(select: str, args: tuple[Any, ...]) -> bool:
         """Delete in batches the rows whose ids ``select`` gives; False if stopped."""
@@ -225,9 +240,12 @@ def prune_activity(conn: sqlite3.Connection, *, older_than: str | None, keep_row
                     time.sleep(pause)
             if stop is not None and stop.is_set():
                 return False
-            with transaction(conn, immediate=True):
-                count = conn.execute(f"DELETE FROM activity_log WHERE id IN ({select})",
-                                     (*args, batch)).rowcount
+            with same_file() as conn:
+                if conn is None:
+                    return False
+                with transaction(conn, immediate=True):
+                    count = conn.execute(f"DELETE FROM activity_log WHERE id IN ({select})",
+                                         (*args, batch)).rowcount
             deleted += count
             need_pause = True
             if count < batch:
@@ -240,11 +258,14 @@ def prune_activity(conn: sqlite3.Connection, *, older_than: str | None, keep_row
             return deleted  # stopped
         if keep_rows is not None:
             # The id of the oldest row to keep, read once: rows written meanwhile are newer.
-            if keep_rows == 0:
-                row = conn.execute("SELECT max(id) + 1 FROM activity_log").fetchone()
-            else:
-                row = conn.execute("SELECT id FROM activity_log ORDER BY id DESC LIMIT 1 OFFSET ?",
-                                   (keep_rows - 1,)).fetchone()
+            with same_file() as conn:
+                if conn is None:
+                    return deleted
+                if keep_rows == 0:
+                    row = conn.execute("SELECT max(id) + 1 FROM activity_log").fetchone()
+                else:
+                    row = conn.execute("SELECT id FROM activity_log ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                       (keep_rows - 1,)).fetchone()
             if row is not None and row[0] is not None:
                 delete("SELECT id FROM activity_log WHERE id < ? ORDER BY id LIMIT ?", (row[0],))
     return deleted

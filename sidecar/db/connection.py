@@ -18,7 +18,12 @@ NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
 
 class StoreError(Exception):
-    """rules.db could not be opened, migrated, read or written."""
+    """rules.db could not be opened, migrated, read or written. ``damaged``: SQLite found the
+    file corrupt ("database disk image is malformed")."""
+
+    def __init__(self, message: str, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 @contextmanager
@@ -27,7 +32,8 @@ def translated(what: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        raise StoreError(f"{what}: {exc}") from exc
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        raise StoreError(f"{what}: {exc}", damaged=code == sqlite3.SQLITE_CORRUPT) from exc
 
 
 def connect(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> sqlite3.Connection:
