@@ -15,6 +15,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import http_edge
 from .attributes import RequestAttributes
@@ -32,6 +33,19 @@ MAX_HEADER = 32 * 1024
 MAX_HEADERS = 128
 
 
+class _ClientFaults(logging.Filter):
+    """aiohttp logs every request it could not parse (400: a line or header past its bound,
+    bad syntax) as an error with a traceback: that is the client's fault, answered already,
+    and a client could fill the log with it. Other errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+_server_log = logging.getLogger(__name__ + ".server")
+_server_log.addFilter(_ClientFaults())
+
+
 def _internal() -> web.Response:
     return http_edge.build_response(INTERNAL, "")
 
@@ -45,7 +59,7 @@ class AuthzHttpServer:
         self._config = config
         self._envoy = config.profile == "envoy"
         self._reuse_port = reuse_port
-        self._handlers = web.Server(self._handle, handler_cancellation=True, access_log=None,
+        self._handlers = web.Server(self._handle, handler_cancellation=True, access_log=None, logger=_server_log,
                                     max_line_size=MAX_LINE, max_field_size=MAX_HEADER, max_headers=MAX_HEADERS)
         self._server: asyncio.Server | None = None
         self.port = 0

@@ -1,0 +1,161 @@
+"""The HTTP authorization endpoint (``--authz-http``) on a real sidecar: the same decisions,
+codes, reasons and activity rows as the gRPC listener beside it, fail closed, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import re
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.policies import Policy
+from sidecar.rules.model import ActionType, ResponseAction, Rule
+from sidecar.server import Sidecar
+from tests.conftest import ACTIVE, ExplodingEvaluator, answer, check_request, seed
+from tests.helpers import code_of, eventually
+
+STORE_TIER = (*ACTIVE, ResponseAction(type=ActionType.STORE, key="tier", value="tier"))
+FORWARD_AUTH = {"authz_http": "127.0.0.1:0", "authz_http_profile": "forward-auth"}
+
+
+def rows(db: Path) -> list[tuple[str, str, str, int, str, str]]:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return conn.execute("SELECT username, host, path, allowed, code, status FROM activity_log ORDER BY id"
+                            ).fetchall()
+
+
+async def ask(sidecar: Sidecar, headers: dict[str, str], *, session: aiohttp.ClientSession | None = None,
+              method: str = "GET", target: str = "/auth", data: Any = None) -> tuple[int, dict[str, str], str]:
+    assert sidecar.authz_http is not None
+    url = f"http://127.0.0.1:{sidecar.authz_http.port}{target}"
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with session.request(method, url, headers=headers, data=data) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.text()
+
+
+def forwarded(path: str, host: str = "app.example.com", **extra: str) -> dict[str, str]:
+    return {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": path, "X-Forwarded-Host": host,
+            "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7", **extra}
+
+
+@pytest.fixture
+async def posture(db: Path, serve) -> Any:
+    api = await serve(answer({"status": "active", "tier": "gold"}))
+    seed(db, [Rule(name="posture", url=f"{api.url}/check?u=%username%&ip=%remote_ip%", actions=STORE_TIER)],
+         [Policy(name="app", hosts=("app.example.com",), path_prefix="/app", rules=("posture",))])
+    return api
+
+
+async def test_the_http_endpoint_decides_as_the_grpc_listener_does(
+        db: Path, start_sidecar, authz, posture) -> None:
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    stub = authz(sidecar.port)
+    async with aiohttp.ClientSession() as session:  # one keep-alive connection for all
+        status, headers, body = await ask(sidecar, forwarded("/app/x", **{"x-safous-username": "alice"}),
+                                          session=session)
+        assert (status, headers["x-safous-tier"], body) == (200, "gold", "")
+        grpc_answer = await stub.Check(check_request("/app/x", headers={"x-safous-username": "alice"}))
+        assert code_of(grpc_answer) == "allowed"
+        # The webhook saw the same parameters from both edges.
+        assert [s.raw_path for s in posture.seen] == ["/check?u=alice&ip=203.0.113.7"] * 2
+        status, headers, body = await ask(sidecar, forwarded("/other"), session=session)
+        assert status == 403 and headers["x-safous-denial-reason"] == "no policy matches this request"
+        assert json.loads(body)["code"] == "no_matching_policy"
+        assert headers["content-type"].startswith("application/json")
+    await eventually(lambda: len(rows(db)) == 3)
+    assert [(user, host, path, allowed, code) for user, host, path, allowed, code, _ in rows(db)] == [
+        ("alice", "app.example.com", "/app/x", 1, "rules_passed"), ("alice", "app.example.com", "/app/x", 1,
+                                                                  "rules_passed"),
+        ("", "app.example.com", "/other", 0, "no_matching_policy")]
+
+
+async def test_anything_that_goes_wrong_is_a_403_never_a_2xx(db: Path, start_sidecar, posture) -> None:
+    sidecar = await start_sidecar(ExplodingEvaluator(), **FORWARD_AUTH)
+    status, headers, body = await ask(sidecar, forwarded("/app/x"))
+    assert (status, json.loads(body)["code"]) == (403, "internal_error")
+    assert headers["x-safous-denial-reason"] == "internal error in the authorization sidecar"
+    sidecar.checker.snapshot = None  # rules not loaded
+    status, _, body = await ask(sidecar, forwarded("/app/x"))
+    assert (status, json.loads(body)["code"]) == (403, "not_ready")
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while not answer.endswith(b"\r\n\r\n") and b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize(("what", "sent"), [
+    ("request line", b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("header", b"GET / HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 33_000 + b"\r\n\r\n"),
+    ("header count", b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+     + b"\r\n"),
+    ("malformed", b"GET / HTTP/1.1\r\nHost x\r\n\r\n"),
+])
+async def test_requests_past_the_bounds_are_refused_not_decided(
+        what: str, sent: bytes, db: Path, start_sidecar, caplog: pytest.LogCaptureFixture) -> None:
+    seed(db, [], [Policy(name="any", integration=False)])  # would allow anything it decided
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    assert sidecar.authz_http is not None
+    answer = await asyncio.to_thread(raw_exchange, sidecar.authz_http.port, sent)
+    assert re.match(rb"HTTP/1\.[01] 400 ", answer), (what, answer[:200])
+    assert rows(db) == []
+    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []  # no log line per bad client
+
+
+async def test_a_body_is_ignored_and_the_connection_goes_on(db: Path, start_sidecar) -> None:
+    seed(db, [], [Policy(name="any", integration=False)])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    async with aiohttp.ClientSession() as session:
+        status, _, _ = await ask(sidecar, forwarded("/upload"), session=session, method="POST",
+                                 data=io.BytesIO(b"x" * (4 << 20)))
+        assert status == 200
+        status, _, _ = await ask(sidecar, forwarded("/next"), session=session)  # the connection goes on
+        assert status == 200
+
+
+async def test_a_proxy_that_stops_waiting_leaves_a_caller_gone_row(db: Path, start_sidecar, serve) -> None:
+    api = await serve(answer({"status": "active"}, delay=5))
+    seed(db, [Rule(name="slow", url=f"{api.url}/check", actions=ACTIVE, timeout_ms=8000)],
+         [Policy(name="app", hosts=("app.example.com",), rules=("slow",))])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    with pytest.raises(asyncio.TimeoutError):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+            await ask(sidecar, forwarded("/slow", **{"x-safous-username": "bob"}), session=session)
+    [(user, _, path, allowed, code, status)] = await eventually(lambda: rows(db))
+    assert (user, path, allowed, code) == ("bob", "/slow", 0, "caller_gone")
+    assert "(it cancelled the call)" in status
+
+
+async def test_checks_in_progress_are_bounded_across_both_listeners(
+        db: Path, start_sidecar, authz, serve) -> None:
+    api = await serve(answer({"status": "active"}, delay=0.5))
+    seed(db, [Rule(name="slow", url=f"{api.url}/check?u=%headers.x-unique%", actions=ACTIVE)],
+         [Policy(name="app", hosts=("app.example.com",), rules=("slow",))])
+    sidecar = await start_sidecar(max_checks_in_progress=2, **FORWARD_AUTH)
+    stub = authz(sidecar.port)
+    busy = [asyncio.ensure_future(stub.Check(check_request(f"/g{i}", headers={"x-unique": str(i)})))
+            for i in range(2)]
+    await eventually(lambda: len(api.seen) == 2)
+    status, headers, body = await ask(sidecar, forwarded("/h", **{"x-unique": "h"}))
+    assert (status, json.loads(body)["code"]) == (403, "overloaded")
+    assert headers["x-safous-denial-reason"].startswith("the authorization sidecar is overloaded: 2 checks")
+    assert [code_of(r) for r in await asyncio.gather(*busy)] == ["allowed", "allowed"]
+    assert (await ask(sidecar, forwarded("/h2", **{"x-unique": "h2"})))[0] == 200
