@@ -41,7 +41,7 @@ test: lint chromium h2load
 # every shipped config (the only load of some, e.g. envoy/envoy-sidecar-tls.yaml).
 ENVOY_VERSIONS ?= 1.36.2 1.40.0
 E2E_TESTS := tests/test_e2e.py tests/test_envoy_native.py tests/test_jwt_e2e.py tests/test_headers_to_remove.py \
-	tests/test_tcp_e2e.py tests/test_envoy_configs.py tests/test_audit_mode.py
+	tests/test_tcp_e2e.py tests/test_envoy_configs.py tests/test_audit_mode.py tests/test_http_authz_e2e.py
 E2E_VALIDATE := tests/test_manifests.py -k "envoy_config or envoy_validation"
 test-envoys: install
 	@set -e; for v in $(ENVOY_VERSIONS); do \

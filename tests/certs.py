@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import re
 import ssl
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "make_foreign_client_cert",
     "make_server_cert",
     "make_tls_dir",
+    "openssl_fingerprint",
 ]
 
 _VALIDITY = _dt.timedelta(days=2)
@@ -273,3 +275,10 @@ def client_ssl_context(
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+def openssl_fingerprint(cert_path: Path, digest: str) -> str:
+    """``openssl x509 -fingerprint -DIGEST`` of a PEM file, without colons (upper-case hex)."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", f"-{digest}", "-in", str(cert_path)],
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip().split("=", 1)[1].replace(":", "")

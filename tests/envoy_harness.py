@@ -35,6 +35,8 @@ import aiohttp
 
 __all__ = [
     "ENVOY_DIR",
+    "ENVOY_HTTP_AUTHZ_MTLS_YAML",
+    "ENVOY_HTTP_AUTHZ_YAML",
     "ENVOY_JWT_YAML",
     "ENVOY_MTLS_YAML",
     "ENVOY_YAML",
@@ -56,9 +58,12 @@ ENVOY_YAML = ENVOY_DIR / "envoy.yaml"
 ENVOY_MTLS_YAML = ENVOY_DIR / "envoy-mtls.yaml"
 ENVOY_JWT_YAML = ENVOY_DIR / "envoy-jwt.yaml"
 ENVOY_TCP_YAML = ENVOY_DIR / "envoy-tcp.yaml"
+ENVOY_HTTP_AUTHZ_YAML = ENVOY_DIR / "envoy-http-authz.yaml"
+ENVOY_HTTP_AUTHZ_MTLS_YAML = ENVOY_DIR / "envoy-http-authz-mtls.yaml"
 
 # Literals in the shipped configs (see envoy/*.yaml).
 SIDECAR_PORT_LITERAL = 9191
+SIDECAR_HTTP_PORT_LITERAL = 9193  # the sidecar's --authz-http, in envoy/envoy-http-authz*.yaml
 UPSTREAM_PORT_LITERAL = 8081
 LISTENER_PORT_LITERALS = (8080, 8443)
 ADMIN_PORT_LITERAL = 9901
@@ -115,7 +120,8 @@ def render_config(
 ) -> str:
     """Read a shipped Envoy config and return it with test values substituted.
 
-    - ``port_value: 9191`` -> ``sidecar_port`` (cluster ``safous_sidecar``)
+    - ``port_value: 9191`` (gRPC) or ``9193`` (``--authz-http``) -> ``sidecar_port`` (cluster
+      ``safous_sidecar``)
     - ``port_value: 8081`` -> ``upstream_port`` (cluster ``app``)
     - ``port_value: 8080`` / ``8443`` -> ``listener_port`` (0: any free port; read it back from
       :attr:`EnvoyProcess.port`)
@@ -130,7 +136,8 @@ def render_config(
     text = path.read_text()
     src = str(path)
 
-    text = _replace_port(text, SIDECAR_PORT_LITERAL, sidecar_port, "sidecar", src)
+    literal = SIDECAR_HTTP_PORT_LITERAL if "http_service:" in text else SIDECAR_PORT_LITERAL
+    text = _replace_port(text, literal, sidecar_port, "sidecar", src)
     text = _replace_port(text, UPSTREAM_PORT_LITERAL, upstream_port, "upstream app", src)
     text = _replace_port(text, ADMIN_PORT_LITERAL, admin_port, "admin", src)
     found = [p for p in LISTENER_PORT_LITERALS if re.search(rf"port_value:\s*{p}(?!\d)", text)]

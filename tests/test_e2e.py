@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from aiohttp import web
 from sidecar.parameters import PARAMETERS
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
-from tests.certs import client_ssl_context, make_client_cert, make_foreign_client_cert
+from tests.certs import client_ssl_context, make_client_cert, make_foreign_client_cert, openssl_fingerprint
 from tests.conftest import answer, seed
 from tests.envoy_harness import (
     ENVOY_MTLS_YAML,
@@ -138,12 +137,6 @@ async def test_sidecar_down_is_a_fast_403(upstream, tmp_path: Path, refused_port
     # Envoy fails fast on a refused connection instead of waiting for its 1.5 s check timeout.
     assert elapsed < 1.4
     assert upstream.requests == []
-
-
-def openssl_fingerprint(cert_path: Path, digest: str) -> str:
-    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", f"-{digest}", "-in", str(cert_path)],
-                         capture_output=True, text=True, check=True).stdout
-    return out.strip().split("=", 1)[1].replace(":", "")
 
 
 ALL_PARAMETERS = {name: f"%{name}%" for name in PARAMETERS}
