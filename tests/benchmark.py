@@ -243,6 +243,7 @@ class FixedRate:
     p99: float
     worst: float
     rate: float
+    proxy_cpu_us: float = 0.0
 
 
 @dataclass
@@ -254,6 +255,7 @@ class Target:
     pid: int
     payload: Path | None = None
     headers: tuple[str, ...] = ()
+    proxy_pid: int = 0  # an Envoy in front, whose CPU is counted apart
 
 
 def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CHECKS,
@@ -284,9 +286,12 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
             args += ["-d", str(target.payload), "-H", "content-type: application/grpc", "-H", "te: trailers"]
         return [*args, *(["--log-file", str(log)] if log else []), *([] if spaced else [target.url])]
 
-    def load(count: int, logs: list[Path | None]) -> list[tuple[str, float]]:
-        """Each target's h2load output and the CPU its server used meanwhile."""
-        before = [cpu_seconds(t.pid) for t in targets]
+    def cpu(target: Target) -> tuple[float, float]:
+        return cpu_seconds(target.pid), cpu_seconds(target.proxy_pid) if target.proxy_pid else 0.0
+
+    def load(count: int, logs: list[Path | None]) -> list[tuple[str, float, float]]:
+        """Each target's h2load output and the CPU its server (and proxy) used meanwhile."""
+        before = [cpu(t) for t in targets]
         runs = [subprocess.Popen(command(t, count, log), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  **_pinned(cpus))
                 for t, log in zip(targets, logs, strict=True)]
@@ -294,7 +299,8 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
         try:
             for target, run, used in zip(targets, runs, before, strict=True):
                 out, _ = run.communicate(timeout=count / rps + 60)
-                outputs.append((out, cpu_seconds(target.pid) - used))
+                after = cpu(target)
+                outputs.append((out, after[0] - used[0], after[1] - used[1]))
                 done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
                 codes = re.search(r"status codes: (\d+) 2xx", out)
                 if not done or int(done.group(1)) != count or not codes or int(codes.group(1)) != count:
@@ -309,14 +315,14 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
     load(rps, [None] * len(targets))
     logs: list[Path | None] = [Path(tempfile.mktemp(suffix=".tsv", dir=workdir)) for _ in targets]
     results = []
-    for (out, used), log in zip(load(requests, logs), logs, strict=True):
+    for (out, used, proxy_used), log in zip(load(requests, logs), logs, strict=True):
         assert log is not None
         latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines()
                      if line.count("\t") >= 2]
         log.unlink()
         rate = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
         results.append(FixedRate(used / requests * 1e6, percentile(latencies, 0.5), percentile(latencies, 0.99),
-                                 max(latencies), rate))
+                                 max(latencies), rate, proxy_used / requests * 1e6))
     return results
 
 
@@ -433,6 +439,8 @@ def run(duration: float, only: str = "all") -> list[Result]:
         with process([sys.executable, "-m", "tests.benchmark", "webhook", str(hook_port)], hook_port):
             off = make_db(work / "off.db", webhook, integration=False)
             cached = make_db(work / "cached.db", webhook, rules_per_policy=3, cache_ttl=600)
+            if only == "http":
+                return http_endpoint(off, cached, work)
             if only == "overload":
                 return [cpu_overload(off, payload, duration, work), webhook_overload(
                     make_db(work / "slow1.db", webhook, rules_per_policy=1, endpoint="slow",
@@ -443,6 +451,7 @@ def run(duration: float, only: str = "all") -> list[Result]:
             results.append(cpu_per_check("integration off", off, payload, work, target=1.10))
             results.append(cpu_per_check("3 rules, decisions cached", cached, payload, work, target=1.25))
             results.extend(envoy_fixed_rate(cached, work))
+            results.extend(http_endpoint(off, cached, work))
             results.append(tracing_cost(cached, payload, work))
             if only == "fixed":
                 return results
@@ -643,6 +652,85 @@ def envoy_fixed_rate(db: Path, work: Path) -> list[Result]:
     for r in (p99, p50, even):
         print(f"  {r.scenario}: {r.note}", flush=True)
     return [p99, p50, even]
+
+
+DIRECT = 'direct_response: { status: 200, body: { inline_string: "ok" } }'
+
+
+@contextlib.contextmanager
+def envoy_over(db: Path | None, work: Path) -> Iterator[Target]:
+    """Envoy (one worker thread, a direct_response route) asking the bare gRPC servicer (``db``
+    None) with envoy/envoy.yaml, or the sidecar's HTTP endpoint on ``db`` with
+    envoy/envoy-http-authz.yaml: the target to load, its authorizer's and Envoy's pids."""
+    from tests.envoy_harness import ENVOY_HTTP_AUTHZ_YAML, ENVOY_YAML, envoy_binary, render_config
+
+    authz_port, envoy_port = free_port(), free_port()
+    config = Path(tempfile.mktemp(suffix=".yaml", dir=work))
+    config.write_text(render_config(
+        ENVOY_YAML if db is None else ENVOY_HTTP_AUTHZ_YAML, sidecar_port=authz_port, upstream_port=free_port(),
+        listener_port=envoy_port, admin_port=free_port(), extra={"route: { cluster: app }": DIRECT}))
+    if db is None:
+        authorizer = server(None, authz_port)
+    else:
+        authorizer = process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
+                              f"127.0.0.1:{free_port()}", "--authz-http", f"127.0.0.1:{authz_port}",
+                              "--authz-http-profile", "envoy"], authz_port)
+    with authorizer as proc, process([envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "error",
+                                      "--concurrency", "1"], envoy_port) as envoy:
+        yield Target(f"http://127.0.0.1:{envoy_port}/app", proc.pid, headers=(":authority: app.example.com",),
+                     proxy_pid=envoy.pid)
+
+
+def http_endpoint(off: Path, cached: Path, work: Path) -> list[Result]:
+    """The HTTP endpoint behind Envoy's http_service against the bare grpc.aio servicer behind
+    an identical Envoy, loaded side by side with evenly spaced requests: the authorizer's CPU
+    per request, Envoy's, and the latencies through Envoy."""
+    def pairs(db: Path) -> list[Pair]:
+        found = []
+        for _ in range(FIXED_REPEATS):
+            with envoy_over(None, work) as bare, envoy_over(db, work) as ours:
+                # The scenario takes the path it claims to: the sidecar allows through Envoy.
+                with urllib.request.urlopen(urllib.request.Request(ours.url, headers={"Host": "app.example.com"}),
+                                            timeout=10) as answer:
+                    answer.read()
+                found.append(tuple(fixed_rate([bare, ours], work, spaced=True)))
+        return found  # type: ignore[return-value]
+
+    def ratios(values: list[Pair], key: Callable[[FixedRate], float]) -> str:
+        return ", ".join(f"{key(s) / key(b):.2f}" for b, s in values)
+
+    results = []
+    measured = {"integration off": pairs(off), "3 cached rules": pairs(cached)}
+    for name, target in (("integration off", 0.50), ("3 cached rules", 0.60)):
+        values = measured[name]
+        base, side = _median(values, lambda p: p[1].cpu_us / p[0].cpu_us)
+        r = Result(f"HTTP endpoint behind Envoy, {name}: sidecar CPU per request", side.rate, side.p50, side.p99)
+        r.ratio_to, r.ratio = f"bare gRPC servicer ({base.cpu_us:.0f} µs)", side.cpu_us / base.cpu_us
+        r.target, r.met = f"≤ {target:.2f} × bare gRPC", r.ratio <= target
+        r.note = (f"sidecar {side.cpu_us:.0f} µs/request; median of {FIXED_REPEATS} paired runs, ratios "
+                  + ratios(values, lambda f: f.cpu_us))
+        results.append(r)
+    values = measured["integration off"]
+    both = lambda f: f.cpu_us + f.proxy_cpu_us  # noqa: E731
+    base, side = _median(values, lambda p: both(p[1]) / both(p[0]))
+    r = Result("HTTP endpoint behind Envoy, integration off: Envoy + sidecar CPU per request", side.rate,
+               side.p50, side.p99)
+    r.ratio_to, r.ratio = f"Envoy + bare gRPC servicer ({both(base):.0f} µs)", both(side) / both(base)
+    r.target, r.met = "≤ 0.70 ×", r.ratio <= 0.70
+    r.note = (f"Envoy {side.proxy_cpu_us:.0f} µs (gRPC: {base.proxy_cpu_us:.0f} µs); ratios "
+              + ratios(values, both))
+    results.append(r)
+    for what, key, target in (("p50", lambda f: f.p50, 0.75), ("p99", lambda f: f.p99, 0.90)):
+        base, side = _median(values, lambda p, key=key: key(p[1]) / key(p[0]))
+        r = Result(f"HTTP endpoint behind Envoy, integration off, evenly spaced: {what}", side.rate, side.p50,
+                   side.p99)
+        r.ratio_to, r.ratio = f"bare gRPC servicer ({key(base):.2f} ms)", key(side) / key(base)
+        r.target, r.met = f"≤ {target:.2f} ×", r.ratio <= target
+        r.note = f"median of {FIXED_REPEATS} paired runs, ratios " + ratios(values, key)
+        results.append(r)
+    for r in results:
+        print(f"  {r.scenario}: {r.ratio:.2f} ({r.note})", flush=True)
+    return results
 
 
 def reload_stall(db: Path, payload: Path, work: Path) -> Result:
@@ -939,10 +1027,11 @@ def main() -> int:
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("--duration", type=float, default=3, help="seconds of load per run")
     parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
-    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload"], default="all",
+    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload", "http"], default="all",
                         help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about three minutes); "
                              "stalls: only the 10,000-rule reload and bundle activation (about two minutes); "
-                             "overload: only the two overload rows (about half a minute)")
+                             "overload: only the two overload rows (about half a minute); "
+                             "http: only the HTTP endpoint's rows (about three minutes)")
     args = parser.parse_args()
     if args.role == "baseline":
         _baseline_main(args.port)

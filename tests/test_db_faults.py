@@ -753,7 +753,7 @@ async def test_a_bug_in_a_write_costs_its_batch_not_the_activity_log(
         db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Not a database error but a bug: the batch is dropped, counted and logged, and the writer
     goes on writing the decisions that follow; stopping does not raise it."""
-    real = rules_db.insert_activity
+    real = rules_db.insert_prepared
     calls = 0
 
     def buggy_once(conn: sqlite3.Connection, batch: Any) -> None:
@@ -763,7 +763,7 @@ async def test_a_bug_in_a_write_costs_its_batch_not_the_activity_log(
             raise RuntimeError("a bug")
         real(conn, batch)
 
-    monkeypatch.setattr(rules_db, "insert_activity", buggy_once)
+    monkeypatch.setattr(rules_db, "insert_prepared", buggy_once)
     activity = ActivityLog(db, flush_interval=0.02)
     activity.start()
     activity.record(decision("/lost"))

@@ -95,16 +95,28 @@ def _row(r: ActivityRecord) -> tuple[Any, ...]:
     return (iso_time(r.at), *r[1:14])
 
 
-def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
+class PreparedActivity(NamedTuple):
+    """Decisions made ready for ``insert_prepared``: their rows and stored traces. The Python
+    work of writing the activity log, done apart from (and before) its transaction, so that it
+    can be paced (``prepare_activity`` a slice at a time)."""
+
+    rows: list[tuple[Any, ...]]
+    docs: list[str | None]
+
+
+def prepare_activity(records: Sequence[ActivityRecord]) -> PreparedActivity:
+    """The rows and traces of ``records`` (a trace that cannot be built is left out, logged)."""
+    return PreparedActivity([_row(r) for r in records],
+                            [_built(r.trace) if r.trace is not None else None for r in records])
+
+
+def insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, *,
                     keep_traces: int = DEFAULT_TRACE_KEEP) -> None:
-    """Append decisions to the activity log in one transaction, with their traces (at most
-    ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
-    if not records:
+    """Append prepared decisions to the activity log in one transaction, with their traces (at
+    most ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
+    rows, docs = prepared
+    if not rows:
         return
-    rows = [_row(r) for r in records]
-    # Built before the transaction: its write lock is for the admin script too, and holding it
-    # while the traces are dumped and cut would make an admin command wait for that work.
-    docs = [_built(r.trace) if r.trace is not None else None for r in records]
     with translated("cannot write the activity log"):
         with transaction(conn, immediate=True):
             if not any(doc is not None for doc in docs):
@@ -118,6 +130,15 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord],
             # distinct integers, at most keep_traces ids lie above max(id) - keep_traces, and a
             # new row takes max(id) + 1, so those are the newest.
             conn.execute("DELETE FROM traces WHERE id <= (SELECT max(id) FROM traces) - ?", (keep_traces,))
+
+
+def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
+                    keep_traces: int = DEFAULT_TRACE_KEEP) -> None:
+    """Append decisions to the activity log in one transaction, with their traces (at most
+    ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
+    # Prepared before the transaction: its write lock is for the admin script too, and holding
+    # it while the traces are dumped and cut would make an admin command wait for that work.
+    insert_prepared(conn, prepare_activity(records), keep_traces=keep_traces)
 
 
 def _built(trace: Callable[[], dict[str, Any]]) -> str | None:
