@@ -44,7 +44,7 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     # Naming one listener allows that one only.
     (["--http", "0.0.0.0:9192", "--listen", "0.0.0.0:9191", "--insecure-listen", "http"],
      f"--listen 0.0.0.0:9191 {GRPC_REFUSED}"),
-    (["--insecure-listen", "metrics"], "--insecure-listen: Input should be 'grpc' or 'http'"),
+    (["--insecure-listen", "metrics"], "--insecure-listen: Input should be 'grpc', 'http' or 'authz-http'"),
 ])
 def test_a_network_listener_without_tls_refuses_to_start(args: list[str], refused: str, tmp_path: Path) -> None:
     result = serve("--db", str(tmp_path / "rules.db"), *args)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
@@ -166,10 +167,11 @@ def h2load() -> str:
 
 
 @contextlib.contextmanager
-def sidecar_process(db: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def sidecar_process(db: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     # Its own process and event loop, as in production; decision lines off (50,000 of them).
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
-                             f"127.0.0.1:{port}", "--log-level", "warning"], cwd=ROOT, stderr=subprocess.PIPE)
+                             f"127.0.0.1:{port}", "--log-level", "warning", *extra], cwd=ROOT,
+                            stderr=subprocess.PIPE)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=15)
@@ -202,7 +204,7 @@ async def test_more_calls_than_the_cpu_takes_are_never_cancelled(tmp_path: Path,
         after = pb_grpc.AuthorizationStub(channel)
         assert after.Check(check_request("/before"), timeout=10).status.code == OK
         load = await asyncio.create_subprocess_exec(
-            h2load, "-D", "5", "-c", "16", "-m", str(streams), "-t", "1", "-d", str(payload),
+            h2load, "-D", "3", "-c", "16", "-m", str(streams), "-t", "1", "-d", str(payload),
             "-H", "content-type: application/grpc", "-H", "te: trailers", f"http://127.0.0.1:{port}{CHECK_PATH}",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         outcomes: list[str] = []
@@ -236,4 +238,49 @@ async def test_more_calls_than_the_cpu_takes_are_never_cancelled(tmp_path: Path,
         response = await asyncio.to_thread(after.Check, check_request("/after"), timeout=10)
         assert response.status.code == OK and time.perf_counter() - started < 0.02
     assert len(outcomes) >= 8 and set(outcomes) == {str(OK)}, outcomes
+    assert peak_rss < 400, f"RSS {peak_rss:.0f} MB"
+
+
+@pytest.mark.parametrize("connections", [64, 256])
+async def test_the_http_endpoint_past_what_the_cpu_takes_answers_every_request(
+        tmp_path: Path, h2load: str, connections: int) -> None:
+    """h2load over HTTP/1.1 at the --authz-http port, each connection asking again as soon as
+    it is answered: every request and every probe (a connection of its own) gets its 200."""
+    db = tmp_path / "rules.db"
+    seed(db, [], [Policy(name="app", hosts=("app.example.com",), integration=False)])
+    port, http = free_port(), free_port()
+    asked = {"X-Forwarded-Host": "app.example.com", "X-Forwarded-Uri": "/app"}
+    with sidecar_process(db, port, "--authz-http", f"127.0.0.1:{http}", "--authz-http-profile", "forward-auth"
+                         ) as proc:
+        load = await asyncio.create_subprocess_exec(
+            h2load, "--h1", "-D", "3", "-c", str(connections), "-m", "1", "-t", "1",
+            *[arg for name, value in asked.items() for arg in ("-H", f"{name}: {value}")],
+            f"http://127.0.0.1:{http}/auth", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        outcomes: list[str] = []
+        peak_rss = 0.0
+
+        async def probe() -> None:
+            nonlocal peak_rss
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                             timeout=aiohttp.ClientTimeout(total=10)) as session:
+                while load.returncode is None:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{http}/auth", headers=asked) as response:
+                            outcomes.append(str(response.status))
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        outcomes.append(type(exc).__name__)
+                    peak_rss = max(peak_rss, rss_mb(proc.pid))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(load.wait()), 0.1)
+
+        await asyncio.sleep(1)
+        await asyncio.gather(*(probe() for _ in range(6)))
+        report = (await load.communicate())[0].decode()
+        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                         report)
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", report)
+        assert done and codes, report
+        assert int(done[1]) > 1000 and (int(done[3]), int(done[4])) == (0, 0), report
+        assert codes.groups()[1:] == ("0", "0", "0"), report
+    assert len(outcomes) >= 8 and set(outcomes) == {"200"}, outcomes
     assert peak_rss < 400, f"RSS {peak_rss:.0f} MB"
