@@ -29,11 +29,11 @@ normalised or dropped, never trusted to be well formed.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
+import os
 import re
+import socket
 import textwrap
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -97,14 +97,23 @@ def _address(text: str) -> Peer:
     elif text.count(":") == 1:
         host, _, tail = text.partition(":")
         port = int(tail) if tail.isdigit() and len(tail) <= 5 else 0
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = _ip(host)
+    if not ip:
         return Peer()
-    shown = str(ip)
     if not 0 < port <= 65535:
-        return Peer(shown, 0, shown)
-    return Peer(shown, port, f"[{shown}]:{port}" if ip.version == 6 else f"{shown}:{port}")
+        return Peer(ip, 0, ip)
+    return Peer(ip, port, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+
+
+def _ip(text: str) -> str:
+    """``text`` as an IP address in its canonical spelling, or ``""``. (The socket module's
+    parsers: C, a tenth of ipaddress's time, on every request.)"""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_ntop(family, socket.inet_pton(family, text))
+        except (OSError, ValueError):
+            continue
+    return ""
 
 
 def forwarded_for(value: str, hops: int) -> str:
@@ -136,7 +145,7 @@ def _request_id(headers: Mapping[str, str]) -> str:
     request_id = headers.get(REQUEST_ID_HEADER, "")
     if 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable():
         return request_id
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def read_request(method: str, target: str, raw_headers: Iterable[tuple[str, str]],
