@@ -442,9 +442,10 @@ def run(duration: float, only: str = "all") -> list[Result]:
             if only == "http":
                 return http_endpoint(off, cached, work)
             if only == "overload":
-                return [cpu_overload(off, payload, duration, work), webhook_overload(
-                    make_db(work / "slow1.db", webhook, rules_per_policy=1, endpoint="slow",
-                            url_param="%headers.x-unique%"), duration)]
+                slow = make_db(work / "slow1.db", webhook, rules_per_policy=1, endpoint="slow",
+                               url_param="%headers.x-unique%")
+                return [cpu_overload(off, payload, duration, work), http_overload(off, duration, work),
+                        webhook_overload(slow, duration)]
             if only == "stalls":
                 big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
                 return [reload_stall(big_db, payload, work), bundle_activation(big_db, payload, work)]
@@ -502,6 +503,7 @@ def run(duration: float, only: str = "all") -> list[Result]:
 
             results.extend(through_envoy(work / "off.db", duration, work))
             results.append(cpu_overload(off, payload, duration, work))
+            results.append(http_overload(off, duration, work))
             results.append(webhook_overload(slow_db, duration))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -934,6 +936,61 @@ def cpu_overload(db: Path, payload: Path, duration: float, work: Path) -> Result
     return result
 
 
+async def _http_probes(port: int, pid: int, running: Callable[[], bool]) -> tuple[list[str], float]:
+    """``_probes`` for the HTTP endpoint: requests on connections of their own."""
+    import aiohttp
+
+    outcomes: list[str] = []
+    peak = 0.0
+    asked = {"X-Forwarded-Host": "app.example.com", "X-Forwarded-Uri": "/probe"}
+
+    async def probe() -> None:
+        nonlocal peak
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as session:
+            while running():
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/auth", headers=asked) as response:
+                        outcomes.append(str(response.status))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    outcomes.append(type(exc).__name__)
+                peak = max(peak, rss_mb(pid))
+                await asyncio.sleep(0.25)
+
+    await asyncio.gather(*(probe() for _ in range(PROBES)))
+    return outcomes, peak
+
+
+def http_overload(db: Path, duration: float, work: Path) -> Result:
+    """h2load over HTTP/1.1 straight at --authz-http, 256 connections asking back to back (far
+    past what one process answers), with probes on connections of their own."""
+    port, http = free_port(), free_port()
+    log = Path(tempfile.mktemp(suffix=".tsv", dir=work))
+    with process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen", f"127.0.0.1:{port}",
+                  "--authz-http", f"127.0.0.1:{http}", "--authz-http-profile", "forward-auth"], http) as proc:
+        load = subprocess.Popen(
+            ["h2load", "--h1", "-D", f"{duration:g}", "-c", "256", "-m", "1", "-t", "1", "-H",
+             "X-Forwarded-Host: app.example.com", "--log-file", str(log), f"http://127.0.0.1:{http}/auth"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        outcomes, peak = asyncio.run(_http_probes(http, proc.pid, functools.partial(_running, load)))
+        out = load.communicate(timeout=60)[0]
+    latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2]
+    log.unlink()
+    rate = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    failed = re.search(r"(\d+) failed, (\d+) errored", out)
+    bad = sum(outcome != "200" for outcome in outcomes)
+    not_2xx = sum(map(int, codes.groups()[1:])) + int(failed[1]) if codes and failed else -1
+    result = Result("overload, CPU: h2load --h1, 256 connections at the HTTP endpoint", rate,
+                    percentile(latencies, 0.5), percentile(latencies, 0.99))
+    result.target, result.met = "every request answered 200", bad == 0 and not_2xx == 0
+    result.note = (f"{bad} of {len(outcomes)} probes not 200, {not_2xx} of h2load's requests not 2xx; sidecar RSS "
+                   f"{peak:.0f} MB at most; p99 is the queue's")
+    print(f"  {result.scenario}: {result.note}", flush=True)
+    return result
+
+
 async def _open_loop(port: int, rate: float, duration: float) -> list[tuple[str, float]]:
     """Checks at ``rate`` a second for ``duration`` seconds whatever the answers (open loop),
     each rendering its own webhook URL: (the code or the gRPC error's name, seconds) each."""
@@ -1030,7 +1087,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload", "http"], default="all",
                         help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about three minutes); "
                              "stalls: only the 10,000-rule reload and bundle activation (about two minutes); "
-                             "overload: only the two overload rows (about half a minute); "
+                             "overload: only the overload rows (about half a minute); "
                              "http: only the HTTP endpoint's rows (about three minutes)")
     args = parser.parse_args()
     if args.role == "baseline":
