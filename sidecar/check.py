@@ -32,6 +32,25 @@ that policy is evaluated instead of matching host, path and method."""
 
 
 _UNDERSCORED_PREFIXES = ("x_", "x-safous_")
+# Percent-encoded '/', '\\' or an unreserved character (letters, digits, '-', '.', '_', '~'):
+# forms a normalising proxy or app decodes, so the path it serves is not the one written.
+_ENCODED_NORMALISABLE = re.compile(r"%(?:2[dDeEfF]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[cCfF]|7[eE])")
+_NOT_CANONICAL = Decision.deny(
+    Code.PATH_NOT_CANONICAL, "the request path is not canonical (a '.', '..' or empty segment, a backslash, or a "
+    "percent-encoded separator or unreserved character): refused rather than judged as written")
+
+
+def canonical_path(path: str) -> bool:
+    """Whether ``path`` is one that no normalisation would change (RFC 3986 dot segments, merged
+    slashes, decoded separators and unreserved characters: what Envoy's normalize_path,
+    merge_slashes and escaped-slash handling do). Policies match path prefixes: a path that a
+    proxy or the app would serve as another path must not be judged as written
+    (``/public/../admin``). A trailing slash is canonical."""
+    if "\\" in path or _ENCODED_NORMALISABLE.search(path):
+        return False
+    segments = path.split("/")
+    return segments[0] == "" and not any(s in ("", ".", "..") for s in segments[1:-1]) and segments[-1] not in (
+        ".", "..")
 _NAMESPACE_NAME = re.compile(r"\n(x(?:-safous|_)[^\n]*)")
 
 
@@ -58,6 +77,8 @@ class Checker:
         snapshot = self.snapshot
         if snapshot is None:
             return Decision.deny(Code.NOT_READY, "the authorization sidecar has not loaded its rules")
+        if not attrs.connection and not canonical_path(attrs.path):
+            return _NOT_CANONICAL
         bound = attrs.context_extensions.get(ROUTE_POLICY_KEY)
         if bound is not None:
             policy = snapshot.index.named(bound)

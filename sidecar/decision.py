@@ -45,6 +45,7 @@ class Code(StrEnum):
     DEFAULT_ALLOW = "default_allow"
     # Denied by policy.
     NO_MATCHING_POLICY = "no_matching_policy"
+    PATH_NOT_CANONICAL = "path_not_canonical"
     UNKNOWN_POLICY = "unknown_policy"
     POLICY_DISABLED = "policy_disabled"
     # Denied because a rule could not be evaluated or did not hold.

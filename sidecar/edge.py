@@ -28,6 +28,9 @@ OK = 0
 PERMISSION_DENIED = 7
 
 REASON_HEADER = "x-safous-denial-reason"
+CODE_HEADER = "x-safous-denial-code"
+"""The denial's stable code, beside its reason: a proxy that drops the JSON body (nginx's
+``error_page``) can still pass it on."""
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REASON_LENGTH = 256
 MAX_REQUEST_ID_LENGTH = 128
@@ -196,6 +199,7 @@ def _template(decision: Decision) -> tuple[pb.CheckResponse, str]:
             status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
             headers=[
                 _header(REASON_HEADER, reason),
+                _header(CODE_HEADER, str(decision.code)),
                 _header("content-type", "application/json"),
             ],
         ),

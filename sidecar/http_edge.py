@@ -43,7 +43,7 @@ from aiohttp import web
 
 from .attributes import Peer, RequestAttributes
 from .decision import Decision, result_name
-from .edge import MAX_REQUEST_ID_LENGTH, REASON_HEADER, REQUEST_ID_HEADER, sanitize_reason
+from .edge import CODE_HEADER, MAX_REQUEST_ID_LENGTH, REASON_HEADER, REQUEST_ID_HEADER, sanitize_reason
 
 Profile = Literal["envoy", "forward-auth"]
 
@@ -128,14 +128,15 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 def client_certificate(value: str) -> str:
     """A client certificate header's value as the URL-encoded PEM the certificate parameters
-    read: URL-encoded PEM and PEM as they are; base64 DER (possibly URL-encoded) wrapped as
-    PEM. Anything else is no certificate."""
+    read: URL-encoded PEM and PEM as they are; base64 DER (possibly URL-encoded; of a chain, the
+    first: the client's own) wrapped as PEM. Anything else is no certificate."""
     value = value.strip()
     if not value or len(value) > 64 * 1024:
         return ""
     if "BEGIN" in value:  # PEM, or URL-encoded PEM (-----BEGIN is %2D...%2DBEGIN)
         return value
-    body = unquote(value)
+    # Traefik passes every certificate the client sent, base64 DER joined with ",", its own first.
+    body = unquote(value).partition(",")[0].strip()
     if not _BASE64.fullmatch(body):
         return ""
     return "-----BEGIN CERTIFICATE-----\n" + "\n".join(textwrap.wrap(body, 64)) + "\n-----END CERTIFICATE-----\n"
@@ -205,7 +206,7 @@ def _denial(decision: Decision, envoy: bool) -> tuple[tuple[tuple[str, str], ...
     """A denial's headers and the start of its JSON body (the request id follows), as the gRPC
     path's denied response has them."""
     reason = sanitize_reason(decision.reason)
-    headers = [(REASON_HEADER, reason), ("content-type", "application/json")]
+    headers = [(REASON_HEADER, reason), (CODE_HEADER, str(decision.code)), ("content-type", "application/json")]
     if envoy:
         headers += _metadata(decision, reason)
     body = json.dumps({"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": ""})

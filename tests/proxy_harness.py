@@ -7,7 +7,7 @@ real proxy, on loopback, for tests.
         ...  # proxy.url (plain HTTP), proxy.tls_url (mTLS, server name proxy.tls_name)
 
 As tests/envoy_harness.py does for envoy/: the shipped files hold literal ports (listeners 8080
-and 8443, app 8081, sidecar 9191) and paths (/etc/safous/tls/..., the logs, the pid file), which
+and 8443, app 8081, sidecar 9193) and paths (/etc/safous/tls/..., the logs, the pid file), which
 :func:`render` rewrites; a literal that is missing fails, so that a configuration that drifts
 away from what the tests run breaks them instead of silently testing something else.
 
@@ -125,7 +125,7 @@ def render(kind: ProxyKind, workdir: Path, *, sidecar_port: int, upstream_port: 
             "access_log /var/log/nginx/access.log;": f"access_log {workdir / 'access.log'};",
             "listen 127.0.0.1:8080;": f"listen 127.0.0.1:{port};",
             "listen 127.0.0.1:8443 ssl;": f"listen 127.0.0.1:{tls_port} ssl;",
-            "server 127.0.0.1:9191;": f"server 127.0.0.1:{sidecar_port};",
+            "server 127.0.0.1:9193;": f"server 127.0.0.1:{sidecar_port};",
             "server 127.0.0.1:8081;": f"server 127.0.0.1:{upstream_port};",
             # nginx-light's temporary files default to /var/lib/nginx.
             "\nhttp {\n": f"\nhttp {{\n{temp}",
@@ -135,7 +135,7 @@ def render(kind: ProxyKind, workdir: Path, *, sidecar_port: int, upstream_port: 
         files["Caddyfile"] = _substitute(files["Caddyfile"], {
             "http://:8080 {": f"http://:{port} {{",
             "https://localhost:8443 {": f"https://localhost:{tls_port} {{",
-            "127.0.0.1:9191": f"127.0.0.1:{sidecar_port}",
+            "127.0.0.1:9193": f"127.0.0.1:{sidecar_port}",
             "127.0.0.1:8081": f"127.0.0.1:{upstream_port}",
             **tls,
         }, f"{shipped}/Caddyfile")
@@ -146,7 +146,7 @@ def render(kind: ProxyKind, workdir: Path, *, sidecar_port: int, upstream_port: 
             "/etc/safous/traefik/dynamic.yml": str(workdir / "dynamic.yml"),
         }, f"{shipped}/traefik.yml")
         files["dynamic.yml"] = _substitute(files["dynamic.yml"], {
-            "http://127.0.0.1:9191/": f"http://127.0.0.1:{sidecar_port}/",
+            "http://127.0.0.1:9193/": f"http://127.0.0.1:{sidecar_port}/",
             "http://127.0.0.1:8081": f"http://127.0.0.1:{upstream_port}",
             **tls,
         }, f"{shipped}/dynamic.yml")

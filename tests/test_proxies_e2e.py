@@ -295,12 +295,13 @@ async def test_a_denied_request_shows_the_client_403_and_the_reason(
     seen = await send(f"{proxy.url}/app/home", probe=probe, headers={"x-device": "phone-1"})
     assert seen.status == 403
     assert seen.headers["x-safous-denial-reason"] == POSTURE_DENIED
+    assert seen.headers["x-safous-denial-code"] == "value_mismatch"
     assert seen.headers["content-type"].startswith("application/json")
     body = seen.json()
     request_id = body["request_id"]
     if proxy.kind == "nginx":
         # auth_request drops the answer's body: the denial page has the reason in its header.
-        assert body == {"error": "access_denied", "request_id": request_id}
+        assert body == {"error": "access_denied", "code": "value_mismatch", "request_id": request_id}
     else:
         assert body == {"error": "access_denied", "code": "value_mismatch", "reason": POSTURE_DENIED,
                         "request_id": request_id}
@@ -449,10 +450,6 @@ async def test_a_path_that_normalises_elsewhere_is_never_judged_as_written(
     assert app.of(probe) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "sidecar defect: the forward-auth profile matches policies on X-Forwarded-Uri as sent, so a "
-    "proxy passing the raw request target (nginx $request_uri, Caddy {http.request.uri}) gets "
-    "/public/../app/home judged under /public; the shipped configurations refuse such paths"))
 async def test_the_sidecar_itself_never_judges_a_path_as_written(sidecar: Sidecar) -> None:
     seen = await send(f"http://127.0.0.1:{sidecar.authz_port}/authz", probe=new_probe(), headers={
         "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/public/../app/home", "X-Forwarded-Host": "127.0.0.1",
@@ -462,17 +459,10 @@ async def test_the_sidecar_itself_never_judges_a_path_as_written(sidecar: Sideca
 
 # ------------------------------------------------------------------------------- mTLS
 
-TRAEFIK_CHAIN = (
-    "sidecar defect: Traefik's passTLSClientCert passes every certificate the client sent, each base64 "
-    "DER, joined with ',' (leaf first); http_edge.client_certificate reads no certificate from that")
-
 
 @pytest.mark.parametrize("chain", [False, True], ids=["leaf", "chain"])
 async def test_the_client_certificate_reaches_the_rules(proxy: ProxyProcess, chain: bool, certs: Certs,
-                                                        app: Recorder, webhooks: Recorder,
-                                                        request: pytest.FixtureRequest) -> None:
-    if chain and proxy.kind == "traefik":
-        request.applymarker(pytest.mark.xfail(reason=TRAEFIK_CHAIN, strict=True, raises=AssertionError))
+                                                        app: Recorder, webhooks: Recorder) -> None:
     host = f"{proxy.tls_name}:{proxy.tls_port}"
     probe = new_probe()
     # A forged certificate header beside the real certificate: the real one counts.
@@ -494,7 +484,6 @@ async def test_the_client_certificate_reaches_the_rules(proxy: ProxyProcess, cha
     assert (call["sha1"], call["cn"]) == (openssl_sha1(certs.alice), "alice")
 
 
-@pytest.mark.xfail(reason=TRAEFIK_CHAIN, strict=True, raises=AssertionError)
 async def test_a_certificate_chain_header_reads_as_its_first_certificate(certs: Certs) -> None:
     """The header Traefik sends for a client that presented its CA too (measured above)."""
     chain = ",".join(base64.b64encode(cert.der).decode() for cert in (certs.bob, certs.clients))

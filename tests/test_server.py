@@ -92,6 +92,24 @@ async def test_a_policy_without_a_rule_list_in_the_snapshot_denies() -> None:
         assert decision.reason == 'policy "app" has no rule list in the loaded snapshot'
 
 
+@pytest.mark.parametrize(("path", "canonical"), [
+    ("/", True), ("/app", True), ("/app/", True), ("/app/x.y/z", True), ("/a%20b/%3F", True), ("/~user", True),
+    ("/public/../admin", False), ("/public/./x", False), ("/..", False), ("/.", False), ("//admin", False),
+    ("/app//x", False), ("/public%2F..%2Fadmin", False), ("/a%2fb", False), ("/%61dmin", False), ("/%7Euser", False),
+    ("/a%5Cb", False), ("/a\\b", False), ("/%2e%2e/admin", False), ("app", False),
+])
+async def test_a_path_that_normalises_to_another_is_refused_on_every_edge(path: str, canonical: bool) -> None:
+    """Policies match path prefixes: a path a proxy or the app would serve as another is not
+    judged as written, whatever the proxy in front did (Envoy's shipped configs normalise; a
+    forward-auth proxy passes the client's own bytes)."""
+    checker = Checker(IdentityConfig(), "allow", UnavailableEvaluator())
+    checker.snapshot = Snapshot(version=1, index=PolicyIndex([Policy(name="public", path_prefix="/public",
+                                                                     integration=False)]), policy_rules={"public": ()})
+    decision, _ = await checker.check(RequestAttributes(request_id="r", method="GET", host="h", path=path))
+    refused = (decision.allowed, decision.code) == (False, Code.PATH_NOT_CANONICAL)
+    assert refused is not canonical
+
+
 async def test_an_exception_inside_a_check_is_an_internal_error_deny(db: Path, start_sidecar, authz) -> None:
     seed(db, [RULE], POLICIES)
     stub = authz((await start_sidecar(ExplodingEvaluator())).port)
