@@ -35,6 +35,7 @@ from sidecar import edge
 from sidecar._pb.envoy.config.core.v3 import address_pb2, base_pb2
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from sidecar.check import canonical_path
 from sidecar.parameters import PARAMETERS, IdentityConfig, map_parameters
 from sidecar.policies import Policy
 from tests.conftest import check_request, denial_reason, seed
@@ -391,7 +392,10 @@ async def test_check_answers_every_parseable_request_and_only_allows_the_policy_
 
     assert_well_formed(response)
     fuzz_state["examples"] += 1
-    if may_allow:
+    if may_allow and not canonical_path(edge.read_request(request).path):
+        # The policy host, but a path a proxy or the app would serve as another: refused.
+        assert json.loads(response.denied_response.body)["code"] == "path_not_canonical"
+    elif may_allow:
         assert response.status.code == OK, json.loads(response.denied_response.body or "{}")
     else:
         assert response.status.code == PERMISSION_DENIED, "allowed a host no policy allows"
@@ -441,7 +445,6 @@ async def test_requests_shaped_as_named_edge_cases(db: Path, start_sidecar, auth
         "internal": address(check_request(), address_pb2.Address(
             envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name="l"))),
         "no-source": no_source(check_request()),
-        "path-without-slash": check_request("no-slash"),
         "jwt-list": jwt(check_request(), ["a", "b"]),
         "jwt-number": jwt(check_request(), 42),
         "jwt-sub-struct": jwt(check_request(), {"sub": {"id": [1, {"x": None}]}, "groups": 7}),
@@ -462,6 +465,8 @@ async def test_requests_shaped_as_named_edge_cases(db: Path, start_sidecar, auth
         assert_well_formed(response)
         assert response.status.code == PERMISSION_DENIED, name
         assert json.loads(response.denied_response.body)["code"] == "no_matching_policy", name
+    response = await stub.Check(check_request("no-slash"), timeout=10)
+    assert json.loads(response.denied_response.body)["code"] == "path_not_canonical"
 
 
 async def test_a_message_past_grpcs_size_limit_is_refused_not_allowed(db: Path, start_sidecar, authz) -> None:

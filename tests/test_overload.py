@@ -226,7 +226,7 @@ async def test_more_calls_than_the_cpu_takes_are_never_cancelled(tmp_path: Path,
                         await asyncio.wait_for(asyncio.shield(load.wait()), 0.1)
 
         await asyncio.sleep(1)  # the load builds up
-        await asyncio.gather(*(probe() for _ in range(6)))
+        await asyncio.gather(*(probe() for _ in range(8)))
         report = (await load.communicate())[0].decode()
         assert "succeeded" in report, report
         # Once the load is gone, what it left queued drains (0.15-0.3 s, as for the bare servicer),
@@ -274,7 +274,7 @@ async def test_the_http_endpoint_past_what_the_cpu_takes_answers_every_request(
                         await asyncio.wait_for(asyncio.shield(load.wait()), 0.1)
 
         await asyncio.sleep(1)
-        await asyncio.gather(*(probe() for _ in range(6)))
+        await asyncio.gather(*(probe() for _ in range(8)))
         report = (await load.communicate())[0].decode()
         done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
                          report)
