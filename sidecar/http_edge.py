@@ -75,16 +75,21 @@ class HttpEdgeConfig:
         object.__setattr__(self, "client_cert_header", self.client_cert_header.strip().lower())
 
 
-def _headers(raw: Iterable[tuple[str, str]], drop: str) -> dict[str, str]:
-    """Lower-case names, repeats joined with ``,`` as Envoy joins them; names starting with
-    ``drop`` (the profile's own trusted headers) left out."""
-    headers: dict[str, str] = {}
-    for name, value in raw:
-        key = name.lower()
-        if drop and key.startswith(drop):
-            continue
+def _headers(raw: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-case names, repeats joined with ``,`` as Envoy joins them."""
+    pairs = [(name.lower(), value) for name, value in raw]
+    headers = dict(pairs)
+    if len(headers) == len(pairs):  # no name twice: the common case, without a loop in Python
+        return headers
+    headers = {}
+    for key, value in pairs:
         headers[key] = f"{headers[key]},{value}" if key in headers else value
     return headers
+
+
+def _taken(headers: dict[str, str], prefix: str) -> dict[str, str]:
+    """The headers named ``prefix``…, removed from ``headers``."""
+    return {name: headers.pop(name) for name in [name for name in headers if name.startswith(prefix)]}
 
 
 def _address(text: str) -> Peer:
@@ -153,17 +158,10 @@ def read_request(method: str, target: str, raw_headers: Iterable[tuple[str, str]
                  config: HttpEdgeConfig) -> RequestAttributes:
     """The attributes of an authorization request: its method, request target (path and
     query) and headers as the HTTP server parsed them. Absent facts are empty values."""
+    headers = _headers(raw_headers)
     if config.profile == "envoy":
-        raw = list(raw_headers)
-        return _envoy(method, target, _headers(raw, AUTHZ_PREFIX), dict(_trusted(raw)), config)
-    return _forward_auth(method, target, _headers(raw_headers, ""), config)
-
-
-def _trusted(raw_headers: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
-    for name, value in raw_headers:
-        key = name.lower()
-        if key.startswith(AUTHZ_PREFIX):
-            yield key, value
+        return _envoy(method, target, headers, _taken(headers, AUTHZ_PREFIX), config)
+    return _forward_auth(method, target, headers, config)
 
 
 def _split_target(target: str) -> tuple[str, str]:
