@@ -22,7 +22,7 @@ from typing import IO, Any, Literal, TypeVar
 
 import click
 
-from sidecar.rules.model import AuthType, Verification
+from sidecar.rules.choices import AuthType, Verification
 from sidecar.rules.secrets import DEFAULT_ENV_PREFIX, DEFAULT_SECRET_DIRS, SecretPolicy, parse_secret_dirs
 
 __all__ = [
