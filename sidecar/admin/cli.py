@@ -27,6 +27,7 @@ from sidecar import __version__, db
 
 from .backup import backup, restore
 from .bundle import bundle
+from .completion import completion, policy_names, rule_names
 from .logs import explain, logs
 from .options import (
     PolicyOptions,
@@ -163,7 +164,7 @@ def rule_add(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @rule.command("edit")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @rule_options(edit=True)
 @click.pass_obj
 def rule_edit(admin: Admin, /, name: str, **opts: Any) -> None:
@@ -197,7 +198,7 @@ def rule_edit(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @rule.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_show(admin: Admin, name: str) -> None:
     """Show a rule.
@@ -234,7 +235,7 @@ def rule_list(admin: Admin, as_json: bool) -> None:
 
 
 @rule.command("delete")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_delete(admin: Admin, name: str) -> None:
     """Delete a rule.
@@ -257,7 +258,7 @@ def rule_delete(admin: Admin, name: str) -> None:
 
 
 @rule.command("enable")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_enable(admin: Admin, name: str) -> None:
     """Enable a rule.
@@ -268,7 +269,7 @@ def rule_enable(admin: Admin, name: str) -> None:
 
 
 @rule.command("disable")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_disable(admin: Admin, name: str) -> None:
     """Disable a rule.
@@ -312,7 +313,7 @@ def policy_add(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @policy.command("edit")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @policy_options(edit=True)
 @click.pass_obj
 def policy_edit(admin: Admin, /, name: str, **opts: Any) -> None:
@@ -341,7 +342,7 @@ def policy_edit(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @policy.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_show(admin: Admin, name: str) -> None:
     """Show a policy.
@@ -380,7 +381,7 @@ def policy_list(admin: Admin, as_json: bool) -> None:
 
 
 @policy.command("delete")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_delete(admin: Admin, name: str) -> None:
     """Delete a policy.
@@ -397,7 +398,7 @@ def policy_delete(admin: Admin, name: str) -> None:
 
 
 @policy.command("enable")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_enable(admin: Admin, name: str) -> None:
     """Enable a policy.
@@ -408,7 +409,7 @@ def policy_enable(admin: Admin, name: str) -> None:
 
 
 @policy.command("disable")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_disable(admin: Admin, name: str) -> None:
     """Disable a policy.
@@ -437,7 +438,7 @@ def params() -> None:
 
 
 @cli.command("test")
-@click.argument("rule_name", metavar="RULE")
+@click.argument("rule_name", metavar="RULE", shell_complete=rule_names)
 @test_options
 @click.pass_obj
 def test(admin: Admin, rule_name: str, given: list[tuple[str, str]], headers: list[tuple[str, str]]) -> None:
@@ -560,6 +561,7 @@ cli.add_command(restore)
 cli.add_command(bundle)
 cli.add_command(logs)
 cli.add_command(explain)
+cli.add_command(completion)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

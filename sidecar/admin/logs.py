@@ -13,6 +13,7 @@ import click
 
 from sidecar import db
 
+from .completion import recent_users
 from .options import log_options
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def logs_audit(admin: Admin, limit: int, since: str | None, as_json: bool) -> No
 @click.option("--denied", is_flag=True, help="Only denied requests, with the reason (STATUS).")
 @click.option("--would-deny", is_flag=True,
               help="Only requests a policy in audit mode allowed but would have denied (decision audit_deny).")
-@click.option("--user", metavar="U", help="Only requests of this %username%.")
+@click.option("--user", metavar="U", shell_complete=recent_users, help="Only requests of this %username%.")
 @click.option("--from-log", "from_log", type=click.File("r"), metavar="FILE",
               help="Read the sidecars' JSON decision log lines (a file, or - for standard input) instead of "
               "rules.db: the activity of a whole fleet, e.g. kubectl logs -l app=APP -c safous-sidecar | "
