@@ -134,13 +134,12 @@ def template_names(conn: sqlite3.Connection, prefix: str) -> list[str]:
     """The names after ``prefix`` (``headers.``, ``stored.``) in the ``%prefix.NAME%``
     placeholders of every rule's URL, headers and body, sorted. Raises ``StoreError``."""
     placeholder = re.compile("%" + re.escape(prefix) + r"([\w!#$&'*+.^`|~-]+)%", re.ASCII)
-    found: set[str] = set()
     with translated("cannot read the rules' templates"):
-        # instr() skips the rules without such a placeholder before Python reads their text.
-        for texts in conn.execute(
-                "SELECT url, headers, body FROM rules WHERE instr(url, :p) OR instr(headers, :p) OR instr(body, :p)",
-                {"p": "%" + prefix}):
-            for text in texts:
-                if isinstance(text, str):
-                    found.update(placeholder.findall(text))
-    return sorted(found)
+        # instr() skips the templates without such a placeholder; Python then reads each text
+        # once (rules often share their headers or body), all in one search: a name cannot
+        # span the line break between two texts.
+        texts = {text for (text,) in conn.execute(
+            " UNION ALL ".join(f"SELECT {column} FROM rules WHERE instr({column}, :p)"
+                               for column in ("url", "headers", "body")), {"p": "%" + prefix})
+                 if isinstance(text, str)}
+    return sorted(set(placeholder.findall("\n".join(texts))))
