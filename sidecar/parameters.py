@@ -4,7 +4,7 @@ Pure and without I/O: ``map_parameters`` turns ``RequestAttributes`` into ``Para
 ``check_parameter_name`` is what a rule is validated with before it is saved. The table of
 parameters and where each comes from: README, "What it does".
 
-Three kinds of names:
+Three kinds of names (``sidecar.parameter_names``, re-exported here):
 
 - the fixed names of ``PARAMETERS`` (``username``, ``cert_thumbprint`` ...);
 - ``headers.XYZ`` (``HEADER_PREFIX``): the request header ``XYZ``, matched case-insensitively;
@@ -26,32 +26,9 @@ from typing import Any, Literal, NamedTuple
 
 from sidecar.attributes import RequestAttributes
 from sidecar.certificates import certificate_info
-
-PARAMETERS: Mapping[str, str] = MappingProxyType({
-    "username": ("JWT claim (default sub) if the request has one, else identity header (default "
-                 "x-safous-username); for a TCP connection, the client certificate's CN (--connection-username)"),
-    "internal_addr": "destination address Envoy saw, ip:port ([v6]:port)",
-    "user_agent": "the user-agent request header",
-    "remote_ip": "source IP address Envoy saw",
-    "cert_thumbprint": "SHA-1 of the client certificate's DER, lower-case hex",
-    "cert_thumbprint_upper": "SHA-1 of the client certificate's DER, upper-case hex",
-    "cert_thumbprint_256": "SHA-256 of the client certificate's DER, lower-case hex",
-    "cert_thumbprint_256_upper": "SHA-256 of the client certificate's DER, upper-case hex",
-    "cert_name": "common name (CN) of the client certificate's subject",
-    "cert_alt_name": "client certificate's subject alternative names (DNS, IP, URI, e-mail), comma-separated",
-    "device_id": "device header (default x-safous-device-id)",
-    "groups": "group ids, comma-separated: JWT claim (default groups), else header (default x-safous-groups)",
-    "group_names": ("group names, comma-separated: JWT claim (default group_names), "
-                    "else header (default x-safous-group-names)"),
-})
-"""Every fixed parameter name, with where its value comes from (the admin script's ``params``)."""
-
-HEADER_PREFIX = "headers."
-"""``%headers.XYZ%``: the value of request header ``XYZ`` (case-insensitive), "" if absent."""
-
-STORED_PREFIX = "stored."
-"""``%stored.NAME%``: a value kept by a ``store`` response action of an earlier rule of the
-same policy; resolved by the rule evaluator, not by ``Parameters.lookup``."""
+from sidecar.parameter_names import HEADER_PREFIX as HEADER_PREFIX
+from sidecar.parameter_names import PARAMETERS as PARAMETERS
+from sidecar.parameter_names import STORED_PREFIX as STORED_PREFIX
 
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _STORED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # as a store action's value

@@ -111,3 +111,39 @@ def test_only_the_admin_script_imports_the_admin_script() -> None:
     assert {"sidecar.server", "sidecar.bundles", "sidecar.bundles._sync"} <= set(scanned)
     offending = {module: names for module, names in scanned.items() if names}
     assert offending == {}, f"modules outside sidecar/admin/ import the admin script: {offending}"
+
+
+# --- packages whose names load on first use (sidecar._lazy) ---------------------------------------
+
+_USE_A_LAZY_PACKAGE = """
+import json, sys
+from sidecar.db import names            # a light submodule, asked of the package
+import sidecar.bundles
+light = sorted(sys.modules)
+missing = []
+for package in ("sidecar.db", "sidecar.bundles"):
+    try:
+        getattr(sys.modules[package], "no_such_name")
+    except AttributeError:
+        missing.append(package)
+from sidecar.db import _exports as db_exports, read_rules
+from sidecar.bundles import _exports as bundle_exports
+exported = all(getattr(sys.modules[p], n) is getattr(e, n)
+               for p, e in (("sidecar.db", db_exports), ("sidecar.bundles", bundle_exports)) for n in e.__all__)
+print(json.dumps({"light": light, "missing": missing, "exported": exported,
+                  "read_rules": read_rules.__module__, "ALGORITHMS": sorted(sidecar.bundles.ALGORITHMS)}))
+"""
+
+
+def test_lazy_packages_load_their_names_on_first_use_only() -> None:
+    done = subprocess.run([sys.executable, "-c", _USE_A_LAZY_PACKAGE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=True)
+    result = json.loads(done.stdout)
+    heavy = ("pydantic", "sqlite_utils", "cryptography", "aiohttp", "jwt", "sidecar.db._exports",
+             "sidecar.bundles._exports")
+    assert [m for m in result["light"] if any(m == h or m.startswith(h + ".") for h in heavy)] == []
+    assert {"sidecar.db.names", "sidecar.db.connection"} <= set(result["light"])
+    assert result["missing"] == ["sidecar.db", "sidecar.bundles"]
+    assert result["exported"] is True
+    assert result["read_rules"] == "sidecar.db.objects"
+    assert result["ALGORITHMS"] == ["ed25519", "es256"]

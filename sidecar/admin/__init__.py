@@ -11,6 +11,8 @@
     exchange.py    the files export writes and import reads
     dryrun.py      `test`: one rule run once, as the sidecar runs it, and its report
     portal/        `ui`: the admins' portal, rules.db read-only in a browser (Datasette)
+    completion.py  `completion` and what Tab offers: names from rules.db (``sidecar.db.names``),
+                   %parameters%, response action types
 
 SQL stays in ``sidecar.db`` (but for the portal's own read-only queries: ``portal``); the audit
 log is written by triggers there, so the script only says who the actor is.

@@ -5,15 +5,14 @@ commands: the file checks, the refusal of a bundle-managed rules.db, and what is
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from sidecar import db
-from sidecar.exchange import quoted
 
-from . import display
-from .access import Admin
-from .validation import AdminError
+if TYPE_CHECKING:
+    from .access import Admin
 
 __all__ = ["backup", "restore"]
 
@@ -32,6 +31,9 @@ def backup(admin: Admin, out: Path, overwrite: bool) -> None:
     whole and checked, readable by its owner only (rules.db may hold secrets in clear); an
     existing OUT is kept unless --overwrite. `safous-admin restore OUT` puts it back.
     """
+    from . import display
+    from .validation import AdminError
+
     if not admin.db.exists():
         raise AdminError(f"rules.db {admin.db} does not exist: nothing to back up", 2)
     if out.exists() and not overwrite:
@@ -60,6 +62,10 @@ def restore(admin: Admin, source: Path) -> None:
     keeps the rows of both files, plus one row per rule or policy the restore changed and one
     for the restore; the activity log keeps the decisions of both.
     """
+    from sidecar.exchange import quoted
+
+    from . import display
+
     done = db.restore_database(admin.db, source, admin.actor_over)
     for change in done.changes:
         click.echo(f"{_DONE.get(change.action, change.action)} {change.object_type} {quoted(change.object_name)}")

@@ -7,18 +7,18 @@ The format, signing and verification are ``sidecar.bundles``'; here, the command
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from sidecar import db
-from sidecar.bundles import ALGORITHMS, MAX_SEQUENCE, BundleRefused, build_bundle, generate_key, load_signing_key
-from sidecar.exchange import InvalidContent, export_document, plan_import
+from sidecar import bundles, db
+from sidecar.bundles import ALGORITHMS, MAX_SEQUENCE
 
-from . import display
-from .access import Admin
 from .validation import AdminError
+
+if TYPE_CHECKING:
+    from .access import Admin
 
 __all__ = ["bundle"]
 
@@ -57,7 +57,7 @@ def keygen(prefix: str, algorithm: str) -> None:
     for path in (prefix + ".key", prefix + ".pub"):
         if os.path.lexists(path):
             raise AdminError(f"{path} exists: choose another PREFIX (a key is never overwritten)", 2)
-    private, public, key_id = generate_key(algorithm)
+    private, public, key_id = bundles.generate_key(algorithm)
     written: list[str] = []
     for suffix, data, mode in ((".key", private, 0o600), (".pub", public, 0o644)):
         path = prefix + suffix
@@ -96,6 +96,8 @@ def _signing_key_pem(spec: str) -> tuple[bytes, str]:
 
 def _write_atomically(out: str, text: str) -> None:
     """Write ``out`` whole or not at all: a sidecar reading the file never sees half of it."""
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(out))
     try:
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".bundle-")
@@ -128,6 +130,10 @@ def build(admin: Admin, out: str, signing_key: str, key_id: str | None, sequence
     store it as env:NAME or file:PATH and give each sidecar the secret. Everything is
     validated as `import` would, before anything is written.
     """
+    from sidecar.exchange import InvalidContent, export_document, plan_import
+
+    from . import display
+
     with admin.read() as conn:
         rules = db.read_rules(conn)
         policies = db.read_policies(conn)
@@ -138,12 +144,12 @@ def build(admin: Admin, out: str, signing_key: str, key_id: str | None, sequence
         raise InvalidContent(f"the rule set does not validate, no bundle written: {exc}") from None
     pem, where = _signing_key_pem(signing_key)
     try:
-        key = load_signing_key(pem, where)
+        key = bundles.load_signing_key(pem, where)
     except ValueError as exc:
         raise AdminError(f"--signing-key: {exc}", 2) from None
     try:
-        token, built = build_bundle(document, key, key_id=key_id, sequence=sequence)
-    except BundleRefused as exc:
+        token, built = bundles.build_bundle(document, key, key_id=key_id, sequence=sequence)
+    except bundles.BundleRefused as exc:
         raise AdminError(str(exc)) from None
     if out == "-":
         click.echo(token)

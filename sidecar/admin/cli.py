@@ -7,35 +7,27 @@ recorded for the audit triggers), says what the sidecar will make of the result 
 and prints (``display``). Domain errors (``AdminError``, ``InvalidContent``, ``StoreError``)
 become one ``Error: ...`` line on stderr and exit status 1 here, at the edge, or 2 for an
 ``AdminError`` that says so; usage errors exit 2, as click makes them.
+
+The module level imports click and the declarations of the command line only; each command
+imports what it runs. Shell completion (``completion``) builds the whole command line on every
+Tab, and answers within 100 ms only without pydantic, sqlite-utils, cryptography or aiohttp
+(tests/test_completion.py holds what it loads).
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from sidecar import __version__, db
-from sidecar.db import ObjectKind
-from sidecar.exchange import (
-    InvalidContent,
-    apply_import,
-    check_name,
-    export_document,
-    plan_import,
-    quoted,
-    validate_rule,
-)
 
-from . import checks, display
-from .access import Admin, one_policy, one_rule
 from .backup import backup, restore
 from .bundle import bundle
-from .exchange import read_document, write_export
+from .completion import completion, policy_names, rule_names
 from .logs import explain, logs
 from .options import (
     PolicyOptions,
@@ -51,6 +43,11 @@ from .options import (
 )
 from .validation import CLI_OPTIONS, AdminError, not_found
 
+if TYPE_CHECKING:
+    from sidecar.db import ObjectKind
+
+    from .access import Admin
+
 
 class _ConfigurationFailure(click.ClickException):
     exit_code = 2
@@ -60,6 +57,8 @@ class _AdminGroup(click.Group):
     """Translates domain errors into click's one-line errors, for every command below it."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from sidecar.exchange import InvalidContent
+
         try:
             return super().invoke(ctx)
         except AdminError as exc:
@@ -106,10 +105,16 @@ def cli(ctx: click.Context, db: Path, actor: str | None, secret_dirs: tuple[str,
     Secret references are checked against the sidecar's settings: give --secret-dir and
     --secret-env-prefix (or their variables) as the sidecar has them.
     """
+    from .access import Admin
+
     ctx.obj = Admin(db, actor_name(actor), secret_policy(secret_dirs, secret_env_prefix), force)
 
 
 def _switch(admin: Admin, kind: ObjectKind, name: str, enabled: bool) -> None:
+    from sidecar.exchange import quoted
+
+    from . import checks, display
+
     word = "enabled" if enabled else "disabled"
     with admin.write() as conn:
         changed = db.set_enabled(conn, kind, name, enabled)
@@ -142,6 +147,10 @@ def rule_add(admin: Admin, /, name: str, **opts: Any) -> None:
     in the URL, header values and body; an unknown one is refused with a suggestion. Try the
     rule with `safous-admin test NAME` before a policy uses it.
     """
+    from sidecar.exchange import check_name, quoted, validate_rule
+
+    from . import checks, display
+
     options = RuleOptions(**opts)
     check_name("rule", name)
     rule = validate_rule(rule_fields({"name": name}, options, edit=False), names=CLI_OPTIONS,
@@ -155,7 +164,7 @@ def rule_add(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @rule.command("edit")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @rule_options(edit=True)
 @click.pass_obj
 def rule_edit(admin: Admin, /, name: str, **opts: Any) -> None:
@@ -167,6 +176,11 @@ def rule_edit(admin: Admin, /, name: str, **opts: Any) -> None:
     --clear-actions empty it. A rule stored broken (e.g. edited with plain SQL) can be repaired
     this way.
     """
+    from sidecar.exchange import quoted, validate_rule
+
+    from . import checks, display
+    from .access import one_rule
+
     options = RuleOptions(**opts)
     with admin.write() as conn:
         stored = one_rule(conn, name)
@@ -184,7 +198,7 @@ def rule_edit(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @rule.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_show(admin: Admin, name: str) -> None:
     """Show a rule.
@@ -192,6 +206,9 @@ def rule_show(admin: Admin, name: str) -> None:
     Every setting of the rule NAME (secrets masked), the policies that use it, and what is
     wrong with it, if anything.
     """
+    from . import checks, display
+    from .access import one_rule
+
     with admin.read() as conn:
         stored = one_rule(conn, name)
     click.echo(display.rule_details(stored, checks.rule_problem(stored, admin.secrets)))
@@ -205,6 +222,8 @@ def rule_list(admin: Admin, as_json: bool) -> None:
 
     With the policies that use each, and what is wrong with it, if anything.
     """
+    from . import checks, display
+
     with admin.read() as conn:
         rules = db.read_rules(conn)
     problems = [checks.rule_problem(r, admin.secrets) for r in rules]
@@ -216,7 +235,7 @@ def rule_list(admin: Admin, as_json: bool) -> None:
 
 
 @rule.command("delete")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_delete(admin: Admin, name: str) -> None:
     """Delete a rule.
@@ -224,6 +243,10 @@ def rule_delete(admin: Admin, name: str) -> None:
     A rule that a policy uses is not deleted: remove it from the policy first
     (policy edit NAME --rule ...).
     """
+    from sidecar.exchange import quoted
+
+    from .access import one_rule
+
     with admin.write() as conn:
         stored = one_rule(conn, name)
         if stored.policies:
@@ -235,7 +258,7 @@ def rule_delete(admin: Admin, name: str) -> None:
 
 
 @rule.command("enable")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_enable(admin: Admin, name: str) -> None:
     """Enable a rule.
@@ -246,7 +269,7 @@ def rule_enable(admin: Admin, name: str) -> None:
 
 
 @rule.command("disable")
-@click.argument("name")
+@click.argument("name", shell_complete=rule_names)
 @click.pass_obj
 def rule_disable(admin: Admin, name: str) -> None:
     """Disable a rule.
@@ -274,6 +297,10 @@ def policy_add(admin: Admin, /, name: str, **opts: Any) -> None:
     Requests the policy NAME matches (host, path prefix, methods) must pass all its rules.
     A request that no policy matches is denied (the sidecar's default action).
     """
+    from sidecar.exchange import check_name, quoted
+
+    from . import checks, display
+
     check_name("policy", name)
     fields = policy_fields({"name": name}, PolicyOptions(**opts), edit=False)
     with admin.write(create=True) as conn:
@@ -286,7 +313,7 @@ def policy_add(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @policy.command("edit")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @policy_options(edit=True)
 @click.pass_obj
 def policy_edit(admin: Admin, /, name: str, **opts: Any) -> None:
@@ -297,6 +324,11 @@ def policy_edit(admin: Admin, /, name: str, **opts: Any) -> None:
     A list option (--host, --method, --rule) replaces the whole list; --clear-hosts,
     --clear-methods and --clear-rules empty it.
     """
+    from sidecar.exchange import quoted
+
+    from . import checks, display
+    from .access import one_policy
+
     options = PolicyOptions(**opts)
     with admin.write() as conn:
         stored = one_policy(conn, name)
@@ -310,7 +342,7 @@ def policy_edit(admin: Admin, /, name: str, **opts: Any) -> None:
 
 
 @policy.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_show(admin: Admin, name: str) -> None:
     """Show a policy.
@@ -318,6 +350,9 @@ def policy_show(admin: Admin, name: str) -> None:
     Every setting of the policy NAME, its rules in order, and what is wrong with it, if
     anything.
     """
+    from . import checks, display
+    from .access import one_policy
+
     with admin.read() as conn:
         stored = one_policy(conn, name)
         rules = {r.name: r for r in db.read_rules(conn)}
@@ -332,6 +367,8 @@ def policy_list(admin: Admin, as_json: bool) -> None:
 
     What each matches and the rules it runs.
     """
+    from . import checks, display
+
     with admin.read() as conn:
         policies = db.read_policies(conn)
         rules = {r.name: r for r in db.read_rules(conn)}
@@ -344,7 +381,7 @@ def policy_list(admin: Admin, as_json: bool) -> None:
 
 
 @policy.command("delete")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_delete(admin: Admin, name: str) -> None:
     """Delete a policy.
@@ -352,6 +389,8 @@ def policy_delete(admin: Admin, name: str) -> None:
     Its rules are kept. Requests it matched go to the next matching policy, or get the
     default action (deny).
     """
+    from sidecar.exchange import quoted
+
     with admin.write() as conn:
         if not db.delete_policy(conn, name):
             not_found("policy", name, [p.name for p in db.read_policies(conn)])
@@ -359,7 +398,7 @@ def policy_delete(admin: Admin, name: str) -> None:
 
 
 @policy.command("enable")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_enable(admin: Admin, name: str) -> None:
     """Enable a policy.
@@ -370,7 +409,7 @@ def policy_enable(admin: Admin, name: str) -> None:
 
 
 @policy.command("disable")
-@click.argument("name")
+@click.argument("name", shell_complete=policy_names)
 @click.pass_obj
 def policy_disable(admin: Admin, name: str) -> None:
     """Disable a policy.
@@ -390,6 +429,8 @@ def params() -> None:
     Where each value comes from. A rule's URL, header values and body use them between
     percent signs (%username%); %% is a literal %.
     """
+    from . import display
+
     click.echo(display.parameter_table())
 
 
@@ -397,7 +438,7 @@ def params() -> None:
 
 
 @cli.command("test")
-@click.argument("rule_name", metavar="RULE")
+@click.argument("rule_name", metavar="RULE", shell_complete=rule_names)
 @test_options
 @click.pass_obj
 def test(admin: Admin, rule_name: str, given: list[tuple[str, str]], headers: list[tuple[str, str]]) -> None:
@@ -438,6 +479,13 @@ def export(admin: Admin, file: str | None, with_secrets: bool) -> None:
     Secrets are masked unless --with-secrets; references (env:NAME, file:PATH) are written as
     they are. `safous-admin import FILE` reads it back.
     """
+    import json
+
+    from sidecar.exchange import export_document
+
+    from . import checks, display
+    from .exchange import write_export
+
     with admin.read() as conn:
         rules = db.read_rules(conn)
         policies = db.read_policies(conn)
@@ -467,6 +515,10 @@ def import_(admin: Admin, file: IO[str], replace: bool) -> None:
     A masked secret keeps the one stored for that rule. Without --replace, rules and policies
     that FILE does not hold are kept.
     """
+    from sidecar.exchange import InvalidContent, apply_import, plan_import, quoted
+
+    from .exchange import read_document
+
     source, document = read_document(file)
     with admin.write(create=True) as conn:
         try:
@@ -509,6 +561,7 @@ cli.add_command(restore)
 cli.add_command(bundle)
 cli.add_command(logs)
 cli.add_command(explain)
+cli.add_command(completion)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

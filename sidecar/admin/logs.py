@@ -1,22 +1,23 @@
 """``safous-admin logs`` and ``safous-admin explain``: read what was changed (the audit log),
 what was decided (the activity log, or the sidecars' decision log lines) and why (a trace).
 
-Read-only: these commands never create or write rules.db.
+Read-only: these commands never create or write rules.db. Each imports what it runs (see
+``cli``).
 """
 
 from __future__ import annotations
 
-import json
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
 
 from sidecar import db
-from sidecar.logs import decision_from_log_line
 
-from . import display
-from .access import Admin
+from .completion import recent_users
 from .options import log_options
+
+if TYPE_CHECKING:
+    from .access import Admin
 
 __all__ = ["explain", "logs"]
 
@@ -40,6 +41,8 @@ def logs_audit(admin: Admin, limit: int, since: str | None, as_json: bool) -> No
     policy, with time (UTC), actor (`sql` for a change made with plain SQL) and, for an edit,
     the settings changed. --json gives the whole before and after (secrets redacted).
     """
+    from . import display
+
     with admin.read() as conn:
         entries = db.read_audit(conn, limit=limit or None, since=since)
     if as_json:
@@ -53,7 +56,7 @@ def logs_audit(admin: Admin, limit: int, since: str | None, as_json: bool) -> No
 @click.option("--denied", is_flag=True, help="Only denied requests, with the reason (STATUS).")
 @click.option("--would-deny", is_flag=True,
               help="Only requests a policy in audit mode allowed but would have denied (decision audit_deny).")
-@click.option("--user", metavar="U", help="Only requests of this %username%.")
+@click.option("--user", metavar="U", shell_complete=recent_users, help="Only requests of this %username%.")
 @click.option("--from-log", "from_log", type=click.File("r"), metavar="FILE",
               help="Read the sidecars' JSON decision log lines (a file, or - for standard input) instead of "
               "rules.db: the activity of a whole fleet, e.g. kubectl logs -l app=APP -c safous-sidecar | "
@@ -68,6 +71,10 @@ def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None
     id, user, source IP, request, policy, decision, code and status (why: for a denial, the
     reason the client also got in the x-safous-denial-reason header).
     """
+    from sidecar.logs import decision_from_log_line
+
+    from . import display
+
     if from_log is not None:
         records = display.filter_activity(
             (r for line in from_log if (r := decision_from_log_line(line)) is not None),
@@ -96,6 +103,10 @@ def explain(admin: Admin, request_id: str, as_json: bool) -> None:
     a trace for every denial and audit denial (--trace denied, its default), as long as the
     activity log row; exit 1 when there is none.
     """
+    import json
+
+    from . import display
+
     with admin.read() as conn:
         doc = db.read_trace(conn, request_id)
     if doc is None:

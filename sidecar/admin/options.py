@@ -22,8 +22,10 @@ from typing import IO, Any, Literal, TypeVar
 
 import click
 
-from sidecar.rules.model import AuthType, Verification
+from sidecar.rules.choices import AuthType, Verification
 from sidecar.rules.secrets import DEFAULT_ENV_PREFIX, DEFAULT_SECRET_DIRS, SecretPolicy, parse_secret_dirs
+
+from .completion import parameter_values, response_actions, rule_names
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -240,17 +242,18 @@ class RuleOptions:
 
 def rule_options(edit: bool) -> Callable[[F], F]:
     """The options of ``rule add`` (``edit`` False) or ``rule edit``, which become ``RuleOptions``."""
+    parameters = parameter_values(edit=edit)
     options: list[Callable[[F], F]] = [
         click.option("--method", type=Words(_METHODS, upper=True),
                      help="HTTP method of the webhook call." + ("" if edit else "  [default: GET]")),
-        click.option("--url", required=not edit,
+        click.option("--url", required=not edit, shell_complete=parameters,
                      help="Webhook URL, http:// or https://; %parameters% allowed after the host."),
         click.option("--header", "headers", multiple=True, metavar="KEY=VALUE",
-                     callback=pairs("=", "KEY=VALUE"),
+                     callback=pairs("=", "KEY=VALUE"), shell_complete=parameters,
                      help="Request header; repeat for more; %parameters% allowed in the value."
                      + (" Replaces all the rule's headers." if edit else "")),
-        click.option("--body", help="POST body template, %parameters% allowed (JSON unless a "
-                     "Content-Type header says otherwise)."),
+        click.option("--body", shell_complete=parameters, help="POST body template, %parameters% allowed "
+                     "(JSON unless a Content-Type header says otherwise)."),
         click.option("--body-file", type=click.File("r", encoding="utf-8"), metavar="PATH",
                      help="Read the body template from PATH (- for stdin)."),
         click.option("--auth", type=Words(_enum_words(AuthType)),
@@ -265,6 +268,7 @@ def rule_options(edit: bool) -> Callable[[F], F]:
         click.option("--verify", type=Words(_enum_words(Verification)),
                      help="Content type of the webhook's answer." + ("" if edit else "  [default: json]")),
         click.option("--action", "actions", multiple=True, metavar="TYPE:KEY:VALUE", callback=_actions,
+                     shell_complete=response_actions,
                      help="API Response Action; repeat for more; all must hold. string: the value at "
                      "KEY (a dot path: data.user.status, items.0.id) equals VALUE; regex: it matches "
                      "the regular expression VALUE; store: keep it as VALUE for the upstream "
@@ -369,7 +373,7 @@ def policy_options(edit: bool) -> Callable[[F], F]:
                      + ("" if edit else "  [default: /]")),
         click.option("--method", "methods", multiple=True, metavar="M",
                      help="HTTP method matched; repeat for more; none = any method." + replaces),
-        click.option("--rule", "rules", multiple=True, metavar="RULE",
+        click.option("--rule", "rules", multiple=True, metavar="RULE", shell_complete=rule_names,
                      help="Rule the request must pass, in order; repeat for more; all must pass."
                      + replaces),
         click.option("--integration", type=Words({True: "on", False: "off"}),

@@ -13,10 +13,10 @@ Exceptions::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from sidecar.db import ObjectKind
-from sidecar.exchange import closest, quoted
+if TYPE_CHECKING:
+    from sidecar.db import ObjectKind
 
 __all__ = ["CLI_OPTIONS", "AdminError", "not_found"]
 
@@ -43,4 +43,6 @@ class AdminError(Exception):
 
 def not_found(kind: ObjectKind, name: str, known: Sequence[str], exit_code: int = 1) -> NoReturn:
     """Refuse a command on the ``kind`` ``name`` that does not exist, suggesting a ``known`` one."""
+    from sidecar.exchange import closest, quoted  # pydantic: not for the declarations (see cli)
+
     raise AdminError(f"{kind} {quoted(name)} does not exist" + closest(name, known), exit_code)

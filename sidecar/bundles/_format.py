@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from sidecar.rules.secrets import SECRET_HEADERS, is_reference
 
+from . import MAX_SEQUENCE
+
 __all__ = [
-    "ALGORITHMS",
-    "MAX_SEQUENCE",
     "Bundle",
     "BundleRefused",
     "RefusalReason",
@@ -58,11 +58,7 @@ __all__ = [
 ]
 
 FORMAT = 1
-# rules.db stores the sequence as a SQLite INTEGER (signed 64 bits): a greater one cannot be
-# applied, so it is refused where the bundle is read, not where it is written.
-MAX_SEQUENCE = 2**63 - 1
 JWS_TYPE = "safous-bundle+jws"
-ALGORITHMS: dict[str, str] = {"ed25519": "EdDSA", "es256": "ES256"}
 
 RefusalReason = Literal[
     "fetch_failed",      # the source could not be read (unreachable, HTTP error, redirect, timeout)

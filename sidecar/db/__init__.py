@@ -15,6 +15,10 @@ Where things are:
 - ``replaced``: the sidecar's long-lived connections, which follow rules.db when another file
   takes its name (``mv``) without ever pairing the new file with the old one's ``-wal``.
 
+The names below are loaded when first used (``sidecar._lazy``; the list is ``_exports``): a
+light submodule (``names``, which the admin script's shell completion reads with sqlite3
+alone) is imported without pydantic and sqlite-utils.
+
 Connections use WAL (readers never block the admin's writes, and the other way round) and a
 busy timeout. Every function here blocks: the server calls them through ``asyncio.to_thread``
 or from its own writer thread, never on the event loop.
@@ -29,85 +33,11 @@ A row that does not make a valid rule or policy is not an error: loading returns
 depend on it and still serve the others; the admin reads return it with ``error`` set.
 """
 
-from .activity import (
-    PRUNE_PAUSE,
-    ActivityRecord,
-    PreparedActivity,
-    insert_activity,
-    insert_prepared,
-    iso_time,
-    parse_iso_time,
-    prepare_activity,
-    prune_activity,
-    read_activity,
-    read_trace,
-)
-from .audit import AuditEntry, admin_transaction, flush_audit, read_audit
-from .backup import Contents, Restored, backup_database, restore_database
-from .bundle_state import BundleState, read_bundle_state, write_bundle_state
-from .connection import BUSY_TIMEOUT_MS, StoreError, connect, file_identity, transaction
-from .migrations import ensure_database, migrate, pending_migrations
-from .objects import (
-    ObjectKind,
-    StoredPolicy,
-    StoredRule,
-    delete_policy,
-    delete_rule,
-    read_policies,
-    read_rules,
-    save_policy,
-    save_rule,
-    set_enabled,
-)
-from .replaced import DatabaseFile, FileConnection
-from .rule_set import RowMemo, RuleSet, data_version, load_rule_set, rules_version
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "BUSY_TIMEOUT_MS",
-    "PRUNE_PAUSE",
-    "ActivityRecord",
-    "AuditEntry",
-    "BundleState",
-    "Contents",
-    "DatabaseFile",
-    "FileConnection",
-    "ObjectKind",
-    "PreparedActivity",
-    "Restored",
-    "RowMemo",
-    "RuleSet",
-    "StoreError",
-    "StoredPolicy",
-    "StoredRule",
-    "admin_transaction",
-    "backup_database",
-    "connect",
-    "data_version",
-    "delete_policy",
-    "delete_rule",
-    "ensure_database",
-    "file_identity",
-    "flush_audit",
-    "insert_activity",
-    "insert_prepared",
-    "iso_time",
-    "load_rule_set",
-    "migrate",
-    "parse_iso_time",
-    "pending_migrations",
-    "prepare_activity",
-    "prune_activity",
-    "read_activity",
-    "read_audit",
-    "read_bundle_state",
-    "read_policies",
-    "read_rules",
-    "read_trace",
-    "restore_database",
-    "rules_version",
-    "save_policy",
-    "save_rule",
-    "set_enabled",
-    "transaction",
-    "write_bundle_state",
-]
+from .._lazy import exports_on_first_use
+
+if TYPE_CHECKING:
+    from ._exports import *  # noqa: F403 - the package's names, as mypy and readers see them
+
+__getattr__ = exports_on_first_use(__name__)

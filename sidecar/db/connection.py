@@ -8,8 +8,10 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -78,4 +80,6 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = False) -> Iterato
 
 def sqlite_utils_db(conn: sqlite3.Connection) -> sqlite_utils.Database:
     """sqlite-utils over our connection and its transaction: no PRAGMA changes, no plugins."""
+    import sqlite_utils  # here: ``names`` (the admin script's shell completion) loads this module without it
+
     return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..decision import Code, Decision
-from ..parameters import Parameters
-from ..policies import Policy
-from .model import Rule
+
+if TYPE_CHECKING:  # types only: a light module of the package (choices, secrets) loads no pydantic
+    from ..parameters import Parameters
+    from ..policies import Policy
+    from .model import Rule
 
 CallObserver = Callable[[str, str, float], None]
 """Told of every webhook call an evaluator makes: rule name, ``"ok"`` or the failure code,

@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..policies import Policy
+from .choices import ActionType as ActionType
+from .choices import AuthType as AuthType
+from .choices import Verification as Verification
 from .safe_regex import compile_regex
 
 DEFAULT_TIMEOUT_MS = 1000
-
-
-class AuthType(StrEnum):
-    NONE = "none"
-    BASIC = "basic"
-    OAUTH = "oauth"
-
-
-class Verification(StrEnum):
-    JSON = "json"
-    JSONP = "jsonp"
-
-
-class ActionType(StrEnum):
-    STRING = "string"
-    REGEX = "regex"
-    STORE = "store"
 
 
 # fullmatch, not match with "$": "$" also matches before a final newline ("tok\n").
