@@ -9,7 +9,7 @@ XDS := $(VENV)/xds-protos
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: install proto run lint test test-envoys bench clean
+.PHONY: install proto run lint test test-envoys bench docs clean
 
 install: $(STAMP) proto
 
@@ -29,10 +29,11 @@ run: install
 
 # The gates: lint and strict types with zero findings, then the whole suite.
 lint: install
-	$(VENV)/bin/ruff check sidecar tests proto setup.py
+	$(VENV)/bin/ruff check sidecar tests proto setup.py docs/conf.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
+# The suite builds the docs too (tests/test_docs.py, about 4 s): a warning fails it.
 test: lint chromium h2load nginx caddy shells
 	$(PY) -m pytest -q
 
@@ -58,8 +59,17 @@ bench: install
 		{ apt-get update -qq && apt-get install -y -qq nghttp2-client wrk; }
 	$(PY) -m tests.benchmark --markdown BENCHMARKS.md
 
+# The documentation (docs/: Sphinx, MyST Markdown, furo), built as tests/test_docs.py builds it
+# (every warning an error; -E: a fresh read, so no warning hides in a cached page) into
+# docs/_build/html, then served on loopback until Ctrl-C: `make docs DOCS_PORT=8080`.
+DOCS_PORT ?= 8000
+docs: install
+	$(PY) -m sphinx -E -W --keep-going -b html docs docs/_build/html
+	@echo "docs: http://127.0.0.1:$(DOCS_PORT)/ (Ctrl-C stops)"
+	$(PY) -m http.server --bind 127.0.0.1 --directory docs/_build/html $(DOCS_PORT)
+
 clean:
-	rm -rf $(VENV) sidecar/_pb dist build
+	rm -rf $(VENV) sidecar/_pb dist build docs/_build
 
 # The sdist and the wheel (built from the sdist, generating sidecar._pb) in dist/: what the
 # Dockerfile builds and installs, and what tests/test_packaging.py installs into a new venv.
