@@ -50,6 +50,11 @@ def test_environment_variables_configure_the_server(tmp_path: Path) -> None:
         (["--default-action", "maybe"], "--default-action: Input should be 'allow' or 'deny'"),
         (["--listen", "nowhere"], "--listen: Value error, 'nowhere' is not HOST:PORT"),
         (["--grace-period", "-1"], "--grace-period: Input should be greater than or equal to 0"),
+        # Which proxy calls decides which of its headers are believed: never guessed.
+        (["--authz-http", "127.0.0.1:0"], "safous-sidecar: --authz-http needs --authz-http-profile "
+                                          "envoy|forward-auth"),
+        (["--authz-http", "127.0.0.1:0", "--authz-http-profile", "envoy", "--authz-http-client-cert-header", "X-C"],
+         "--authz-http-client-cert-header is for --authz-http-profile forward-auth"),
     ],
 )
 def test_bad_settings_stop_the_server_with_a_clear_message(args: list[str], message: str) -> None:
