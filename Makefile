@@ -57,6 +57,7 @@ test-envoys: install
 bench: install
 	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq nghttp2-client wrk; }
+	$(PIP) install -e '.[bench]'
 	$(PY) -m tests.benchmark --markdown BENCHMARKS.md
 
 # The documentation (docs/: Sphinx, MyST Markdown, furo), built as tests/test_docs.py builds it

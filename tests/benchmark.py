@@ -47,6 +47,11 @@ FIXED_REPEATS = 5
 START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
 
 
+CHARTS: dict[str, tuple[str, dict[str, list[float]]]] = {}
+"""Latency distributions to draw (``make bench``, tests/bench_charts.py): file name → (title,
+series name → latencies in ms)."""
+
+
 # ----------------------------------------------------------------- helper processes
 
 def _baseline_main(port: int) -> None:
@@ -244,6 +249,7 @@ class FixedRate:
     worst: float
     rate: float
     proxy_cpu_us: float = 0.0
+    latencies: list[float] = field(default_factory=list, repr=False)  # ms, each request's
 
 
 @dataclass
@@ -322,7 +328,7 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
         log.unlink()
         rate = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
         results.append(FixedRate(used / requests * 1e6, percentile(latencies, 0.5), percentile(latencies, 0.99),
-                                 max(latencies), rate, proxy_used / requests * 1e6))
+                                 max(latencies), rate, proxy_used / requests * 1e6, latencies))
     return results
 
 
@@ -647,6 +653,9 @@ def envoy_fixed_rate(db: Path, work: Path) -> list[Result]:
     base, side = _median(spaced, lambda p: p[1].p50 - p[0].p50)
     even = Result("through Envoy, requests evenly spaced, 3 cached rules", side.rate, side.p50, side.p99)
     tail_base, tail_side = _median(spaced, lambda p: p[1].p99 / p[0].p99)
+    CHARTS["latency-grpc-through-envoy.png"] = (
+        "Through Envoy at ~550 requests/s evenly spaced, 3 cached rules (the run of median p99)",
+        {"bare grpc.aio servicer": tail_base.latencies, "sidecar (gRPC)": tail_side.latencies})
     even.ratio_to = (f"p50 {side.p50 - base.p50:+.2f} ms, p99 {tail_side.p99 / tail_base.p99:.2f} × bare "
                      f"({base.p50:.2f} / {tail_base.p99:.2f} ms)")
     even.target = "p50 ≤ bare + 0.15 ms; p99 ≤ 1.30 × bare"
@@ -717,6 +726,11 @@ def http_endpoint(off: Path, cached: Path, work: Path) -> list[Result]:
                   + ratios(values, lambda f: f.cpu_us))
         results.append(r)
     values = measured["integration off"]
+    base, side = _median(values, lambda p: p[1].p99 / p[0].p99)
+    CHARTS["latency-http-endpoint.png"] = (
+        "Behind Envoy, evenly spaced, integration off (the run of median p99)",
+        {"bare grpc.aio servicer (grpc_service)": base.latencies, "sidecar HTTP endpoint (http_service)":
+         side.latencies})
     both = lambda f: f.cpu_us + f.proxy_cpu_us  # noqa: E731
     base, side = _median(values, lambda p: both(p[1]) / both(p[0]))
     r = Result("HTTP endpoint behind Envoy, integration off: Envoy + sidecar CPU per request", side.rate,
@@ -1122,6 +1136,10 @@ def main() -> int:
             new = old.rstrip("\n") + "\n\n" + block + "\n"
         args.markdown.write_text(new)
         print(f"table written to {args.markdown}")
+        from tests.bench_charts import draw
+
+        for chart in draw(CHARTS):
+            print(f"chart written to {chart.relative_to(ROOT)}")
     return 0
 
 

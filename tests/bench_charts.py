@@ -1,0 +1,60 @@
+"""The pictures `make bench` draws from what it measured: each latency distribution as the
+share of requests answered within a time (a CDF on a log time axis, where the median and the
+tail both show), one PNG per comparison, under docs/bench/ (BENCHMARKS.md shows them).
+
+matplotlib is the bench's own optional dependency (``pip install -e '.[bench]'``, which
+``make bench`` runs); without it, no chart is drawn and the table is written all the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
+
+
+def draw(charts: Mapping[str, tuple[str, Mapping[str, Sequence[float]]]], directory: Path = CHART_DIR) -> list[Path]:
+    """Write each chart (file name → (title, series → latencies in ms)); the files written.
+    Nothing when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no screen: files only
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (title, series) in charts.items():
+        figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+        for label, values in series.items():
+            ordered = sorted(values)
+            if not ordered:
+                continue
+            share = [(i + 1) / len(ordered) for i in range(len(ordered))]
+            axes.step(ordered, share, where="post", label=f"{label} (p50 {_at(ordered, 0.5):.2f} ms, "
+                      f"p99 {_at(ordered, 0.99):.2f} ms)")
+        axes.set_xscale("log")
+        # Plain numbers at 1, 2, 5 of each decade, on the major ticks only: log minor labels overlap.
+        axes.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axes.set_xlabel("latency, ms (log scale)")
+        axes.set_ylabel("share of requests answered within")
+        axes.set_ylim(0, 1.005)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.set_title(title, fontsize=10)
+        axes.legend(loc="lower right", fontsize=8)
+        figure.tight_layout()
+        path = directory / name
+        # No timestamp in the file: the same measurements draw the same bytes.
+        figure.savefig(path, metadata={"Software": None})
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _at(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
