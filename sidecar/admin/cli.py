@@ -35,6 +35,7 @@ from . import checks, display
 from .access import Admin, one_policy, one_rule
 from .backup import backup, restore
 from .bundle import bundle
+from .collect import collect
 from .exchange import read_document, write_export
 from .logs import explain, logs
 from .options import (
@@ -507,6 +508,7 @@ def ui(admin: Admin, listen: str, insecure_listen: bool) -> None:
 cli.add_command(backup)
 cli.add_command(restore)
 cli.add_command(bundle)
+cli.add_command(collect)
 cli.add_command(logs)
 cli.add_command(explain)
 

@@ -8,8 +8,9 @@ Where things are:
 - ``rule_set``: what the request path reads (``load_rule_set``) and how it notices changes.
 - ``objects``: rules and policies as the admin script reads and writes them.
 - ``audit``: the audit log (written by triggers) and the admin script's transaction.
-- ``activity``: the activity log: appending, pruning, reading, and the portal's full-text
-  index of denial reasons (kept in a database of the portal's own).
+- ``activity``: the activity log: appending (a pod's decisions, or those its sidecars ship to
+  a fleet's collector), pruning, reading, and the portal's full-text index of denial reasons
+  (kept in a database of the portal's own).
 - ``bundle_state``: which signed bundle a rules.db holds (``safous-sidecar serve --bundle``).
 - ``backup``: ``safous-admin backup`` and ``restore``, over SQLite's online backup API.
 - ``replaced``: the sidecar's long-lived connections, which follow rules.db when another file
@@ -33,14 +34,17 @@ from .activity import (
     PRUNE_PAUSE,
     ActivityRecord,
     PreparedActivity,
+    holds_pods,
     insert_activity,
     insert_prepared,
+    insert_shipped,
     iso_time,
     parse_iso_time,
     prepare_activity,
     prune_activity,
     read_activity,
     read_trace,
+    traced_pods,
 )
 from .audit import AuditEntry, admin_transaction, flush_audit, read_audit
 from .backup import Contents, Restored, backup_database, restore_database
@@ -88,8 +92,10 @@ __all__ = [
     "ensure_database",
     "file_identity",
     "flush_audit",
+    "holds_pods",
     "insert_activity",
     "insert_prepared",
+    "insert_shipped",
     "iso_time",
     "load_rule_set",
     "migrate",
@@ -108,6 +114,7 @@ __all__ = [
     "save_policy",
     "save_rule",
     "set_enabled",
+    "traced_pods",
     "transaction",
     "write_bundle_state",
 ]
