@@ -111,4 +111,5 @@ def explain(admin: Admin, request_id: str, pod: str | None, as_json: bool) -> No
                                    "denial; see logs activity)")
     click.echo(json.dumps(doc, ensure_ascii=False) if as_json else display.trace_report(doc))
     if others and not as_json:
-        display.warn(f"pods {', '.join(others)} decided request {request_id!r} too: explain --pod NAME shows theirs")
+        which = f"pod {others[0]}" if len(others) == 1 else f"pods {', '.join(others)}"
+        display.warn(f"{which} decided request {request_id!r} too: explain --pod NAME shows theirs")

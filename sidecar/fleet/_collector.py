@@ -245,16 +245,20 @@ class Collector:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
 
-def _inflated(body: bytes, limit: int) -> bytes:
+_SLICE = 1 << 20
+
+
+def _inflated(body: bytes, limit: int) -> bytearray:
     """``body`` gunzip'd, at most ``limit`` bytes of it, decompressed a slice at a time: past
-    ``limit`` the rest is never made. Raises ``_Refused`` (413 past it, 400 not gzip)."""
+    ``limit`` the rest is never made, and what it holds at once is the output and one slice.
+    Raises ``_Refused`` (413 past it, 400 not gzip)."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     out = bytearray()
     pending = body
     try:
         while pending and not inflater.eof:
             # max_length 0 would mean no bound: there is always one byte of room here.
-            out += inflater.decompress(pending, limit + 1 - len(out))
+            out += inflater.decompress(pending, min(_SLICE, limit + 1 - len(out)))
             if len(out) > limit:
                 raise _Refused(413, "too_large", f"the batch decompresses to more than the {limit} bytes it may")
             pending = inflater.unconsumed_tail
@@ -264,5 +268,5 @@ def _inflated(body: bytes, limit: int) -> bytes:
         raise _Refused(400, "malformed", "the gzip stream ends early")
     if inflater.unused_data:
         raise _Refused(400, "malformed", "data after the gzip stream")
-    return bytes(out)
+    return out
 

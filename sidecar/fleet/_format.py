@@ -53,8 +53,9 @@ MAX_RECORDS = 5000
 """Records a collector takes in one batch at most."""
 MAX_BODY_BYTES = 4 << 20
 """A batch's size on the wire (gzip'd) a collector takes at most."""
-MAX_JSON_BYTES = 16 << 20
-"""A batch's size once decompressed a collector takes at most: a gzip bomb stops there."""
+MAX_JSON_BYTES = 8 << 20
+"""A batch's size once decompressed a collector takes at most: a gzip bomb stops there (and the
+objects one batch parses into, some six times its JSON, stay within about 50 MB)."""
 MAX_BATCH_BYTES = 2 << 20
 """What a sidecar puts in one batch at most, uncompressed: within both bounds above whatever
 gzip makes of it."""
@@ -68,6 +69,7 @@ _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 POLICY_CHARS = 1024
 """A policy's name as a record carries it at most (admins name policies; names are not bounded)."""
 _TIME_CHARS = 40
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # The activity log's ``status`` is ``reason`` here, as in a decision log line.
 _WIRE = {"status": "reason"}
@@ -97,13 +99,18 @@ def encode_record(record: ActivityRecord, trace: str | None, *, pod: str, record
     except TypeError:
         # A lone surrogate (a client's header can carry one), which UTF-8 cannot: replaced, so
         # that one odd value cannot cost a batch its other records.
-        cleaned = {k: _utf8(v) if isinstance(v, str) else v for k, v in entry.items()}
-        doc = json.loads(_utf8(trace)) if trace is not None else None
-        return orjson.dumps({**cleaned, "trace": doc}, default=_utf8)
+        return orjson.dumps(_utf8({**entry, "trace": json.loads(trace) if trace is not None else None}))
 
 
-def _utf8(value: Any) -> str:
-    return str(value).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+def _utf8(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)  # one for one: the value stays within its bound
+    if isinstance(value, dict):
+        return {_utf8(k): _utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_utf8(v) for v in value]
+    return value
 
 
 def batch_body(records: Sequence[bytes]) -> bytes:
@@ -113,7 +120,7 @@ def batch_body(records: Sequence[bytes]) -> bytes:
 
 # ---------------------------------------------------------------------------- the collector
 
-def read_batch(data: bytes, *, max_records: int = MAX_RECORDS) -> list[ActivityRecord]:
+def read_batch(data: bytes | bytearray, *, max_records: int = MAX_RECORDS) -> list[ActivityRecord]:
     """The records of a batch (decompressed), each with its ``pod``, ``record_id`` and trace.
     Raises ``MalformedBatch``."""
     try:

@@ -103,7 +103,10 @@ class DecisionShipper:
         encoded = []
         for record, trace in zip(records, traces, strict=True):
             number = next(self._numbers)
-            encoded.append((number, encode_record(record, trace, pod=self.pod, record_id=f"{self._prefix}-{number:x}")))
+            data = encode_record(record, trace, pod=self.pod, record_id=f"{self._prefix}-{number:x}")
+            # Copied to a bytes object of its own size: orjson's keeps the capacity it grew to (4 KiB
+            # and more for a record of 400 bytes), which the bound would not see.
+            encoded.append((number, memoryview(data).tobytes()))
         with self._lock:
             for number, data in encoded:
                 self._buffer.append((number, data))
