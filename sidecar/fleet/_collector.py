@@ -113,8 +113,9 @@ class Collector:
         app.router.add_post(PATH, self._take, expect_handler=self._expect)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
-        # auto_decompress off: aiohttp would inflate a gzip'd body as it reads it, with no bound
-        # on the whole; here the raw bytes are bounded first, then inflated within their own.
+        # auto_decompress off: aiohttp would inflate a gzip'd body as it reads it, so that the
+        # bound on what is sent would apply to what it inflates to; here the bytes sent are
+        # bounded first (4 MiB), then what they inflate to (8 MiB), in the writer thread.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()

@@ -33,7 +33,6 @@ import orjson
 
 from ..db import ActivityRecord, iso_time, parse_iso_time
 from ..db.activity import ACTIVITY_FIELD_CHARS
-from ..decision import result_name
 
 __all__ = [
     "FORMAT",
@@ -75,6 +74,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _WIRE = {"status": "reason"}
 # The record's client values and their bounds, by name on the wire.
 _CHARS: Mapping[str, int] = {_WIRE.get(name, name): chars for name, chars in ACTIVITY_FIELD_CHARS.items()}
+_REQUEST_ID, _USERNAME, _SOURCE_IP, _METHOD, _HOST, _PATH, _REASON = (
+    _CHARS[name] for name in ("request_id", "username", "source_ip", "method", "host", "path", "reason"))
 _DECISIONS = {"allow": (True, False), "deny": (False, False), "audit_deny": (True, True)}
 
 
@@ -88,18 +89,25 @@ class MalformedBatch(ValueError):
 
 def encode_record(record: ActivityRecord, trace: str | None, *, pod: str, record_id: str) -> bytes:
     """``record`` as it is shipped, with its stored trace (``db.prepare_activity``'s JSON)."""
-    entry = {"id": record_id, "pod": pod, "time": iso_time(record.at),
-             **{_WIRE.get(name, name): getattr(record, name)[:chars] for name, chars in ACTIVITY_FIELD_CHARS.items()},
+    # One literal, the bounds as constants: this runs for every decision (in the activity
+    # writer's thread, but on the same interpreter as the checks), where a loop over the
+    # fields cost twice as much.
+    entry = {"id": record_id, "pod": pod, "time": iso_time(record.at), "request_id": record.request_id[:_REQUEST_ID],
+             "username": record.username[:_USERNAME], "source_ip": record.source_ip[:_SOURCE_IP],
+             "method": record.method[:_METHOD], "host": record.host[:_HOST], "path": record.path[:_PATH],
              "policy": record.policy[:POLICY_CHARS] if record.policy is not None else None,
-             "policy_source": record.policy_source, "decision": result_name(record.allowed, record.audit_deny),
-             "code": str(record.code), "latency_ms": round(record.latency_ms, 3)}
+             "policy_source": record.policy_source,
+             "decision": "audit_deny" if record.audit_deny else "allow" if record.allowed else "deny",
+             "code": record.code, "reason": record.status[:_REASON], "latency_ms": round(record.latency_ms, 3),
+             # The trace is JSON already (as rules.db stores it): embedded as it is, not parsed again.
+             "trace": orjson.Fragment(trace) if trace is not None else None}
     try:
-        # The trace is JSON already (as rules.db stores it): embedded as it is, not parsed again.
-        return orjson.dumps({**entry, "trace": orjson.Fragment(trace) if trace is not None else None})
+        return orjson.dumps(entry)
     except TypeError:
         # A lone surrogate (a client's header can carry one), which UTF-8 cannot: replaced, so
         # that one odd value cannot cost a batch its other records.
-        return orjson.dumps(_utf8({**entry, "trace": json.loads(trace) if trace is not None else None}))
+        entry["trace"] = json.loads(trace) if trace is not None else None
+        return orjson.dumps(_utf8(entry))
 
 
 def _utf8(value: Any) -> Any:

@@ -227,7 +227,7 @@ class DecisionShipper:
     def _failed(self, detail: str = "") -> None:
         self.failed_posts += 1
         self._failures += 1
-        delay = min(self._interval * 2.0 ** min(self._failures, 16), RETRY_MAX_DELAY)
+        delay = min(self._interval * 2.0 ** min(self._failures - 1, 16), RETRY_MAX_DELAY)
         self._retry_at = time.monotonic() + delay * (1 - 0.2 * random.random())
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY:
@@ -300,5 +300,6 @@ class DecisionShipper:
 
 
 def _gzipped(records: list[bytes]) -> bytes:
-    # Level 5: most of level 9's ratio on JSON lines, at a third of its CPU.
-    return gzip.compress(batch_body(records), compresslevel=5, mtime=0)
+    # Level 1: 0.6 µs a record against 1.4 at level 5, for batches some 15 % larger (1,000
+    # decisions: 22 KB against 19 KB; 400 KB before).
+    return gzip.compress(batch_body(records), compresslevel=1, mtime=0)
