@@ -313,3 +313,32 @@ def test_a_rules_db_from_before_the_fleet_reads_as_before(tmp_path: Path, monkey
     assert explained.exit_code == 0 and "decided by pod" not in explained.stdout
     migrations.ensure_database(db)
     assert admin(db, "logs", "activity").stdout == shown.stdout
+
+
+async def test_a_header_that_is_not_utf8_takes_no_decision_out_of_either_log(
+        tmp_path: Path, db: Path, start_sidecar: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP endpoint's parser keeps a header's bytes that are not UTF-8 as lone surrogates,
+    which SQLite cannot store: the activity writer's whole batch was dropped with them (every
+    other client's decisions of those 200 ms). Now the value is kept with U+FFFD, here and in
+    the fleet's log."""
+    monkeypatch.setenv(TOKEN_VARIABLE, TOKEN_ENV[TOKEN_VARIABLE])
+    fleet = tmp_path / "fleet.db"
+    with collector(fleet) as running:
+        sidecar = await start_sidecar(authz_http="127.0.0.1:0", authz_http_profile="forward-auth",
+                                      default_action="allow", decision_log_url=running.url, pod_name="pod-h",
+                                      decision_log_bearer_token=f"env:{TOKEN_VARIABLE}", decision_log_interval=0.1)
+        assert sidecar.authz_http is not None
+        for n, user in enumerate((b"alice", b"\xff\xfe", b"bob")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.authz_http.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: sidecar\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Host: app\r\n"
+                         b"X-Forwarded-Uri: /u\r\nX-Request-Id: utf8-%d\r\nx-safous-username: %s\r\n"
+                         b"Connection: close\r\n\r\n" % (n, user))
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        rows = await eventually(lambda: len(local_rows(db)) == 3 and local_rows(db), what="three rows")
+        assert [row[0] for row in rows] == ["utf8-0", "utf8-1", "utf8-2"]
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            assert [u for (u,) in conn.execute("SELECT username FROM activity_log ORDER BY id")] == [
+                "alice", "\ufffd\ufffd", "bob"]
+        await eventually(lambda: len(fleet_rows(fleet)) == 3, what="three shipped")
+        assert sidecar.activity.dropped == 0 and sidecar.shipper is not None and sidecar.shipper.dropped == 0

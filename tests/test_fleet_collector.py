@@ -87,6 +87,8 @@ async def test_the_log_says_which_pod_decided_and_can_show_one_pod(running: Runn
         "match          allow     rules_passed",
         "2026-09-21T14:13:22.000Z  pod-y  pods-1      alice  203.0.113.7  GET     app.example.com  /app  app     "
         "match          deny      value_mismatch  rule \"posture\": status is \"unknown\", expected \"active\""]
+    from_log = admin(fleet_db(running), "logs", "activity", "--from-log", "-", "--pod", "pod-x", input="")
+    assert from_log.exit_code == 2 and "--pod reads a fleet's activity log" in from_log.stderr
     line = json.loads(admin(fleet_db(running), "logs", "activity", "--pod", "pod-x", "--json").stdout)
     assert (line["pod"], line["request_id"], line["trace"]) == ("pod-x", "pods-1", True)
     # One request through two sidecars (a gateway's, then a service's): the newest trace, and

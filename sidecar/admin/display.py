@@ -343,13 +343,12 @@ def trace_report(doc: Mapping[str, Any]) -> str:
 
 
 def filter_activity(records: Iterable[ActivityRecord], *, denied: bool = False, would_deny: bool = False,
-                    user: str | None = None, limit: int | None = None, since: str | None = None,
-                    pod: str | None = None) -> list[ActivityRecord]:
+                    user: str | None = None, limit: int | None = None, since: str | None = None
+                    ) -> list[ActivityRecord]:
     """``db.read_activity``'s filters and order (newest first) over records read elsewhere
     (the decision log lines of a fleet)."""
     kept = [r for r in records
             if (not denied or not r.allowed) and (not would_deny or r.audit_deny)
-            and (user is None or r.username == user) and (pod is None or r.pod == pod)
-            and (since is None or iso_time(r.at) >= since)]
+            and (user is None or r.username == user) and (since is None or iso_time(r.at) >= since)]
     kept.sort(key=lambda r: r.at, reverse=True)
     return kept[:limit] if limit else kept

@@ -72,9 +72,12 @@ def logs_activity(admin: Admin, denied: bool, would_deny: bool, user: str | None
     (--db fleet.db, written by safous-admin collect) also says which POD decided.
     """
     if from_log is not None:
+        if pod is not None:
+            raise click.UsageError("--pod reads a fleet's activity log (safous-admin collect): decision log lines "
+                                   "do not name their pod (kubectl logs POD does)")
         records = display.filter_activity(
             (r for line in from_log if (r := decision_from_log_line(line)) is not None),
-            denied=denied, would_deny=would_deny, user=user, limit=limit or None, since=since, pod=pod)
+            denied=denied, would_deny=would_deny, user=user, limit=limit or None, since=since)
     else:
         with admin.read() as conn:
             records = db.read_activity(conn, denied=denied, would_deny=would_deny, user=user,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -132,6 +133,25 @@ def insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, *,
                     keep_traces: int = DEFAULT_TRACE_KEEP) -> None:
     """Append prepared decisions to the activity log in one transaction, with their traces (at
     most ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
+    try:
+        _insert_prepared(conn, prepared, keep_traces)
+    except UnicodeEncodeError:
+        # A header that was not UTF-8 reaches here as lone surrogates (the HTTP edge's parser
+        # keeps its bytes so), which SQLite's UTF-8 cannot hold: the whole batch failed. Each
+        # is replaced by U+FFFD and the batch written again, so that one client cannot take
+        # everyone's decisions out of the log with a byte. Only then: no cost otherwise.
+        _insert_prepared(conn, PreparedActivity([tuple(_utf8(v) for v in row) for row in prepared.rows],
+                                                [_utf8(doc) for doc in prepared.docs]), keep_traces)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(value: Any) -> Any:
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
+def _insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, keep_traces: int) -> None:
     rows, docs = prepared
     if not rows:
         return
