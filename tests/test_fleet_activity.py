@@ -342,3 +342,61 @@ async def test_a_header_that_is_not_utf8_takes_no_decision_out_of_either_log(
                 "alice", "\ufffd\ufffd", "bob"]
         await eventually(lambda: len(fleet_rows(fleet)) == 3, what="three shipped")
         assert sidecar.activity.dropped == 0 and sidecar.shipper is not None and sidecar.shipper.dropped == 0
+
+
+async def _shipper_against(serve: Any, answer: Any, count: int, **options: Any) -> tuple[DecisionShipper, list[int]]:
+    """A shipper with ``count`` decisions buffered, POSTing to a server that answers with
+    ``answer(request, records in the batch)``; the batches' sizes as received."""
+    import json
+
+    received: list[int] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        # aiohttp's server has inflated the gzip'd body already.
+        records = len(json.loads(await request.read())["records"])
+        received.append(records)
+        return await answer(request, records)
+
+    server = await serve(handle)
+    shipper = DecisionShipper(f"{server.url}/v1/decisions", pod="pod-0", bearer=lambda: "t", interval=0.05,
+                              **options)
+    shipper.add([record(f"s-{n}") for n in range(count)], [None] * count)
+    shipper.start()
+    return shipper, received
+
+
+async def test_the_collector_refusing_a_batch_drops_it_once_and_shipping_goes_on(serve: Any) -> None:
+    answered: list[int] = []
+
+    async def answer(request: web.Request, records: int) -> web.Response:
+        answered.append(400 if not answered else 200)
+        return web.json_response({"error": "malformed"}, status=answered[-1])
+
+    shipper, received = await _shipper_against(serve, answer, 30, batch_records=10)
+    await eventually(lambda: shipper.shipped == 20, what="the rest delivered")
+    assert (received, answered, shipper.dropped, shipper.failed_posts) == ([10, 10, 10], [400, 200, 200], 10, 0)
+    await shipper.close(1)
+
+
+async def test_a_batch_too_large_for_the_collector_goes_again_in_halves(serve: Any) -> None:
+    async def answer(request: web.Request, records: int) -> web.Response:
+        return web.json_response({}, status=413 if records > 8 else 200)
+
+    shipper, received = await _shipper_against(serve, answer, 30, batch_records=30)
+    await eventually(lambda: shipper.shipped == 30, what="all delivered")
+    # Refused whole, then half, then taken in batches of a quarter.
+    assert (received[:2], sum(received[2:]), max(received[2:]), shipper.dropped) == ([30, 15], 30, 7, 0)
+    await shipper.close(1)
+
+
+async def test_a_collector_that_does_not_answer_gets_the_stop_s_budget_and_no_more(serve: Any) -> None:
+    async def answer(request: web.Request, records: int) -> web.Response:
+        await asyncio.sleep(60)
+        return web.json_response({})
+
+    shipper, received = await _shipper_against(serve, answer, 12)
+    await eventually(lambda: received, what="a POST under way")
+    started = asyncio.get_running_loop().time()
+    await shipper.close(0.5)
+    assert asyncio.get_running_loop().time() - started < 2
+    assert (shipper.shipped, shipper.dropped, shipper.buffered) == (0, 12, (0, 0))

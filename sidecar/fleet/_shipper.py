@@ -13,7 +13,7 @@ rotates) is tried again, later and later (``interval`` doubled per failure up to
 ``RETRY_MAX_DELAY``, less a random 0-20 %), with the same records under the same ids: the
 collector writes a record once, however often it arrives. A batch the collector refuses as
 malformed (400) would be refused for ever: it is dropped, counted and logged; one refused as too
-large (413) is sent again in halves.
+large (413) is sent again in halves, and batches stay that small from then on.
 """
 
 from __future__ import annotations
@@ -185,9 +185,12 @@ class DecisionShipper:
                               "activity log)", extra={"collector": self._shown, "records": len(records),
                                                       "error": detail})
             elif outcome == "too_large":
-                self._batch_bytes = max(1, self._batch_bytes // 2)
+                # Half of what was refused, not of the bound: the bound may be far above it.
+                self._batch_records = max(1, len(records) // 2)
+                self._batch_bytes = max(1, sum(map(len, records)) // 2)
                 log.warning("the collector refused a batch as too large: sending smaller ones",
-                            extra={"collector": self._shown, "batch_bytes": self._batch_bytes})
+                            extra={"collector": self._shown, "batch_records": self._batch_records,
+                                   "batch_bytes": self._batch_bytes})
             else:
                 self._failed(detail)
                 return
@@ -274,18 +277,21 @@ class DecisionShipper:
         it once the activity writer has written its last records). What is left is counted
         dropped and logged."""
         self._closing = True
-        if self._task is not None:
-            assert self._wake is not None
-            self._wake.set()
-            await self._task
-            self._task = None
         try:
+            # One budget for both: a POST under way when the stop came (a slow collector) is
+            # cancelled with it, its batch counted as not delivered.
             async with asyncio.timeout(timeout):
+                if self._task is not None:
+                    assert self._wake is not None
+                    self._wake.set()
+                    await self._task
                 await self._ship(final=True)
         except TimeoutError:
             pass
         except Exception:
             log.exception("decision log shipping failed at stop")
+        finally:
+            self._task = None
         with self._lock:
             left = len(self._buffer)
             self._buffer.clear()
