@@ -13,8 +13,9 @@ activity log (``sidecar.fleet``), which serialises it in this same thread.
 A batch the database refuses (its write lock held past the busy timeout by an admin command, a
 full disk, rules.db missing for a moment) is not lost: it goes back to the head of the list and
 the next flush writes it with the decisions that came meanwhile, the list's bound still holding.
-Its log lines are not written again, nor is it shipped again. Flushes that fail in a row come further apart (at most
-``RETRY_MAX_DELAY``), so a database gone for good costs one error line every few seconds.
+Its log lines are not written again, nor is it shipped again. Flushes that fail in a row come
+further apart (at most ``RETRY_MAX_DELAY``), so a database gone for good costs one error line
+every few seconds.
 Another file put under rules.db's name (``mv``) gets the decisions not written yet; those
 written before stay in the old file (``_write`` says why).
 
@@ -110,9 +111,10 @@ class ActivityLog:
 
     def _write(self, batch: list[ActivityRecord], announced: int) -> None:
         """In the worker thread: the log lines of the records past the first ``announced`` (and
-        their shipping), then the rows. Formatting here, not on the event loop, keeps a flush of a thousand decisions
-        from stalling the checks; a slice at a time with a pause between slices (``CHUNK``,
-        ``PAUSE``), so that the event loop never waits long for the interpreter while it runs."""
+        their shipping), then the rows. Formatting here, not on the event loop, keeps a flush of a
+        thousand decisions from stalling the checks; a slice at a time with a pause between
+        slices (``CHUNK``, ``PAUSE``), so that the event loop never waits long for the
+        interpreter while it runs."""
         rows: list[tuple[Any, ...]] = []
         docs: list[str | None] = []
         for start in range(0, len(batch), CHUNK):

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
 # Seconds a stopping sidecar gives the collector to take the decisions still buffered, once the
-# activity log has written its last ones (those it cannot stay in this pod's activity log).
+# activity log has written its last ones (what it does not take stays in this pod's log only).
 SHIPPING_STOP_SECONDS = 5.0
 # Built once at import so the last-resort answer cannot itself fail.
 _INTERNAL_RESPONSE = edge.build_response(INTERNAL, "")

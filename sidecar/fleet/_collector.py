@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 PATH = "/v1/decisions"
 """Where the sidecars POST their batches (``--decision-log-url https://HOST:PORT/v1/decisions``)."""
 _WARN_EVERY = 10.0  # seconds between two log lines about refusals of one status
+STOP_SECONDS = 10.0
+"""What a stopping collector gives the batches being taken in; one cut short is not answered,
+and its sidecar sends it again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +119,14 @@ class Collector:
         # auto_decompress off: aiohttp would inflate a gzip'd body as it reads it, so that the
         # bound on what is sent would apply to what it inflates to; here the bytes sent are
         # bounded first (4 MiB), then what they inflate to (8 MiB), in the writer thread.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+                                     shutdown_timeout=STOP_SECONDS)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
         self._retention.start()
 
     async def stop(self) -> None:
-        """Finish the batches being taken in (10 s at most), then close."""
+        """Finish the batches being taken in (``STOP_SECONDS`` at most), then close."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
