@@ -32,7 +32,7 @@ from tests.fleet_support import (
     post,
     record,
 )
-from tests.helpers import http_get
+from tests.helpers import eventually, http_get
 
 TRACE = {"request_id": "t-1", "method": "GET", "host": "app.example.com", "path": "/app", "policy": "app",
          "decision": "deny", "code": "value_mismatch", "reason": 'rule "posture": status is "unknown"',
@@ -200,7 +200,22 @@ async def test_what_is_not_a_sidecars_batch_is_refused_and_the_collector_goes_on
     assert 'safous_collector_batches_total{status="413"} 4.0' in page.decode()
     # Each refusal is logged (at most one line per status every 10 s), with why and who.
     refusals = running.log.entries("batch refused")
-    assert {(r["status"], r["peer"]) for r in refusals} >= {(401, "127.0.0.1"), (413, "127.0.0.1")}
+    assert {(r["error"], r["peer"]) for r in refusals} >= {
+        (error, "127.0.0.1") for error in ("unauthenticated", "unsupported_media_type", "unsupported_encoding",
+                                           "malformed", "too_large")}
+
+
+async def test_a_client_that_leaves_mid_body_is_a_refusal_not_a_server_error(running: RunningCollector) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    writer.write(f"POST /v1/decisions HTTP/1.1\r\nHost: collector\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 "Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 1000\r\n\r\n"
+                 "0123456789".encode())
+    await writer.drain()
+    writer.close()
+    [line] = await eventually(lambda: [r for r in running.log.entries("batch refused") if r["error"] == "incomplete"])
+    assert line["reason"] == "the body was cut short: Connection lost" and line["status"] == 400
+    assert not running.log.entries("Error handling request from 127.0.0.1")
+    assert (await http_get(running.url.replace("/v1/decisions", "/healthz")))[0] == 200
 
 
 async def test_batches_past_the_bound_in_progress_wait_their_turn(running: RunningCollector) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import db
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/v1/decisions"
 """Where the sidecars POST their batches (``--decision-log-url https://HOST:PORT/v1/decisions``)."""
-_WARN_EVERY = 10.0  # seconds between two log lines about refusals of one status
+_WARN_EVERY = 10.0  # seconds between two log lines about refusals of one kind
 STOP_SECONDS = 10.0
 """What a stopping collector gives the batches being taken in; one cut short is not answered,
 and its sidecar sends it again."""
@@ -98,7 +99,8 @@ class Collector:
         self._db = db.DatabaseFile.at(db_path).connection()
         self._runner: web.AppRunner | None = None
         self._in_progress = 0
-        self._warned: dict[int, tuple[float, int]] = {}
+        # By error: when it was last logged, and how many were not logged since.
+        self._warned: dict[str, tuple[float, int]] = {}
         self.registry = CollectorRegistry()
         self._records = Counter("safous_collector_records", "Records taken in: new, or already in the log "
                                 "(duplicate: a batch sent again)", ["result"], registry=self.registry)
@@ -203,6 +205,10 @@ class Collector:
                         raise _Refused(413, "too_large", f"more than the {limit} bytes a batch may have")
         except TimeoutError:
             raise _Refused(408, "timeout", f"the body did not arrive within {self.limits.body_seconds:g} s") from None
+        except (ConnectionError, HttpProcessingError) as exc:
+            # The client left, or its chunks did not parse: counted and logged as a refusal,
+            # not as the traceback of a server error.
+            raise _Refused(400, "incomplete", f"the body was cut short: {exc}") from None
         return bytes(body)
 
     def _write(self, body: bytes, encoding: str) -> tuple[int, int]:
@@ -225,15 +231,15 @@ class Collector:
     def _refusal(self, request: web.Request, refused: _Refused) -> web.Response:
         self._batches.labels(str(refused.status)).inc()
         now = time.monotonic()
-        last, quiet = self._warned.get(refused.status, (-_WARN_EVERY, 0))
+        last, quiet = self._warned.get(refused.error, (-_WARN_EVERY, 0))
         if now - last >= _WARN_EVERY:
-            self._warned[refused.status] = (now, 0)
+            self._warned[refused.error] = (now, 0)
             peer = request.transport.get_extra_info("peername") if request.transport else None
             log.warning("batch refused", extra={"status": refused.status, "error": refused.error,
                                                 "reason": str(refused), "peer": peer[0] if peer else None,
                                                 "refused_since_last_line": quiet})
         else:
-            self._warned[refused.status] = (last, quiet + 1)
+            self._warned[refused.error] = (last, quiet + 1)
         headers = {"WWW-Authenticate": 'Bearer realm="safous-collector"'} if refused.status == 401 else {}
         if refused.status == 503:
             headers["Retry-After"] = "1"
