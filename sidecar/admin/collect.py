@@ -58,7 +58,7 @@ def collect(admin: Admin, listen: str, tokens: tuple[str, ...], tls_cert: Path |
     logs activity`, `explain REQUEST_ID` and `ui` show the whole fleet.
 
     Every batch needs a --token; batches without it, malformed, or past the bounds (4 MiB on
-    the wire, 16 MiB decompressed, 5,000 records) are refused with an HTTP status that says
+    the wire, 8 MiB decompressed, 5,000 records) are refused with an HTTP status that says
     why, and change nothing. Only the activity log and its traces are written, never rules or
     policies. GET /healthz and /metrics serve the probes. Ctrl-C or SIGTERM stops it.
     """
