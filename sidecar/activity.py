@@ -7,11 +7,15 @@ go, and one batched insert into rules.db in a worker thread. Batching keeps the 
 to an append, and the worker thread's contention for the interpreter to a few short bursts a
 second. Shutdown flushes what is pending.
 
+Each decision also goes, once, to ``ship`` (with its trace as rules.db stores it): the fleet's
+activity log (``sidecar.fleet``), which serialises it in this same thread.
+
 A batch the database refuses (its write lock held past the busy timeout by an admin command, a
 full disk, rules.db missing for a moment) is not lost: it goes back to the head of the list and
 the next flush writes it with the decisions that came meanwhile, the list's bound still holding.
-Its log lines are not written again. Flushes that fail in a row come further apart (at most
-``RETRY_MAX_DELAY``), so a database gone for good costs one error line every few seconds.
+Its log lines are not written again, nor is it shipped again. Flushes that fail in a row come
+further apart (at most ``RETRY_MAX_DELAY``), so a database gone for good costs one error line
+every few seconds.
 Another file put under rules.db's name (``mv``) gets the decisions not written yet; those
 written before stay in the old file (``_write`` says why).
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ MAX_PENDING_TRACE_BYTES = 16 << 20
 class ActivityLog:
     def __init__(self, db_path: Path, max_queue: int = 10_000, *, flush_interval: float = 0.2,
                  on_batch: Callable[[list[ActivityRecord]], None] | None = None,
+                 ship: Callable[[Sequence[ActivityRecord], Sequence[str | None]], None] | None = None,
                  max_trace_bytes: int = MAX_PENDING_TRACE_BYTES) -> None:
         self._max = max_queue
         self._max_trace_bytes = max_trace_bytes
@@ -58,6 +63,7 @@ class ActivityLog:
         self._trace_bytes = 0
         self._interval = flush_interval
         self._on_batch = on_batch
+        self._ship = ship
         self._pending: list[ActivityRecord] = []
         # How many records at the head of ``_pending`` already had their log lines written
         # (a batch the database refused): a retry must not write them twice.
@@ -104,22 +110,31 @@ class ActivityLog:
         self._task = asyncio.create_task(self._run(), name="activity-log")
 
     def _write(self, batch: list[ActivityRecord], announced: int) -> None:
-        """In the worker thread: the log lines of the records past the first ``announced``, then
-        the rows. Formatting here, not on the event loop, keeps a flush of a thousand decisions
-        from stalling the checks; a slice at a time with a pause between slices (``CHUNK``,
-        ``PAUSE``), so that the event loop never waits long for the interpreter while it runs."""
+        """In the worker thread: the log lines of the records past the first ``announced`` (and
+        their shipping), then the rows. Formatting here, not on the event loop, keeps a flush of a
+        thousand decisions from stalling the checks; a slice at a time with a pause between
+        slices (``CHUNK``, ``PAUSE``), so that the event loop never waits long for the
+        interpreter while it runs."""
         rows: list[tuple[Any, ...]] = []
         docs: list[str | None] = []
         for start in range(0, len(batch), CHUNK):
             if start:
                 time.sleep(PAUSE)
             chunk = batch[start:start + CHUNK]
-            if self._on_batch is not None and start + len(chunk) > announced:
-                try:
-                    self._on_batch(chunk[max(0, announced - start):])
-                except Exception:
-                    log.exception("could not write decision log lines")
             prepared = db.prepare_activity(chunk)
+            if start + len(chunk) > announced:
+                fresh = max(0, announced - start)
+                if self._on_batch is not None:
+                    try:
+                        self._on_batch(chunk[fresh:])
+                    except Exception:
+                        log.exception("could not write decision log lines")
+                if self._ship is not None:
+                    # With the traces as rules.db stores them: built once for both.
+                    try:
+                        self._ship(chunk[fresh:], prepared.docs[fresh:])
+                    except Exception:
+                        log.exception("could not ship decisions")
             rows += prepared.rows
             docs += prepared.docs
         # Checked before each batch (use()): when another file has taken rules.db's name, the

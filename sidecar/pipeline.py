@@ -27,6 +27,15 @@ from .admission import Admission
 from .attributes import RequestAttributes
 from .check import Checker
 from .db import ActivityRecord
+from .db.activity import (
+    HOST_CHARS,
+    METHOD_CHARS,
+    PATH_CHARS,
+    REQUEST_ID_CHARS,
+    SOURCE_IP_CHARS,
+    STATUS_CHARS,
+    USERNAME_CHARS,
+)
 from .decision import Code, Decision, result_name
 from .parameters import Parameters, map_parameters
 from .rules import trace
@@ -182,9 +191,10 @@ class Pipeline:
         # at, request_id, username, source_ip, host, path, method, policy, allowed, code, status,
         # latency_ms, policy_source, audit_deny.
         record = ActivityRecord(
-            time.time(), seen.request_id[:256], params.values["username"][:256] if params else "",
-            seen.source.ip[:64], seen.host[:256], seen.path[:1024], seen.method[:32], decision.policy,
-            decision.allowed, decision.code, decision.reason[:2048], latency_ms, decision.policy_source,
+            time.time(), seen.request_id[:REQUEST_ID_CHARS],
+            params.values["username"][:USERNAME_CHARS] if params else "", seen.source.ip[:SOURCE_IP_CHARS],
+            seen.host[:HOST_CHARS], seen.path[:PATH_CHARS], seen.method[:METHOD_CHARS], decision.policy,
+            decision.allowed, decision.code, decision.reason[:STATUS_CHARS], latency_ms, decision.policy_source,
             decision.audit_deny,
         )
         if attrs is not None and check_trace is not None and (

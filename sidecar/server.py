@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from .authz_http import AuthzHttpServer
 from .bundles import BundleSync
 from .check import Checker
 from .db import ActivityRecord
+from .fleet import DecisionShipper, OtlpDecisionLogs
 from .http_edge import HttpEdgeConfig
 from .metrics import LoopLagMonitor, Metrics, counter, gauge
 from .ops_http import OpsServer
@@ -36,12 +37,16 @@ from .pipeline import INTERNAL, Pipeline
 from .rules import RuleEvaluator
 from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
+from .rules.secrets import resolve_secret
 from .settings import Settings
 from .snapshot import RulesWatcher, Snapshot
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
+# Seconds a stopping sidecar gives the collector to take the decisions still buffered, once the
+# activity log has written its last ones (what it does not take stays in this pod's log only).
+SHIPPING_STOP_SECONDS = 5.0
 # Built once at import so the last-resort answer cannot itself fail.
 _INTERNAL_RESPONSE = edge.build_response(INTERNAL, "")
 # Calls the gRPC core holds until the event loop picks them up (one per loop turn: under load
@@ -111,7 +116,12 @@ class Sidecar:
         self.admission = Admission(settings.max_checks_in_progress)
         self.metrics = Metrics(self._state_metrics)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
-        self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=self._on_batch)
+        # --decision-log-url: the decisions shipped to the fleet's collector (sidecar.fleet).
+        self.shipper = self._shipper(settings) if settings.decision_log_url else None
+        self.otlp_logs: OtlpDecisionLogs | None = None  # --decision-log-otlp, set up by start()
+        shipping = settings.decision_log_url is not None or settings.decision_log_otlp
+        self.activity = ActivityLog(settings.db, settings.activity_queue, on_batch=self._on_batch,
+                                    ship=self._ship if shipping else None)
         self.pipeline = Pipeline(self.checker, self.activity, self.admission, settings.trace)
         self.retention = ActivityRetention(settings.db, days=settings.activity_retention_days,
                                            rows=settings.activity_retention_rows)
@@ -182,6 +192,27 @@ class Sidecar:
         logs.write_decisions(batch)
         self.metrics.record_batch(batch)
 
+    @staticmethod
+    def _shipper(settings: Settings) -> DecisionShipper:
+        assert settings.decision_log_url is not None
+        reference, policy = settings.decision_log_bearer_token, settings.secret_policy
+        ca_bundle = settings.decision_log_ca_bundle
+
+        def bearer() -> str:
+            return resolve_secret(reference, policy) or ""
+
+        return DecisionShipper(settings.decision_log_url, pod=settings.pod, bearer=bearer,
+                               ca_bundle=str(ca_bundle) if ca_bundle else None,
+                               interval=settings.decision_log_interval,
+                               batch_records=settings.decision_log_batch_records,
+                               max_bytes=settings.decision_log_buffer_bytes)
+
+    def _ship(self, batch: Sequence[ActivityRecord], traces: Sequence[str | None]) -> None:
+        if self.shipper is not None:
+            self.shipper.add(batch, traces)
+        if self.otlp_logs is not None:
+            self.otlp_logs.add(batch, traces)
+
     def _state_metrics(self) -> Iterator[Any]:
         yield gauge("safous_ready", "1 when ready to serve (see /readyz)", float(self.not_ready() is None))
         yield gauge("safous_checks_in_progress", "Checks being decided (--max-checks-in-progress bounds them)",
@@ -210,6 +241,20 @@ class Sidecar:
         yield counter("safous_traces_dropped", "Traces not kept: those awaiting the activity log were at their "
                       "byte bound", self.activity.traces_dropped)
         yield counter("safous_activity_pruned", "Activity log rows deleted by retention", self.retention.deleted_total)
+        if self.shipper is not None:
+            records, size = self.shipper.buffered
+            yield counter("safous_decision_log_shipped", "Decisions the collector took (--decision-log-url)",
+                          self.shipper.shipped)
+            yield counter("safous_decision_log_dropped", "Decisions not shipped: the oldest, past "
+                          "--decision-log-buffer-bytes while the collector did not take them, or refused by it "
+                          "(this pod's activity log keeps them)", self.shipper.dropped)
+            yield counter("safous_decision_log_failed_posts", "Batches the collector did not take (down, an error, "
+                          "a timeout): sent again later", self.shipper.failed_posts)
+            yield gauge("safous_decision_log_buffer_records", "Decisions waiting for the collector", records)
+            yield gauge("safous_decision_log_buffer_bytes", "Bytes of decisions waiting for the collector "
+                        "(--decision-log-buffer-bytes bounds them)", size)
+            yield gauge("safous_decision_log_last_delivery_timestamp_seconds", "When the collector last took a "
+                        "batch (0: never)", self.shipper.last_delivery or 0)
         if self.bundles is not None:
             yield from self.bundles.metrics()
         for metric in self.evaluator.metrics():
@@ -225,6 +270,9 @@ class Sidecar:
             log.info("rules.db migrated", extra={"db": str(self.settings.db), "applied": applied})
         if await asyncio.to_thread(tracing.configure):
             log.info("OpenTelemetry traces on (OTLP/HTTP)")
+        if self.settings.decision_log_otlp:
+            self.otlp_logs = await asyncio.to_thread(OtlpDecisionLogs, self.settings.pod)
+            log.info("decisions as OpenTelemetry logs on (OTLP/HTTP)")
         pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
             AuthorizationService(self.pipeline, self.settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -244,6 +292,8 @@ class Sidecar:
         if self.authz_http is not None:
             await self.authz_http.start()
         self.activity.start()
+        if self.shipper is not None:
+            self.shipper.start()
         self.retention.start()
         await self.evaluator.start()
         if self.bundles is not None:
@@ -273,6 +323,10 @@ class Sidecar:
         await self.retention.stop()
         await self.evaluator.close()
         await self.activity.close()
+        if self.shipper is not None:
+            await self.shipper.close(SHIPPING_STOP_SECONDS)
+        if self.otlp_logs is not None:
+            await asyncio.to_thread(self.otlp_logs.close)  # exports the records still buffered
         await asyncio.to_thread(tracing.shutdown)  # exports the spans still buffered
         self.loop_lag.stop()
         log.info("stopped", extra={"activity_written": self.activity.written,

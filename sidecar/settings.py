@@ -8,13 +8,16 @@ default. Values are validated at start and a bad one stops the server with a cle
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .decision import DefaultAction
+from .fleet import MAX_BATCH_RECORDS, POD_NAME
 from .parameters import ConnectionUsername, IdentityConfig
 from .rules.secrets import (
     DEFAULT_ENV_PREFIX,
@@ -159,6 +162,32 @@ class Settings(BaseSettings):
     bundle_min_sequence: int = Field(
         0, ge=0, description="refuse bundles with a lower sequence even on an empty rules.db (set it from the "
         "publisher, e.g. the sequence of the last security fix: a fresh pod cannot be fed an older bundle)")
+    pod_name: str | None = Field(
+        None, description="this pod's name in the fleet's activity log (--decision-log-url, --decision-log-otlp): "
+        "letters, digits, '.', '_' and '-', at most 253; the host name when unset (Kubernetes sets it to the "
+        "pod's name)")
+    decision_log_url: str | None = Field(
+        None, description="the collector (safous-admin collect) every decision is shipped to, with its trace: "
+        "https://HOST:PORT/v1/decisions (http:// only to loopback); needs --decision-log-bearer-token (off when "
+        "unset)")
+    decision_log_bearer_token: str | None = Field(
+        None, description="env:NAME or file:PATH of the collector's token (within --secret-dir / "
+        "--secret-env-prefix; read again for every batch)")
+    decision_log_ca_bundle: FilePath | None = Field(
+        None, description="PEM file of the CAs trusted for an https --decision-log-url (the system store when unset)")
+    decision_log_interval: float = Field(
+        1.0, gt=0, description="seconds between two batches to the collector (sooner once "
+        "--decision-log-batch-records wait); doubled per failed try, up to 30 s")
+    decision_log_batch_records: int = Field(
+        1000, ge=1, le=MAX_BATCH_RECORDS, description="decisions in one batch to the collector at most (and at most "
+        "2 MiB)")
+    decision_log_buffer_bytes: int = Field(
+        32 << 20, ge=64 << 10, description="bytes of decisions kept for the collector while it does not take them; "
+        "past it the oldest go first, counted in safous_decision_log_dropped_total (this pod's activity log "
+        "keeps them all)")
+    decision_log_otlp: bool = Field(
+        False, description="also send every decision as an OpenTelemetry log record over OTLP/HTTP, to "
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
 
     @field_validator("listen", "http", "authz_http")
     @classmethod
@@ -182,13 +211,52 @@ class Settings(BaseSettings):
     def _key_list(cls, value: Any) -> Any:
         return tuple(v for v in value.split(":") if v) if isinstance(value, str) else value
 
-    @field_validator("bundle_bearer_token")
+    @field_validator("bundle_bearer_token", "decision_log_bearer_token")
     @classmethod
     def _bearer_reference(cls, value: str | None) -> str | None:
         if value is not None and not is_reference(value):
             raise ValueError("give the token as env:NAME or file:PATH, not in clear (it would show in process "
                              "lists and manifests)")
         return value
+
+    @field_validator("decision_log_url")
+    @classmethod
+    def _collector_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s):// URL")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError("http:// would send the token and the decisions in clear over the network: use "
+                             "https:// (--decision-log-ca-bundle for a private CA), or a loopback address")
+        return value
+
+    @field_validator("pod_name")
+    @classmethod
+    def _pod(cls, value: str | None) -> str | None:
+        if value is not None and not POD_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a pod name: letters, digits, '.', '_' and '-', at most 253, "
+                             "starting with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _decision_log(self) -> Settings:
+        if self.decision_log_url is not None:
+            if self.decision_log_bearer_token is None:
+                raise ValueError("--decision-log-url needs --decision-log-bearer-token env:NAME|file:PATH (the "
+                                 "collector takes nothing without its token)")
+            self.secret_policy.check(self.decision_log_bearer_token)
+        if (self.decision_log_url is not None or self.decision_log_otlp) and self.pod_name is None \
+                and not POD_NAME.fullmatch(socket.gethostname()):
+            raise ValueError(f"the host name {socket.gethostname()!r} is not a pod name the fleet's activity log "
+                             "takes: give --pod-name")
+        return self
+
+    @property
+    def pod(self) -> str:
+        """This pod's name in the fleet's activity log."""
+        return self.pod_name or socket.gethostname()
 
     @model_validator(mode="after")
     def _bundle_keys(self) -> Settings:

@@ -389,6 +389,16 @@ def make_db(path: Path, webhook: str, *, policies: int = 1, rules_per_policy: in
     return path
 
 
+def _empty_db(work: Path, webhook: str) -> Path:
+    """A rules.db without policies: every check denied (no_matching_policy), with its trace."""
+    empty = work / "empty.db"
+    if not empty.exists():
+        make_db(empty, webhook)
+        with sqlite3.connect(empty) as conn:
+            conn.execute("DELETE FROM policies")
+    return empty
+
+
 def expect_decision(port: int, payload_host: str = "app.example.com", allowed: bool = True) -> None:
     """One check before the load: the scenario really takes the path it claims to measure."""
     import grpc
@@ -452,6 +462,8 @@ def run(duration: float, only: str = "all") -> list[Result]:
                                url_param="%headers.x-unique%")
                 return [cpu_overload(off, payload, duration, work), http_overload(off, duration, work),
                         webhook_overload(slow, duration)]
+            if only == "fleet-log":
+                return fleet_log(off, _empty_db(work, webhook), payload, work)
             if only == "stalls":
                 big_db = make_db(work / "p10k.db", webhook, policies=10_000, rules_per_policy=1, cache_ttl=60)
                 return [reload_stall(big_db, payload, work), bundle_activation(big_db, payload, work)]
@@ -463,13 +475,11 @@ def run(duration: float, only: str = "all") -> list[Result]:
             results.append(tracing_cost(cached, payload, work))
             if only == "fixed":
                 return results
+            results.extend(fleet_log(off, _empty_db(work, webhook), payload, work))
 
             _measure("baseline: bare always-OK servicer (h2load -c4 -m16)", None)
 
-            empty = make_db(work / "empty.db", webhook)
-            with sqlite3.connect(empty) as conn:
-                conn.execute("DELETE FROM policies")
-            measure("no matching policy (default action deny)", empty, allowed=False, target=0.9)
+            measure("no matching policy (default action deny)", _empty_db(work, webhook), allowed=False, target=0.9)
             measure("policy with integration off", off, target=0.9)
             measure("3 rules, decisions cached", cached, target=0.85)
             base1 = _measure("baseline, concurrency 1", None, clients=1, streams=1)
@@ -882,6 +892,182 @@ def through_envoy(db: Path, duration: float, work: Path) -> list[Result]:
     return results
 
 
+# ---------------------------------------------------------------------- fleet log
+
+FLEET_TOKEN = "bench-fleet-token"
+FLEET_ENV = {**os.environ, "SAFOUS_SECRET_BENCH_FLEET": FLEET_TOKEN}
+INGEST_PODS = 8  # senders at once, one batch each at a time, as sidecars send
+INGEST_BATCH = 1000  # records a batch: the sidecars' --decision-log-batch-records default
+INGEST_BATCHES = 120
+INGEST_DENIED = 0.3  # the share of denials, each with its trace
+INGEST_RUNS = 3
+
+
+@contextlib.contextmanager
+def fleet_collector(db: Path, *, cpus: set[int] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``safous-admin collect`` on ``db``: the process and the URL the sidecars POST to."""
+    port = free_port()
+    with process([sys.executable, "-m", "sidecar.admin", "--db", str(db), "collect", "--listen",
+                  f"127.0.0.1:{port}", "--token", "env:SAFOUS_SECRET_BENCH_FLEET"], port, cpus=cpus,
+                 env=FLEET_ENV) as proc:
+        yield proc, f"http://127.0.0.1:{port}/v1/decisions"
+
+
+def _ingest_batches() -> list[bytes]:
+    """INGEST_BATCHES gzip'd batches as sidecars make them: INGEST_DENIED of the decisions are
+    denials with a trace of two rules (a webhook call each, as ``explain`` shows them)."""
+    import gzip
+    import json
+
+    from sidecar.db import ActivityRecord
+    from sidecar.fleet import batch_body, encode_record
+
+    def trace(n: int) -> str:
+        rule = {"rule": "device-posture", "source": "call", "outcome": "value_mismatch",
+                "request": {"method": "GET", "url": f"https://posture.example.com/check?device=laptop-{n}",
+                            "headers": [["Authorization", "••••••"], ["X-User", f"user-{n}"]], "body": None},
+                "answer": {"status": 200, "content_type": "application/json", "bytes": 58,
+                           "body": json.dumps({"status": "unknown", "device": f"laptop-{n}", "tier": "none"})},
+                "actions": [{"type": "string", "key": "status", "value": "compliant", "verdict": "failed"}],
+                "reason": 'rule "device-posture": status is "unknown", expected "compliant"', "ms": 12.5}
+        held = {**rule, "rule": "groups", "source": "cache", "outcome": "held", "reason": None}
+        return json.dumps({"request_id": f"req-{n}", "method": "GET", "host": "app.example.com", "path": "/app/x",
+                           "policy": "app", "decision": "deny", "code": "value_mismatch",
+                           "reason": rule["reason"], "rules": [held, rule]})
+
+    batches = []
+    now = time.time()
+    for b in range(INGEST_BATCHES):
+        records = []
+        for i in range(INGEST_BATCH):
+            n = b * INGEST_BATCH + i
+            denied = (n % 10) < INGEST_DENIED * 10
+            record = ActivityRecord(
+                at=now + n / 1000, request_id=f"{n:016x}", username=f"user-{n % 500}", source_ip="10.1.2.3",
+                host="app.example.com", path=f"/app/items/{n}", method="GET", policy="app", allowed=not denied,
+                code="value_mismatch" if denied else "rules_passed",
+                status='rule "device-posture": status is "unknown", expected "compliant"' if denied else "",
+                latency_ms=3.25)
+            records.append(encode_record(record, trace(n) if denied else None, pod=f"app-{b % INGEST_PODS}",
+                                         record_id=f"bench-{n:x}"))
+        batches.append(gzip.compress(batch_body(records), compresslevel=5))
+    return batches
+
+
+async def _post_all(url: str, batches: list[bytes]) -> list[float]:
+    """POST every batch, INGEST_PODS at a time; how long each took to be answered, ms."""
+    import aiohttp
+
+    queue = list(reversed(batches))
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip",
+               "Authorization": f"Bearer {FLEET_TOKEN}"}
+    answered: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        async def pod() -> None:
+            while queue:
+                body = queue.pop()
+                started = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"the collector answered {resp.status}: {await resp.text()}")
+                answered.append((time.perf_counter() - started) * 1000)
+
+        await asyncio.gather(*(pod() for _ in range(INGEST_PODS)))
+    return answered
+
+
+def collector_ingest(work: Path) -> Result:
+    """How many decisions one collector writes a second: INGEST_PODS senders POSTing prepared
+    batches back to back (a sidecar's own work is not in it), into a fresh fleet.db each run;
+    the median of INGEST_RUNS runs. The collector's CPU per decision beside it."""
+    servers, load = split_cpus()
+    batches = _ingest_batches()
+    records = len(batches) * INGEST_BATCH
+    runs = []
+    mine = os.sched_getaffinity(0)
+    for run in range(INGEST_RUNS):
+        db = work / f"fleet-{run}.db"
+        with fleet_collector(db, cpus=servers) as (proc, url):
+            cpu = cpu_seconds(proc.pid)
+            if load:  # the senders off the collector's core
+                os.sched_setaffinity(0, load)
+            try:
+                started = time.perf_counter()
+                answered = asyncio.run(_post_all(url, batches))
+                elapsed = time.perf_counter() - started
+            finally:
+                os.sched_setaffinity(0, mine)
+            used = cpu_seconds(proc.pid) - cpu
+        with sqlite3.connect(db) as conn:
+            (written,) = conn.execute("SELECT count(*) FROM activity_log").fetchone()
+            (traces,) = conn.execute("SELECT count(*) FROM traces").fetchone()
+        if written != records or traces != round(records * INGEST_DENIED):
+            raise RuntimeError(f"the collector wrote {written} decisions and {traces} traces of {records}")
+        runs.append((records / elapsed, used / records * 1e6, db.stat().st_size / records,
+                     percentile(answered, 0.5), percentile(answered, 0.99)))
+        print(f"  collector ingest run {run + 1}: {records / elapsed:,.0f} decisions/s, "
+              f"{used / records * 1e6:.0f} µs CPU each", flush=True)
+    rate, cpu_us, size, p50, p99 = sorted(runs)[len(runs) // 2]
+    result = Result(f"collector ingest: {INGEST_PODS} pods POSTing batches of {INGEST_BATCH:,}, "
+                    f"{INGEST_DENIED:.0%} denials with their traces", rate, p50, p99)
+    result.note = (f"decisions/s written to fleet.db (median of {INGEST_RUNS} runs of {records:,}: "
+                   + ", ".join(f"{r[0]:,.0f}" for r in runs) + f"); p50/p99: a batch's POST answered; "
+                   f"collector CPU {cpu_us:.0f} µs a decision; fleet.db {size:.0f} bytes a decision")
+    return result
+
+
+def shipping_cost(name: str, db: Path, payload: Path, work: Path, *, allowed: bool) -> Result:
+    """What shipping every decision to a collector costs a check: the sidecar with
+    --decision-log-url against the same sidecar without, loaded side by side at FIXED_RATE
+    (the collector runs beside the load generators, its CPU not counted)."""
+    servers, load = split_cpus()
+    shipped = 0.0
+
+    def pair() -> Pair:
+        nonlocal shipped
+        off_port, on_port = free_port(), free_port()
+        fleet = Path(tempfile.mkdtemp(dir=work)) / "fleet.db"
+        with fleet_collector(fleet, cpus=load) as (_, url), \
+                sidecar(db, off_port, cpus=servers) as off, \
+                sidecar(db, on_port, "--decision-log-url", url, "--decision-log-bearer-token",
+                        "env:SAFOUS_SECRET_BENCH_FLEET", "--pod-name", "bench", env=FLEET_ENV, cpus=servers) as on:
+            expect_decision(off_port, allowed=allowed)
+            expect_decision(on_port, allowed=allowed)
+            without, with_shipping = fixed_rate([Target(f"http://127.0.0.1:{off_port}{CHECK_PATH}", off.pid, payload),
+                                                 Target(f"http://127.0.0.1:{on_port}{CHECK_PATH}", on.pid, payload)],
+                                                work, cpus=load)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # what was decided has reached the collector
+                with contextlib.closing(sqlite3.connect(f"file:{fleet}?mode=ro", uri=True)) as conn:
+                    (count,) = conn.execute("SELECT count(*) FROM activity_log").fetchone()
+                if count >= FIXED_CHECKS + FIXED_RATE:
+                    break
+                time.sleep(0.2)
+            shipped = count
+        return without, with_shipping
+
+    pairs = []
+    for _ in range(FIXED_REPEATS):
+        pairs.append(pair())
+        if shipped < FIXED_CHECKS + FIXED_RATE:
+            raise RuntimeError(f"only {shipped:.0f} decisions reached the collector")
+    off, on = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
+    result = Result(f"CPU per check at {FIXED_RATE:,}/s: shipping to a collector, {name}", on.rate, on.p50, on.p99)
+    result.ratio_to, result.ratio = f"not shipping ({off.cpu_us:.0f} µs)", on.cpu_us / off.cpu_us
+    result.target, result.met = "≤ 1.03 × not shipping", result.ratio <= 1.03
+    result.note = (f"every decision delivered; p50 {on.p50 - off.p50:+.2f} ms, p99 {on.p99 - off.p99:+.2f} ms vs not "
+                   f"shipping; median of {FIXED_REPEATS} paired runs, ratios "
+                   + ", ".join(f"{b.cpu_us / a.cpu_us:.2f}" for a, b in pairs))
+    print(f"  {result.scenario}: {result.note}", flush=True)
+    return result
+
+
+def fleet_log(off: Path, empty: Path, payload: Path, work: Path) -> list[Result]:
+    return [collector_ingest(work),
+            shipping_cost("integration off (allowed, no trace)", off, payload, work, allowed=True),
+            shipping_cost("no matching policy (denied, traced)", empty, payload, work, allowed=False)]
+
+
 # ----------------------------------------------------------------------- overload
 
 OVERLOAD_LIMIT = 16
@@ -1102,11 +1288,13 @@ def main() -> int:
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("--duration", type=float, default=3, help="seconds of load per run")
     parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
-    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload", "http"], default="all",
+    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload", "http", "fleet-log"], default="all",
                         help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about three minutes); "
                              "stalls: only the 10,000-rule reload and bundle activation (about two minutes); "
                              "overload: only the overload rows (about half a minute); "
-                             "http: only the HTTP endpoint's rows (about three minutes)")
+                             "http: only the HTTP endpoint's rows (about three minutes); "
+                             "fleet-log: the collector's ingest rate and what shipping costs a check (about two "
+                             "minutes)")
     args = parser.parse_args()
     if args.role == "baseline":
         _baseline_main(args.port)

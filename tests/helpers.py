@@ -212,6 +212,18 @@ class ServerLog:
         return next(iter(self.entries(message)), None)
 
 
+def first_line(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """The first line of ``proc``'s stdout, read in a thread so that a silent process fails the
+    test after ``timeout`` seconds instead of hanging it (``what``: the process, for the message)."""
+    found: list[str] = []
+    reader = threading.Thread(target=lambda: found.append(proc.stdout.readline() if proc.stdout else ""),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found and found[0], f"{what} printed nothing within {timeout:g} s (exit status {proc.poll()})"
+    return found[0]
+
+
 def start_server(db: Path, *args: str, env: dict[str, str] | None = None,
                  timeout: float = 15.0) -> tuple[ServerLog, int]:
     """``python -m sidecar serve --db DB --listen 127.0.0.1:0 ARGS`` (a later ``--listen`` in

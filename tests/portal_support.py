@@ -31,7 +31,7 @@ from click.testing import CliRunner
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.admin import cli
 from tests.conftest import check_request, denial_reason
-from tests.helpers import ROOT, closed_port, code_of, eventually, serving, start_server
+from tests.helpers import ROOT, closed_port, code_of, eventually, first_line, serving, start_server
 
 # Clear secrets, stored as an admin would (with a warning): none may ever reach the browser.
 PASSWORD = "Hunter2-portal-PASSWORD-9f3c"
@@ -210,7 +210,7 @@ def portal(db: Path, *args: str, timeout: float = 20.0) -> Iterator[Portal]:
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            line = _first_line(proc, timeout)
+            line = first_line(proc, timeout, "the portal")
             found = _ADDRESS.search(line)
             assert found, f"no address in {line!r}; stderr: {stderr.read_text()}"
             yield Portal(found[1], proc, stderr)
@@ -223,18 +223,6 @@ def portal(db: Path, *args: str, timeout: float = 20.0) -> Iterator[Portal]:
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-
-
-def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The first line of ``proc``'s stdout, read in a thread so that a silent process fails the
-    test after ``timeout`` seconds instead of hanging it."""
-    found: list[str] = []
-    reader = threading.Thread(target=lambda: found.append(proc.stdout.readline() if proc.stdout else ""),
-                              daemon=True)
-    reader.start()
-    reader.join(timeout)
-    assert found and found[0], f"the portal printed nothing within {timeout:g} s (exit status {proc.poll()})"
-    return found[0]
 
 
 # The test modules import these (as ``demo_fixture, running_fixture``) to share them: the

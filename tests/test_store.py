@@ -70,6 +70,7 @@ RELEASED = {
     "0007_traces": "99e94bab74a2ee7dc7732172e9f80fdda262b25ae9c2a88978370b09a7a87fc3",
     "0008_audit_headers_masked": "d3c6a8c7632cf7941a936b3629126b0ed9fde3a39cf05d053820dd3275c00dbb",
     "0009_audit_flush_seeks": "1a8716dde7d94acc16d0553828d1a9b9b3e61b73d233f534a74a559f769d9eac",
+    "0010_fleet_activity": "d429138bd1c5a0e51f2836ba5462511f4c9588917495f6f41a3d01c4f6a7f2f3",
 }
 
 # sqlite_master of a rules.db migrated by the code that generated the migrations in Python,

@@ -27,6 +27,7 @@ from sidecar import __version__, db
 
 from .backup import backup, restore
 from .bundle import bundle
+from .collect import collect
 from .completion import completion, policy_names, rule_names
 from .logs import explain, logs
 from .options import (
@@ -559,6 +560,7 @@ def ui(admin: Admin, listen: str, insecure_listen: bool) -> None:
 cli.add_command(backup)
 cli.add_command(restore)
 cli.add_command(bundle)
+cli.add_command(collect)
 cli.add_command(logs)
 cli.add_command(explain)
 cli.add_command(completion)

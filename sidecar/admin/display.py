@@ -271,24 +271,27 @@ def audit_line(e: AuditEntry) -> str:
 def activity_table(records: Sequence[ActivityRecord], *, denied: bool) -> str:
     """``logs activity``: one row a decision; ``denied`` (only denials) leaves out DECISION.
     POLICY SOURCE: how the policy was chosen (``match``: on host, path and method; ``route``:
-    bound by the Envoy route), as ``policy_source`` says in the JSON and Envoy's metadata."""
-    headers = ["AT", "REQUEST ID", "USER", "SOURCE IP", "METHOD", "HOST", "PATH", "POLICY", "POLICY SOURCE"]
+    bound by the Envoy route), as ``policy_source`` says in the JSON and Envoy's metadata. POD,
+    in a fleet's activity log (rows that name the pod that decided): which sidecar it was."""
+    pods = any(r.pod is not None for r in records)
+    headers = ["AT", *(["POD"] if pods else []), "REQUEST ID", "USER", "SOURCE IP", "METHOD", "HOST", "PATH",
+               "POLICY", "POLICY SOURCE"]
     headers += ["CODE", "STATUS"] if denied else ["DECISION", "CODE", "STATUS"]
     rows = []
     for r in records:
-        row = [iso_time(r.at), r.request_id or "-", r.username or "-", r.source_ip or "-", r.method, r.host,
-               r.path, r.policy or "-", r.policy_source]
+        row = [iso_time(r.at), *([r.pod or "-"] if pods else []), r.request_id or "-", r.username or "-",
+               r.source_ip or "-", r.method, r.host, r.path, r.policy or "-", r.policy_source]
         row += [r.code, r.status] if denied else [result_name(r.allowed, r.audit_deny), r.code, r.status]
         rows.append(row)
     return table(headers, rows)
 
 
 def activity_line(r: ActivityRecord) -> str:
-    """``logs activity --json``: the whole record."""
+    """``logs activity --json``: the whole record (and its pod, in a fleet's activity log)."""
     return _json_line({
-        "at": iso_time(r.at), "request_id": r.request_id, "username": r.username, "source_ip": r.source_ip,
-        "method": r.method, "host": r.host, "path": r.path, "policy": r.policy,
-        "allowed": r.allowed, "audit_deny": r.audit_deny, "code": r.code, "status": r.status,
+        "at": iso_time(r.at), **({"pod": r.pod} if r.pod is not None else {}), "request_id": r.request_id,
+        "username": r.username, "source_ip": r.source_ip, "method": r.method, "host": r.host, "path": r.path,
+        "policy": r.policy, "allowed": r.allowed, "audit_deny": r.audit_deny, "code": r.code, "status": r.status,
         "latency_ms": r.latency_ms, "policy_source": r.policy_source, "trace": r.traced,
     })
 
@@ -309,6 +312,7 @@ def trace_report(doc: Mapping[str, Any]) -> str:
 
     out = [line(f"request {doc.get('request_id')}: {doc.get('method') or '(connection)'} "
                 f"{doc.get('host')}{doc.get('path')}"),
+           *([line(f"decided by pod {doc['pod']}")] if doc.get("pod") is not None else []),
            line(f"decision {doc.get('decision')} ({doc.get('code')}), policy {json.dumps(doc.get('policy'))}"),
            line(f"  {doc.get('reason')}")]
     for number, rule in enumerate(doc.get("rules", ()), start=1):

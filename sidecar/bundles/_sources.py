@@ -17,24 +17,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import yarl
 
+from ..urls import shown_url
 from ._format import BundleRefused
 
 _MAX_SHOWN = 500  # characters of a server's Location or an error's text in a message
 
 __all__ = ["BundleSource", "Fetched", "FileSource", "HttpSource", "shown_url"]
-
-
-def shown_url(url: str) -> str:
-    """``url`` as it may be logged, shown in /readyz and stored in rules.db: scheme, host, port
-    and path. A presigned object-store URL carries its credentials in the query string (and some
-    URLs in the user part); the fragment is never sent."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 @dataclass(frozen=True, slots=True)

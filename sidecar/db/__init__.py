@@ -8,8 +8,9 @@ Where things are:
 - ``rule_set``: what the request path reads (``load_rule_set``) and how it notices changes.
 - ``objects``: rules and policies as the admin script reads and writes them.
 - ``audit``: the audit log (written by triggers) and the admin script's transaction.
-- ``activity``: the activity log: appending, pruning, reading, and the portal's full-text
-  index of denial reasons (kept in a database of the portal's own).
+- ``activity``: the activity log: appending (a pod's decisions, or those its sidecars ship to
+  a fleet's collector), pruning, reading, and the portal's full-text index of denial reasons
+  (kept in a database of the portal's own).
 - ``bundle_state``: which signed bundle a rules.db holds (``safous-sidecar serve --bundle``).
 - ``backup``: ``safous-admin backup`` and ``restore``, over SQLite's online backup API.
 - ``replaced``: the sidecar's long-lived connections, which follow rules.db when another file

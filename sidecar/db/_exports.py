@@ -4,14 +4,17 @@ from .activity import (
     PRUNE_PAUSE,
     ActivityRecord,
     PreparedActivity,
+    holds_pods,
     insert_activity,
     insert_prepared,
+    insert_shipped,
     iso_time,
     parse_iso_time,
     prepare_activity,
     prune_activity,
     read_activity,
     read_trace,
+    traced_pods,
 )
 from .audit import AuditEntry, admin_transaction, flush_audit, read_audit
 from .backup import Contents, Restored, backup_database, restore_database
@@ -59,8 +62,10 @@ __all__ = [
     "ensure_database",
     "file_identity",
     "flush_audit",
+    "holds_pods",
     "insert_activity",
     "insert_prepared",
+    "insert_shipped",
     "iso_time",
     "load_rule_set",
     "migrate",
@@ -79,6 +84,7 @@ __all__ = [
     "save_policy",
     "save_rule",
     "set_enabled",
+    "traced_pods",
     "transaction",
     "write_bundle_state",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -49,6 +50,10 @@ class ActivityRecord(NamedTuple):
     # Read back, ``traced`` says whether a trace is stored for the row.
     trace: Callable[[], dict[str, Any]] | None = None
     traced: bool = False
+    # Where the decision was made and the id it was shipped under: set only in a fleet's
+    # activity log (``safous-admin collect``); a pod's own rows leave both None.
+    pod: str | None = None
+    record_id: str | None = None
 
 
 def iso_time(epoch: float) -> str:
@@ -80,6 +85,20 @@ def parse_iso_time(text: str) -> float:
 
 
 log = logging.getLogger(__name__)
+
+# What the activity log keeps of each value a client sends, in characters: the check path cuts
+# them once (``pipeline``), whatever a client sent, and a collector refuses a shipped record
+# past them (``sidecar.fleet``).
+REQUEST_ID_CHARS = 256
+USERNAME_CHARS = 256
+SOURCE_IP_CHARS = 64
+HOST_CHARS = 256
+PATH_CHARS = 1024
+METHOD_CHARS = 32
+STATUS_CHARS = 2048
+ACTIVITY_FIELD_CHARS = {"request_id": REQUEST_ID_CHARS, "username": USERNAME_CHARS, "source_ip": SOURCE_IP_CHARS,
+                        "host": HOST_CHARS, "path": PATH_CHARS, "method": METHOD_CHARS, "status": STATUS_CHARS}
+"""Those bounds by ``ActivityRecord`` field."""
 
 # The columns in ActivityRecord's field order: a row is the record but for its time's format.
 ACTIVITY_COLUMNS = ActivityRecord._fields[:14]
@@ -114,6 +133,25 @@ def insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, *,
                     keep_traces: int = DEFAULT_TRACE_KEEP) -> None:
     """Append prepared decisions to the activity log in one transaction, with their traces (at
     most ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
+    try:
+        _insert_prepared(conn, prepared, keep_traces)
+    except UnicodeEncodeError:
+        # A header that was not UTF-8 reaches here as lone surrogates (the HTTP edge's parser
+        # keeps its bytes so), which SQLite's UTF-8 cannot hold: the whole batch failed. Each
+        # is replaced by U+FFFD and the batch written again, so that one client cannot take
+        # everyone's decisions out of the log with a byte. Only then: no cost otherwise.
+        _insert_prepared(conn, PreparedActivity([tuple(_utf8(v) for v in row) for row in prepared.rows],
+                                                [_utf8(doc) for doc in prepared.docs]), keep_traces)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(value: Any) -> Any:
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
+def _insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, keep_traces: int) -> None:
     rows, docs = prepared
     if not rows:
         return
@@ -130,6 +168,35 @@ def insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, *,
             # distinct integers, at most keep_traces ids lie above max(id) - keep_traces, and a
             # new row takes max(id) + 1, so those are the newest.
             conn.execute("DELETE FROM traces WHERE id <= (SELECT max(id) FROM traces) - ?", (keep_traces,))
+
+
+_INSERT_SHIPPED = (f"INSERT INTO activity_log ({', '.join(ACTIVITY_COLUMNS)}, pod, record_id) "
+                   f"VALUES ({','.join('?' * (len(ACTIVITY_COLUMNS) + 2))}) "
+                   "ON CONFLICT (record_id) WHERE record_id IS NOT NULL DO NOTHING")
+
+
+def insert_shipped(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
+                   keep_traces: int = DEFAULT_TRACE_KEEP) -> int:
+    """Append decisions shipped by the fleet's sidecars (each with its ``pod`` and
+    ``record_id``) to the activity log in one transaction, with their traces, and return how
+    many were new: a record whose id is already there (a batch sent again) is left out, trace
+    and all. At most ``keep_traces`` traces are kept, the newest. Raises ``StoreError``."""
+    if not records:
+        return 0
+    prepared = prepare_activity(records)
+    added = 0
+    with translated("cannot write the activity log"):
+        with transaction(conn, immediate=True):
+            for record, row, doc in zip(records, prepared.rows, prepared.docs, strict=True):
+                cursor = conn.execute(_INSERT_SHIPPED, (*row, record.pod, record.record_id))
+                if not cursor.rowcount:
+                    continue  # already written: the first copy keeps its trace
+                added += 1
+                if doc is not None:
+                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)", (cursor.lastrowid, doc))
+            if any(doc is not None for doc in prepared.docs):
+                conn.execute("DELETE FROM traces WHERE id <= (SELECT max(id) FROM traces) - ?", (keep_traces,))
+    return added
 
 
 def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
@@ -198,16 +265,52 @@ def trace_json(doc: dict[str, Any]) -> str:
     return text
 
 
-def read_trace(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
-    """The newest trace of a request, or None. Raises ``StoreError``."""
+def read_trace(conn: sqlite3.Connection, request_id: str, *, pod: str | None = None) -> dict[str, Any] | None:
+    """The newest trace of a request (of those ``pod`` decided, when given), or None. In a
+    fleet's activity log, the document says which pod decided (``pod``). Raises
+    ``StoreError``."""
+    fleet = _has_pods_column(conn)
+    if pod is not None and not fleet:
+        return None
     with translated("cannot read the traces"):
         row = conn.execute(
-            "SELECT t.doc FROM traces t JOIN activity_log a ON a.id = t.activity_id WHERE a.request_id = ? "
-            "ORDER BY t.id DESC LIMIT 1", (request_id,)).fetchone()
+            f"SELECT t.doc, {'a.pod' if fleet else 'NULL'} FROM traces t JOIN activity_log a ON a.id = t.activity_id "
+            f"WHERE a.request_id = ?{' AND a.pod = ?' if pod is not None else ''} ORDER BY t.id DESC LIMIT 1",
+            (request_id, *([pod] if pod is not None else []))).fetchone()
     if row is None:
         return None
     doc: dict[str, Any] = json.loads(row[0])
+    if row[1] is not None:
+        doc["pod"] = row[1]
     return doc
+
+
+def traced_pods(conn: sqlite3.Connection, request_id: str) -> list[str]:
+    """The pods holding a trace of ``request_id`` in a fleet's activity log (one request may
+    pass several sidecars: a gateway's, then a service's), by name. Raises ``StoreError``."""
+    if not _has_pods_column(conn):
+        return []
+    with translated("cannot read the traces"):
+        return [pod for (pod,) in conn.execute(
+            "SELECT DISTINCT a.pod FROM traces t JOIN activity_log a ON a.id = t.activity_id "
+            "WHERE a.request_id = ? AND a.pod IS NOT NULL ORDER BY a.pod", (request_id,))]
+
+
+def holds_pods(conn: sqlite3.Connection) -> bool:
+    """Whether the activity log holds decisions shipped from pods (a fleet's): one seek in the
+    partial index on ``pod``. False for a rules.db older than that column. Raises
+    ``StoreError``."""
+    if not _has_pods_column(conn):
+        return False
+    with translated("cannot read the activity log"):
+        return conn.execute("SELECT 1 FROM activity_log WHERE pod IS NOT NULL LIMIT 1").fetchone() is not None
+
+
+def _has_pods_column(conn: sqlite3.Connection) -> bool:
+    # A reader may open a rules.db older than migration 0010 as it is (the admin script never
+    # migrates on a read): it has no pods.
+    with translated("cannot read the activity log"):
+        return any(row[1] == "pod" for row in conn.execute("PRAGMA table_info(activity_log)"))
 
 
 # SQLite has one writer at a time, and a connection waiting for the lock does not queue: its
@@ -293,13 +396,18 @@ def prune_activity(rules_db: FileConnection, *, older_than: str | None, keep_row
 
 
 def read_activity(conn: sqlite3.Connection, *, denied: bool = False, would_deny: bool = False,
-                  user: str | None = None, limit: int | None = None, since: str | None = None
-                  ) -> list[ActivityRecord]:
+                  user: str | None = None, limit: int | None = None, since: str | None = None,
+                  pod: str | None = None) -> list[ActivityRecord]:
     """The newest activity log rows first, optionally only denials, only what audit-mode
-    policies would have denied, one user's, or since a time (in the log's format). Raises
-    ``StoreError``, also for a row whose time is not one (only plain SQL can write such a
-    row)."""
+    policies would have denied, one user's, one pod's (a fleet's log), or since a time (in the
+    log's format). Raises ``StoreError``, also for a row whose time is not one (only plain SQL
+    can write such a row)."""
     where, args = [], []
+    if pod is not None:
+        if not _has_pods_column(conn):
+            return []
+        where.append("pod = ?")
+        args.append(pod)
     if denied:
         where.append("allowed = 0")
     if would_deny:
@@ -321,7 +429,7 @@ def read_activity(conn: sqlite3.Connection, *, denied: bool = False, would_deny:
                            policy=r["policy"], allowed=bool(r["allowed"]), code=r["code"],
                            status=r["status"], latency_ms=r["latency_ms"],
                            policy_source=r["policy_source"] or "match", audit_deny=bool(r["audit_deny"]),
-                           traced=bool(r["traced"]))
+                           traced=bool(r["traced"]), pod=r.get("pod"))
             for r in rows
         ]
 

@@ -210,15 +210,19 @@ SELECT :kind, object_id, before, before_raw FROM (
 ORDER BY name
 """
 
-_ACTIVITY = ", ".join(ACTIVITY_COLUMNS)
+# With the pod and record id of a fleet's activity log (both NULL in a pod's rules.db).
+_CARRIED_COLUMNS = (*ACTIVITY_COLUMNS, "pod", "record_id")
+_ACTIVITY = ", ".join(_CARRIED_COLUMNS)
 # rules.db's decisions that the backup lacks, and their traces. A row keeps its id unless the
-# backup gives that id to another decision; those get ids past both files'.
+# backup gives that id to another decision; those get ids past both files'. A shipped decision
+# the backup holds under another id (its record id) is not carried: it would be there twice.
 _CARRY_ACTIVITY = (
     "CREATE TEMP TABLE restore_carried (old_id INTEGER PRIMARY KEY, new_id INTEGER)",
     """INSERT INTO temp.restore_carried (old_id, new_id)
        SELECT l.id, CASE WHEN m.id IS NULL THEN l.id END
        FROM live.activity_log l LEFT JOIN main.activity_log m ON m.id = l.id
-       WHERE m.id IS NULL OR m.at IS NOT l.at OR m.request_id IS NOT l.request_id""",
+       WHERE (m.id IS NULL OR m.at IS NOT l.at OR m.request_id IS NOT l.request_id)
+         AND (l.record_id IS NULL OR NOT EXISTS (SELECT 1 FROM main.activity_log x WHERE x.record_id = l.record_id))""",
     """UPDATE temp.restore_carried SET new_id = n.base + n.seq
        FROM (SELECT old_id, row_number() OVER (ORDER BY old_id) AS seq,
                     max(coalesce((SELECT max(id) FROM main.activity_log), 0),
@@ -226,7 +230,7 @@ _CARRY_ACTIVITY = (
              FROM temp.restore_carried WHERE new_id IS NULL) AS n
        WHERE restore_carried.old_id = n.old_id""",
     f"""INSERT INTO main.activity_log (id, {_ACTIVITY})
-        SELECT c.new_id, {', '.join(f'l.{c}' for c in ACTIVITY_COLUMNS)}
+        SELECT c.new_id, {', '.join(f'l.{c}' for c in _CARRIED_COLUMNS)}
         FROM temp.restore_carried c JOIN live.activity_log l ON l.id = c.old_id ORDER BY c.new_id""",
     """INSERT INTO main.traces (activity_id, doc)
        SELECT c.new_id, t.doc FROM live.traces t JOIN temp.restore_carried c ON c.old_id = t.activity_id

@@ -65,6 +65,8 @@ hookimpl = pluggy.HookimplMarker("datasette")
 # link shows its decisions whole): the reason, and what it is about, fit a screen.
 ACTIVITY_COLUMNS = ("at", "request_id", "username", "method", "path", "policy", "allowed", "audit_deny", "code",
                     "status")
+# A fleet's activity log (``safous-admin collect``) also names the pod that decided.
+FLEET_ACTIVITY_COLUMNS = ("at", "pod", *ACTIVITY_COLUMNS[1:])
 
 # The canned queries' columns that name what a decision was about (metadata.yaml), and the
 # Activity page filter that shows those decisions: a user's or a reason's denials; a rule's
@@ -81,13 +83,16 @@ _TIME_RANGES = (("last 15 minutes", 900), ("last hour", 3600), ("last 24 hours",
                 ("last 7 days", 7 * 86400))
 
 
-def load_metadata() -> dict[str, Any]:
-    """``metadata.yaml``, checked to describe the database ``guard`` lets through."""
+def load_metadata(*, fleet: bool = False) -> dict[str, Any]:
+    """``metadata.yaml``, checked to describe the database ``guard`` lets through; for a
+    ``fleet``'s activity log, with a facet on the pod that decided."""
     metadata = yaml.safe_load(resources.files(__package__).joinpath("metadata.yaml").read_text("utf-8"))
     tables = metadata["databases"][guard.DATABASE]["tables"]
     if set(tables) != guard.READABLE_TABLES:
         raise RuntimeError(f"metadata.yaml describes {sorted(tables)}, guard.py lets {sorted(guard.READABLE_TABLES)}"
                            " through")
+    if fleet:
+        tables["activity_log"]["facets"].insert(0, "pod")
     return dict(metadata)
 
 
@@ -118,10 +123,12 @@ class Portal:
     Raises ``AdminError`` (exit 2) when rules.db does not exist."""
 
     def __init__(self, admin: Admin) -> None:
-        with admin.read():  # a missing rules.db is refused here, an older schema warned about
-            pass
+        with admin.read() as conn:  # a missing rules.db is refused here, an older schema warned about
+            # Decided once: a fleet's log holds pods from its first batch on, a pod's never.
+            fleet = db.holds_pods(conn)
         self.admin = admin
-        self.metadata = load_metadata()
+        self.metadata = load_metadata(fleet=fleet)
+        self.activity_columns = FLEET_ACTIVITY_COLUMNS if fleet else ACTIVITY_COLUMNS
         self.queries = frozenset(self.metadata["databases"][guard.DATABASE].get("queries", {}))
         self._workdir = Path(tempfile.mkdtemp(prefix="safous-portal-"))
         try:
@@ -174,7 +181,7 @@ class Portal:
         activity = urls.table(guard.DATABASE, "activity_log")
         pages = [
             (tables["activity_log"]["title"],
-             f"{activity}?{urllib.parse.urlencode([('_col', c) for c in ACTIVITY_COLUMNS])}",
+             f"{activity}?{urllib.parse.urlencode([('_col', c) for c in self.activity_columns])}",
              tables["activity_log"]["description"]),
             (tables["audit_log"]["title"], urls.table(guard.DATABASE, "audit_log"),
              tables["audit_log"]["description"]),
@@ -289,7 +296,7 @@ class _Hooks:
             return _document(value, other if isinstance(other, str) else None)
         if table is None and column in _QUERY_LINKS and isinstance(value, str) and value:
             # A canned query's user, reason or rule: a link to those decisions on the Activity page.
-            args = [("_col", c) for c in ACTIVITY_COLUMNS] + _QUERY_LINKS[column](value)
+            args = [("_col", c) for c in self.portal.activity_columns] + _QUERY_LINKS[column](value)
             href = f"{datasette.urls.table(guard.DATABASE, 'activity_log')}?{urllib.parse.urlencode(args)}"
             return markupsafe.Markup('<a href="{}">{}</a>').format(href, value)
         return None

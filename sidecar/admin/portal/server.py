@@ -23,6 +23,7 @@ from sidecar.settings import is_loopback, split_host_port
 
 from ..access import Admin
 from ..display import warn
+from ..listening import bind
 from ..validation import AdminError
 from .app import Portal
 from .asgi import host_guard
@@ -37,21 +38,6 @@ def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
         return None
     names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
     return frozenset({f"{n}:{port}" for n in names} | (names if port == 80 else set()))
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        # Listening now: connections wait in the backlog until uvicorn accepts them, so the
-        # address printed below can be used at once.
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise AdminError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 2) from None
-    return sock
 
 
 def serve(admin: Admin, listen: str, *, insecure_listen: bool = False) -> None:
@@ -70,7 +56,7 @@ def serve(admin: Admin, listen: str, *, insecure_listen: bool = False) -> None:
                              "--insecure-listen", 2)
         warn(f"the portal has no login: anyone who reaches {listen} reads the activity and audit logs "
              "(secrets stay out); the default, 127.0.0.1, keeps it to this machine")
-    sock = _bind(host, port)
+    sock = bind(host, port)
     try:
         with Portal(admin) as portal:
             port = sock.getsockname()[1]
