@@ -4,21 +4,20 @@ as they read a pod's rules.db. The server itself is ``sidecar.fleet.Collector``.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import socket
-import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from .access import Admin
-from .display import warn
 from .validation import AdminError
 
 if TYPE_CHECKING:  # loaded by the command, not by the command line (a Tab must stay fast)
+    import socket
+    import ssl
+
     from sidecar.fleet import Collector
+
+    from .access import Admin
 
 __all__ = ["collect"]
 
@@ -60,10 +59,13 @@ def collect(admin: Admin, listen: str, tokens: tuple[str, ...], tls_cert: Path |
     why, and change nothing. Only the activity log and its traces are written, never rules or
     policies. GET /healthz and /metrics serve the probes. Ctrl-C or SIGTERM stops it.
     """
+    import asyncio
+
     from sidecar import logs
     from sidecar.fleet import Collector
     from sidecar.settings import is_loopback, split_host_port
 
+    from .display import warn
     from .listening import bind
 
     try:
@@ -108,6 +110,8 @@ def _tokens(admin: Admin, references: tuple[str, ...]) -> list[str]:
 
 
 def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    import ssl
+
     if cert is None and key is None:
         return None
     if cert is None or key is None:
@@ -121,6 +125,9 @@ def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
 
 
 async def _serve(collector: Collector, sock: socket.socket, context: ssl.SSLContext | None, path: Path) -> None:
+    import asyncio
+    import signal
+
     from sidecar.fleet import PATH
 
     stop = asyncio.Event()
