@@ -93,8 +93,8 @@ def own_db(tmp_path: Path) -> Path:
 
 
 def test_commands_subcommands_and_options(rules_db: Path) -> None:
-    assert tab(rules_db, "") == ["backup", "bundle", "collect", "completion", "explain", "export", "import", "logs", "params",
-                                 "policy", "restore", "rule", "test", "ui"]
+    assert tab(rules_db, "") == ["backup", "bundle", "collect", "completion", "explain", "export", "import", "logs",
+                                 "params", "policy", "restore", "rule", "test", "ui"]
     assert tab(rules_db, "rule", "") == ["add", "delete", "disable", "edit", "enable", "list", "show"]
     assert tab(rules_db, "rule", "add", "new", "--he") == ["--header", "--help"]
     assert tab(rules_db, "logs", "activity", "--d") == ["--denied"]
