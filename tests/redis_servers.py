@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -45,14 +46,18 @@ class RedisServer:
     directory: Path
     port: int
     extra: tuple[str, ...] = ()
+    client_options: dict[str, Any] = field(default_factory=dict)
+    """What a client needs beside the port (a TLS server's CA, a password)."""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, directory: Path, *extra: str, binary: str | None = None,
-              port: int | None = None) -> Iterator[RedisServer]:
+    def start(cls, directory: Path, *extra: str, binary: str | None = None, port: int | None = None,
+              client_options: dict[str, Any] | None = None) -> Iterator[RedisServer]:
+        """``extra``: more redis-server options; with ``{port}`` in one, the server's port goes
+        there and the plain port is off (``--port 0 --tls-port {port}``)."""
         directory.mkdir(parents=True, exist_ok=True)
-        server = cls(binary or redis_binary(), directory, port or free_port(), extra)
+        server = cls(binary or redis_binary(), directory, port or free_port(), extra, client_options or {})
         server.restart()
         try:
             yield server
@@ -65,15 +70,17 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A plain client, as someone with access to the server (the test, an attacker)."""
-        return redis.Redis(port=self.port, socket_timeout=5)
+        return redis.Redis(port=self.port, socket_timeout=5, **self.client_options)
 
     def restart(self, timeout: float = 10.0) -> None:
         """Start the process (again, on the same port) and wait until it answers PING."""
         assert self.proc is None or self.proc.poll() is not None
+        extra = [arg.replace("{port}", str(self.port)) for arg in self.extra]
+        port = "0" if any("{port}" in arg for arg in self.extra) else str(self.port)
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.directory), "--logfile", str(self.directory / f"redis-{self.port}.log"),
-             *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         with self.client() as client:
             while True:

@@ -23,6 +23,7 @@ from sidecar.rules.model import ActionType, ResponseAction, Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from sidecar.shared_cache.sealing import FleetKeys
+from tests.certs import make_tls_dir
 from tests.conftest import ACTIVE, StartSidecar, check_request, seed
 from tests.helpers import OK, PERMISSION_DENIED, code_of, eventually, free_port, metric, ops_get, start_server
 from tests.redis_servers import RedisCluster3, RedisServer
@@ -300,6 +301,35 @@ async def test_redis_stopped_mid_run_then_restarted(tmp_path: Path, fleet, serve
         assert shared(pods[1], "safous_shared_cache_breaker_state") == 0
 
 
+async def test_a_redis_that_stops_answering_costs_a_check_its_budget_at_most(
+        fleet, serve: Serve, authz, redis_server: RedisServer) -> None:
+    api = await serve(directory())
+    pods = [await fleet([posture(api.url)], shared_cache_breaker_seconds=0.3) for _ in range(2)]
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)  # connected, and silent: each look waits for its budget
+    try:
+        slowest = 0.0
+        for i in range(10):
+            started = asyncio.get_running_loop().time()
+            assert code_of(await authz(pods[i % 2].port).Check(user(f"u{i}"), timeout=5)) == "value_mismatch"
+            slowest = max(slowest, asyncio.get_running_loop().time() - started)
+        # 20 ms per look (and the breaker stops the looking), far from the 1 s a look may take
+        # in the background: nobody waits for a silent Redis.
+        assert slowest < 0.3, slowest
+        assert all(shared(p, "safous_shared_cache_breaker_trips_total") >= 1 for p in pods)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    fresh = iter(range(1000))
+
+    async def fleet_used_again() -> bool:
+        name = f"again{next(fresh)}"
+        await authz(pods[0].port).Check(user(name))
+        await authz(pods[1].port).Check(user(name))
+        return shared(pods[1], "safous_shared_cache_hits_total") > 0
+
+    await eventually(fleet_used_again, timeout=5, what="the fleet's cache in use again")
+
+
 # ------------------------------------------------------------------------------- Redis Cluster
 
 async def test_a_redis_cluster_shares_one_call(tmp_path: Path, fleet, serve: Serve, authz) -> None:
@@ -319,6 +349,41 @@ async def test_a_redis_cluster_shares_one_call(tmp_path: Path, fleet, serve: Ser
             with node.client() as client:
                 held.append(len(client.keys("*")))
         assert sum(held) == len(names) and sum(1 for n in held if n) >= 2  # spread over the nodes
+
+
+# ------------------------------------------------------------------------- TLS, unix sockets
+
+async def test_rediss_with_a_private_ca_and_a_password(
+        tmp_path: Path, fleet, serve: Serve, authz, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls = make_tls_dir(tmp_path / "tls")
+    monkeypatch.setenv("SAFOUS_SECRET_REDIS_PASSWORD", "correct horse")
+    api = await serve(directory())
+    with RedisServer.start(
+            tmp_path / "tls-redis", "--tls-port", "{port}", "--tls-cert-file", str(tls.server.cert_path),
+            "--tls-key-file", str(tls.server.key_path), "--tls-ca-cert-file", str(tls.ca.cert_path),
+            "--tls-auth-clients", "no", "--requirepass", "correct horse",
+            client_options={"ssl": True, "ssl_ca_certs": str(tls.ca.cert_path), "password": "correct horse"}
+            ) as server:
+        options = {"shared_cache": f"rediss://127.0.0.1:{server.port}", "shared_cache_ca_bundle": tls.ca.cert_path,
+                   "shared_cache_password": "env:SAFOUS_SECRET_REDIS_PASSWORD"}
+        pods = [await fleet([posture(api.url)], **options) for _ in range(2)]
+        for pod in pods:
+            assert code_of(await authz(pod.port).Check(user("alice"))) == "allowed"
+        assert calls(api) == 1 and shared(pods[1], "safous_shared_cache_hits_total") == 1
+        # The same server without the private CA: the certificate is not trusted, nothing shared.
+        untrusting = await fleet([posture(api.url)], **{**options, "shared_cache_ca_bundle": None})
+        assert code_of(await authz(untrusting.port).Check(user("alice"))) == "allowed"
+        assert calls(api) == 2 and shared(untrusting, "safous_shared_cache_errors_total") >= 1
+
+
+async def test_a_unix_socket(tmp_path: Path, fleet, serve: Serve, authz) -> None:
+    api = await serve(directory())
+    sock = tmp_path / "redis.sock"
+    with RedisServer.start(tmp_path / "unix-redis", "--unixsocket", str(sock), "--unixsocketperm", "700"):
+        pods = [await fleet([posture(api.url)], shared_cache=f"unix://{sock}") for _ in range(2)]
+        for pod in pods:
+            assert code_of(await authz(pod.port).Check(user("alice"))) == "allowed"
+        assert calls(api) == 1 and shared(pods[1], "safous_shared_cache_hits_total") == 1
 
 
 # ------------------------------------------------------------------------------------ settings
