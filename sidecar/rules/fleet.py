@@ -69,7 +69,8 @@ class SharedEntry(Protocol):
         ...
 
     async def release(self) -> None:
-        """Let go of the lock if this entry holds it, storing nothing."""
+        """Let go of the lock if this entry holds it (or may: a look that took it after its
+        budget), storing nothing; nothing to do otherwise."""
         ...
 
 
@@ -198,13 +199,12 @@ class FleetCache:
         try:
             outcome = await call()
         except BaseException:
-            if claim == "held":
-                self._spawn(entry.release())  # the others take over now, not at the lock's expiry
+            self._spawn(entry.release())  # the others take over now, not at the lock's expiry
             raise
         seconds = lifetime(outcome)
         if seconds > 0:
             self._spawn(entry.publish(encode(outcome, self.pod), self._clock() + seconds))
-        elif claim == "held":
+        else:
             self._spawn(entry.release())
         return outcome, seconds
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -131,16 +131,18 @@ class RedisStore:
     async def claim(self, entry: RedisEntry, lock_seconds: float) -> Claim:
         discard = b""
         for _ in range(2):  # a value that fails is removed, and the look made again
-            token = os.urandom(16)
-            answer = await self._run(self._script, _CLAIM, entry.keys, token, max(1, int(lock_seconds * 1000)),
-                                     discard)
+            # Kept before the answer: a look that passed its budget may still take the lock in
+            # the background, and the publish or release that follows must let go of it.
+            entry.token = os.urandom(16)
+            answer = await self._run(self._script, _CLAIM, entry.keys, entry.token,
+                                     max(1, int(lock_seconds * 1000)), discard)
             if answer is None:
                 return "unavailable"
             if isinstance(answer, int) and answer in (0, 1):
-                if answer:
-                    entry.token = token
-                    return "held"
-                return "busy"
+                if not answer:
+                    entry.token = b""
+                return "held" if answer else "busy"
+            entry.token = b""
             if not isinstance(answer, bytes) or len(answer) > MAX_VALUE_BYTES:
                 self._failed(f"unexpected answer {type(answer).__name__}")
                 return "unavailable"
@@ -274,7 +276,8 @@ def connect(url: str, *, cluster: bool, password: str | None, ca_bundle: str | N
     try:
         if cluster:
             return RedisCluster.from_url(url, max_connections=CONNECTIONS, **options)
-        pool = BlockingConnectionPool.from_url(url, max_connections=CONNECTIONS, timeout=IO_SECONDS, **options)
-        return Redis.from_pool(pool)
+        # Not a blocking pool: the store's own semaphore already keeps to CONNECTIONS, and a
+        # blocking pool's wait costs every command a task of its own.
+        return Redis.from_pool(ConnectionPool.from_url(url, max_connections=CONNECTIONS, **options))
     except (ValueError, RedisError, RedisClusterException) as exc:
         raise ValueError(f"--shared-cache {url}: {exc}") from exc
