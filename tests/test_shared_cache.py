@@ -245,6 +245,26 @@ async def test_forged_and_replayed_values_are_rejected_and_overwritten(
     assert shared(pod_c, "safous_shared_cache_hits_total") == 0
 
 
+async def test_an_oversized_or_mistyped_entry_is_not_read(fleet, serve: Serve, authz, redis_server) -> None:
+    api = await serve(directory())
+    pod_a = await fleet([posture(api.url)])
+    for name in ("alice", "bob"):
+        assert code_of(await authz(pod_a.port).Check(user(name))) == "allowed"
+    with redis_server.client() as client:
+        first, second = client.keys("*")
+        client.set(first, b"x" * (300 << 10), px=60_000)  # more than a pod reads
+        client.delete(second)
+        client.rpush(second, b"not a string")
+    pod_b = await fleet([posture(api.url)])
+    for name in ("alice", "bob"):
+        assert code_of(await authz(pod_b.port).Check(user(name))) == "allowed"
+    assert calls(api) == 4  # neither entry was used
+    assert shared(pod_b, "safous_shared_cache_rejected_total") == 1  # the oversized one, removed
+    assert shared(pod_b, "safous_shared_cache_errors_total") == 1  # the list: Redis's WRONGTYPE error
+    with redis_server.client() as client:
+        assert client.strlen(first) < 1000  # pod B's fresh answer
+
+
 async def test_a_full_redis_costs_nothing_but_its_errors(fleet, serve: Serve, authz, redis_server) -> None:
     api = await serve(directory())
     pod = await fleet([posture(api.url)])

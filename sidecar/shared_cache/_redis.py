@@ -56,13 +56,23 @@ FAILURES = 5
 MAX_VALUE_BYTES = 256 << 10
 """The largest value shared or read: an outcome's reason and stored values are far smaller."""
 
-# KEYS: value, lock. ARGV: a new lock token, the lock's lifetime (ms), a value to discard ("" for none).
+# KEYS: value, lock. ARGV: a new lock token, the lock's lifetime (ms), a value to discard ("" for
+# none), the largest value returned. Answers the value, or 1 (lock taken) / 0 (another pod holds
+# it), plus 2 when a value larger than the bound was found (and removed): whoever can write to
+# Redis must not make a pod read megabytes.
 _CLAIM = """
-local v = redis.call('GET', KEYS[1])
-if v and v ~= ARGV[3] then return v end
-if v then redis.call('DEL', KEYS[1]) end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+local size = redis.call('STRLEN', KEYS[1])
+local oversized = 0
+if size > tonumber(ARGV[4]) then
+  redis.call('DEL', KEYS[1])
+  oversized = 2
+elseif size > 0 then
+  local v = redis.call('GET', KEYS[1])
+  if v ~= ARGV[3] then return v end
+  redis.call('DEL', KEYS[1])
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 + oversized end
+return oversized
 """
 # KEYS: value, lock. ARGV: the sealed value, its lifetime (ms), this pod's lock token.
 _PUBLISH = """
@@ -135,22 +145,23 @@ class RedisStore:
             # the background, and the publish or release that follows must let go of it.
             entry.token = os.urandom(16)
             answer = await self._run(self._script, _CLAIM, entry.keys, entry.token,
-                                     max(1, int(lock_seconds * 1000)), discard)
+                                     max(1, int(lock_seconds * 1000)), discard, MAX_VALUE_BYTES)
             if answer is None:
                 return "unavailable"
-            if isinstance(answer, int) and answer in (0, 1):
-                if not answer:
+            if isinstance(answer, int) and 0 <= answer <= 3:
+                if answer >= 2:
+                    self._rejected("oversized")
+                if not answer % 2:
                     entry.token = b""
-                return "held" if answer else "busy"
+                return "held" if answer % 2 else "busy"
             entry.token = b""
-            if not isinstance(answer, bytes) or len(answer) > MAX_VALUE_BYTES:
+            if not isinstance(answer, bytes) or len(answer) > MAX_VALUE_BYTES:  # the script bounds it
                 self._failed(f"unexpected answer {type(answer).__name__}")
                 return "unavailable"
             try:
                 plaintext, expires_ms = self._keys.open(entry.name, answer, int(self._clock() * 1000))
             except Rejected as exc:
-                self.rejected += 1
-                log.warning("shared cache value rejected (%s): not used", exc.reason, extra={"reason": exc.reason})
+                self._rejected(exc.reason)
                 discard = answer
                 continue
             return Found(plaintext, expires_ms / 1000)
@@ -219,6 +230,10 @@ class RedisStore:
                 return await command(*args)
         finally:
             self._waiting -= 1
+
+    def _rejected(self, reason: str) -> None:
+        self.rejected += 1
+        log.warning("shared cache value rejected (%s): not used", reason, extra={"reason": reason})
 
     def _failed(self, why: str) -> None:
         self.errors += 1
