@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from sidecar.admin.display import trace_report
 from sidecar.db import connect, read_trace
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
@@ -132,6 +133,7 @@ async def test_two_sidecars_make_one_webhook_call_per_user(fleet, serve: Serve, 
     [rule] = doc["rules"]
     assert (rule["source"], rule["pod"], rule["outcome"]) == ("fleet", socket.gethostname(), "held")
     assert rule["request"]["url"] == f"{api.url}/p?u=alice"
+    assert f"(fleet, pod {socket.gethostname()}, " in trace_report({**doc, "request_id": "req-b0"})  # explain
 
     # What Redis holds: names and sealed values, nothing readable, every key with a TTL.
     with redis_server.client() as client:

@@ -15,7 +15,7 @@ within ``IO_SECONDS``, so that a slow connect is not started over and over); at 
 ``CONNECTIONS`` run at once; a value that fails verification is counted, never returned, and
 removed; an answer of an unexpected type is an error. Errors (redis-py's, the socket's, a
 budget passed) are counted and translated into ``unavailable`` here, at the boundary; a
-``Breaker`` stops asking for ``--shared-cache-breaker-seconds`` after ``FAILURES`` in a row.
+``Breaker`` stops asking for ``--shared-cache-breaker-seconds`` after 5 failures in a row.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ MAX_WAITING = 1024
 operation is not started (``skipped``), so a server that stops answering costs bounded memory."""
 IO_SECONDS = 1.0
 """What an operation may take in the background once its caller stopped waiting (connect, read)."""
-FAILURES = 5
+WARN_EVERY = 10.0
 MAX_VALUE_BYTES = 256 << 10
 """The largest value shared or read: an outcome's reason and stored values are far smaller."""
 
@@ -108,6 +108,8 @@ class RedisStore:
         self.errors = 0
         self.rejected = 0
         self.skipped = 0
+        self._unreported = 0
+        self._warned_at = -WARN_EVERY
 
     def entry(self, material: bytes) -> RedisEntry:
         return RedisEntry(self, self._keys.name(material))
@@ -232,8 +234,15 @@ class RedisStore:
             self._waiting -= 1
 
     def _rejected(self, reason: str) -> None:
+        # Whoever writes to Redis decides how often this happens: one line per WARN_EVERY
+        # seconds at most, with the count since the last.
         self.rejected += 1
-        log.warning("shared cache value rejected (%s): not used", reason, extra={"reason": reason})
+        self._unreported += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            log.warning("shared cache value rejected (%s): not used", reason,
+                        extra={"reason": reason, "rejected": self._unreported})
+            self._warned_at, self._unreported = now, 0
 
     def _failed(self, why: str) -> None:
         self.errors += 1
