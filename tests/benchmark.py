@@ -1155,6 +1155,24 @@ async def _fleet_load(ports: list[int], users: int, seconds: float, *,
     return run
 
 
+def _expect(port: int, host: str = "app.example.com", allowed: bool = True) -> None:
+    """``expect_decision`` over grpc.aio: the fleet's rows drive their load with grpc.aio, and
+    a synchronous channel closed after it in the same process was seen to hang in gRPC's
+    shutdown."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    async def check() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = await pb_grpc.AuthorizationStub(channel).Check(check_request("/app", host=host), timeout=10)
+        if (response.status.code == 0) != allowed:
+            raise RuntimeError(f"scenario sanity check failed: {response}")
+
+    asyncio.run(check())
+
+
 def _scrape_all(ports: list[int]) -> dict[str, float]:
     """The sidecars' shared cache metrics, summed."""
     total: dict[str, float] = {}
@@ -1213,7 +1231,7 @@ def shared_cache_rows(work: Path) -> list[Result]:
             calls = _calls(hook_port)
             with _fleet(db, url) as (ports, ops, dbs):
                 for port in ports:
-                    expect_decision(port, payload_host="ready.example.com", allowed=False)  # no policy: deny
+                    _expect(port, "ready.example.com", allowed=False)  # no policy: deny
                 run = asyncio.run(_fleet_load(ports, FLEET_USERS, FLEET_SECONDS))
                 run.calls = _calls(hook_port) - calls
                 run.metrics = _scrape_all(ops)
@@ -1273,8 +1291,8 @@ def _shared_cache_cpu(db: Path, redis_url: str, work: Path) -> Result:
         with sidecar(db, off_port, "--log-level", "warning", cpus=servers) as off, \
                 sidecar(on_db, on_port, "--log-level", "warning", "--shared-cache", redis_url, "--shared-cache-key",
                         f"env:{FLEET_SECRET_VARIABLE}", env=env, cpus=servers) as on:
-            expect_decision(off_port)
-            expect_decision(on_port)
+            _expect(off_port)
+            _expect(on_port)
             without, with_ = fixed_rate([Target(f"http://127.0.0.1:{off_port}{CHECK_PATH}", off.pid, payload),
                                          Target(f"http://127.0.0.1:{on_port}{CHECK_PATH}", on.pid, payload)], work,
                                         cpus=load)
@@ -1304,7 +1322,7 @@ def _redis_killed(work: Path, hook_port: int, db: Path) -> Result:
 
     with RedisServer.start(work / "redis-killed") as doomed, _fleet(db, doomed.url) as (ports, ops, dbs):
         for port in ports:
-            expect_decision(port, payload_host="ready.example.com", allowed=False)
+            _expect(port, "ready.example.com", allowed=False)
         run = asyncio.run(_fleet_load(ports, REDIS_KILL_USERS, REDIS_KILL_SECONDS, kill=doomed.stop,
                                       kill_at=REDIS_KILL_AT))
         metrics = _scrape_all(ops)

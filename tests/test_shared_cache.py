@@ -211,6 +211,34 @@ async def test_a_rule_edit_is_never_answered_from_the_old_rules_entries(fleet, s
     assert shared(pod_a, "safous_shared_cache_hits_total") == 1
 
 
+@pytest.mark.parametrize("failure_ttl", [1.5, 0])
+async def test_a_failed_call_is_shared_for_the_failure_ttl_at_most(
+        fleet, serve: Serve, authz, redis_server: RedisServer, failure_ttl: float) -> None:
+    async def down(request: web.Request) -> web.Response:
+        return web.json_response({"error": "maintenance"}, status=503)
+
+    api = await serve(down)
+    pods = [await fleet([posture(api.url)], cache_failure_ttl=failure_ttl) for _ in range(2)]
+    assert code_of(await authz(pods[0].port).Check(user("alice"))) == "webhook_status"
+    with redis_server.client() as client:
+        # Written behind the check: the value (and the lock let go) in the same script.
+        def written() -> list[bytes] | bool:
+            keys = client.keys("*")
+            if any(key.endswith(b":lock") for key in keys):
+                return False
+            return keys if failure_ttl else not keys
+
+        keys = await eventually(written, what="pod A's write")
+        if failure_ttl:
+            [key] = keys
+            assert 0 < client.pttl(key) <= 1500  # not the rule's 60 s
+    assert code_of(await authz(pods[1].port).Check(user("alice"))) == "webhook_status"
+    if failure_ttl:
+        assert calls(api) == 1 and shared(pods[1], "safous_shared_cache_hits_total") == 1
+    else:
+        assert calls(api) == 2  # not shared at all
+
+
 # --------------------------------------------------------------------------- untrusted storage
 
 async def test_forged_and_replayed_values_are_rejected_and_overwritten(
