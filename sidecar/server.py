@@ -39,6 +39,7 @@ from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
 from .rules.secrets import resolve_secret
 from .settings import Settings
+from .shared_cache import fleet_cache
 from .snapshot import RulesWatcher, Snapshot
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class Sidecar:
         self.evaluator = evaluator or WebhookEvaluator(
             WebhookClient(ca_bundle=ca_bundle), cache_size=settings.cache_size,
             cache_max_bytes=settings.cache_max_bytes,
-            failure_ttl=settings.cache_failure_ttl, secret_policy=settings.secret_policy)
+            failure_ttl=settings.cache_failure_ttl, secret_policy=settings.secret_policy,
+            fleet=fleet_cache(settings))
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
         self.admission = Admission(settings.max_checks_in_progress)
         self.metrics = Metrics(self._state_metrics)
@@ -336,7 +338,12 @@ class Sidecar:
 async def serve(settings: Settings, evaluator: RuleEvaluator | None = None, *, reuse_port: bool = False,
                 ops_socket: str | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
-    sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port, ops_socket=ops_socket, freeze=True)
+    try:
+        sidecar = Sidecar(settings, evaluator, reuse_port=reuse_port, ops_socket=ops_socket, freeze=True)
+    except ValueError as exc:
+        # E.g. a --shared-cache-key that cannot be read or is too short.
+        log.error("cannot start: %s", exc)
+        return 1
     try:
         await sidecar.start()
     except (db.StoreError, RuntimeError, ValueError) as exc:

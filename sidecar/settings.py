@@ -189,6 +189,27 @@ class Settings(BaseSettings):
         False, description="also send every decision as an OpenTelemetry log record over OTLP/HTTP, to "
         "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
 
+    shared_cache: str | None = Field(
+        None, description="redis://HOST:PORT[/DB], rediss://… or unix://PATH of a Redis or Valkey the fleet's "
+        "sidecars share their cached rule decisions through, sealed with --shared-cache-key (off when unset: "
+        "each pod caches alone)")
+    shared_cache_key: str | None = Field(
+        None, description="env:NAME or file:PATH of the fleet secret (at least 32 bytes, the same on every pod) "
+        "that names and seals the shared cache's entries (within --secret-dir / --secret-env-prefix)")
+    shared_cache_password: str | None = Field(
+        None, description="env:NAME or file:PATH of the password (AUTH; an ACL user goes in the URL, "
+        "redis://USER@HOST) for --shared-cache")
+    shared_cache_ca_bundle: FilePath | None = Field(
+        None, description="PEM file of the CAs trusted for a rediss:// --shared-cache (the system store when unset)")
+    shared_cache_cluster: bool = Field(
+        False, description="--shared-cache names a node of a Redis Cluster (or Valkey cluster)")
+    shared_cache_timeout: float = Field(
+        0.02, gt=0, le=1, description="seconds a check waits for one shared cache operation before going on "
+        "without it")
+    shared_cache_breaker_seconds: float = Field(
+        5.0, gt=0, description="seconds the shared cache is not asked after 5 failures in a row (then one "
+        "operation tries it)")
+
     @field_validator("listen", "http", "authz_http")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
@@ -211,12 +232,12 @@ class Settings(BaseSettings):
     def _key_list(cls, value: Any) -> Any:
         return tuple(v for v in value.split(":") if v) if isinstance(value, str) else value
 
-    @field_validator("bundle_bearer_token", "decision_log_bearer_token")
+    @field_validator("bundle_bearer_token", "decision_log_bearer_token", "shared_cache_key", "shared_cache_password")
     @classmethod
-    def _bearer_reference(cls, value: str | None) -> str | None:
+    def _secret_reference(cls, value: str | None) -> str | None:
         if value is not None and not is_reference(value):
-            raise ValueError("give the token as env:NAME or file:PATH, not in clear (it would show in process "
-                             "lists and manifests)")
+            raise ValueError("give it as env:NAME or file:PATH, not in clear (it would show in process lists and "
+                             "manifests)")
         return value
 
     @field_validator("decision_log_url")
@@ -257,6 +278,35 @@ class Settings(BaseSettings):
     def pod(self) -> str:
         """This pod's name in the fleet's activity log."""
         return self.pod_name or socket.gethostname()
+
+    @field_validator("shared_cache")
+    @classmethod
+    def _shared_cache_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+        if url.password is not None or "password=" in url.query:
+            raise ValueError("the URL holds a password: give it as --shared-cache-password env:NAME|file:PATH")
+        return value
+
+    @model_validator(mode="after")
+    def _shared_cache(self) -> Settings:
+        if self.shared_cache is None:
+            return self
+        if self.shared_cache_key is None:
+            raise ValueError("--shared-cache needs --shared-cache-key env:NAME|file:PATH, the fleet secret that "
+                             "seals its entries (Redis is untrusted storage)")
+        for reference in (self.shared_cache_key, self.shared_cache_password):
+            self.secret_policy.check(reference)
+        scheme = urlsplit(self.shared_cache).scheme
+        if self.shared_cache_ca_bundle is not None and scheme != "rediss":
+            raise ValueError("--shared-cache-ca-bundle is for a rediss:// --shared-cache")
+        if self.shared_cache_cluster and scheme == "unix":
+            raise ValueError("--shared-cache-cluster needs a redis:// or rediss:// URL (a Cluster's nodes are "
+                             "reached over TCP)")
+        return self
 
     @model_validator(mode="after")
     def _bundle_keys(self) -> Settings:

@@ -457,6 +457,8 @@ def run(duration: float, only: str = "all") -> list[Result]:
             cached = make_db(work / "cached.db", webhook, rules_per_policy=3, cache_ttl=600)
             if only == "http":
                 return http_endpoint(off, cached, work)
+            if only == "shared-cache":
+                return shared_cache_rows(work)
             if only == "overload":
                 slow = make_db(work / "slow1.db", webhook, rules_per_policy=1, endpoint="slow",
                                url_param="%headers.x-unique%")
@@ -522,6 +524,7 @@ def run(duration: float, only: str = "all") -> list[Result]:
             results.append(cpu_overload(off, payload, duration, work))
             results.append(http_overload(off, duration, work))
             results.append(webhook_overload(slow_db, duration))
+            results.extend(shared_cache_rows(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -1262,6 +1265,385 @@ def webhook_overload(slow_db: Path, duration: float) -> Result:
     return result
 
 
+# ------------------------------------------------------------------ the fleet's shared cache
+
+FLEET_PODS = 4
+FLEET_USERS = 400
+FLEET_SECONDS = 60
+FLEET_TTL = 300
+FLEET_WEBHOOK_SECONDS = 0.05
+FLEET_PAGE = 2
+"""Checks one page view of a user makes at once, each to a random sidecar (as a load balancer
+spreads an app's requests over its pods)."""
+FLEET_THINK = (1.0, 3.0)
+"""Seconds between two page views of a user (uniform): about 400 checks/s for 400 users, what
+the four sidecars, the driver, the webhook and Redis carry on 2 cores without saturating them."""
+FLEET_ARRIVAL = 10.0
+"""Seconds over which the users arrive (their first, cold page views)."""
+FLEET_SECRET_VARIABLE = "SAFOUS_SECRET_BENCH_FLEET"
+FLEET_BUDGET = 0.02
+
+
+def _fleet_webhook_main(port: int) -> None:
+    """The fleet's third party: answers in 50 ms, ``active`` unless the user's name starts
+    with ``deny``; ``GET /calls`` tells how many calls it answered."""
+    from aiohttp import web
+
+    calls = [0]
+
+    async def posture(request: web.Request) -> web.Response:
+        calls[0] += 1
+        await asyncio.sleep(FLEET_WEBHOOK_SECONDS)
+        user = request.query.get("u", "")
+        return web.json_response({"status": "locked" if user.startswith("deny") else "active", "tier": "gold"})
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"calls": calls[0]})
+
+    app = web.Application()
+    app.router.add_get("/fleet", posture)
+    app.router.add_get("/calls", count)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def _fleet_user(i: int) -> str:
+    return f"deny{i}" if i % 4 == 3 else f"user{i}"  # a quarter of the users are denied
+
+
+@dataclass
+class FleetCheck:
+    """One check of the fleet's load: its category (``local``: this pod answered the user
+    before; ``fleet``: another pod did, this one not yet; ``first``: no pod yet), its latency as
+    the driver saw it and as the sidecar recorded it (its activity log, ms), whether its
+    decision was right, and whether it came after Redis was killed."""
+
+    category: str
+    ms: float
+    right: bool
+    late: bool
+    sidecar_ms: float = float("nan")
+
+
+@dataclass
+class FleetRun:
+    """One run of the fleet's load: its checks by request id, gRPC errors, webhook calls and the
+    sidecars' shared cache metrics (summed)."""
+
+    checks: dict[str, FleetCheck] = field(default_factory=dict)
+    errors: int = 0
+    late_errors: int = 0
+    calls: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def latencies(self, category: str | None = None, *, late: bool | None = None, sidecar: bool = True
+                  ) -> list[float]:
+        return [c.sidecar_ms if sidecar else c.ms for c in self.checks.values()
+                if (category is None or c.category == category) and (late is None or c.late == late)]
+
+    @property
+    def wrong(self) -> int:
+        return sum(1 for c in self.checks.values() if not c.right)
+
+    def read_activity(self, dbs: list[Path]) -> None:
+        """The sidecars' own latency of each check, from their activity logs (the sidecars
+        stopped: every decision written)."""
+        for db in dbs:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                for request_id, latency_ms in conn.execute("SELECT request_id, latency_ms FROM activity_log"):
+                    if (check := self.checks.get(request_id)) is not None:
+                        check.sidecar_ms = latency_ms
+
+
+async def _fleet_load(ports: list[int], users: int, seconds: float, *,
+                      kill: Callable[[], None] | None = None, kill_at: float = 0.0) -> FleetRun:
+    """``users`` users, each viewing pages (``FLEET_PAGE`` checks at once to random sidecars)
+    every ``FLEET_THINK`` seconds, for ``seconds``; with ``kill``, called ``kill_at`` seconds
+    in (the checks started after it are ``late``)."""
+    import random
+
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    rng = random.Random(26)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+    stubs = [pb_grpc.AuthorizationStub(channel) for channel in channels]
+    run = FleetRun()
+    killed = [False]
+    requests = [check_request("/app", headers={"x-safous-username": _fleet_user(i)}) for i in range(users)]
+    answered: list[set[int]] = [set() for _ in range(users)]
+    numbers = iter(range(1 << 40))
+    stop = time.monotonic() + seconds
+
+    async def check(user: int, pod: int) -> None:
+        seen = answered[user]
+        category = "local" if pod in seen else "fleet" if seen else "first"
+        late = killed[0]
+        request = pb.CheckRequest()
+        request.CopyFrom(requests[user])
+        request_id = f"fleet-{next(numbers)}"  # the sidecar's activity log row is found by it
+        request.attributes.request.http.headers["x-request-id"] = request_id
+        started = time.perf_counter()
+        try:
+            response = await stubs[pod].Check(request, timeout=10)
+        except grpc.aio.AioRpcError:
+            run.errors += 1
+            run.late_errors += late
+            return
+        ms = (time.perf_counter() - started) * 1000
+        run.checks[request_id] = FleetCheck(category, ms, (response.status.code == 0) == (user % 4 != 3), late)
+        seen.add(pod)
+
+    async def user_loop(user: int) -> None:
+        await asyncio.sleep(rng.uniform(0, FLEET_ARRIVAL))
+        while time.monotonic() < stop:
+            await asyncio.gather(*(check(user, rng.randrange(len(stubs))) for _ in range(FLEET_PAGE)))
+            await asyncio.sleep(rng.uniform(*FLEET_THINK))
+
+    async def killer() -> None:
+        if kill is not None:
+            await asyncio.sleep(kill_at)
+            await asyncio.to_thread(kill)
+            killed[0] = True
+
+    try:
+        await asyncio.gather(killer(), *(user_loop(u) for u in range(users)))
+    finally:
+        for channel in channels:
+            await channel.close()
+    return run
+
+
+FLEET_PROBES = 200
+
+
+async def _fleet_probes(ports: list[int], run: FleetRun) -> None:
+    """With the load stopped: ``FLEET_PROBES`` new users, each checked on one sidecar (the
+    webhook's call), then on the next one (``probe-fleet``: from the fleet's cache), then there
+    again (``probe-local``: from its own), one check at a time."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+    try:
+        stubs = [pb_grpc.AuthorizationStub(channel) for channel in channels]
+        for i in range(FLEET_PROBES):
+            for n, (pod, category) in enumerate(((i, "probe-first"), (i + 1, "probe-fleet"), (i + 1, "probe-local"))):
+                request_id = f"probe-{i}-{n}"
+                request = check_request("/app", headers={"x-safous-username": f"probe{i}", "x-request-id": request_id})
+                started = time.perf_counter()
+                response = await stubs[pod % len(stubs)].Check(request, timeout=10)
+                run.checks[request_id] = FleetCheck(category, (time.perf_counter() - started) * 1000,
+                                                    response.status.code == 0, False)
+                await asyncio.sleep(0.01)  # pacing: the first pod's answer is written behind its check
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _expect(port: int, host: str = "app.example.com", allowed: bool = True) -> None:
+    """``expect_decision`` over grpc.aio: the fleet's rows drive their load with grpc.aio, and
+    a synchronous channel closed after it in the same process was seen to hang in gRPC's
+    shutdown."""
+    import grpc
+
+    from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from tests.conftest import check_request
+
+    async def check() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = await pb_grpc.AuthorizationStub(channel).Check(check_request("/app", host=host), timeout=10)
+        if (response.status.code == 0) != allowed:
+            raise RuntimeError(f"scenario sanity check failed: {response}")
+
+    asyncio.run(check())
+
+
+def _scrape_all(ports: list[int]) -> dict[str, float]:
+    """The sidecars' shared cache metrics, summed."""
+    total: dict[str, float] = {}
+    for port in ports:
+        for name, value in _scrape(port).items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith("safous_shared_cache_") and " " in line}
+
+
+@contextlib.contextmanager
+def _fleet(db: Path, redis_url: str | None, *extra: str) -> Iterator[tuple[list[int], list[int], list[Path]]]:
+    """``FLEET_PODS`` sidecar processes on ``db`` (a copy each), sharing ``redis_url`` (none:
+    each caches alone): their gRPC ports, their ops ports and their rules.db files."""
+    ports, ops = [free_port() for _ in range(FLEET_PODS)], [free_port() for _ in range(FLEET_PODS)]
+    shared = ("--shared-cache", redis_url, "--shared-cache-key", f"env:{FLEET_SECRET_VARIABLE}",
+              "--shared-cache-timeout", str(FLEET_BUDGET)) if redis_url else ()
+    env = {**os.environ, FLEET_SECRET_VARIABLE: "a fleet secret for the benchmark, 32+ bytes"}
+    dbs = [db.with_name(f"{db.stem}-pod{n}-{port}.db") for n, port in enumerate(ports)]
+    with contextlib.ExitStack() as stack:
+        for port, op, copy in zip(ports, ops, dbs, strict=True):
+            shutil.copy(db, copy)
+            stack.enter_context(sidecar(copy, port, "--http", f"127.0.0.1:{op}", "--log-level", "warning",
+                                        "--trace", "off", *shared, *extra, env=env))
+        yield ports, ops, dbs
+
+
+def _calls(hook_port: int) -> int:
+    import json
+
+    return int(json.loads(urllib.request.urlopen(f"http://127.0.0.1:{hook_port}/calls", timeout=5).read())["calls"])
+
+
+def shared_cache_rows(work: Path) -> list[Result]:
+    """The fleet: ``FLEET_PODS`` sidecar processes, one Redis, one 50 ms webhook,
+    ``FLEET_USERS`` users for ``FLEET_SECONDS`` seconds (rule TTL ``FLEET_TTL`` s), without and
+    with the shared cache; the CPU per check answered from the pod's own cache with it on and
+    off; Redis killed under load."""
+    from tests.redis_servers import RedisServer
+
+    results: list[Result] = []
+    hook_port = free_port()
+    hook = f"http://127.0.0.1:{hook_port}"
+    with process([sys.executable, "-m", "tests.benchmark", "fleet-webhook", str(hook_port)], hook_port), \
+            RedisServer.start(work / "redis") as redis_server:
+        db = make_db(work / "fleet.db", hook, rules_per_policy=1, cache_ttl=FLEET_TTL, endpoint="fleet")
+        runs: dict[str, FleetRun] = {}
+        for label, url in (("off", None), ("on", redis_server.url)):
+            with redis_server.client() as client:
+                client.flushall()
+            calls = _calls(hook_port)
+            with _fleet(db, url) as (ports, ops, dbs):
+                for port in ports:
+                    _expect(port, "ready.example.com", allowed=False)  # no policy: deny
+                run = asyncio.run(_fleet_load(ports, FLEET_USERS, FLEET_SECONDS))
+                run.calls = _calls(hook_port) - calls
+                if url:
+                    asyncio.run(_fleet_probes(ports, run))
+                run.metrics = _scrape_all(ops)
+            run.read_activity(dbs)
+            runs[label] = run
+            print(f"  fleet, shared cache {label}: {len(run.checks)} checks, {run.calls} webhook calls, "
+                  f"{run.errors} gRPC errors, {run.wrong} wrong decisions", flush=True)
+        with redis_server.client() as client:
+            keys = client.keys("safous:*")
+            entry_bytes = sum(client.memory_usage(key) or 0 for key in keys) / max(1, len(keys))
+        off, on = runs["off"], runs["on"]
+        per_off, per_on = off.calls / FLEET_USERS, on.calls / FLEET_USERS
+        loaded = sum(1 for c in on.checks.values() if not c.category.startswith("probe"))
+        everything = [ms for cat in ("first", "fleet", "local") for ms in on.latencies(cat)]
+        r = Result(f"fleet: {FLEET_PODS} sidecars, {FLEET_USERS} users, {FLEET_SECONDS} s, 50 ms webhook, TTL "
+                   f"{FLEET_TTL} s: webhook calls per (user, rule)", loaded / FLEET_SECONDS,
+                   percentile(everything, 0.5), percentile(everything, 0.99))
+        r.ratio_to, r.ratio = f"shared cache off ({per_off:.2f})", per_on / per_off
+        r.target, r.met = "≤ 1.05 with the shared cache (off: ≈ 4)", per_on <= 1.05 and on.wrong == 0
+        r.note = (f"on: {on.calls} calls for {FLEET_USERS} users ({per_on:.3f} each), {loaded:,} checks, "
+                  f"{on.errors} gRPC errors, {on.wrong} wrong; off: {off.calls} calls, {len(off.checks):,} checks; "
+                  f"fleet hits {on.metrics.get('safous_shared_cache_hits_total', 0):.0f}, waits "
+                  f"{on.metrics.get('safous_shared_cache_waits_total', 0):.0f}, errors "
+                  f"{on.metrics.get('safous_shared_cache_errors_total', 0):.0f}; Redis {entry_bytes:.0f} bytes per "
+                  f"key (MEMORY USAGE, {len(keys)} keys); latencies: the sidecars' own (activity log)")
+        results.append(r)
+        local, fleet_hits = on.latencies("local"), on.latencies("fleet")
+        r = Result("fleet: p50 of a check answered from the fleet's cache over one from the pod's own (the sidecar's "
+                   "latency)", loaded / FLEET_SECONDS, percentile(fleet_hits, 0.5),
+                   percentile(fleet_hits, 0.99))
+        gap = percentile(fleet_hits, 0.5) - percentile(local, 0.5)
+        r.ratio_to = f"own cache p50 {percentile(local, 0.5):.2f} ms, p99 {percentile(local, 0.99):.2f} ms"
+        r.target, r.met = "≤ + 1 ms", gap <= 1.0
+        driver_gap = percentile(on.latencies("fleet", sidecar=False), 0.5) - percentile(
+            on.latencies("local", sidecar=False), 0.5)
+        quiet = percentile(on.latencies("probe-fleet"), 0.5) - percentile(on.latencies("probe-local"), 0.5)
+        r.note = (f"{gap:+.2f} ms ({driver_gap:+.2f} ms as the load's driver saw it); {len(fleet_hits):,} fleet "
+                  f"answers, {len(local):,} own; with the load stopped, one check at a time: fleet p50 "
+                  f"{percentile(on.latencies('probe-fleet'), 0.5):.2f} ms, own "
+                  f"{percentile(on.latencies('probe-local'), 0.5):.2f} ms ({quiet:+.2f} ms); with the cache off the "
+                  f"same checks called the webhook: p50 {percentile(off.latencies('fleet'), 0.5):.1f} ms")
+        results.append(r)
+        results.append(_shared_cache_cpu(db, redis_server.url, work))
+        results.append(_redis_killed(work, hook_port, make_db(work / "fleet-short.db", hook, rules_per_policy=1,
+                                                              cache_ttl=2, endpoint="fleet")))
+    return results
+
+
+def _shared_cache_cpu(db: Path, redis_url: str, work: Path) -> Result:
+    """The sidecar's CPU per check with the shared cache on against off, every check answered
+    from the pod's own cache, both loaded at FIXED_RATE side by side (as ``cpu_per_check``)."""
+    servers, load = split_cpus()
+    payload = grpc_payload(work / "fleet-check.bin", host="app.example.com")
+    env = {**os.environ, FLEET_SECRET_VARIABLE: "a fleet secret for the benchmark, 32+ bytes"}
+
+    on_db = db.with_name("fleet-cpu-on.db")
+    shutil.copy(db, on_db)
+
+    def pair() -> Pair:
+        off_port, on_port = free_port(), free_port()
+        with sidecar(db, off_port, "--log-level", "warning", cpus=servers) as off, \
+                sidecar(on_db, on_port, "--log-level", "warning", "--shared-cache", redis_url, "--shared-cache-key",
+                        f"env:{FLEET_SECRET_VARIABLE}", env=env, cpus=servers) as on:
+            _expect(off_port)
+            _expect(on_port)
+            without, with_ = fixed_rate([Target(f"http://127.0.0.1:{off_port}{CHECK_PATH}", off.pid, payload),
+                                         Target(f"http://127.0.0.1:{on_port}{CHECK_PATH}", on.pid, payload)], work,
+                                        cpus=load)
+        return without, with_
+
+    pairs = [pair() for _ in range(FIXED_REPEATS)]
+    without, with_ = _median(pairs, lambda p: p[1].cpu_us / p[0].cpu_us)
+    result = Result(f"CPU per check at {FIXED_RATE:,}/s, answered from the pod's own cache: shared cache on",
+                    with_.rate, with_.p50, with_.p99)
+    result.ratio_to, result.ratio = f"shared cache off ({without.cpu_us:.0f} µs)", with_.cpu_us / without.cpu_us
+    result.target, result.met = "≤ 1.03 × off", result.ratio <= 1.03
+    result.note = (f"on {with_.cpu_us:.0f} µs/check; median of {FIXED_REPEATS} paired runs, ratios "
+                   + ", ".join(f"{w.cpu_us / o.cpu_us:.2f}" for o, w in pairs))
+    print(f"  {result.scenario}: {result.note}", flush=True)
+    return result
+
+
+REDIS_KILL_SECONDS = 24
+REDIS_KILL_AT = 14
+REDIS_KILL_USERS = 100
+
+
+def _redis_killed(work: Path, hook_port: int, db: Path) -> Result:
+    """The fleet with the shared cache under the same load, a rule TTL of 2 s (so checks keep
+    needing answers), Redis killed (SIGKILL) ``REDIS_KILL_AT`` seconds in."""
+    from tests.redis_servers import RedisServer
+
+    with RedisServer.start(work / "redis-killed") as doomed, _fleet(db, doomed.url) as (ports, ops, dbs):
+        for port in ports:
+            _expect(port, "ready.example.com", allowed=False)
+        run = asyncio.run(_fleet_load(ports, REDIS_KILL_USERS, REDIS_KILL_SECONDS, kill=doomed.stop,
+                                      kill_at=REDIS_KILL_AT))
+        metrics = _scrape_all(ops)
+    run.read_activity(dbs)
+    after, before = run.latencies(late=True), run.latencies(late=False)
+    slowest = max(after, default=float("nan"))
+    bound = FLEET_BUDGET * 1000 + FLEET_WEBHOOK_SECONDS * 1000
+    wrong = sum(1 for c in run.checks.values() if c.late and not c.right)
+    result = Result(f"fleet: Redis killed {REDIS_KILL_AT} s into {REDIS_KILL_SECONDS} s, {REDIS_KILL_USERS} users "
+                    "(TTL 2 s, so checks keep calling)", len(after) / (REDIS_KILL_SECONDS - REDIS_KILL_AT),
+                    percentile(after, 0.5), percentile(after, 0.99))
+    result.ratio_to = f"before the kill: p99 {percentile(before, 0.99):.1f} ms, max {max(before):.1f} ms"
+    result.target = (f"0 wrong allows, 0 gRPC errors, no check over the budget {FLEET_BUDGET * 1000:g} ms + 50 ms "
+                     "(the sidecar's latency)")
+    result.met = wrong == 0 and run.errors == 0 and slowest <= bound
+    driver = run.latencies(late=True, sidecar=False)
+    result.note = (f"after the kill: {len(after):,} checks, {wrong} wrong, {run.late_errors} gRPC errors, slowest "
+                   f"{slowest:.1f} ms, {sum(ms > bound for ms in after)} over {bound:g} ms (the driver saw "
+                   f"{max(driver, default=float('nan')):.1f} ms at most); breaker trips "
+                   f"{metrics.get('safous_shared_cache_breaker_trips_total', 0):.0f}, errors "
+                   f"{metrics.get('safous_shared_cache_errors_total', 0):.0f}")
+    print(f"  {result.scenario}: {result.note}", flush=True)
+    return result
+
+
 # ------------------------------------------------------------------------ report
 
 def machine() -> str:
@@ -1284,16 +1666,18 @@ def table(results: list[Result]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("role", nargs="?", default="bench", choices=["bench", "baseline", "webhook"])
+    parser.add_argument("role", nargs="?", default="bench", choices=["bench", "baseline", "webhook", "fleet-webhook"])
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("--duration", type=float, default=3, help="seconds of load per run")
     parser.add_argument("--markdown", type=Path, help="also write the table and machine to this file")
-    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload", "http", "fleet-log"], default="all",
+    parser.add_argument("--only", choices=["all", "fixed", "stalls", "overload", "http", "fleet-log", "shared-cache"],
+                        default="all",
                         help="fixed: only the fixed-rate CPU and through-Envoy scenarios (about three minutes); "
                              "stalls: only the 10,000-rule reload and bundle activation (about two minutes); "
                              "overload: only the overload rows (about half a minute); "
                              "http: only the HTTP endpoint's rows (about three minutes); "
                              "fleet-log: the collector's ingest rate and what shipping costs a check (about two "
+                             "minutes); shared-cache: only the fleet's rows, 4 sidecars and one Redis (about four "
                              "minutes)")
     args = parser.parse_args()
     if args.role == "baseline":
@@ -1301,6 +1685,9 @@ def main() -> int:
         return 0
     if args.role == "webhook":
         _webhook_main(args.port)
+        return 0
+    if args.role == "fleet-webhook":
+        _fleet_webhook_main(args.port)
         return 0
     for tool in ("h2load", "wrk"):
         if not shutil.which(tool):

@@ -174,6 +174,20 @@ def test_the_shipped_settings_open_only_the_probes_to_the_network(shipped, monke
     assert settings.insecure_listen == ("http",)
 
 
+def test_kubernetes_example_takes_the_fleet_secret_from_a_secret() -> None:
+    """The shared cache's secret and password are env: references to variables filled from a
+    Kubernetes Secret, never values written in the manifest."""
+    from sidecar.settings import Settings
+
+    (doc,) = _documents(KUBERNETES_EXAMPLE)
+    env = {e["name"]: e for e in _sidecar_container(doc)["env"]}
+    assert env["SAFOUS_SHARED_CACHE"]["value"].startswith(("redis://", "rediss://"))
+    for setting in ("SAFOUS_SHARED_CACHE_KEY", "SAFOUS_SHARED_CACHE_PASSWORD"):
+        variable = env[setting]["value"].removeprefix("env:")
+        assert variable.startswith(Settings.model_fields["secret_env_prefix"].default)
+        assert env[variable]["valueFrom"]["secretKeyRef"]["name"] == "safous-shared-cache"
+
+
 # --------------------------------------------------------------------------- Envoy
 
 

@@ -316,7 +316,7 @@ def trace_report(doc: Mapping[str, Any]) -> str:
            line(f"decision {doc.get('decision')} ({doc.get('code')}), policy {json.dumps(doc.get('policy'))}"),
            line(f"  {doc.get('reason')}")]
     for number, rule in enumerate(doc.get("rules", ()), start=1):
-        timing = f", {rule['ms']} ms" if "ms" in rule else ""
+        timing = (f", pod {rule['pod']}" if "pod" in rule else "") + (f", {rule['ms']} ms" if "ms" in rule else "")
         out.append("")
         out.append(line(f"rule {number} {json.dumps(rule.get('rule'))}: {rule.get('outcome')} "
                         f"({rule.get('source')}{timing})"))

@@ -32,6 +32,7 @@ from .client import (
     WebhookFailure,
     WebhookResponse,
 )
+from .fleet import FleetCache
 from .judge import AnswerJudge, RuleOutcome, judge_answer
 from .model import AuthType, Rule
 from .order import Unstored, stored_dependencies
@@ -126,8 +127,10 @@ class WebhookEvaluator:
     def __init__(self, client: WebhookClient, *, cache_size: int = 10_000,
                  cache_max_bytes: int = DEFAULT_MAX_BYTES,
                  failure_ttl: float = DEFAULT_FAILURE_TTL,
-                 secret_policy: SecretPolicy | None = None) -> None:
+                 secret_policy: SecretPolicy | None = None, fleet: FleetCache | None = None) -> None:
         self.client = client
+        # --shared-cache: where a rule with a cache TTL looks when this pod's cache misses.
+        self.fleet = fleet
         # Where the rules' secret references may point (SecretError, so rule_invalid, elsewhere).
         self.secret_policy = secret_policy or SecretPolicy()
         self.cache: DecisionCache[RuleOutcome] = DecisionCache(
@@ -143,8 +146,12 @@ class WebhookEvaluator:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.client.start()
+        if self.fleet is not None:
+            await self.fleet.start()
 
     async def close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.client.close()
         self._judge.close()
 
@@ -161,6 +168,8 @@ class WebhookEvaluator:
         yield EvaluatorMetric("safous_oauth_token_fetches", "OAuth token requests sent", "counter", tokens.fetches)
         yield EvaluatorMetric("safous_oauth_token_fetch_failures", "OAuth token requests that failed", "counter",
                               tokens.fetch_failures)
+        if self.fleet is not None:
+            yield from self.fleet.metrics()
 
     def compile(self, rule: Rule) -> CompiledRule:
         """Raises ValueError (TemplateError, SecretError…) for a rule that cannot run.
@@ -319,14 +328,32 @@ class WebhookEvaluator:
         return outcome
 
     async def _call(self, rule: CompiledRule, request: WebhookRequest, key: bytes) -> RuleOutcome:
+        """The outcome of a request this pod's cache does not hold, kept there for as long as
+        it may be: asked of the fleet first when there is one (``fleet.FleetCache.fetch``)."""
+        if self.fleet is not None and rule.rule.cache_ttl > 0:
+            outcome, ttl = await self.fleet.fetch(
+                rule.name, rule.fingerprint, request, ttl=rule.rule.cache_ttl, timeout=rule.timeout,
+                actions=rule.rule.actions, secret_parts=rule.secret_parts,
+                lifetime=functools.partial(self._lifetime, rule), call=lambda: self._call_observed(rule, request))
+        else:
+            outcome = await self._call_observed(rule, request)
+            ttl = self._lifetime(rule, outcome)
+        self.cache.put(rule.name, key, outcome, ttl)
+        return outcome
+
+    def _lifetime(self, rule: CompiledRule, outcome: RuleOutcome) -> float:
+        """Seconds an outcome of ``rule``'s own call may be kept: the rule's TTL for a judged
+        answer, at most the failure TTL for a failed call."""
+        ttl = rule.rule.cache_ttl
+        if outcome.failure is not None and outcome.failure[0] not in _JUDGED:
+            ttl = min(ttl, self.failure_ttl)
+        return ttl
+
+    async def _call_observed(self, rule: CompiledRule, request: WebhookRequest) -> RuleOutcome:
         started = time.perf_counter()
         outcome = await self._call_and_judge(rule, request)
         if self.on_call is not None:
             self.on_call(rule.name, outcome.failure[0] if outcome.failure else "ok", time.perf_counter() - started)
-        ttl = rule.rule.cache_ttl
-        if outcome.failure is not None and outcome.failure[0] not in _JUDGED:
-            ttl = min(ttl, self.failure_ttl)
-        self.cache.put(rule.name, key, outcome, ttl)
         return outcome
 
     async def _call_and_judge(self, rule: CompiledRule, request: WebhookRequest) -> RuleOutcome:

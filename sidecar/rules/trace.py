@@ -58,10 +58,12 @@ def secret_parts(request: CompiledRequest) -> frozenset[str]:
 
 _NO_PARTS: frozenset[str] = frozenset()
 
-Source = Literal["call", "shared", "cache", "not sent", "not run"]
+Source = Literal["call", "shared", "cache", "fleet", "not sent", "not run"]
 """How a rule's outcome came about: its own webhook call; a call another check was already
 making for an identical request (single flight: the request this check would have sent, and
-the time it waited); the decision cache; refused before sending (an unsafe parameter); not run
+the time it waited); the decision cache; the fleet's shared cache (``--shared-cache``: the
+request this check would have sent, the pod whose call answered, and the time it took, waiting
+for that call included); refused before sending (an unsafe parameter); not run
 (an earlier rule already decided, or a rule it depends on failed), which includes a call
 cancelled under way or shared with a check still waiting for it: its request, shown, may have
 reached the webhook, but no answer was judged for this check."""
@@ -88,6 +90,8 @@ class RuleTrace:
     seconds: float | None = None
     actions: tuple[ResponseAction, ...] = ()
     failed_action: int | None = None
+    # source "fleet": the pod whose webhook call this is (``sidecar.rules.fleet``).
+    pod: str | None = None
     # The check no longer waits for this rule (``abandon``): nothing more is written to it.
     closed: bool = False
 
@@ -213,6 +217,8 @@ def _rule_document(entry: RuleTrace) -> dict[str, Any]:
     # decided nothing for it.
     source: Source = "not run" if entry.source == "call" and entry.seconds is None else entry.source
     doc: dict[str, Any] = {"rule": entry.rule, "source": source}
+    if source == "fleet" and entry.pod is not None:
+        doc["pod"] = entry.pod
     if entry.request is not None:  # masked and cut by keep_request
         request = entry.request
         doc["request"] = {
