@@ -427,8 +427,8 @@ def least_cpu(command: list[str], env: dict[str, str], runs: int) -> float:
 def test_a_completion_answers_within_100_ms_on_10000_rules(tmp_path: Path) -> None:
     """The whole process, as the shell runs it, in CPU time (what it spends, whoever else the
     machine runs; on an idle core its wall time is the same): 100 ms, or, where even a bare
-    completion costs more, at most 50 ms over it: a Python process that imports click and
-    sqlite3 (40-50 ms here). Each is the least of a few runs taken in turns."""
+    completion costs more, at most 2.1 times it (50 ms over its usual 45 ms): a Python process
+    that imports click and sqlite3. Each is the least of a few runs taken in turns."""
     path = tmp_path / "rules.db"
     many_rules(path, 10_000)
     floor = [sys.executable, "-c", "import click, click.shell_completion, sqlite3"]
@@ -441,4 +441,6 @@ def test_a_completion_answers_within_100_ms_on_10000_rules(tmp_path: Path) -> No
         for _ in range(4):
             least = min(least, least_cpu(floor, env, runs=1))
             ours = min(ours, least_cpu(command, env, runs=1))
-        assert ours <= max(0.1, least + 0.05), f"{line!r}: {ours * 1000:.0f} ms, the floor {least * 1000:.0f} ms"
+        # The margin grows with the floor: a machine slowed down as a whole (seen: the floor at
+        # 77 ms against its usual 45) slows both alike.
+        assert ours <= max(0.1, least * 2.1), f"{line!r}: {ours * 1000:.0f} ms, the floor {least * 1000:.0f} ms"

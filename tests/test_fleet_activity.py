@@ -278,7 +278,7 @@ async def test_the_decisions_as_opentelemetry_log_records(start_sidecar: Any, au
      "safous-sidecar: --decision-log-url: Value error, http:// would send the token and the decisions in clear over "
      "the network: use https:// (--decision-log-ca-bundle for a private CA), or a loopback address"),
     (["--decision-log-url", "https://c.example.com/v1/decisions", "--decision-log-bearer-token", "t0ken"],
-     "safous-sidecar: --decision-log-bearer-token: Value error, give the token as env:NAME or file:PATH, not in "
+     "safous-sidecar: --decision-log-bearer-token: Value error, give it as env:NAME or file:PATH, not in "
      "clear (it would show in process lists and manifests)"),
     (["--decision-log-url", "https://c.example.com/v1/decisions", "--decision-log-bearer-token", "env:HOME"],
      "safous-sidecar: secret env:HOME: only variables whose names start with SAFOUS_SECRET_ may be read"),
