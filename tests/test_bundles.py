@@ -218,8 +218,8 @@ def processes() -> Iterator[list[Process]]:
         process.log.close()
 
 
-INTERVAL = 0.5
-SOURCE_DOWN_SECONDS = 30  # a long outage: nothing may change while it lasts
+INTERVAL = 0.2
+SOURCE_DOWN_SECONDS = 10  # a long outage (six failed polls, backing off): nothing may change while it lasts
 
 
 def start(processes: list[Process], db: Path, source: str, public: Path) -> Process:
