@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The Safous sidecar as a container image (README, "Deployment"):
+# The Safous sidecar as a container image (docs/platform/deployment.md):
 #
 #   docker build -t safous-sidecar:"$(make -s version)" .
 #
@@ -59,5 +59,5 @@ EXPOSE 9191 9192
 # envoy/kubernetes-sidecar.yaml does.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://' + os.environ['SAFOUS_HTTP'] + '/healthz', timeout=2)"]
-# Every flag of `safous-sidecar serve` is also a SAFOUS_* variable (README, "Settings").
+# Every flag of `safous-sidecar serve` is also a SAFOUS_* variable (docs/platform/settings-and-lifecycle.md).
 ENTRYPOINT ["safous-sidecar", "serve"]

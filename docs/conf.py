@@ -27,14 +27,34 @@ release = version = _version.group(1) if _version else "unknown"
 extensions = ["myst_parser"]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-# The portal screenshots (docs/*.png) sit here for README; they are files, not pages.
+# The portal screenshots (docs/*.png, shown by admins/portal.md) and the bench charts
+# (docs/bench/*.png) are files, not pages.
 exclude_patterns = ["_build"]
 
 nitpicky = True
 # Headings down to ### get anchors (GitHub's slugs), so ``page.md#a-heading`` links resolve,
 # and are checked.
 myst_heading_anchors = 3
-myst_enable_extensions = ["colon_fence"]
+myst_enable_extensions = ["colon_fence", "substitution"]
+
+# The charts `make bench` draws into docs/bench/ (tests/bench_charts.py), shown where a page
+# says {{ bench_charts }}: those present, so that the build needs none of them (a chart not
+# drawn yet, or not committed, is no broken image).
+BENCH_CHARTS = {
+    "latency-grpc-through-envoy.png": "gRPC through Envoy, evenly spaced, 3 cached rules: the sidecar and the bare "
+                                      "servicer",
+    "latency-http-endpoint.png": "The HTTP endpoint behind Envoy and the bare gRPC servicer, integration off",
+}
+
+
+def _bench_charts() -> str:
+    drawn = sorted((ROOT / "docs" / "bench").glob("*.png"))
+    if not drawn:
+        return "*No chart has been drawn yet: `make bench` draws them into `docs/bench/`.*"
+    return "\n\n".join(f"![{BENCH_CHARTS.get(path.name, path.stem)}](/bench/{path.name})" for path in drawn)
+
+
+myst_substitutions = {"bench_charts": _bench_charts()}
 
 html_theme = "furo"
 html_title = f"Safous sidecar {release}"

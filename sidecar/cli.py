@@ -1,4 +1,4 @@
-"""``safous-sidecar serve``: the server's command line (a contract; see the README).
+"""``safous-sidecar serve``: the server's command line (a contract: docs/platform/settings-and-lifecycle.md).
 
 Every flag is generated from the Settings model, so flags, environment variables and the
 documentation cannot drift apart.

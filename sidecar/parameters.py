@@ -2,7 +2,7 @@
 
 Pure and without I/O: ``map_parameters`` turns ``RequestAttributes`` into ``Parameters``;
 ``check_parameter_name`` is what a rule is validated with before it is saved. The table of
-parameters and where each comes from: README, "What it does".
+parameters and where each comes from: docs/admins/rules.md, "Parameters".
 
 Three kinds of names (``sidecar.parameter_names``, re-exported here):
 

@@ -391,7 +391,8 @@ def shown_default(value: object) -> str:
 
 
 def settings_reference() -> str:
-    """The README's settings table, generated from this model (a test keeps them equal)."""
+    """The settings table of docs/platform/settings-and-lifecycle.md, generated from this model
+    (a test keeps them equal)."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
         rows.append(f"| `--{name.replace('_', '-')}` | `SAFOUS_{name.upper()}` | `{shown_default(field.default)}` "

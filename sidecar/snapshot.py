@@ -149,8 +149,8 @@ def build_snapshot(rule_set: RuleSet, evaluator: RuleEvaluator, version: int,
 DAMAGED = (" (rules.db is damaged: was a file copied over it while in use? Move it aside and restore a backup "
            "with safous-admin restore)")
 """Said with a reload error when SQLite finds rules.db corrupt: overwriting a live file in place
-(``cp``) is the cause SQLite's docs name first, and nothing here can undo it (README,
-"Operating it")."""
+(``cp``) is the cause SQLite's docs name first, and nothing here can undo it
+(docs/platform/backup-and-upgrades.md)."""
 
 
 class RulesWatcher:

@@ -63,7 +63,7 @@ def test_the_top_help_shows_a_whole_workflow() -> None:
         assert line in result.stdout
 
 
-# The command line is a contract (README, "Admin script"): scripts depend on these names.
+# The command line is a contract (docs/admins/admin-script.md): scripts depend on these names.
 CONTRACT = {
     (): ["--db", "--actor"],
     ("rule", "add"): ["--method", "--url", "--header", "--body", "--body-file", "--auth", "--username",

@@ -1,6 +1,7 @@
 """Completion in a real shell: bash and zsh in tmux, each with ``safous-admin completion SHELL``
-sourced from a clean rc file as the README installs it. The test types as an admin does, presses
-Tab, and reads the screen (``capture-pane``) until it shows the completion, within a bound.
+sourced from a clean rc file as the admin guide installs it (docs/admins/completion.md). The test
+types as an admin does, presses Tab, and reads the screen (``capture-pane``) until it shows the
+completion, within a bound.
 
 tmux and zsh come from Debian (``make shells``, part of ``make test``); where they are missing,
 this test is skipped, except under CI, where it fails.

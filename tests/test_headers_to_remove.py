@@ -1,6 +1,6 @@
 """Client-sent ``x-safous-*`` request headers: the sidecar has Envoy remove the ones the decision
 neither sets nor decided on, so the upstream's view of that namespace never depends on the Envoy
-config alone: Envoy's configuration is a second line of defence (README, "Security guarantees").
+config alone: Envoy's configuration is a second line of defence (docs/security/index.md).
 
 The allow-path through a real Envoy whose strip is turned off is in test_e2e.py; here: the rule
 on plain values, the CheckResponse, the server's answer over gRPC, and the JWT case end to end.

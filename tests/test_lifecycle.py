@@ -85,10 +85,10 @@ def test_help_lists_every_setting() -> None:
     assert "SAFOUS_DEFAULT_ACTION" in result.stdout
 
 
-def test_readme_settings_table_is_generated_from_the_model() -> None:
+def test_the_settings_page_holds_the_table_generated_from_the_model() -> None:
     from sidecar.settings import settings_reference
 
-    assert settings_reference() in (ROOT / "README.md").read_text()
+    assert settings_reference() in (ROOT / "docs" / "platform" / "settings-and-lifecycle.md").read_text()
 
 
 def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ missing) against the real `safous-admin ui`, on the scenario's rules.db (tests/p
 - The Activity page, as the browser builds it, shows a denial with the reason its client got,
   and its charts are painted: the screenshot holds the bars' colours.
 - Every page renders; with ``SAFOUS_PORTAL_SCREENSHOTS=DIR`` the screenshots are kept in DIR
-  (``SAFOUS_PORTAL_SCREENSHOTS=docs`` refreshes the README's).
+  (``SAFOUS_PORTAL_SCREENSHOTS=docs`` refreshes the admin guide's, docs/admins/portal.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``safous-admin``: the admins' script for rules.db (README, "Admin script").
+"""``safous-admin``: the admins' script for rules.db (docs/admins/admin-script.md).
 
     cli.py         the commands (click), each docstring its --help: a thin shell
     options.py     the commands' options, parsed into typed values and merged into fields

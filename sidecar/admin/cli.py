@@ -1,4 +1,4 @@
-"""The ``safous-admin`` command line (a contract: scripts depend on its names; see the README).
+"""The ``safous-admin`` command line (a contract: scripts depend on its names; docs/admins/admin-script.md).
 
 A thin shell over the database API (``sidecar.db``), in the manner of sqlite-utils: each command's docstring is its
 ``--help``; it parses its options (``options``), validates (``sidecar.exchange``), then reads or

@@ -34,8 +34,8 @@ the new file.
 What this cannot do: a process that opens the new file before the sidecar has switched (an
 admin command run within the reload interval of the ``mv``) still pairs it with the old
 ``-wal``. ``safous-admin restore`` changes the content in place, through SQLite's own locking,
-with no such window. ``cp`` over the file keeps the inode, so nothing here sees it (README,
-"Operating it").
+with no such window. ``cp`` over the file keeps the inode, so nothing here sees it
+(docs/platform/backup-and-upgrades.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rules (Custom): a webhook call plus the criteria its answer must meet, as typed values.
 
 The database layer (``sidecar.db``) turns rows into these models; the admin script validates
-input with them before anything is written. Semantics: README, "Rules (Custom)".
+input with them before anything is written. Semantics: docs/admins/rules.md.
 """
 
 from __future__ import annotations

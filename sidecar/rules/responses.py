@@ -1,6 +1,6 @@
 """A webhook's answer judged against its rule: verification and API Response Actions.
 
-Pure: bytes and a status in, an ``ActionResult`` out. Semantics: README, "Rules (Custom)".
+Pure: bytes and a status in, an ``ActionResult`` out. Semantics: docs/admins/rules.md.
 The order is ``evaluate_response``'s: the status must be 2xx, the body must parse
 as the rule's verification says (``parse_response``), then each action holds, in order
 (``CompiledActions.apply``).

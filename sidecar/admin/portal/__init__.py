@@ -3,7 +3,7 @@
 Pages: Activity (the activity log: facets, time range, search on the reason, charts), Audit
 (who changed what, before and after), Rules and policies (as the admin script shows them),
 and canned queries (denials in the last hour by reason, top denied users, webhook failures
-by rule). README, "The portal".
+by rule). docs/admins/portal.md.
 
 Contract:
 
