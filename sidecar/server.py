@@ -37,9 +37,9 @@ from .pipeline import INTERNAL, Pipeline
 from .rules import RuleEvaluator
 from .rules.client import WebhookClient
 from .rules.evaluator import WebhookEvaluator
+from .rules.fleet import FleetCache
 from .rules.secrets import resolve_secret
 from .settings import Settings
-from .shared_cache import fleet_cache
 from .snapshot import RulesWatcher, Snapshot
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,15 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _fleet_cache(settings: Settings) -> FleetCache | None:
+    if settings.shared_cache is None:
+        return None
+    # Only then: redis-py and what it loads cost ~100 ms and megabytes a process that never uses them.
+    from .shared_cache import fleet_cache
+
+    return fleet_cache(settings)
+
+
 class Sidecar:
     """The running service: gRPC server, rules watcher and activity log, started and stopped
     together. ``port`` is the bound gRPC port (useful with port 0). ``freeze``: the process is
@@ -113,7 +122,7 @@ class Sidecar:
             WebhookClient(ca_bundle=ca_bundle), cache_size=settings.cache_size,
             cache_max_bytes=settings.cache_max_bytes,
             failure_ttl=settings.cache_failure_ttl, secret_policy=settings.secret_policy,
-            fleet=fleet_cache(settings))
+            fleet=_fleet_cache(settings))
         self.checker = Checker(settings.identity, settings.default_action, self.evaluator)
         self.admission = Admission(settings.max_checks_in_progress)
         self.metrics = Metrics(self._state_metrics)
