@@ -44,6 +44,9 @@ BENCH_CHARTS = {
     "latency-grpc-through-envoy.png": "gRPC through Envoy, evenly spaced, 3 cached rules: the sidecar and the bare "
                                       "servicer",
     "latency-http-endpoint.png": "The HTTP endpoint behind Envoy and the bare gRPC servicer, integration off",
+    "fleet-webhook-calls.png": "Webhook calls of a fleet of 4 sidecars, each pod's own cache against the shared cache",
+    "latency-fleet-cache.png": "The sidecars' latency with the shared cache on: the pod's own cache, the fleet's, "
+                               "the webhook",
 }
 
 

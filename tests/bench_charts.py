@@ -56,5 +56,33 @@ def draw(charts: Mapping[str, tuple[str, Mapping[str, Sequence[float]]]], direct
     return written
 
 
+def draw_bars(bars: Mapping[str, tuple[str, Mapping[str, float]]], directory: Path = CHART_DIR) -> list[Path]:
+    """Write each bar chart (file name → (title, label → value)); the files written. Nothing
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (title, values) in bars.items():
+        figure, axes = plt.subplots(figsize=(8, 3.5), dpi=100)
+        labels, heights = list(values), list(values.values())
+        shown = axes.barh(labels, heights)
+        axes.bar_label(shown, labels=[f"{value:,.0f}" for value in heights], padding=3)
+        axes.invert_yaxis()
+        axes.set_xlim(0, max(heights, default=1) * 1.15)
+        axes.set_title(title, fontsize=10)
+        figure.tight_layout()
+        path = directory / name
+        figure.savefig(path, metadata={"Software": None})
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
 def _at(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -50,6 +50,8 @@ START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
 CHARTS: dict[str, tuple[str, dict[str, list[float]]]] = {}
 """Latency distributions to draw (``make bench``, tests/bench_charts.py): file name → (title,
 series name → latencies in ms)."""
+BARS: dict[str, tuple[str, dict[str, float]]] = {}
+"""Counts to draw as bars: file name → (title, bar label → value)."""
 
 
 # ----------------------------------------------------------------- helper processes
@@ -1536,6 +1538,14 @@ def shared_cache_rows(work: Path) -> list[Result]:
             entry_bytes = sum(client.memory_usage(key) or 0 for key in keys) / max(1, len(keys))
         off, on = runs["off"], runs["on"]
         per_off, per_on = off.calls / FLEET_USERS, on.calls / FLEET_USERS
+        BARS["fleet-webhook-calls.png"] = (
+            f"Webhook calls for {FLEET_USERS} users over {FLEET_SECONDS} s, {FLEET_PODS} sidecars, rule TTL "
+            f"{FLEET_TTL} s",
+            {"each pod's own cache": off.calls, "shared cache (Redis)": on.calls})
+        CHARTS["latency-fleet-cache.png"] = (
+            "The sidecars' own latency, shared cache on: where the answer came from",
+            {"the pod's own cache": on.latencies("local"), "the fleet's cache (Redis)": on.latencies("fleet"),
+             "the webhook (50 ms)": on.latencies("first")})
         loaded = sum(1 for c in on.checks.values() if not c.category.startswith("probe"))
         everything = [ms for cat in ("first", "fleet", "local") for ms in on.latencies(cat)]
         r = Result(f"fleet: {FLEET_PODS} sidecars, {FLEET_USERS} users, {FLEET_SECONDS} s, 50 ms webhook, TTL "
@@ -1699,6 +1709,10 @@ def main() -> int:
     text = table(results)
     print("\n" + text)
     print(f"\n({time.monotonic() - started:.0f} s)")
+    from tests.bench_charts import draw, draw_bars
+
+    for chart in [*draw(CHARTS), *draw_bars(BARS)]:  # what this run measured: each part draws its own
+        print(f"chart written to {chart.relative_to(ROOT)}")
     if args.markdown:
         block = (f"{START}\nMachine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
                  f"Command: `make bench` ({args.duration:g} s of saturating load per scenario; fixed-rate rows: "
@@ -1711,10 +1725,7 @@ def main() -> int:
             new = old.rstrip("\n") + "\n\n" + block + "\n"
         args.markdown.write_text(new)
         print(f"table written to {args.markdown}")
-        from tests.bench_charts import draw
 
-        for chart in draw(CHARTS):
-            print(f"chart written to {chart.relative_to(ROOT)}")
     return 0
 
 
