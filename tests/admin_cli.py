@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 
 from sidecar.admin import cli
 from sidecar.db import connect, read_rules
-from sidecar.rules.model import Rule
+from sidecar.rules.model import ActionType, ResponseAction, Rule
 
 
 def admin(db: Path, *args: str, actor: str = "alice", input: str | None = None,
@@ -48,3 +48,14 @@ def refused(result: Result, message: str, exit_code: int = 1) -> None:
     assert result.exit_code == exit_code, result.output
     assert result.stdout == ""
     assert result.stderr.splitlines()[-1] == f"Error: {message}"
+
+
+def store(key: str, name: str) -> ResponseAction:
+    """A ``store`` response action: keep the answer's value at ``key`` as ``%stored.NAME%``."""
+    return ResponseAction(type=ActionType.STORE, key=key, value=name)
+
+
+def rule(name: str, *, url: str = "https://hooks.example.com/check", headers: tuple[tuple[str, str], ...] = (),
+         stores: tuple[str, ...] = ()) -> Rule:
+    """A rule storing ``data.NAME`` as each of ``stores``."""
+    return Rule(name=name, url=url, headers=headers, actions=tuple(store(f"data.{s}", s) for s in stores))

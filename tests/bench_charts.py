@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
 
@@ -17,14 +18,11 @@ CHART_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
 def draw(charts: Mapping[str, tuple[str, Mapping[str, Sequence[float]]]], directory: Path = CHART_DIR) -> list[Path]:
     """Write each chart (file name → (title, series → latencies in ms)); the files written.
     Nothing when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no screen: files only
-        import matplotlib.pyplot as plt
-        from matplotlib import ticker
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
+    from matplotlib import ticker
+
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (title, series) in charts.items():
@@ -59,12 +57,8 @@ def draw(charts: Mapping[str, tuple[str, Mapping[str, Sequence[float]]]], direct
 def draw_bars(bars: Mapping[str, tuple[str, Mapping[str, float]]], directory: Path = CHART_DIR) -> list[Path]:
     """Write each bar chart (file name → (title, label → value)); the files written. Nothing
     when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -82,6 +76,18 @@ def draw_bars(bars: Mapping[str, tuple[str, Mapping[str, float]]], directory: Pa
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot drawing into files (no screen), or None when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def _at(ordered: Sequence[float], q: float) -> float:

@@ -280,3 +280,18 @@ def activity_paths(db: Path) -> list[str]:
     """The path of every activity-log row, in the order written."""
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return [path for (path,) in conn.execute("SELECT path FROM activity_log ORDER BY id")]
+
+
+def needed_program(program: str, package: str) -> str:
+    """``program``'s path. Missing: the test is skipped, except under CI (``make test`` installs
+    Debian's ``package`` as it installs chromium), where it fails."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which(program)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} (Debian {package}) is missing: `make test` installs it")
+        pytest.skip(f"{program} (Debian {package}) is not installed")
+    return found

@@ -9,8 +9,6 @@ started on loopback ports in a directory of their own, nothing persisted (``--sa
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,23 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from tests.helpers import free_port
+from tests.helpers import free_port, needed_program
 
 CLUSTER_SLOTS = 16384
 
 
 def redis_binary() -> str:
-    """``redis-server``'s path. Missing: the test is skipped, except under CI (``make test``
-    installs it as it installs chromium and h2load), where it fails."""
-    found = shutil.which("redis-server")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server (Debian redis-server) is missing: `make test` installs it")
-        pytest.skip("redis-server (Debian redis-server) is not installed")
-    return found
+    """``redis-server``'s path (``needed_program``)."""
+    return needed_program("redis-server", "redis-server")
 
 
 @dataclass

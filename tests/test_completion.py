@@ -27,7 +27,7 @@ from sidecar.admin import cli
 from sidecar.db import ActivityRecord, connect, insert_activity, transaction
 from sidecar.parameter_names import PARAMETERS
 from sidecar.policies import Policy
-from sidecar.rules.model import ActionType, ResponseAction, Rule
+from tests.admin_cli import rule
 from tests.conftest import seed
 from tests.helpers import ROOT
 
@@ -47,15 +47,6 @@ def tab(db: Path | None, *words: str, shell: str = "bash", env: dict[str, str | 
     if shell == "zsh":  # type, value, help: three lines each
         return [f"{value} -- {help_}" for value, help_ in zip(lines[1::3], lines[2::3], strict=True)]
     return [line.removeprefix("plain,") for line in lines if line]  # nothing offered: one empty line
-
-
-def store(key: str, name: str) -> ResponseAction:
-    return ResponseAction(type=ActionType.STORE, key=key, value=name)
-
-
-def rule(name: str, *, url: str = "https://hooks.example.com/check", headers: tuple[tuple[str, str], ...] = (),
-         stores: tuple[str, ...] = ()) -> Rule:
-    return Rule(name=name, url=url, headers=headers, actions=tuple(store(f"data.{s}", s) for s in stores))
 
 
 def five_rules(path: Path) -> Path:

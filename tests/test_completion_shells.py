@@ -9,8 +9,6 @@ this test is skipped, except under CI, where it fails.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.policies import Policy
+from tests.admin_cli import rule
 from tests.conftest import seed
-from tests.test_completion import rule
+from tests.helpers import needed_program
 
 PROMPT = "tab> "
 
@@ -35,20 +34,11 @@ RC = {
 }
 
 
-def needed(program: str, package: str) -> str:
-    found = shutil.which(program)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{program} (Debian {package}) is missing: `make test` installs it")
-        pytest.skip(f"{program} (Debian {package}) is not installed")
-    return found
-
-
 class Terminal:
     """One shell in a tmux session of its own (its own server socket), 120 columns wide."""
 
     def __init__(self, socket: Path, env: dict[str, str], command: list[str]) -> None:
-        self._tmux = [needed("tmux", "tmux"), "-S", str(socket)]
+        self._tmux = [needed_program("tmux", "tmux"), "-S", str(socket)]
         self._env = env
         self._run("-f", "/dev/null", "new-session", "-d", "-x", "120", "-y", "30", "-s", "t", *command)
 
@@ -85,7 +75,7 @@ class Terminal:
 @pytest.fixture
 def terminal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Terminal]:
     shell: str = request.param
-    needed(shell, shell)
+    needed_program(shell, shell)
     db = tmp_path / "rules.db"
     seed(db, [rule("posture"), rule("identity", stores=("tier",))],
          [Policy(name="web", hosts=("web.example.com",), rules=("identity", "posture"))])

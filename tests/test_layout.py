@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,13 @@ def test_the_server_loads_redis_only_for_a_shared_cache() -> None:
                           timeout=60, check=True)
     loaded = json.loads(done.stdout)
     assert [name for name in loaded if name == "redis" or name.startswith(("redis.", "sidecar.shared_cache"))] == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """What several test modules share lives in modules of its own (tests/helpers.py,
+    admin_cli.py, the *_harness and *_servers modules): importing a test module runs its
+    fixtures' module-level set-up and ties two modules' tests together."""
+    offending = sorted(
+        path.name for path in (ROOT / "tests").glob("*.py")
+        if re.search(r"^\s*(from\s+tests\.test_\w+\s+import|import\s+tests\.test_)", path.read_text(), re.M))
+    assert offending == []

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +32,7 @@ from sidecar.decision import Code
 from sidecar.policies import Policy
 from sidecar.rules.model import Rule
 from tests.conftest import ACTIVE, answer, check_request, seed
-from tests.helpers import OK, ROOT, code_of, eventually, free_port, metric, ops_get
+from tests.helpers import OK, ROOT, code_of, eventually, free_port, metric, needed_program, ops_get
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 WEBHOOK_DELAY = 0.25
@@ -160,12 +158,7 @@ async def test_a_check_cut_short_by_the_grace_period_is_recorded(db: Path, start
 
 @pytest.fixture(scope="module")
 def h2load() -> str:
-    found = shutil.which("h2load")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("h2load (Debian nghttp2-client) is missing: `make test` installs it")
-        pytest.skip("h2load (Debian nghttp2-client) is not installed")
-    return found
+    return needed_program("h2load", "nghttp2-client")
 
 
 @contextlib.contextmanager
