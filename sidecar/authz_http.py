@@ -3,7 +3,8 @@ nginx ``auth_request``, Caddy ``forward_auth`` and Traefik ``forwardAuth`` ask.
 
 aiohttp's low-level server: no router and no middleware on the path of a check, keep-alive,
 the request line, each header and their number bounded (past a bound aiohttp answers 400, which
-every proxy takes as a denial). A body is never read: no check needs one. A request whose
+every proxy takes as a denial). A body is never kept (no check needs one): aiohttp reads past
+it to the next request on the connection. A request whose
 client goes away (the proxy's timeout) is cancelled with its webhook calls and recorded as
 ``caller_gone``. The same ``Pipeline`` as the gRPC listener decides: same codes, reasons,
 activity log rows, traces and metrics.
@@ -23,8 +24,6 @@ from .decision import Decision
 from .http_edge import HttpEdgeConfig
 from .pipeline import INTERNAL, Pipeline
 from .settings import split_host_port
-
-log = logging.getLogger(__name__)
 
 MAX_LINE = 16 * 1024
 """The request line (the client's path and query, with Envoy's ``path_prefix``)."""
