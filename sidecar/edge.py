@@ -109,6 +109,16 @@ def _context_extensions(attrs: Any) -> Mapping[str, str]:
     return dict(attrs.context_extensions) if attrs.context_extensions else EMPTY
 
 
+def usable_request_id(request_id: str) -> str:
+    """``request_id``, or a fresh one when it is empty, long or not a printable ASCII line.
+    Envoy keeps an internal client's own x-request-id (and a forward-auth proxy may pass any),
+    and it goes on into dynamic metadata, the 403 body and the activity log. Length first, so a
+    long one is refused without being scanned."""
+    if 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable():
+        return request_id
+    return uuid.uuid4().hex
+
+
 def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filters.http.jwt_authn",
                  jwt_payload_key: str = "jwt_payload") -> RequestAttributes:
     """The attributes of a CheckRequest as plain values. Absent fields become empty values.
@@ -132,12 +142,7 @@ def read_request(request: pb.CheckRequest, *, jwt_namespace: str = "envoy.filter
     path, _, query = (http.path or headers.get(":path", "/")).partition("?")
     # x-request-id (set by Envoy, traceable in its access log and the app) rather than http.id,
     # which is only Envoy's internal stream id.
-    request_id = headers.get(REQUEST_ID_HEADER) or http.id
-    # Envoy keeps an internal client's own x-request-id, and it goes on into dynamic metadata,
-    # the 403 body and the activity log: one that is long or not a printable ASCII line gets a
-    # fresh id. Length first, so a long one is refused without being scanned.
-    if not (0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable()):
-        request_id = uuid.uuid4().hex
+    request_id = usable_request_id(headers.get(REQUEST_ID_HEADER) or http.id)
     # Positional, in RequestAttributes' field order (half the cost of keywords, on every check):
     # request_id, method, host, path, query, scheme, protocol, headers, source, destination,
     # sni, jwt_payload, context_extensions.

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import socket
-import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -43,7 +41,7 @@ from aiohttp import web
 
 from .attributes import Peer, RequestAttributes
 from .decision import Decision, result_name
-from .edge import CODE_HEADER, MAX_REQUEST_ID_LENGTH, REASON_HEADER, REQUEST_ID_HEADER, sanitize_reason
+from .edge import CODE_HEADER, REASON_HEADER, REQUEST_ID_HEADER, sanitize_reason, usable_request_id
 
 Profile = Literal["envoy", "forward-auth"]
 
@@ -144,14 +142,8 @@ def client_certificate(value: str) -> str:
     body = unquote(value).partition(",")[0].strip()
     if not _BASE64.fullmatch(body):
         return ""
-    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(textwrap.wrap(body, 64)) + "\n-----END CERTIFICATE-----\n"
-
-
-def _request_id(headers: Mapping[str, str]) -> str:
-    request_id = headers.get(REQUEST_ID_HEADER, "")
-    if 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable():
-        return request_id
-    return os.urandom(16).hex()
+    lines = "\n".join(body[i:i + 64] for i in range(0, len(body), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
 def read_request(method: str, target: str, raw_headers: Iterable[tuple[str, str]],
@@ -180,7 +172,7 @@ def _envoy(method: str, target: str, headers: dict[str, str], trusted: Mapping[s
         source = source._replace(certificate=certificate)
     sni = trusted.get(SNI_HEADER, "")
     return RequestAttributes(
-        _request_id(headers), method, headers.get("host", ""), path, query,
+        usable_request_id(headers.get(REQUEST_ID_HEADER, "")), method, headers.get("host", ""), path, query,
         headers.get("x-forwarded-proto", ""), "", headers, source, _address(trusted.get(DESTINATION_HEADER, "")),
         sni)
 
@@ -192,7 +184,7 @@ def _forward_auth(method: str, target: str, headers: dict[str, str], config: Htt
     if config.client_cert_header:
         certificate = client_certificate(headers.pop(config.client_cert_header, ""))
     return RequestAttributes(
-        _request_id(headers), headers.get("x-forwarded-method") or method,
+        usable_request_id(headers.get(REQUEST_ID_HEADER, "")), headers.get("x-forwarded-method") or method,
         headers.get("x-forwarded-host") or headers.get("host", ""), path, query,
         headers.get("x-forwarded-proto", ""), "", headers, Peer(ip, 0, ip, "", certificate))
 

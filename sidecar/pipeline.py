@@ -75,7 +75,8 @@ def _no_deadline() -> float | None:
 
 
 class Pipeline:
-    def __init__(self, checker: Checker, activity: ActivityLog, admission: Admission, trace_mode: str) -> None:
+    def __init__(self, checker: Checker, activity: ActivityLog, admission: Admission,
+                 trace_mode: trace.TraceMode) -> None:
         self._checker = checker
         self._activity = activity
         self._admission = admission

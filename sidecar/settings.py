@@ -26,6 +26,7 @@ from .rules.secrets import (
     is_reference,
     parse_secret_dirs,
 )
+from .rules.trace import TraceMode
 
 _IDENTITY = IdentityConfig()
 MAX_CHECKS_IN_PROGRESS = 1024
@@ -107,7 +108,7 @@ class Settings(BaseSettings):
         None, gt=0, description="delete activity log rows older than this many days (off when unset)")
     activity_retention_rows: int | None = Field(
         None, ge=1, description="keep at most this many activity log rows, the newest (off when unset)")
-    trace: Literal["denied", "all", "off"] = Field(
+    trace: TraceMode = Field(
         "denied", description="keep the evidence behind decisions (each rule's request, answer, outcome; "
         "safous-admin explain): for denials and audit denials, every decision, or none")
     max_checks_in_progress: int = Field(

@@ -58,6 +58,8 @@ def secret_parts(request: CompiledRequest) -> frozenset[str]:
 
 _NO_PARTS: frozenset[str] = frozenset()
 
+TraceMode = Literal["denied", "all", "off"]
+"""Which decisions keep their trace (``--trace``): denials and audit denials, all, none."""
 Source = Literal["call", "shared", "cache", "fleet", "not sent", "not run"]
 """How a rule's outcome came about: its own webhook call; a call another check was already
 making for an identical request (single flight: the request this check would have sent, and
