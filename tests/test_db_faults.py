@@ -32,7 +32,7 @@ from sidecar import db as rules_db
 from sidecar import logs
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from sidecar.activity import ActivityLog
-from sidecar.db import ActivityRecord, admin_transaction, connect, connection, save_policy, set_enabled
+from sidecar.db import ActivityRecord, DatabaseFile, admin_transaction, connect, connection, save_policy, set_enabled
 from sidecar.logs import decision_from_log_line
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
@@ -427,6 +427,46 @@ async def test_rules_db_replaced_under_workers_is_followed_by_each(tmp_path: Pat
     # Each worker writes its own batches: the order is the workers' flushes, not the checks'.
     assert sorted(p for p in in_new if p.startswith("/new-")) == sorted(f"/new-{i}" for i in range(40))
     assert not any(p.startswith("/old-") for p in in_new)
+
+
+def test_rules_db_replaced_after_its_connections_all_closed_once_stays_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's connections all close once (a reload error, the activity writer
+    reconnecting, start-up with --bundle): SQLite removes -wal and -shm, and the next opening
+    makes new ones. When rules.db is replaced after that, with another reader keeping the old
+    file's writes in its WAL, the new file is still opened with a WAL of its own."""
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 100)  # the checkpoint the reader stops
+    db = tmp_path / "rules.db"
+    seed(db, [], [A])
+    rules = DatabaseFile.at(db).connection()
+    try:
+        with rules.use():
+            pass
+        rules.close()  # the last connection: -wal and -shm are removed
+        # ext4 gives the inodes just freed to the next files made: these take them, so that
+        # the new -wal and -shm get others, as they do on a filesystem in use.
+        for name in ("taken-1", "taken-2"):
+            (tmp_path / name).touch()
+        with rules.use():
+            pass
+        reader = sqlite3.connect(db, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM policies").fetchone()  # the checkpoint stops short
+            with rules.use() as conn, admin_transaction(conn, "test"):
+                for policy in many_policies(50):
+                    save_policy(conn, policy)
+            new = tmp_path / "new.db"
+            seed(new, [], [B])
+            os.replace(new, db)
+            with rules.use() as conn:
+                assert [n for (n,) in conn.execute("SELECT name FROM policies")] == ["b"]
+        finally:
+            reader.close()
+    finally:
+        rules.close()
+    assert integrity(db) == [("ok",)]
+    assert query_one(db, "SELECT group_concat(name) FROM policies") == "b"
 
 
 async def test_cp_over_a_live_rules_db_is_reported_and_restore_repairs_it(

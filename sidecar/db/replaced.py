@@ -109,7 +109,8 @@ class DatabaseFile:
         self.path = path
         self._lock = _SharedExclusive()
         self._identity: tuple[int, int] | None = None
-        # The -wal and -shm of that file as first seen beside it: only those are removed.
+        # The -wal and -shm of that file as seen beside it since its connections last opened:
+        # only those are removed.
         self._companions: dict[str, tuple[int, int]] = {}
         self._connections: set[FileConnection] = set()
         # A connection that can write, kept beside the others while any is open: through it
@@ -187,6 +188,10 @@ class DatabaseFile:
     def _joined(self, connection: FileConnection) -> None:
         """Holding the exclusive lock: ``connection`` is open on the file; so is the writer."""
         with self._members:
+            if not self._connections:
+                # The first since all closed: SQLite removed -wal and -shm at the last close,
+                # and this opening made new ones (other inodes) that step 3 must remove.
+                self._companions = {}
             self._connections.add(connection)
             if self._writer is None:
                 with contextlib.suppress(StoreError):
