@@ -27,7 +27,7 @@ from sidecar.admin import cli
 from sidecar.db import ActivityRecord, connect, insert_activity, transaction
 from sidecar.parameter_names import PARAMETERS
 from sidecar.policies import Policy
-from tests.admin_cli import rule
+from tests.admin_cli import admin, rule
 from tests.conftest import seed
 from tests.helpers import ROOT
 
@@ -280,6 +280,16 @@ def test_an_old_schema_is_read_as_it_is_never_migrated(tmp_path: Path) -> None:
     assert tab(path, "policy", "show", "") == []  # no policies table yet
     assert tab(path, "rule", "add", "new", "--header", "X=%stored.") == []
     assert (files(tmp_path), path.read_bytes()) == before
+
+
+def test_a_disabled_rule_stores_nothing_to_complete(own_db: Path) -> None:
+    """A disabled rule never runs: ``rule edit`` refuses its stored names, so Tab offers none."""
+    assert admin(own_db, "rule", "disable", "identity").exit_code == 0
+    assert tab(own_db, "rule", "edit", "score", "--header", "X=%stored.") == []  # web: identity alone stored
+    assert tab(own_db, "rule", "add", "new", "--header", "X=%stored.") == [
+        "X=%stored.posture%", "X=%stored.tier%", "X=%stored.verdict%"]
+    refused = admin(own_db, "rule", "edit", "score", "--header", "X=%stored.token%")
+    assert refused.exit_code == 1
 
 
 def test_a_closed_db_is_read_without_leaving_a_file_or_a_change(own_db: Path) -> None:

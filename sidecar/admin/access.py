@@ -20,13 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar import db
-from sidecar.db import BundleState, StoredPolicy, StoredRule
-from sidecar.rules.secrets import SecretPolicy
 
-from .display import warn
 from .validation import AdminError, not_found
+
+if TYPE_CHECKING:  # names only: every command builds an Admin, `completion` and a Tab included
+    from sidecar.db import BundleState, StoredPolicy, StoredRule
+    from sidecar.rules.secrets import SecretPolicy
 
 __all__ = ["Admin", "one_policy", "one_rule"]
 
@@ -66,6 +68,8 @@ class Admin:
         finally:
             conn.close()
         if pending:
+            from .display import warn
+
             warn(f"rules.db {self.db} has an older schema ({pending} not applied): shown as it is; the "
                  "sidecar or a writing command of this version brings it up to date")
 

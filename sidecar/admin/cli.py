@@ -58,18 +58,20 @@ class _AdminGroup(click.Group):
     """Translates domain errors into click's one-line errors, for every command below it."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from sidecar.exchange import InvalidContent
-
         try:
             return super().invoke(ctx)
         except AdminError as exc:
             raise (_ConfigurationFailure if exc.exit_code == 2 else click.ClickException)(str(exc)) from None
-        except InvalidContent as exc:
-            raise click.ClickException(str(exc)) from None
-        except db.StoreError as exc:
-            raise click.ClickException(str(exc)) from None
         except sqlite3.Error as exc:  # a BEGIN or COMMIT the store did not word
             raise click.ClickException(f"rules.db: {exc}") from None
+        except Exception as exc:
+            # Loaded only once a command failed: `completion`, a Tab and --help never pay for
+            # sidecar.exchange (pydantic, cryptography: ~160 ms).
+            from sidecar.exchange import InvalidContent
+
+            if isinstance(exc, InvalidContent | db.StoreError):
+                raise click.ClickException(str(exc)) from None
+            raise
 
 
 # ----------------------------------------------------------------------------- root

@@ -98,7 +98,8 @@ def _names(conn: sqlite3.Connection, table: Literal["rules", "policies"], prefix
 
 def stored_names(conn: sqlite3.Connection, rule: str | None) -> list[str]:
     """The names the rule ``rule`` can use as ``%stored.NAME%``, sorted: those stored by an
-    earlier rule in every policy that uses it (``rule edit`` refuses any other). For a rule
+    earlier enabled rule in every policy that uses it (``rule edit`` refuses any other; a
+    disabled rule never runs, so stores nothing). For a rule
     that no policy uses yet, or ``None`` (a rule being added), those that any rule stores: a
     policy may list it after that rule. Raises ``StoreError``."""
     with translated("cannot read stored value names"):
@@ -109,12 +110,12 @@ def stored_names(conn: sqlite3.Connection, rule: str | None) -> list[str]:
             return [name for (name,) in conn.execute(
                 f"SELECT DISTINCT {_STORED_BY} AS name FROM rules r, {_ACTIONS_OF} "
                 # Most rules store nothing: LIKE skips them before their JSON is parsed.
-                "WHERE r.actions LIKE '%store%' ORDER BY name") if isinstance(name, str)]
+                "WHERE r.enabled AND r.actions LIKE '%store%' ORDER BY name") if isinstance(name, str)]
         usable: set[str] | None = None
         for policy_id, position in places:
             earlier = {name for (name,) in conn.execute(
                 f"SELECT {_STORED_BY} AS name FROM policy_rules pr JOIN rules r ON r.id = pr.rule_id, "
-                f"{_ACTIONS_OF} WHERE pr.policy_id = ? AND pr.position < ?",
+                f"{_ACTIONS_OF} WHERE pr.policy_id = ? AND pr.position < ? AND r.enabled",
                 (policy_id, position))}
             usable = earlier if usable is None else usable & earlier
         return sorted(name for name in usable or () if isinstance(name, str))
