@@ -233,6 +233,22 @@ def test_restore_refuses_a_rules_db_of_a_newer_version(db: Path, tmp_path: Path,
     untouched()
 
 
+def test_restore_refuses_a_backup_whose_audit_log_is_not_kept(db: Path, tmp_path: Path, untouched: Any) -> None:
+    """A backup with the audit triggers dropped would leave rules.db unaudited once restored."""
+    unaudited = tmp_path / "unaudited.db"
+    seed(unaudited, [], [open_policy("b")])
+    conn = sqlite3.connect(unaudited)
+    for (trigger,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'audit%'"
+                                   ).fetchall():
+        conn.execute(f"DROP TRIGGER {trigger}")
+    conn.close()
+
+    refused(admin(db, "restore", str(unaudited)),
+            f"{unaudited} is not a rules.db backup this version can restore: its schema is not the one its "
+            "migrations make (trigger audit_log_no_delete is missing)")
+    untouched()
+
+
 def test_restore_refuses_a_bundle_managed_rules_db_unless_forced(db: Path, tmp_path: Path) -> None:
     seed(db, [], [open_policy("a")])
     backup = tmp_path / "backup.db"

@@ -53,7 +53,8 @@ def restore(admin: Admin, source: Path) -> None:
     """Put a backup back into rules.db, while the sidecar runs.
 
     IN (from `safous-admin backup`, or any rules.db) is checked first: a SQLite database that
-    passes its integrity check and that this version can bring up to date. Its pages are then
+    passes its integrity check and that this version can bring up to date, to exactly the
+    schema its migrations make (no trigger of the audit log dropped). Its pages are then
     written into rules.db through SQLite, in one transaction: the sidecar serves its rules
     within --reload-interval, and nothing is corrupted, as a cp over the live file would be.
     A bundle-managed rules.db is refused unless --force.

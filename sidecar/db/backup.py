@@ -11,7 +11,9 @@ rules), and no file is ever paired with another's ``-wal``, as ``mv`` and ``cp``
 
 The backup is checked first (a SQLite database, ``integrity_check`` ok, a rules.db whose
 migrations this version knows), copied to a scratch file beside rules.db and brought up to the
-current schema there; what is written into rules.db is that copy, with:
+current schema there, which must then be exactly the one the migrations make (a backup with the
+audit triggers dropped would leave rules.db unaudited); what is written into rules.db is that
+copy, with:
 
 - the rules, policies and bundle state of the backup: that is the point;
 - the audit log: the backup's rows, then the rows of rules.db that the backup lacks, then one
@@ -32,6 +34,7 @@ backup's own source connection, which SQLite carries into the backup under way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import tempfile
@@ -283,13 +286,49 @@ def _checked_copy(backup: Path, scratch: Path) -> sqlite3.Connection:
         except StoreError as exc:
             raise StoreError(f"{refused}: {exc}") from None
         with translated(refused):
+            difference = _schema_difference(_schema(copy), _current_schema())
             broken = copy.execute("PRAGMA foreign_key_check").fetchone()
+        if difference:
+            raise StoreError(f"{refused}: its schema is not the one its migrations make ({difference})")
         if broken is not None:
             raise StoreError(f"{refused}: a row of {broken[0]} refers to a row of {broken[2]} that does not exist")
     except BaseException:
         copy.close()
         raise
     return copy
+
+
+_Schema = dict[tuple[str, str], str | None]
+
+
+def _schema(conn: sqlite3.Connection) -> _Schema:
+    """Every table, index, view and trigger: (type, name) -> its SQL, as SQLite keeps it."""
+    return {(kind, name): sql for kind, name, sql in conn.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+
+
+@functools.cache
+def _current_schema() -> _Schema:
+    """The schema the migrations make. A backup brought up to date must have exactly this one:
+    a trigger dropped from it (the audit log's, say) would leave rules.db unaudited."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn)
+        return _schema(conn)
+    finally:
+        conn.close()
+
+
+def _schema_difference(found: _Schema, expected: _Schema) -> str:
+    """The first difference between two schemas, in words; "" when they are the same."""
+    for kind, name in sorted(found.keys() | expected.keys()):
+        if (kind, name) not in found:
+            return f"{kind} {name} is missing"
+        if (kind, name) not in expected:
+            return f"{kind} {name} is not part of it"
+        if found[kind, name] != expected[kind, name]:
+            return f"{kind} {name} is not as they create it"
+    return ""
 
 
 def _integrity_problems(conn: sqlite3.Connection) -> str:
