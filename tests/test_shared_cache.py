@@ -20,10 +20,14 @@ from aiohttp import web
 from sidecar.admin.display import trace_report
 from sidecar.db import connect, read_trace
 from sidecar.policies import Policy
+from sidecar.rules.fleet import Found
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from sidecar.server import Sidecar
 from sidecar.settings import Settings
-from sidecar.shared_cache.sealing import FleetKeys
+from sidecar.shared_cache import Breaker, RedisStore
+from sidecar.shared_cache._redis import MAX_VALUE_BYTES
+from sidecar.shared_cache._redis import connect as redis_client
+from sidecar.shared_cache.sealing import OVERHEAD, FleetKeys
 from tests.certs import make_tls_dir
 from tests.conftest import ACTIVE, StartSidecar, check_request, seed
 from tests.helpers import OK, PERMISSION_DENIED, code_of, eventually, free_port, metric, ops_get, start_server
@@ -307,6 +311,48 @@ async def test_a_full_redis_costs_nothing_but_its_errors(fleet, serve: Serve, au
             client.config_set("maxmemory", 0)
     assert [code_of(r) for r in answers] == ["allowed", "value_mismatch", "allowed"]
     assert shared(pod, "safous_shared_cache_errors_total") >= 3
+
+
+# ------------------------------------------------------------------------- what a pod writes
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+async def stores(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two pods' stores on ``redis_server`` (emptied), their clocks stopped at NOW."""
+    with redis_server.client() as client:
+        client.flushall()
+    pods = tuple(RedisStore(redis_client(redis_server.url, cluster=False, password=None, ca_bundle=None),
+                            FleetKeys(SECRET.encode()), budget=1.0, breaker=Breaker(1.0), clock=lambda: NOW)
+                 for _ in range(2))
+    yield pods[0], pods[1]
+    for pod in pods:
+        await pod.close()
+
+
+async def test_a_publish_past_its_expiry_lets_go_of_the_lock(stores: tuple[RedisStore, RedisStore]) -> None:
+    pod_a, pod_b = stores
+    calling = pod_a.entry(b"alice")
+    assert await calling.claim(60) == "held"
+    assert await pod_b.entry(b"alice").claim(60) == "busy"
+    await calling.publish(b"an answer", NOW - 1)  # its lifetime passed during the call: not stored
+    assert await pod_b.entry(b"alice").claim(60) == "held"  # the lock let go, not held for 60 s
+
+
+async def test_a_value_too_large_once_sealed_is_not_shared(
+        stores: tuple[RedisStore, RedisStore], redis_server: RedisServer) -> None:
+    pod_a, pod_b = stores
+    largest = b"x" * (MAX_VALUE_BYTES - OVERHEAD)
+    for name, value in ((b"alice", largest + b"x"), (b"bob", largest)):
+        calling = pod_a.entry(name)
+        assert await calling.claim(60) == "held"
+        await calling.publish(value, NOW + 60)
+    with redis_server.client() as client:
+        assert [client.strlen(key) for key in client.keys("*")] == [MAX_VALUE_BYTES]  # bob's; alice's lock let go
+    assert await pod_b.entry(b"alice").claim(60) == "held"
+    assert await pod_b.entry(b"bob").claim(60) == Found(largest, NOW + 60)
+    assert pod_b.rejected == 0
 
 
 # ------------------------------------------------------------------------- Redis goes away

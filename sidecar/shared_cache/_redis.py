@@ -37,7 +37,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..rules import EvaluatorMetric
 from ..rules.fleet import Claim, Found
 from ._breaker import STATE_VALUES, Breaker
-from .sealing import FleetKeys, Rejected
+from .sealing import OVERHEAD, FleetKeys, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ IO_SECONDS = 1.0
 """What an operation may take in the background once its caller stopped waiting (connect, read)."""
 WARN_EVERY = 10.0
 MAX_VALUE_BYTES = 256 << 10
-"""The largest value shared or read: an outcome's reason and stored values are far smaller."""
+"""The largest sealed value shared or read: an outcome's reason and stored values are far smaller."""
 
 # KEYS: value, lock. ARGV: a new lock token, the lock's lifetime (ms), a value to discard ("" for
 # none), the largest value returned. Answers the value, or 1 (lock taken) / 0 (another pod holds
@@ -170,12 +170,12 @@ class RedisStore:
         return "unavailable"
 
     async def publish(self, entry: RedisEntry, value: bytes, expires_at: float) -> None:
-        if len(value) > MAX_VALUE_BYTES:
-            await self.release(entry)
-            return
         expires_ms = int(expires_at * 1000)
         lifetime_ms = expires_ms - int(self._clock() * 1000)
-        if lifetime_ms <= 0:
+        # The claim script bounds the sealed value: one it would find oversized is not written,
+        # and the lock is let go (else the others see "busy" for the lock's whole lifetime).
+        if len(value) + OVERHEAD > MAX_VALUE_BYTES or lifetime_ms <= 0:
+            await self.release(entry)
             return
         sealed = self._keys.seal(entry.name, value, expires_ms)
         await self._run(self._script, _PUBLISH, entry.keys, sealed, lifetime_ms, entry.token)
