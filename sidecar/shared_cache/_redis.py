@@ -16,6 +16,15 @@ within ``IO_SECONDS``, so that a slow connect is not started over and over); at 
 removed; an answer of an unexpected type is an error. Errors (redis-py's, the socket's, a
 budget passed) are counted and translated into ``unavailable`` here, at the boundary; a
 ``Breaker`` stops asking for ``--shared-cache-breaker-seconds`` after 5 failures in a row.
+
+A hostile writer is bounded by the claim script (``MAX_VALUE_BYTES``); a hostile server is not:
+redis-py reads a reply whole (a bulk string, an array, however long its header says) before its
+type and length are checked here, and has no limit to set. Only time bounds it: the check waits
+``budget`` at most, and the read goes on in the background for ``IO_SECONDS`` at most (the
+socket timeout and ``_background``'s), on ``CONNECTIONS`` connections at most. So such a server
+can make a pod hold a few times what it sends in ``IO_SECONDS`` (an array of small elements
+costs more as Python objects than on the wire), freed when the operation fails; after 5 such
+failures in a row the breaker stops asking. redis-py's parser is used as it is, not patched.
 """
 
 from __future__ import annotations
