@@ -215,12 +215,14 @@ async def test_a_rule_edit_is_never_answered_from_the_old_rules_entries(fleet, s
     assert shared(pod_a, "safous_shared_cache_hits_total") == 1
 
 
+async def down(request: web.Request) -> web.Response:
+    """A webhook in maintenance: every call fails (``webhook_status``)."""
+    return web.json_response({"error": "maintenance"}, status=503)
+
+
 @pytest.mark.parametrize("failure_ttl", [1.5, 0])
 async def test_a_failed_call_is_shared_for_the_failure_ttl_at_most(
         fleet, serve: Serve, authz, redis_server: RedisServer, failure_ttl: float) -> None:
-    async def down(request: web.Request) -> web.Response:
-        return web.json_response({"error": "maintenance"}, status=503)
-
     api = await serve(down)
     pods = [await fleet([posture(api.url)], cache_failure_ttl=failure_ttl) for _ in range(2)]
     assert code_of(await authz(pods[0].port).Check(user("alice"))) == "webhook_status"
@@ -241,6 +243,20 @@ async def test_a_failed_call_is_shared_for_the_failure_ttl_at_most(
         assert calls(api) == 1 and shared(pods[1], "safous_shared_cache_hits_total") == 1
     else:
         assert calls(api) == 2  # not shared at all
+
+
+async def test_a_pod_with_failure_ttl_0_calls_rather_than_use_another_pods_failure(
+        fleet, serve: Serve, authz, redis_server: RedisServer) -> None:
+    api = await serve(down)
+    sharing = await fleet([posture(api.url)], cache_failure_ttl=60)
+    not_caching = await fleet([posture(api.url)], cache_failure_ttl=0)
+    assert code_of(await authz(sharing.port).Check(user("alice"))) == "webhook_status"
+    with redis_server.client() as client:
+        await eventually(lambda: [k for k in client.keys("*") if not k.endswith(b":lock")], what="pod A's write")
+    for path in ("/1", "/2"):
+        assert code_of(await authz(not_caching.port).Check(user("alice", path))) == "webhook_status"
+    assert calls(api) == 3  # pod B called each time: it kept neither pod A's failure nor its own
+    assert shared(not_caching, "safous_shared_cache_hits_total") == 0
 
 
 # --------------------------------------------------------------------------- untrusted storage

@@ -332,7 +332,7 @@ class WebhookEvaluator:
         it may be: asked of the fleet first when there is one (``fleet.FleetCache.fetch``)."""
         if self.fleet is not None and rule.rule.cache_ttl > 0:
             outcome, ttl = await self.fleet.fetch(
-                rule.name, rule.fingerprint, request, ttl=rule.rule.cache_ttl, timeout=rule.timeout,
+                rule.name, rule.fingerprint, request, timeout=rule.timeout,
                 actions=rule.rule.actions, secret_parts=rule.secret_parts,
                 lifetime=functools.partial(self._lifetime, rule), call=lambda: self._call_observed(rule, request))
         else:

@@ -6,9 +6,11 @@ webhook. The first pod to miss takes the entry's lock for the rule's timeout and
 others poll for its answer (``POLL_SECONDS``, doubling) until the rule's timeout, then call
 themselves; a holder that dies lets go by the lock's expiry, and the next poll takes it. An
 answer from the fleet is kept locally for the rest of its lifetime, never longer, and never
-longer than the rule's TTL. What is shared is what the pod's cache keeps (the outcome, its
-code and reason, the stored values), with the same lifetimes: a failed call lives at most
-``--cache-failure-ttl``, and is not shared at all when that is 0.
+longer than this pod keeps an answer of its own call (the rule's TTL; for a failed call, this
+pod's ``--cache-failure-ttl``: with 0, it calls rather than use another pod's failure). What is
+shared is what the pod's cache keeps (the outcome, its code and reason, the stored values),
+with the same lifetimes: a failed call lives at most ``--cache-failure-ttl``, and is not shared
+at all when that is 0.
 
 The store (``SharedStore``, implemented over Redis by ``sidecar.shared_cache``) makes an
 untrusted server trustworthy: it names, seals and verifies entries, bounds every operation in
@@ -158,24 +160,25 @@ class FleetCache:
                               "release cannot read (not used)", "counter", self.undecodable)
         yield from self.store.metrics()
 
-    async def fetch(self, rule: str, fingerprint: bytes, request: WebhookRequest, *, ttl: float, timeout: float,
+    async def fetch(self, rule: str, fingerprint: bytes, request: WebhookRequest, *, timeout: float,
                     actions: tuple[ResponseAction, ...], secret_parts: frozenset[str],
                     lifetime: Callable[[RuleOutcome], float],
                     call: Callable[[], Awaitable[RuleOutcome]]) -> tuple[RuleOutcome, float]:
-        """The outcome of ``request`` for the rule named ``rule`` (its ``fingerprint``, cache
-        TTL ``ttl`` seconds, ``timeout``, response ``actions``), whose own cache missed, and how
-        many seconds to keep it there: from the fleet, or from ``call`` (the webhook), whose
-        outcome is then shared for ``lifetime(outcome)`` seconds. ``secret_parts``: the parts
-        of the request a trace must not show (``trace.RuleTrace.keep_request``). Raises only
-        what ``call`` raises (and cancellation)."""
+        """The outcome of ``request`` for the rule named ``rule`` (its ``fingerprint``,
+        ``timeout``, response ``actions``), whose own cache missed, and how many seconds to keep
+        it there: from the fleet (for ``lifetime(outcome)`` at most), or from ``call`` (the
+        webhook), whose outcome is then shared for ``lifetime(outcome)`` seconds. ``lifetime``:
+        how long this pod keeps an outcome of its own call (the rule's TTL, its failure TTL).
+        ``secret_parts``: the parts of the request a trace must not show
+        (``trace.RuleTrace.keep_request``). Raises only what ``call`` raises (and cancellation)."""
         entry = self.store.entry(request_material(fingerprint, request))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline, pause, waited, looked = started + timeout, POLL_SECONDS, False, False
+        deadline, pause, waited = started + timeout, POLL_SECONDS, False
         while True:
             claim = await entry.claim(timeout + MAX_POLL_SECONDS)
             if isinstance(claim, Found):
-                kept = self._found(claim, ttl)
+                kept = self._found(claim, lifetime)
                 if kept is not None:
                     noted = trace.note(rule, "fleet", actions, failure=kept[0].failure,
                                        failed_action=kept[0].failed_action)
@@ -183,10 +186,11 @@ class FleetCache:
                         noted.keep_request(request, secret_parts)
                         noted.pod, noted.seconds = kept[2], loop.time() - started
                     return kept[0], kept[1]
-                claim = "unavailable"  # sealed by the fleet, yet unreadable: call, and overwrite it
-            elif claim != "unavailable" and not looked:
+                # Unreadable, or not to be kept here (a failure, and this pod's failure TTL is 0):
+                # call, as without it; an answer to share overwrites it.
+                claim = "unavailable"
+            elif claim != "unavailable" and not waited:
                 self.misses += 1
-            looked = True
             if claim != "busy" or loop.time() + pause > deadline:
                 break
             if not waited:
@@ -208,7 +212,7 @@ class FleetCache:
             self._spawn(entry.release())
         return outcome, seconds
 
-    def _found(self, found: Found, ttl: float) -> tuple[RuleOutcome, float, str] | None:
+    def _found(self, found: Found, lifetime: Callable[[RuleOutcome], float]) -> tuple[RuleOutcome, float, str] | None:
         """The outcome in ``found``, how long to keep it, and whose call it was; None when it
         cannot be used."""
         decoded = decode(found.value)
@@ -216,8 +220,9 @@ class FleetCache:
             self.undecodable += 1
             return None
         outcome, pod = decoded
-        # Never past the entry's expiry, nor past this rule's TTL (the other pod's clock may run ahead).
-        seconds = min(found.expires_at - self._clock(), ttl)
+        # Never past the entry's expiry, nor longer than this pod keeps its own call's outcome:
+        # the other pod's clock may run ahead, and its failure TTL may be longer.
+        seconds = min(found.expires_at - self._clock(), lifetime(outcome))
         if seconds <= 0:
             return None
         self.hits += 1
