@@ -149,6 +149,16 @@ async def test_two_sidecars_make_one_webhook_call_per_user(fleet, serve: Serve, 
         assert clear not in held
 
 
+async def test_a_fleet_answer_names_the_pod_by_its_pod_name(fleet, serve: Serve, authz) -> None:
+    api = await serve(directory())
+    pod_a, pod_b = await fleet([posture(api.url)], pod_name="pod-a"), await fleet([posture(api.url)])
+    await authz(pod_a.port).Check(user("alice"))
+    assert code_of(await authz(pod_b.port).Check(user("alice", "/b"))) == "allowed"
+    await eventually(lambda: pod_b.activity.written == 1)
+    [rule] = trace_of(pod_b.settings.db, "req-b")["rules"]
+    assert (rule["source"], rule["pod"]) == ("fleet", "pod-a")
+
+
 async def test_a_burst_on_three_pods_makes_one_call_and_waiters_get_the_holders_answer(
         fleet, serve: Serve, authz) -> None:
     release = asyncio.Event()

@@ -8,7 +8,6 @@ within a time budget, behind a circuit breaker (``_breaker``). The evaluate stag
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 from ..rules.fleet import FleetCache
@@ -38,5 +37,5 @@ def fleet_cache(settings: Settings) -> FleetCache | None:
                      ca_bundle=ca_bundle)
     store = RedisStore(client, keys, budget=settings.shared_cache_timeout,
                        breaker=Breaker(settings.shared_cache_breaker_seconds))
-    # The pod's name in Kubernetes: what a trace shows as whose call answered.
-    return FleetCache(store, socket.gethostname())
+    # What a trace shows as whose call answered: the name the fleet's activity log knows it by.
+    return FleetCache(store, settings.pod)
