@@ -22,13 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["Breaker", "FleetKeys", "RedisStore", "fleet_cache"]
 
 
-def fleet_cache(settings: Settings) -> FleetCache | None:
-    """The fleet cache ``settings`` ask for, or None without ``--shared-cache``. Reads the
-    fleet secret and the password (blocking: at start only). Raises ValueError (a secret that
-    cannot be read or is too short, a URL redis-py does not take); the server, not running yet,
-    then stops with that message."""
-    if settings.shared_cache is None:
-        return None
+def fleet_cache(settings: Settings) -> FleetCache:
+    """The fleet cache ``settings`` ask for (with ``--shared-cache``: the caller checks). Reads
+    the fleet secret and the password (blocking: at start only). Raises ValueError (a secret
+    that cannot be read or is too short, a URL redis-py does not take); the server, not running
+    yet, then stops with that message."""
+    assert settings.shared_cache is not None
     secret = resolve_secret(settings.shared_cache_key, settings.secret_policy) or ""
     keys = FleetKeys(secret.encode())
     password = resolve_secret(settings.shared_cache_password, settings.secret_policy)
