@@ -106,6 +106,24 @@ def test_backup_keeps_an_existing_file_unless_told(db: Path, tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
+def test_backup_never_replaces_the_live_rules_db_or_its_companions(db: Path, tmp_path: Path) -> None:
+    """OUT is rules.db (by its name, another path to it, a link) or a file SQLite keeps beside
+    it: even --overwrite is refused, and rules.db is as it was."""
+    seed(db, [], [open_policy("a")])
+    record(db, "/kept")
+    (tmp_path / "link.db").symlink_to(db)
+    os.link(db, tmp_path / "hard.db")
+    (tmp_path / "sub").mkdir()
+    for out in (db, tmp_path / "sub" / ".." / db.name, tmp_path / "link.db", tmp_path / "hard.db",
+                *(Path(f"{db}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+        for overwrite in ((), ("--overwrite",)):
+            refused(admin(db, "backup", str(out), *overwrite),
+                    f"{out} is {db} itself, or its -wal, -shm or -journal: back up to another file")
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    assert query(db, "SELECT name FROM policies") == [("a",)] and activity_paths(db) == ["/kept"]
+    assert not any(p.name.endswith(".partial") or p.name.endswith("-journal") for p in tmp_path.iterdir())
+
+
 def test_backup_of_a_missing_rules_db_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "typo.db"
     refused(admin(db, "backup", str(tmp_path / "out.db")), f"rules.db {db} does not exist: nothing to back up", 2)

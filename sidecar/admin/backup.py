@@ -36,11 +36,9 @@ def backup(admin: Admin, out: Path, overwrite: bool) -> None:
 
     if not admin.db.exists():
         raise AdminError(f"rules.db {admin.db} does not exist: nothing to back up", 2)
-    if out.exists() and not overwrite:
-        raise AdminError(f"{out} exists: choose another name, or give --overwrite", 2)
     try:
         contents = db.backup_database(admin.db, out, overwrite=overwrite)
-    except FileExistsError:
+    except FileExistsError:  # before anything is copied, or if OUT appeared meanwhile
         raise AdminError(f"{out} exists: choose another name, or give --overwrite", 2) from None
     click.echo(f"backed up {admin.db} to {out}: {display.counted(contents.rules, 'rule')} and "
                f"{display.counted(contents.policies, 'policy')}")

@@ -34,6 +34,7 @@ backup's own source connection, which SQLite carries into the backup under way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sqlite3
@@ -43,10 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .activity import ACTIVITY_COLUMNS
-from .audit import AuditEntry, read_audit
+from .audit import AuditEntry, admin_transaction, flush_audit, read_audit
 from .bundle_state import BundleState, read_bundle_state
-from .connection import StoreError, connect, file_identity, transaction, translated
-from .migrations import MIGRATIONS, migrate
+from .connection import StoreError, connect, file_identity, translated
+from .migrations import MIGRATIONS, migrate, pending_migrations
 
 __all__ = ["Contents", "Restored", "backup_database", "restore_database"]
 
@@ -74,7 +75,14 @@ def backup_database(path: Path, out: Path, *, overwrite: bool = False) -> Conten
     beside ``out``, checked (``integrity_check``) and only then given its name, so ``out`` is
     never half a database; created readable by its owner only (rules.db may hold secrets in
     clear), in rollback-journal mode (one file, no ``-wal`` to carry along). Raises
-    ``FileExistsError`` when ``out`` exists (unless ``overwrite``), ``StoreError`` otherwise."""
+    ``FileExistsError`` when ``out`` exists (unless ``overwrite``), before copying anything;
+    ``StoreError`` otherwise, and when ``out`` is rules.db itself or one of its companions
+    (even with ``overwrite``: the copy would replace the live file, or pair it with a journal
+    that is not its own)."""
+    if _is_the_live_file(path, out):
+        raise StoreError(f"{out} is {path} itself, or its -wal, -shm or -journal: back up to another file")
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
     try:
         fd, partial = tempfile.mkstemp(dir=out.absolute().parent, prefix=f".{out.name}.", suffix=".partial")
     except OSError as exc:
@@ -111,6 +119,16 @@ def backup_database(path: Path, out: Path, *, overwrite: bool = False) -> Conten
     return contents
 
 
+def _is_the_live_file(path: Path, out: Path) -> bool:
+    """Whether ``out`` names rules.db at ``path`` or a file SQLite keeps beside it, by name
+    (symbolic links followed) or as the same file under another name (a hard link)."""
+    names = [f"{os.path.realpath(path)}{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+    if os.path.realpath(out) in names:
+        return True
+    identity = file_identity(out)
+    return identity is not None and identity in {file_identity(name) for name in names}
+
+
 def restore_database(path: Path, backup: Path, actor: Callable[[BundleState | None], str]) -> Restored:
     """Write the backup ``backup`` into rules.db at ``path`` (see the module's docstring),
     creating rules.db if absent. ``actor`` is given rules.db's bundle state as the restore
@@ -136,7 +154,8 @@ def restore_database(path: Path, backup: Path, actor: Callable[[BundleState | No
 def _restore(copy: sqlite3.Connection, live: sqlite3.Connection, path: Path, backup: Path,
              actor: Callable[[BundleState | None], str]) -> Restored:
     with _unreadable(path):
-        migrate(live)
+        if pending_migrations(live):  # a write lock otherwise taken for nothing
+            migrate(live)
         (page_size,) = live.execute("PRAGMA page_size").fetchone()
     with translated(f"cannot restore {backup}"):
         # SQLite writes a backup into a WAL database only page for page, at its page size.
@@ -144,7 +163,7 @@ def _restore(copy: sqlite3.Connection, live: sqlite3.Connection, path: Path, bac
             copy.execute(f"PRAGMA page_size = {int(page_size)}")
             copy.execute("VACUUM")
         copy.execute("ATTACH DATABASE ? AS live", (path.absolute().as_uri() + "?mode=ro",))
-        recorded: list[tuple[str, int]] = []
+        recorded: list[tuple[str, int, int]] = []
 
         def under_the_lock(status: int, remaining: int, total: int) -> None:
             # Called after each step; after the first that succeeds, the restore holds
@@ -159,15 +178,19 @@ def _restore(copy: sqlite3.Connection, live: sqlite3.Connection, path: Path, bac
             copy.execute("DETACH DATABASE live")
         if not recorded:
             raise StoreError(f"cannot restore {backup}: it was written without the logs of {path}")
-        recorded_actor, first = recorded[0]
-        changes = [e for e in read_audit(copy) if e.id >= first and e.action != "restore"][::-1]
+        recorded_actor, first, last = recorded[0]
+        # Only the restore's rows, not the whole log: those written since the first of them.
+        (since,) = copy.execute("SELECT min(at) FROM main.audit_log WHERE id BETWEEN ? AND ?", (first, last)
+                                ).fetchone()
+        changes = [e for e in read_audit(copy, since=since) if first <= e.id <= last][::-1] if since else []
         return Restored(_contents(copy, "main"), recorded_actor, changes)
 
 
 def _merge(copy: sqlite3.Connection, path: Path, backup: Path,
-           actor: Callable[[BundleState | None], str]) -> tuple[str, int]:
+           actor: Callable[[BundleState | None], str]) -> tuple[str, int, int]:
     """Into the copy: rules.db's logs and the restore's audit rows. The actor recorded, and the
-    id of the restore's first audit row."""
+    ids of the first and last audit rows of the rules and policies it changed (``restore``'s
+    own row comes after them)."""
     with _unreadable(path):
         reader = connect(path, readonly=True)
         try:
@@ -175,17 +198,17 @@ def _merge(copy: sqlite3.Connection, path: Path, backup: Path,
         finally:
             reader.close()
     name = actor(state)
-    with _unreadable(path), transaction(copy, immediate=True):
+    with admin_transaction(copy, name), _unreadable(path):
         copy.execute(_CARRY_AUDIT)
         (first,) = copy.execute("SELECT coalesce(max(id), 0) + 1 FROM main.audit_log").fetchone()
-        copy.execute("INSERT INTO main.admin_context (id, actor) VALUES (1, ?)", (name,))
         for kind, table, view in (("rule", "rules", "audit_rule_doc"), ("policy", "policies", "audit_policy_doc")):
             copy.execute(_PENDING.format(table=table, view=view), {"kind": kind})
         for statement in _CARRY_ACTIVITY:
             copy.execute(statement)
-        copy.execute("DELETE FROM main.admin_context")  # the triggers write one row per object changed
+        flush_audit(copy)  # the triggers write one row per object changed, before the restore's own
+        (last,) = copy.execute("SELECT coalesce(max(id), 0) FROM main.audit_log").fetchone()
         copy.execute(_RESTORE_ROW, {"actor": name, "backup": str(backup)})
-    return name, first
+    return name, first, last
 
 
 # rules.db's audit rows that the backup lacks, in their order; the backup's come first.
