@@ -166,7 +166,7 @@ class ActivityLog:
                 self.dropped += len(batch)
                 log.error("activity log write failed; %d decisions dropped", len(batch), extra={"error": str(exc)})
                 return
-            # insert_activity is one transaction: none of the batch was written. Past the bound,
+            # insert_prepared is one transaction: none of the batch was written. Past the bound,
             # the oldest go first: their log lines are out already, so only their rows are lost.
             overflow = max(0, len(batch) + len(self._pending) - self._max)
             kept = batch[overflow:]

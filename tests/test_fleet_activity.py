@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import sqlite3
 import tracemalloc
@@ -28,6 +29,7 @@ from sidecar.fleet import DecisionShipper
 from sidecar.fleet._shipper import RECORD_OVERHEAD
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
+from sidecar.urls import scrubbed, shown_url
 from tests.admin_cli import admin
 from tests.certs import TlsDir
 from tests.conftest import check_request, denial_reason, seed
@@ -400,3 +402,41 @@ async def test_a_collector_that_does_not_answer_gets_the_stop_s_budget_and_no_mo
     await shipper.close(0.5)
     assert asyncio.get_running_loop().time() - started < 2
     assert (shipper.shipped, shipper.dropped, shipper.buffered) == (0, 12, (0, 0))
+
+
+async def test_a_collector_urls_credentials_are_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp quotes the URL in the error of an answer it cannot parse, as yarl re-encoded it
+    (``p w`` as ``p%20w``): the log line shows it without its query all the same."""
+    async def garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    caplog.set_level(logging.DEBUG)
+    server = await asyncio.start_server(garbled, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/p w?X-Amz-Signature=S1gn4ture"
+    shipper = DecisionShipper(url, pod="pod-0", bearer=lambda: "t", interval=0.05)
+    shipper.add([record("secret-1")], [None])
+    shipper.start()
+    try:
+        await eventually(lambda: shipper.failed_posts, what="a POST failed")
+    finally:
+        await shipper.close(0)
+        server.close()
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("cannot ship decisions")]
+    assert warning.error.startswith(f"cannot reach {shown_url(url)}: 400, message=")  # type: ignore[attr-defined]
+    assert warning.error.endswith(f"url='{shown_url(url)}'")  # type: ignore[attr-defined]
+    logged = "\n".join(str(vars(r)) for r in caplog.records)  # messages and every field
+    assert "X-Amz" not in logged and "S1gn4ture" not in logged
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("url='http://reader:Pa55 w0rd@h/b p?X-Amz-Signature=S 1'", "url='http://h/b p'"),  # as given
+    ("url='http://reader:Pa55%20w0rd@h/b%20p?X-Amz-Signature=S+1'", "url='http://h/b p'"),  # as yarl re-encoded it
+    ("url='http://h/b%20p?X-Amz-Signature=S+1'", "url='http://h/b p'"),  # without the user part (basic auth)
+    ("x" * 600, "x" * 500),
+])
+def test_an_errors_text_is_scrubbed_of_every_form_of_the_url(text: str, shown: str) -> None:
+    url = "http://reader:Pa55 w0rd@h/b p?X-Amz-Signature=S 1"
+    assert scrubbed(text, url, shown_url(url)) == shown

@@ -141,6 +141,7 @@ REFUSALS: list[tuple[str, int, str]] = [
     ("another format", 400, "malformed"),
     ("a path past the activity log's bound", 400, "malformed"),
     ("5,001 records", 400, "malformed"),
+    ("a trace past the stored trace's bound", 400, "malformed"),
     ("a gzip bomb: 100 KB to 100 MB", 413, "too_large"),
     ("100 MB announced", 413, "too_large"),
     ("100 MB announced, Expect: 100-continue", 413, "too_large"),
@@ -168,6 +169,10 @@ async def _refused(url: str, case: str) -> tuple[int, dict[str, Any]]:
         return await post(url, good.replace(b"safous-decisions/1", b"opa-decisions/1"))
     if case == "a path past the activity log's bound":
         return await post(url, _one(path="/" * 1025))
+    if case == "a trace past the stored trace's bound":
+        # Cut rule by rule when written, in time quadratic in its rules (a million empty rules
+        # gzip to some 3 KB and took the writer hours): refused whole instead.
+        return await post(url, _one(trace={"rules": [{}] * 6000}))
     if case == "5,001 records":
         return await post(url, batch(*(record(f"many-{n}") for n in range(5001)), ids="many"))
     if case == "a gzip bomb: 100 KB to 100 MB":
@@ -273,6 +278,9 @@ def test_collect_refuses_what_would_expose_the_log(tmp_path: Path) -> None:
     ({"trace": {"rules": [1]}}, "record 1: trace: rules: a list of objects is expected"),
     ({"trace": {"rules": [{"request": {"headers": [["a"]]}}]}}, "record 1: trace: a rule's request"),
     ({"trace": {"rules": [{"actions": "none"}]}}, "record 1: trace: a rule's answer"),
+    ({"trace": {"rules": [{}] * 5462}}, "record 1: trace: larger than 16384 bytes"),
+    ({"trace": {"reason": "r" * 16372}}, "record 1: trace: larger than 16384 bytes"),
+    ({"trace": {"reason": json.loads("[" * 300 + "]" * 300)}}, "record 1: trace: nested too deeply"),
 ])
 def test_a_record_past_the_activity_logs_bounds_is_refused(changes: dict[str, Any], problem: str) -> None:
     with pytest.raises(MalformedBatch) as refused:
@@ -303,6 +311,12 @@ def test_a_sidecar_never_ships_what_a_collector_refuses() -> None:
     # A trace as rules.db would store one holding a lone surrogate.
     [read] = read_batch(batch_body([encode_record(record("s-1"), '{"reason": "\ud83d"}', pod="p", record_id="s-1")]))
     assert read.trace is not None and read.trace() == {"reason": "\ufffd"}
+    # A trace cut to the stored trace's bound (two bytes a character) is within the collector's.
+    big = {"reason": "é" * 16384, "rules": [{"rule": "r", "outcome": "held", "answer": {"body": "b" * 50_000}}]}
+    [read] = read_batch(batch(record("big-1", trace=big)))
+    assert read.trace is not None and read.trace()["cut"] is True
+    [read] = read_batch(_one(trace={"reason": "r" * 16371}))  # 16,384 bytes as JSON
+    assert read.trace is not None and read.trace() == {"reason": "r" * 16371}
 
 
 @pytest.mark.parametrize(("body", "status"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import Callable
@@ -358,6 +359,22 @@ def test_a_trace_whose_summary_alone_is_too_big_is_stored_within_the_bound(db: P
     assert doc is not None and doc["cut"] is True and doc["request_id"] == "big"
     assert doc["path"].startswith("/\x01\x01") and doc["reason"].startswith("path \x1f")
     assert doc["path"].endswith(f"(cut: a trace is kept under {TRACE_MAX_BYTES // 1024} KiB)")
+
+
+def test_a_lone_surrogate_in_a_trace_is_replaced_not_the_trace_lost(
+        db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A request id from a header that was not UTF-8 (the HTTP edge keeps its bytes as lone
+    surrogates), which UTF-8 cannot encode: the row keeps its trace, with U+FFFD in place of the
+    byte, and nothing is logged."""
+    caplog.set_level(logging.DEBUG)
+    conn = connect(db)
+    try:
+        insert_activity(conn, [decided("req-\udcff", lambda: {"request_id": "req-\udcff", "rules": []})])
+        doc = read_trace(conn, "req-\ufffd")
+    finally:
+        conn.close()
+    assert doc == {"request_id": "req-\ufffd", "rules": []}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_traces_are_built_without_holding_the_write_lock(db: Path) -> None:

@@ -118,7 +118,9 @@ def explain(admin: Admin, request_id: str, pod: str | None, as_json: bool) -> No
 
     with admin.read() as conn:
         doc = db.read_trace(conn, request_id, pod=pod)
-        others = [p for p in db.traced_pods(conn, request_id) if doc is not None and p != doc.get("pod")]
+        # Only a trace in a fleet's log names the pod that decided; other pods may hold one too.
+        others = ([p for p in db.traced_pods(conn, request_id) if p != doc["pod"]]
+                  if doc is not None and "pod" in doc else [])
     if doc is None:
         where = f" decided by pod {pod!r}" if pod is not None else ""
         raise click.ClickException(f"no trace of request {request_id!r}{where} (the sidecar keeps one for each "

@@ -19,14 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import yarl
 
-from ..urls import shown_url
+from ..urls import MAX_SHOWN, client_session, scrubbed, shown_url
 from ._format import BundleRefused
 
-_MAX_SHOWN = 500  # characters of a server's Location or an error's text in a message
-
-__all__ = ["BundleSource", "Fetched", "FileSource", "HttpSource", "shown_url"]
+__all__ = ["BundleSource", "Fetched", "FileSource", "HttpSource"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,19 +103,13 @@ class HttpSource(BundleSource):
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        context = ssl.create_default_context(cafile=self._ca_bundle)
-        # No decompression: a JWS is base64 text, and a small compressed body can inflate past
-        # --bundle-max-bytes before the cap sees it. A server that compresses anyway gets its
-        # bundle refused as not ASCII.
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=1),
-                                     timeout=aiohttp.ClientTimeout(total=self._timeout),
-                                     auto_decompress=False, trust_env=False)
-
     async def fetch(self) -> Fetched | None:
         if self._session is None:
             try:
-                self._session = self._new_session()
+                # No decompression: a JWS is base64 text, and a small compressed body can
+                # inflate past --bundle-max-bytes before the cap sees it. A server that
+                # compresses anyway gets its bundle refused as not ASCII.
+                self._session = client_session(self._ca_bundle, self._timeout, auto_decompress=False)
             except (OSError, ssl.SSLError) as exc:
                 raise BundleRefused("fetch_failed", f"--bundle-ca-bundle {self._ca_bundle}: {exc}") from None
         headers = {"Accept": "application/jose, */*", "Accept-Encoding": "identity"}
@@ -138,7 +129,7 @@ class HttpSource(BundleSource):
                 if 300 <= resp.status < 400:
                     # The target may be presigned too.
                     location = resp.headers.get("Location")
-                    location = shown_url(location)[:_MAX_SHOWN] if location else "?"
+                    location = shown_url(location)[:MAX_SHOWN] if location else "?"
                     raise BundleRefused("fetch_failed", f"HTTP {resp.status} redirect to {location!r} not "
                                         "followed: give the final URL")
                 if resp.status != 200:
@@ -160,17 +151,7 @@ class HttpSource(BundleSource):
         return Fetched(bytes(body), etag or "sha256:" + hashlib.sha256(body).hexdigest())
 
     def _scrubbed(self, exc: BaseException) -> str:
-        """``exc``'s text without the URL's secrets: some aiohttp errors quote the URL whole (as
-        given, or as yarl re-encoded it)."""
-        text = str(exc) or type(exc).__name__
-        urls = {self._url}
-        try:
-            urls.add(str(yarl.URL(self._url)))
-        except ValueError:  # not a URL yarl reads: then aiohttp quoted it as given
-            pass
-        for url in urls:
-            text = text.replace(url, self.name)
-        return text[:_MAX_SHOWN]
+        return scrubbed(str(exc) or type(exc).__name__, self._url, self.name)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -134,40 +134,55 @@ def insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, *,
     """Append prepared decisions to the activity log in one transaction, with their traces (at
     most ``keep_traces`` traces are kept, the newest). Raises ``StoreError``."""
     try:
-        _insert_prepared(conn, prepared, keep_traces)
+        _insert_rows(conn, _INSERT, prepared.rows, prepared.docs, keep_traces)
     except UnicodeEncodeError:
         # A header that was not UTF-8 reaches here as lone surrogates (the HTTP edge's parser
         # keeps its bytes so), which SQLite's UTF-8 cannot hold: the whole batch failed. Each
         # is replaced by U+FFFD and the batch written again, so that one client cannot take
         # everyone's decisions out of the log with a byte. Only then: no cost otherwise.
-        _insert_prepared(conn, PreparedActivity([tuple(_utf8(v) for v in row) for row in prepared.rows],
-                                                [_utf8(doc) for doc in prepared.docs]), keep_traces)
+        _insert_rows(conn, _INSERT, [tuple(utf8_encodable(v) for v in row) for row in prepared.rows],
+                     utf8_encodable(prepared.docs), keep_traces)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _utf8(value: Any) -> Any:
-    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+def utf8_encodable(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (those of its dicts and lists too)
+    replaced by U+FFFD, one for one: a value stays within its bound in characters."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {utf8_encodable(k): utf8_encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [utf8_encodable(v) for v in value]
+    return value
 
 
-def _insert_prepared(conn: sqlite3.Connection, prepared: PreparedActivity, keep_traces: int) -> None:
-    rows, docs = prepared
+def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]], docs: Sequence[str | None],
+                 keep_traces: int) -> int:
+    """Insert ``rows`` with ``sql`` and their traces ``docs`` in one transaction, keeping the
+    newest ``keep_traces`` traces; return how many rows were written. A row ``sql`` leaves out
+    (``ON CONFLICT DO NOTHING``) leaves its trace out too."""
     if not rows:
-        return
+        return 0
     with translated("cannot write the activity log"):
         with transaction(conn, immediate=True):
             if not any(doc is not None for doc in docs):
-                conn.executemany(_INSERT, rows)
-                return
+                return conn.executemany(sql, rows).rowcount
+            written = 0
             for row, doc in zip(rows, docs, strict=True):
-                activity_id = conn.execute(_INSERT, row).lastrowid
+                cursor = conn.execute(sql, row)
+                if not cursor.rowcount:
+                    continue  # already written (a batch shipped again): the first copy keeps its trace
+                written += 1
                 if doc is not None:
-                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)", (activity_id, doc))
+                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)", (cursor.lastrowid, doc))
             # By id, not by counting rows back from the newest (a walk over as many 16 KiB rows):
             # distinct integers, at most keep_traces ids lie above max(id) - keep_traces, and a
             # new row takes max(id) + 1, so those are the newest.
             conn.execute("DELETE FROM traces WHERE id <= (SELECT max(id) FROM traces) - ?", (keep_traces,))
+    return written
 
 
 _INSERT_SHIPPED = (f"INSERT INTO activity_log ({', '.join(ACTIVITY_COLUMNS)}, pod, record_id) "
@@ -181,22 +196,9 @@ def insert_shipped(conn: sqlite3.Connection, records: Sequence[ActivityRecord], 
     ``record_id``) to the activity log in one transaction, with their traces, and return how
     many were new: a record whose id is already there (a batch sent again) is left out, trace
     and all. At most ``keep_traces`` traces are kept, the newest. Raises ``StoreError``."""
-    if not records:
-        return 0
     prepared = prepare_activity(records)
-    added = 0
-    with translated("cannot write the activity log"):
-        with transaction(conn, immediate=True):
-            for record, row, doc in zip(records, prepared.rows, prepared.docs, strict=True):
-                cursor = conn.execute(_INSERT_SHIPPED, (*row, record.pod, record.record_id))
-                if not cursor.rowcount:
-                    continue  # already written: the first copy keeps its trace
-                added += 1
-                if doc is not None:
-                    conn.execute("INSERT INTO traces (activity_id, doc) VALUES (?, ?)", (cursor.lastrowid, doc))
-            if any(doc is not None for doc in prepared.docs):
-                conn.execute("DELETE FROM traces WHERE id <= (SELECT max(id) FROM traces) - ?", (keep_traces,))
-    return added
+    rows = [(*row, record.pod, record.record_id) for record, row in zip(records, prepared.rows, strict=True)]
+    return _insert_rows(conn, _INSERT_SHIPPED, rows, prepared.docs, keep_traces)
 
 
 def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord], *,
@@ -211,7 +213,13 @@ def insert_activity(conn: sqlite3.Connection, records: Sequence[ActivityRecord],
 def _built(trace: Callable[[], dict[str, Any]]) -> str | None:
     """A trace as stored, or None when building it failed: the decision is written anyway."""
     try:
-        return trace_json(trace())
+        doc = trace()
+        try:
+            return trace_json(doc)
+        except UnicodeEncodeError:
+            # A client's header that was not UTF-8, kept as lone surrogates (the request id,
+            # a path): the trace is kept with U+FFFD in their place. Only then: no cost otherwise.
+            return trace_json(utf8_encodable(doc))
     except Exception:  # a bug in a trace must never cost the activity log its rows
         log.exception("could not build a decision's trace")
         return None
@@ -287,9 +295,9 @@ def read_trace(conn: sqlite3.Connection, request_id: str, *, pod: str | None = N
 
 def traced_pods(conn: sqlite3.Connection, request_id: str) -> list[str]:
     """The pods holding a trace of ``request_id`` in a fleet's activity log (one request may
-    pass several sidecars: a gateway's, then a service's), by name. Raises ``StoreError``."""
-    if not _has_pods_column(conn):
-        return []
+    pass several sidecars: a gateway's, then a service's), by name. For a log known to have
+    pods (its trace, from ``read_trace``, names one): on a rules.db older than the ``pod``
+    column it raises ``StoreError``, as on any failure."""
     with translated("cannot read the traces"):
         return [pod for (pod,) in conn.execute(
             "SELECT DISTINCT a.pod FROM traces t JOIN activity_log a ON a.id = t.activity_id "

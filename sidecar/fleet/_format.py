@@ -32,7 +32,19 @@ from typing import Any
 import orjson
 
 from ..db import ActivityRecord, iso_time, parse_iso_time
-from ..db.activity import ACTIVITY_FIELD_CHARS
+from ..db.activity import (
+    ACTIVITY_FIELD_CHARS,
+    HOST_CHARS,
+    METHOD_CHARS,
+    PATH_CHARS,
+    REQUEST_ID_CHARS,
+    SOURCE_IP_CHARS,
+    STATUS_CHARS,
+    TRACE_MAX_BYTES,
+    USERNAME_CHARS,
+    utf8_encodable,
+)
+from ..decision import result_name
 
 __all__ = [
     "FORMAT",
@@ -68,14 +80,11 @@ _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 POLICY_CHARS = 1024
 """A policy's name as a record carries it at most (admins name policies; names are not bounded)."""
 _TIME_CHARS = 40
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # The activity log's ``status`` is ``reason`` here, as in a decision log line.
 _WIRE = {"status": "reason"}
 # The record's client values and their bounds, by name on the wire.
 _CHARS: Mapping[str, int] = {_WIRE.get(name, name): chars for name, chars in ACTIVITY_FIELD_CHARS.items()}
-_REQUEST_ID, _USERNAME, _SOURCE_IP, _METHOD, _HOST, _PATH, _REASON = (
-    _CHARS[name] for name in ("request_id", "username", "source_ip", "method", "host", "path", "reason"))
 _DECISIONS = {"allow": (True, False), "deny": (False, False), "audit_deny": (True, True)}
 
 
@@ -92,13 +101,13 @@ def encode_record(record: ActivityRecord, trace: str | None, *, pod: str, record
     # One literal, the bounds as constants: this runs for every decision (in the activity
     # writer's thread, but on the same interpreter as the checks), where a loop over the
     # fields cost twice as much.
-    entry = {"id": record_id, "pod": pod, "time": iso_time(record.at), "request_id": record.request_id[:_REQUEST_ID],
-             "username": record.username[:_USERNAME], "source_ip": record.source_ip[:_SOURCE_IP],
-             "method": record.method[:_METHOD], "host": record.host[:_HOST], "path": record.path[:_PATH],
+    entry = {"id": record_id, "pod": pod, "time": iso_time(record.at),
+             "request_id": record.request_id[:REQUEST_ID_CHARS], "username": record.username[:USERNAME_CHARS],
+             "source_ip": record.source_ip[:SOURCE_IP_CHARS], "method": record.method[:METHOD_CHARS],
+             "host": record.host[:HOST_CHARS], "path": record.path[:PATH_CHARS],
              "policy": record.policy[:POLICY_CHARS] if record.policy is not None else None,
-             "policy_source": record.policy_source,
-             "decision": "audit_deny" if record.audit_deny else "allow" if record.allowed else "deny",
-             "code": record.code, "reason": record.status[:_REASON], "latency_ms": round(record.latency_ms, 3),
+             "policy_source": record.policy_source, "decision": result_name(record.allowed, record.audit_deny),
+             "code": record.code, "reason": record.status[:STATUS_CHARS], "latency_ms": round(record.latency_ms, 3),
              # The trace is JSON already (as rules.db stores it): embedded as it is, not parsed again.
              "trace": orjson.Fragment(trace) if trace is not None else None}
     try:
@@ -107,18 +116,7 @@ def encode_record(record: ActivityRecord, trace: str | None, *, pod: str, record
         # A lone surrogate (a client's header can carry one), which UTF-8 cannot: replaced, so
         # that one odd value cannot cost a batch its other records.
         entry["trace"] = json.loads(trace) if trace is not None else None
-        return orjson.dumps(_utf8(entry))
-
-
-def _utf8(value: Any) -> Any:
-    """``value`` with every lone surrogate in its strings replaced by U+FFFD."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)  # one for one: the value stays within its bound
-    if isinstance(value, dict):
-        return {_utf8(k): _utf8(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_utf8(v) for v in value]
-    return value
+        return orjson.dumps(utf8_encodable(entry))
 
 
 def batch_body(records: Sequence[bytes]) -> bytes:
@@ -181,6 +179,15 @@ def _record(entry: Any) -> ActivityRecord:
     trace = entry.get("trace")
     if trace is not None:
         _check_trace(trace)
+        # Cutting a trace past the bound costs time quadratic in its rules (a million empty
+        # ones fit in a few KB of gzip): refused instead. A sidecar ships the trace it stored,
+        # within the bound already.
+        try:
+            size = len(orjson.dumps(trace))
+        except orjson.JSONEncodeError:  # nested past the 254 levels orjson writes: no sidecar's trace is
+            raise MalformedBatch("trace: nested too deeply") from None
+        if size > TRACE_MAX_BYTES:
+            raise MalformedBatch(f"trace: larger than {TRACE_MAX_BYTES} bytes")
     return ActivityRecord(
         at=at, request_id=values["request_id"], username=values["username"], source_ip=values["source_ip"],
         host=values["host"], path=values["path"], method=values["method"], policy=policy, allowed=allowed,
@@ -206,7 +213,7 @@ def _matching(entry: dict[str, Any], name: str, pattern: re.Pattern[str], what: 
 
 def _check_trace(doc: Any) -> None:
     """What ``safous-admin explain`` relies on in a trace: the rest is shown as text, whatever
-    it holds (and cut to the stored trace's bound when written)."""
+    it holds."""
     if not isinstance(doc, dict):
         raise MalformedBatch("trace: null or a JSON object is expected")
     rules = doc.get("rules", [])

@@ -34,7 +34,7 @@ from typing import Literal
 import aiohttp
 
 from ..db import ActivityRecord
-from ..urls import shown_url
+from ..urls import client_session, scrubbed, shown_url
 from ._format import MAX_BATCH_BYTES, batch_body, encode_record
 
 __all__ = ["RECORD_OVERHEAD", "DecisionShipper"]
@@ -243,12 +243,9 @@ class DecisionShipper:
     async def _post(self, records: list[bytes]) -> tuple[Outcome, str]:
         if self._session is None:
             try:
-                context = ssl.create_default_context(cafile=self._ca_bundle)
+                self._session = client_session(self._ca_bundle, self._timeout)
             except (OSError, ssl.SSLError) as exc:
                 return "retry", f"--decision-log-ca-bundle {self._ca_bundle}: {exc}"
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=context, limit=1),
-                timeout=aiohttp.ClientTimeout(total=self._timeout), trust_env=False)
         try:
             token = self._bearer()
         except ValueError as exc:  # SecretError: an unset variable, an unreadable file
@@ -261,7 +258,7 @@ class DecisionShipper:
                 answer = (await resp.content.read(_SHOWN)).decode("utf-8", "replace")
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            shown = str(exc).replace(self.url, self._shown) or type(exc).__name__
+            shown = scrubbed(str(exc) or type(exc).__name__, self.url, self._shown)
             return "retry", f"cannot reach {self._shown}: {shown}"
         if 200 <= status < 300:
             return "delivered", ""
