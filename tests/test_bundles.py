@@ -634,6 +634,46 @@ def test_a_bundle_waits_until_the_sidecar_follows_a_replaced_rules_db(tmp_path: 
     assert bundle_sync.apply_bundle(db, bundle, "test", Settings().secret_policy, followed=store.file_identity(db))
 
 
+async def test_a_rules_db_replaced_under_a_bundle_gets_the_bundle_again(tmp_path: Path, keys: Keys,
+                                                                        db: Path) -> None:
+    """``mv other.db rules.db`` (no bundle's) under --bundle: once the sidecar has followed it,
+    the file holds no revision, so none answers (not ready), and the source's unchanged bundle
+    is read again and applied to it, not taken for applied already."""
+    private, public, _ = keys.make("signing")
+    source = tmp_path / "bundle.jws"
+    source.write_bytes(bundle_of(ALLOW_ALL, private, 1))
+    sync = BundleSync(Settings(db=db, bundle=str(source), bundle_verification_key=(str(public),),
+                               bundle_poll_interval=3600.0), _nothing)
+    await sync.start()  # its first poll applies the bundle; the next is an hour away: these are by hand
+    try:
+        await eventually(lambda: sync.applied is not None, timeout=30, what="the bundle applied")
+        assert sync.applied is not None
+        revision = sync.applied.revision
+        assert await sync.poll_once() == "unchanged"
+        other = tmp_path / "other.db"
+        store.ensure_database(other)
+        os.replace(other, db)
+        with store.DatabaseFile.at(db).opened(readonly=True):
+            pass  # the sidecar follows it (its next reload)
+        aside = source.rename(tmp_path / "aside.jws")  # the source unreadable for one poll
+
+        assert await sync.poll_once() == "failed"
+        assert sync.applied is None
+        assert (sync.not_ready() or "").startswith(f"no bundle revision applied yet from {source}: fetch_failed")
+        aside.rename(source)
+        assert await sync.poll_once() == "applied"
+        assert sync.applied is not None and sync.applied.revision == revision
+        assert sync.not_ready() is None and sync.last_failure is None
+        conn = store.connect(db, readonly=True)
+        try:
+            state = store.read_bundle_state(conn)
+        finally:
+            conn.close()
+        assert state is not None and state.revision == revision
+    finally:
+        await sync.stop()
+
+
 def _slow_apply(path: str, *_: object) -> tuple[str, str | None, bool]:
     """Stands in for the apply of a large bundle: started (the file names the process), and
     committed seconds later. At module level: the apply process imports it by name."""

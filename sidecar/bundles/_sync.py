@@ -30,6 +30,9 @@ refused for what their verified content says (``VERIFIED_REFUSALS``), which woul
 Bytes that did not verify may be the channel's doing (a proxy or a CDN edge that damaged them, a
 file read half written), so the next poll reads the source again: remembering them would turn
 the good bytes served under the same ETag into a 304 and keep the old revision answering.
+They are remembered for the rules.db they were verified against: once the sidecar follows
+another file under its name (``mv``), the revision answering is the one that file holds (none,
+for a file that is no bundle's: not ready) and the source is read and applied again.
 """
 
 from __future__ import annotations
@@ -183,6 +186,9 @@ class BundleSync:
         self._task: asyncio.Task[None] | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._apply: Future[tuple[str, str | None, bool]] | None = None  # the apply last submitted
+        # The rules.db (st_dev, st_ino) that ``applied`` was read from and the source's remembered
+        # tag verified against: another file under the name (mv) holds neither.
+        self._file_seen: tuple[int, int] | None = None
         self.applied: db.BundleState | None = None
         self.last_activation: float | None = None
         self.last_failure: tuple[RefusalReason, str] | None = None
@@ -197,19 +203,8 @@ class BundleSync:
         if not self._verify:
             log.warning("bundle signatures are NOT verified (--bundle-insecure-skip-verify): whoever can write "
                         "the source decides what this sidecar allows", extra={"source": self.source.name})
-        state = await asyncio.to_thread(self._read_state)
-        if state is not None and state.sequence < self._min_sequence:
-            # A revision older than the floor is what the floor is there to keep from answering,
-            # however it got into rules.db (applied before the floor was raised, a copied file).
-            why = (f"rules.db holds revision {state.revision}, below --bundle-min-sequence {self._min_sequence}: "
-                   "not served until a bundle of that sequence or later applies")
-            log.error("bundle revision not served", extra={"revision": state.revision, "error": why,
-                                                           "source": self.source.name})
-            self.last_failure = ("older_revision", why)
-            state = None
-        self.applied = state
-        if self.applied is not None:
-            self.last_activation = _timestamp(self.applied.applied_at)
+        state, self._file_seen = await asyncio.to_thread(self._read_state)
+        self._answer_by(state)
         log.info("following bundle", extra={"source": self.source.name, "keys": keys,
                                             "revision": self.applied.revision if self.applied else None})
         self._task = asyncio.create_task(self._run(), name="bundle-sync")
@@ -228,9 +223,44 @@ class BundleSync:
             await asyncio.to_thread(_terminate, pool)
         pool.shutdown(wait=False, cancel_futures=True)
 
-    def _read_state(self) -> db.BundleState | None:
+    def _answer_by(self, state: db.BundleState | None) -> None:
+        """Make ``state``, read from rules.db, the revision answering, unless it is below the floor."""
+        if state is not None and state.sequence < self._min_sequence:
+            # A revision older than the floor is what the floor is there to keep from answering,
+            # however it got into rules.db (applied before the floor was raised, a copied file).
+            why = (f"rules.db holds revision {state.revision}, below --bundle-min-sequence {self._min_sequence}: "
+                   "not served until a bundle of that sequence or later applies")
+            log.error("bundle revision not served", extra={"revision": state.revision, "error": why,
+                                                           "source": self.source.name})
+            self.last_failure = ("older_revision", why)
+            state = None
+        self.applied = state
+        self.last_activation = _timestamp(state.applied_at) if state is not None else None
+
+    def _read_state(self) -> tuple[db.BundleState | None, tuple[int, int] | None]:
+        """rules.db's bundle state, and the file it was read from (no switch while it is read)."""
         with self._file.opened(readonly=True) as conn:
-            return db.read_bundle_state(conn)
+            return db.read_bundle_state(conn), self._file.identity
+
+    async def _follow_rules_db(self) -> bool:
+        """If the sidecar has followed another file under rules.db's name (mv) since ``applied``
+        was read and the remembered tag verified: forget the tag, so that the source is read and
+        applied to this file (a revision it holds already is not applied twice), and answer by
+        the revision this file holds. False when it cannot be read (refused: the next poll
+        tries again)."""
+        identity = self._file.identity
+        if identity is None or identity == self._file_seen:
+            return True
+        self.source.remember(None)
+        try:
+            state, self._file_seen = await asyncio.to_thread(self._read_state)
+        except db.StoreError as exc:
+            self._failed(BundleRefused("store_error", str(exc)))
+            return False
+        log.info("rules.db is another file: its bundle revision read again", extra={
+            "source": self.source.name, "revision": state.revision if state is not None else None})
+        self._answer_by(state)
+        return True
 
     def next_delay(self) -> float:
         """Seconds until the next poll: the interval (doubled per failure in a row, at most 8
@@ -248,12 +278,13 @@ class BundleSync:
 
     async def poll_once(self) -> str:
         """One poll: ``applied``, ``unchanged``, ``refused`` or ``failed`` (the source)."""
+        if not await self._follow_rules_db():
+            return "refused"
         try:
             fetched = await self.source.fetch()
         except BundleRefused as exc:
             self.fetches["failed"] += 1
-            self.failures_in_row += 1
-            self._refused(exc)
+            self._failed(exc)
             return "failed"
         if self.last_failure is not None and self.last_failure[0] in ("fetch_failed", "too_large", "truncated"):
             log.info("bundle source readable again", extra={"source": self.source.name})
@@ -262,45 +293,44 @@ class BundleSync:
         if fetched is None or fetched.tag == self.source.remembered:
             self.failures_in_row = 0
             return "unchanged"
+        followed = self._file.identity
         try:
             self._apply = self._apply_process().submit(
                 verify_and_apply, str(self._db), fetched.body, tuple(self._key_specs), self._verify,
-                self.source.name, self._secrets, self._min_sequence, self._file.identity)
+                self.source.name, self._secrets, self._min_sequence, followed)
             revision, key_id, applied = await asyncio.wrap_future(self._apply)
         except BrokenProcessPool:
             broken, self._pool = self._pool, None  # started afresh on the next poll
             if broken is not None:
                 broken.shutdown(wait=False, cancel_futures=True)
-            self.failures_in_row += 1
-            self._refused(BundleRefused("store_error", "the apply process stopped"))
+            self._failed(BundleRefused("store_error", "the apply process stopped"))
             return "refused"
         except BundleRefused as exc:
             if exc.reason in VERIFIED_REFUSALS:
-                self._verified(fetched.tag)
+                self._verified(fetched.tag, followed)
+                self._refused(exc)
             else:
-                self.failures_in_row += 1
-            self._refused(exc)
+                self._failed(exc)
             return "refused"
         except Exception as exc:  # noqa: BLE001 - logged with its traceback by _refused
             # An input the checks missed, or a bug: refused like a bundle that is not one. Not
             # remembered: nothing says whether the bytes verified before it.
-            self.failures_in_row += 1
             text = f"the apply failed unexpectedly: {type(exc).__name__}: {exc}"
-            self._refused(BundleRefused("malformed", text[:_MAX_ERROR_CHARS]), cause=exc)
+            self._failed(BundleRefused("malformed", text[:_MAX_ERROR_CHARS]), cause=exc)
             return "refused"
-        self._verified(fetched.tag)
+        self._verified(fetched.tag, followed)
         if not applied:
             # That very revision is in rules.db already: applied by another process on it (a
             # --workers sibling) after this one read the state. Answer by it too; whatever this
             # one failed with before (e.g. store_error, losing that race) is over.
             self.last_failure = None
-            state = await asyncio.to_thread(self._read_state)
+            state, _ = await asyncio.to_thread(self._read_state)
             if state is None or (self.applied is not None and state.revision == self.applied.revision):
                 return "unchanged"
             self.applied, self.last_activation = state, _timestamp(state.applied_at)
             await self._on_applied()
             return "unchanged"
-        self.applied = await asyncio.to_thread(self._read_state)
+        self.applied, _ = await asyncio.to_thread(self._read_state)
         self.last_activation = time.time()
         self.last_failure = None
         log.info("bundle applied", extra={"revision": revision, "source": self.source.name, "key_id": key_id})
@@ -316,11 +346,18 @@ class BundleSync:
                                              initializer=_background_priority)
         return self._pool
 
-    def _verified(self, tag: str) -> None:
-        """The bytes of ``tag`` verified: not read again until the source changes, and the source
-        is well (no backoff)."""
+    def _verified(self, tag: str, file: tuple[int, int] | None) -> None:
+        """The bytes of ``tag`` verified against rules.db ``file``: not read again until the
+        source changes or rules.db is another file, and the source is well (no backoff)."""
         self.source.remember(tag)
+        self._file_seen = file
         self.failures_in_row = 0
+
+    def _failed(self, exc: BundleRefused, *, cause: BaseException | None = None) -> None:
+        """The source, or the apply, failed for a reason that may pass (nothing verified says it
+        would again): back off, and report it (``_refused``)."""
+        self.failures_in_row += 1
+        self._refused(exc, cause=cause)
 
     def _refused(self, exc: BundleRefused, *, cause: BaseException | None = None) -> None:
         """Count, report (logged once per change; ``cause``'s traceback with it) and show it."""
