@@ -252,6 +252,8 @@ class Settings(BaseSettings):
         if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise ValueError("http:// would send the token and the decisions in clear over the network: use "
                              "https:// (--decision-log-ca-bundle for a private CA), or a loopback address")
+        if parts.username is not None:  # aiohttp refuses a user part beside the bearer token: every POST would fail
+            raise ValueError("the URL holds a user part: the collector takes --decision-log-bearer-token alone")
         return value
 
     @field_validator("pod_name")

@@ -45,12 +45,7 @@ def draw(charts: Mapping[str, tuple[str, Mapping[str, Sequence[float]]]], direct
         axes.grid(True, which="both", alpha=0.3)
         axes.set_title(title, fontsize=10)
         axes.legend(loc="lower right", fontsize=8)
-        figure.tight_layout()
-        path = directory / name
-        # No timestamp in the file: the same measurements draw the same bytes.
-        figure.savefig(path, metadata={"Software": None})
-        plt.close(figure)
-        written.append(path)
+        written.append(_saved(plt, figure, directory / name))
     return written
 
 
@@ -70,11 +65,7 @@ def draw_bars(bars: Mapping[str, tuple[str, Mapping[str, float]]], directory: Pa
         axes.invert_yaxis()
         axes.set_xlim(0, max(heights, default=1) * 1.15)
         axes.set_title(title, fontsize=10)
-        figure.tight_layout()
-        path = directory / name
-        figure.savefig(path, metadata={"Software": None})
-        plt.close(figure)
-        written.append(path)
+        written.append(_saved(plt, figure, directory / name))
     return written
 
 
@@ -88,6 +79,14 @@ def _pyplot() -> Any:
     except ImportError:
         return None
     return plt
+
+
+def _saved(plt: Any, figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    # No timestamp in the file: the same measurements draw the same bytes.
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)
+    return path
 
 
 def _at(ordered: Sequence[float], q: float) -> float:

@@ -283,17 +283,24 @@ class EnvoyProcess:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
         if self.process.returncode is None:
             started = time.monotonic()
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
+            await terminate(self.process, timeout)
             self.exit_seconds = time.monotonic() - started
         self.returncode = self.process.returncode
         return self.returncode
+
+
+async def terminate(process: asyncio.subprocess.Process, timeout: float) -> int:
+    """SIGTERM, SIGKILL after ``timeout`` seconds; the exit code."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    return process.returncode or 0
 
 
 @contextlib.asynccontextmanager

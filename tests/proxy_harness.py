@@ -26,7 +26,6 @@ import grp
 import os
 import pwd
 import shutil
-import signal
 import ssl
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
+
+from tests.envoy_harness import terminate
 
 __all__ = [
     "CLIENT_CERT_HEADER",
@@ -204,16 +205,7 @@ class ProxyProcess:
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM (each proxy's fast or graceful stop), SIGKILL after ``timeout`` seconds."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-        return self.process.returncode or 0
+        return await terminate(self.process, timeout)
 
 
 async def _poll(proxy: ProxyProcess, deadline: float, what: str, attempt: Callable[[], object]) -> None:

@@ -279,6 +279,10 @@ async def test_the_decisions_as_opentelemetry_log_records(start_sidecar: Any, au
     (["--decision-log-url", "http://10.0.0.8:9300/v1/decisions", "--decision-log-bearer-token", "env:SAFOUS_SECRET_T"],
      "safous-sidecar: --decision-log-url: Value error, http:// would send the token and the decisions in clear over "
      "the network: use https:// (--decision-log-ca-bundle for a private CA), or a loopback address"),
+    (["--decision-log-url", "https://ship:pa55@c.example.com/v1/decisions", "--decision-log-bearer-token",
+      "env:SAFOUS_SECRET_T"],
+     "safous-sidecar: --decision-log-url: Value error, the URL holds a user part: the collector takes "
+     "--decision-log-bearer-token alone"),
     (["--decision-log-url", "https://c.example.com/v1/decisions", "--decision-log-bearer-token", "t0ken"],
      "safous-sidecar: --decision-log-bearer-token: Value error, give it as env:NAME or file:PATH, not in "
      "clear (it would show in process lists and manifests)"),

@@ -161,6 +161,23 @@ def h2load() -> str:
     return needed_program("h2load", "nghttp2-client")
 
 
+async def started_load(load: asyncio.subprocess.Process) -> None:
+    """Once h2load names the protocol, its connections are up and asking: the probes start then."""
+    assert load.stdout is not None
+    await asyncio.wait_for(load.stdout.readuntil(b"Application protocol"), 15)
+
+
+def load_report(report: str) -> tuple[int, tuple[str, ...]]:
+    """h2load's count of requests done, every one succeeded (none failed or errored, a reset
+    stream or a dropped connection included), and its counts of status codes (2xx first)."""
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                     report)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", report)
+    assert done and codes, report
+    assert done[1] == done[2] and (done[3], done[4]) == ("0", "0"), report
+    return int(done[1]), codes.groups()
+
+
 @contextlib.contextmanager
 def sidecar_process(db: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     # Its own process and event loop, as in production; decision lines off (50,000 of them).
@@ -220,10 +237,10 @@ async def test_more_calls_than_the_cpu_takes_are_never_cancelled(tmp_path: Path,
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(load.wait()), 0.1)
 
-        await asyncio.sleep(1)  # the load builds up
+        await started_load(load)
         await asyncio.gather(*(probe() for _ in range(8)))
-        report = (await load.communicate())[0].decode()
-        assert "succeeded" in report, report
+        done, _ = load_report((await load.communicate())[0].decode())
+        assert done > 1000, done
         # Once the load is gone, what it left queued drains (0.15-0.3 s, as for the bare servicer),
         # then checks take their usual time again (on a connection made before the load).
         started = time.perf_counter()
@@ -268,14 +285,9 @@ async def test_the_http_endpoint_past_what_the_cpu_takes_answers_every_request(
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(load.wait()), 0.1)
 
-        await asyncio.sleep(1)
+        await started_load(load)
         await asyncio.gather(*(probe() for _ in range(8)))
-        report = (await load.communicate())[0].decode()
-        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
-                         report)
-        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", report)
-        assert done and codes, report
-        assert int(done[1]) > 1000 and (int(done[3]), int(done[4])) == (0, 0), report
-        assert codes.groups()[1:] == ("0", "0", "0"), report
+        done, codes = load_report((await load.communicate())[0].decode())
+        assert done > 1000 and codes[1:] == ("0", "0", "0"), codes
     assert len(outcomes) >= 8 and set(outcomes) == {"200"}, outcomes
     assert peak_rss < 400, f"RSS {peak_rss:.0f} MB"
