@@ -34,13 +34,11 @@ import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import unquote
 
-from aiohttp import web
-
 from .attributes import Peer, RequestAttributes
-from .decision import Decision, result_name
+from .decision import Code, Decision, result_name
 from .edge import CODE_HEADER, REASON_HEADER, REQUEST_ID_HEADER, sanitize_reason, usable_request_id
 
 Profile = Literal["envoy", "forward-auth"]
@@ -191,46 +189,88 @@ def _forward_auth(method: str, target: str, headers: dict[str, str], config: Htt
 
 # ------------------------------------------------------------------------------- answers
 
-@functools.lru_cache(maxsize=1024)
-def _denial(decision: Decision, envoy: bool) -> tuple[tuple[tuple[str, str], ...], str]:
-    """A denial's headers and the start of its JSON body (the request id follows), as the gRPC
-    path's denied response has them."""
+class HttpAnswer(NamedTuple):
+    """An answer as it goes on the wire: ``head`` is the status line and header lines (each
+    ending in CRLF; no Content-Length, no blank line: the connection adds what it decides,
+    ``Connection: close`` included), ``body`` the bytes after them."""
+
+    status: int
+    head: bytes
+    body: bytes = b""
+
+    def headers(self) -> dict[str, str]:
+        """The header lines by lower-case name (for reading an answer, not on the request path)."""
+        lines = self.head.decode().split("\r\n")[1:-1]
+        return {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+
+    def wire(self, *, close: bool = False, head_only: bool = False) -> bytes:
+        """The whole answer, with its Content-Length (and ``Connection: close`` when ``close``);
+        ``head_only``: without the body (the answer to a HEAD request)."""
+        return b"%s%scontent-length: %d\r\n\r\n%s" % (self.head, _CLOSE if close else b"", len(self.body),
+                                                       b"" if head_only else self.body)
+
+
+_CLOSE = b"connection: close\r\n"
+_STATUS_LINES = {200: b"HTTP/1.1 200 OK\r\n", 400: b"HTTP/1.1 400 Bad Request\r\n",
+                 403: b"HTTP/1.1 403 Forbidden\r\n"}
+_UNSAFE = re.compile(r"[\r\n\x00]")
+# Decisions whose fixed part is kept encoded: a reason past this is a one-off (a webhook's own
+# words), not a repeated outcome, and is encoded for its answer alone.
+_CACHED_REASON = 512
+
+
+def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    """Header lines; a CR, LF or NUL (which would end a header early and start one of the
+    client's choosing) raises ValueError: the pipeline answers ``internal_error`` instead."""
+    text = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if _UNSAFE.search(text.replace("\r\n", "")):
+        raise ValueError("a header name or value holds a line break or NUL")
+    return text.encode()
+
+
+def _fixed(decision: Decision, envoy: bool) -> tuple[bytes, bytes]:
+    """What an answer to ``decision`` has whatever the request: the status line and headers
+    before the per-request ones, and for a denial the start of its JSON body (the request id
+    follows), as the gRPC path's denied response has it."""
     reason = sanitize_reason(decision.reason)
-    headers = [(REASON_HEADER, reason), (CODE_HEADER, str(decision.code)), ("content-type", "application/json")]
-    if envoy:
-        headers += _metadata(decision, reason)
+    metadata = [(METADATA_PREFIX + "decision", result_name(decision.allowed, decision.audit_deny)),
+                (METADATA_PREFIX + "code", str(decision.code)), (METADATA_PREFIX + "policy", decision.policy or ""),
+                (METADATA_PREFIX + "reason", reason)] if envoy else []
+    if decision.allowed:
+        return _STATUS_LINES[200] + _lines(metadata), b""
+    headers = [(REASON_HEADER, reason), (CODE_HEADER, str(decision.code)), ("content-type", "application/json"),
+               *metadata]
     body = json.dumps({"error": "access_denied", "code": str(decision.code), "reason": reason, "request_id": ""})
-    return tuple(headers), body.removesuffix('""}')
-
-
-def _metadata(decision: Decision, reason: str) -> list[tuple[str, str]]:
-    return [(METADATA_PREFIX + "decision", result_name(decision.allowed, decision.audit_deny)),
-            (METADATA_PREFIX + "code", str(decision.code)), (METADATA_PREFIX + "policy", decision.policy or ""),
-            (METADATA_PREFIX + "reason", reason)]
+    return _STATUS_LINES[403] + _lines(headers), body.removesuffix('""}').encode()
 
 
 @functools.lru_cache(maxsize=1024)
-def _allowance(decision: Decision, envoy: bool) -> tuple[tuple[str, str], ...]:
-    headers = list(decision.upstream_headers)
-    if envoy:
-        headers += _metadata(decision, sanitize_reason(decision.reason))
-    return tuple(headers)
+def _fixed_cached(allowed: bool, code: Code, reason: str, policy: str | None, audit_deny: bool,
+                  envoy: bool) -> tuple[bytes, bytes]:
+    return _fixed(Decision(allowed, code, reason, policy, audit_deny=audit_deny), envoy)
 
 
 def build_response(decision: Decision, request_id: str, headers_to_remove: tuple[str, ...] = (), *,
-                   envoy: bool = False) -> web.Response:
+                   envoy: bool = False) -> HttpAnswer:
     """200 with the upstream headers (``x-safous-*``: stored values, the audit-mode header), or
-    403 with the denial reason header and the JSON body of the gRPC path's denial. ``envoy``:
-    also the decision as ``safous-*`` headers (Envoy's dynamic metadata) and, on an allow, the
-    client-sent headers Envoy must remove (``headers_to_remove``). The status is set
+    403 with the denial reason and code headers and the JSON body of the gRPC path's denial.
+    ``envoy``: also the decision as ``safous-*`` headers (Envoy's dynamic metadata) and, on an
+    allow, the client-sent headers Envoy must remove (``headers_to_remove``). The status is set
     explicitly either way: nothing else but a 200 allows."""
-    if not decision.allowed:
-        headers, body = _denial(decision, envoy)
-        response = web.Response(status=403, headers=headers, text=f"{body}{json.dumps(request_id)}}}")
+    if len(decision.reason) <= _CACHED_REASON:
+        head, body = _fixed_cached(decision.allowed, decision.code, decision.reason, decision.policy,
+                                   decision.audit_deny, envoy)
     else:
-        response = web.Response(status=200, headers=_allowance(decision, envoy))
-        if envoy and headers_to_remove:
-            response.headers[HEADERS_TO_REMOVE] = ",".join(headers_to_remove)
-    if envoy:
-        response.headers[METADATA_PREFIX + "request-id"] = request_id
-    return response
+        head, body = _fixed(decision, envoy)
+    own: list[tuple[str, str]] = [(METADATA_PREFIX + "request-id", request_id)] if envoy else []
+    if not decision.allowed:
+        return HttpAnswer(403, head + _lines(own), body + b'%s}' % json.dumps(request_id).encode())
+    if envoy and headers_to_remove:
+        own.append((HEADERS_TO_REMOVE, ",".join(headers_to_remove)))
+    return HttpAnswer(200, head + _lines((*decision.upstream_headers, *own)))
+
+
+def bad_request(reason: str) -> HttpAnswer:
+    """The answer to a request that could not be read (past a bound, malformed): 400, which
+    every proxy takes as a denial, with why. No decision was made, so there is no code."""
+    return HttpAnswer(400, _STATUS_LINES[400] + _lines([(REASON_HEADER, sanitize_reason(reason))]))

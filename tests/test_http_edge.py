@@ -112,13 +112,13 @@ def test_an_odd_request_id_is_replaced(request_id: str) -> None:
 def test_an_allow_carries_the_upstream_headers_and_a_deny_the_reason() -> None:
     allow = Decision.allow(Code.RULES_PASSED, "ok", "app", (("x-safous-tier", "gold"),))
     response = build_response(allow, "r1")
-    assert (response.status, response.headers["x-safous-tier"], response.body) == (200, "gold", None)
-    assert "safous-code" not in response.headers  # the metadata headers are Envoy's only
+    assert (response.status, response.headers()["x-safous-tier"], response.body) == (200, "gold", b"")
+    assert "safous-code" not in response.headers()  # the metadata headers are Envoy's only
     deny = Decision.deny(Code.VALUE_MISMATCH, 'rule "posture": status is "inactive"\r\nX-Evil: 1', "app")
     response = build_response(deny, 'r"2')
     assert response.status == 403
-    assert response.headers["x-safous-denial-reason"] == 'rule "posture": status is "inactive" X-Evil: 1'
-    assert json.loads(response.text or "") == {"error": "access_denied", "code": "value_mismatch",
+    assert response.headers()["x-safous-denial-reason"] == 'rule "posture": status is "inactive" X-Evil: 1'
+    assert json.loads(response.body) == {"error": "access_denied", "code": "value_mismatch",
                                                "reason": 'rule "posture": status is "inactive" X-Evil: 1',
                                                "request_id": 'r"2'}
 
@@ -126,10 +126,10 @@ def test_an_allow_carries_the_upstream_headers_and_a_deny_the_reason() -> None:
 def test_for_envoy_the_answer_also_says_what_to_remove_and_the_decision() -> None:
     allow = Decision.allow(Code.RULES_PASSED, "ok", "app", (("x-safous-tier", "gold"),))
     response = build_response(allow, "r1", ("x-safous-forged", "x_safous_x"), envoy=True)
-    assert response.headers["x-envoy-auth-headers-to-remove"] == "x-safous-forged,x_safous_x"
-    assert {k: v for k, v in response.headers.items() if k.startswith("safous-")} == {
+    assert response.headers()["x-envoy-auth-headers-to-remove"] == "x-safous-forged,x_safous_x"
+    assert {k: v for k, v in response.headers().items() if k.startswith("safous-")} == {
         "safous-decision": "allow", "safous-code": "rules_passed", "safous-policy": "app", "safous-reason": "ok",
         "safous-request-id": "r1"}
     audit = build_response(Decision.deny(Code.VALUE_MISMATCH, "no", "app").audited(), "r3", envoy=True)
-    assert (audit.status, audit.headers["safous-decision"], audit.headers["x-safous-audit-deny"]) == (
+    assert (audit.status, audit.headers()["safous-decision"], audit.headers()["x-safous-audit-deny"]) == (
         200, "audit_deny", "value_mismatch")
