@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import io
 import json
-import re
 import socket
 import sqlite3
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sidecar import authz_http
 from sidecar.policies import Policy
 from sidecar.rules.model import ActionType, ResponseAction, Rule
 from sidecar.server import Sidecar
@@ -89,16 +89,41 @@ async def test_anything_that_goes_wrong_is_a_403_never_a_2xx(db: Path, start_sid
     assert (status, json.loads(body)["code"]) == (403, "not_ready")
 
 
-def raw_exchange(port: int, request: bytes) -> bytes:
+def raw_exchange(port: int, request: bytes, *, heads: tuple[bool, ...] = (False,)
+                 ) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send ``request`` (one or more requests, pipelined) and read an answer for each of
+    ``heads`` (True: the answer to a HEAD, without its body); then whether the connection
+    closed after the last one, as a final (0, {}, b"closed" | b"open")."""
+    answers: list[tuple[int, dict[str, str], bytes]] = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
+        data = b""
+        for head_only in heads:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, (answers, data)
+                data += chunk
+            top, _, data = data.partition(b"\r\n\r\n")
+            status_line, *lines = top.decode().split("\r\n")
+            headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+            length = 0 if head_only else int(headers.get("content-length", "0"))
+            while len(data) < length:
+                data += sock.recv(65536)
+            answers.append((int(status_line.split()[1]), headers, data[:length]))
+            data = data[length:]
+        sock.settimeout(0.5)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        answers.append((0, {}, b"closed" if closed else b"open"))
+    return answers
+
+
+def forwarded_request(path: str, method: str = "GET", extra: bytes = b"") -> bytes:
+    return (b"%s /auth HTTP/1.1\r\nHost: sidecar\r\nX-Forwarded-Method: %s\r\nX-Forwarded-Uri: %s\r\n"
+            b"X-Forwarded-Host: app.example.com\r\nX-Forwarded-For: 203.0.113.7\r\n%s\r\n"
+            % (method.encode(), method.encode(), path.encode(), extra))
 
 
 @pytest.mark.parametrize(("what", "sent"), [
@@ -113,14 +138,16 @@ async def test_requests_past_the_bounds_are_refused_not_decided(
     seed(db, [], [Policy(name="any", integration=False)])  # would allow anything it decided
     sidecar = await start_sidecar(**FORWARD_AUTH)
     assert sidecar.authz_http is not None
-    answer = await asyncio.to_thread(raw_exchange, sidecar.authz_http.port, sent)
-    assert re.match(rb"HTTP/1\.[01] 400 ", answer), (what, answer[:200])
+    [(status, headers, _), closed] = await asyncio.to_thread(raw_exchange, sidecar.authz_http.port, sent)
+    assert (status, closed[2]) == (400, b"closed"), what
+    assert headers["x-safous-denial-reason"].startswith("the authorization request could not be read: "), headers
     # The writer keeps the order of decisions: once the next one is written, none came before it.
     assert (await ask(sidecar, forwarded("/after")))[0] == 200
     await eventually(lambda: rows(db))
     assert [path for _, _, path, _, _, _ in rows(db)] == ["/after"]
-    # No log line per bad client (aiohttp logs each as an error with its traceback).
-    assert [r.message for r in caplog.records if r.name.startswith(("aiohttp", "sidecar.authz_http"))] == []
+    # No log line per bad client: a client could fill the log.
+    assert [r.message for r in caplog.records if r.name.startswith(("aiohttp", "sidecar.authz_http", "asyncio"))
+            ] == []
 
 
 async def test_a_body_is_ignored_and_the_connection_goes_on(db: Path, start_sidecar) -> None:
@@ -162,3 +189,59 @@ async def test_checks_in_progress_are_bounded_across_both_listeners(
     assert headers["x-safous-denial-reason"].startswith("the authorization sidecar is overloaded: 2 checks")
     assert [code_of(r) for r in await asyncio.gather(*busy)] == ["allowed", "allowed"]
     assert (await ask(sidecar, forwarded("/h2", **{"x-unique": "h2"})))[0] == 200
+
+
+async def test_pipelined_requests_are_answered_in_order_even_past_a_webhook_call(
+        db: Path, start_sidecar, serve) -> None:
+    api = await serve(answer({"status": "active"}, delay=0.2))
+    seed(db, [Rule(name="slow", url=f"{api.url}/check", actions=ACTIVE)],
+         [Policy(name="slow", hosts=("app.example.com",), path_prefix="/slow", rules=("slow",)),
+          Policy(name="open", hosts=("app.example.com",), path_prefix="/open", integration=False)])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    assert sidecar.authz_http is not None
+    paths = ["/open/1", "/slow/2", "/closed/3", "/open/4"] + [f"/open/{n}" for n in range(5, 105)]
+    sent = b"".join(forwarded_request(path) for path in paths)
+    *answers, (_, _, state) = await asyncio.to_thread(raw_exchange, sidecar.authz_http.port, sent,
+                                                      heads=(False,) * len(paths))
+    assert [status for status, _, _ in answers] == [200, 200, 403] + [200] * 101
+    assert json.loads(answers[2][2])["code"] == "no_matching_policy"
+    assert state == b"open"  # keep-alive: the connection goes on
+    await eventually(lambda: len(rows(db)) == len(paths))
+    assert [path for _, _, path, _, _, _ in rows(db)][:4] == paths[:4]
+
+
+async def test_a_head_request_is_answered_without_a_body(db: Path, start_sidecar) -> None:
+    seed(db, [], [Policy(name="open", hosts=("app.example.com",), path_prefix="/open", integration=False)])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    assert sidecar.authz_http is not None
+    # Were the denial's JSON body sent after a HEAD, the proxy would read it as its next answer.
+    sent = forwarded_request("/closed", "HEAD") + forwarded_request("/open/next")
+    [(denied, headers, _), (allowed, _, _), _] = await asyncio.to_thread(
+        raw_exchange, sidecar.authz_http.port, sent, heads=(True, False))
+    assert (denied, headers["x-safous-denial-code"], allowed) == (403, "no_matching_policy", 200)
+    assert int(headers["content-length"]) > 0  # the length a GET's body would have had
+
+
+async def test_a_request_that_waits_for_100_continue_closes_the_connection(db: Path, start_sidecar) -> None:
+    seed(db, [], [Policy(name="any", integration=False)])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    assert sidecar.authz_http is not None
+    # The client may send its body, or not: what follows on the connection is unknown.
+    sent = forwarded_request("/upload", "POST", b"Content-Length: 5\r\nExpect: 100-continue\r\n")
+    [(status, headers, _), (_, _, state)] = await asyncio.to_thread(raw_exchange, sidecar.authz_http.port, sent)
+    assert (status, headers["connection"], state) == (200, "close", b"closed")
+
+
+async def test_an_idle_connection_is_closed(db: Path, start_sidecar, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(authz_http, "IDLE_SECONDS", 0.3)
+    monkeypatch.setattr(authz_http, "_SWEEP_SECONDS", 0.1)
+    seed(db, [], [Policy(name="any", integration=False)])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    assert sidecar.authz_http is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.authz_http.port)
+    writer.write(b"GET /auth HTTP/1.1\r\n")  # and nothing more: a slow client, or a stuck one
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert sidecar.authz_http.connections == set()
