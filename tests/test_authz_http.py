@@ -245,3 +245,22 @@ async def test_an_idle_connection_is_closed(db: Path, start_sidecar, monkeypatch
     finally:
         writer.close()
     assert sidecar.authz_http.connections == set()
+
+
+@pytest.mark.parametrize(("grace", "delay"), [(3.0, 0.3), (0.1, 5.0)])
+async def test_on_stop_a_check_in_progress_gets_the_grace_period(
+        grace: float, delay: float, db: Path, start_sidecar, serve) -> None:
+    api = await serve(answer({"status": "active"}, delay=delay))
+    seed(db, [Rule(name="slow", url=f"{api.url}/check", actions=ACTIVE, timeout_ms=8000)],
+         [Policy(name="app", hosts=("app.example.com",), rules=("slow",))])
+    sidecar = await start_sidecar(**FORWARD_AUTH)
+    asked = asyncio.ensure_future(ask(sidecar, forwarded("/draining")))
+    await eventually(lambda: len(api.seen) == 1)
+    await sidecar.stop(grace=grace)
+    [(_, _, path, allowed, code, _)] = await eventually(lambda: rows(db))
+    if delay < grace:  # answered, then the connection closed
+        assert ((await asked)[0], path, allowed, code) == (200, "/draining", 1, "rules_passed")
+    else:  # the proxy sees the connection closed, never an allow
+        with pytest.raises(aiohttp.ClientError):
+            await asked
+        assert (path, allowed, code) == ("/draining", 0, "caller_gone")
