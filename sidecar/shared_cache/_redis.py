@@ -205,12 +205,16 @@ class RedisStore:
         if self._waiting >= MAX_WAITING or not self.breaker.allow():
             self.skipped += 1
             return None
-        task = asyncio.ensure_future(self._background(command, *args))
-        task.add_done_callback(_retrieve)
         loop = asyncio.get_running_loop()
+        # Resolved by the operation as it ends, or by the budget's timer: the check goes on one
+        # turn of the loop after the answer (asyncio.wait on the task takes two, and more CPU).
+        settled = loop.create_future()
+        task = asyncio.ensure_future(self._background(command, *args, settled=settled))
+        task.add_done_callback(_retrieve)
         started = loop.time()
+        timer = loop.call_later(self._budget, _settle, settled)
         try:
-            await asyncio.wait((task,), timeout=self._budget)
+            await settled
             if not task.done():
                 # One more turn of the loop: after a stall of the loop (CPU, GC), the answer and
                 # the timer are due together, and the answer's callbacks run after the timer's.
@@ -220,6 +224,8 @@ class RedisStore:
         except asyncio.CancelledError:
             self.breaker.abandoned()
             raise
+        finally:
+            timer.cancel()
         if not task.done():
             if loop.time() - started > 2 * self._budget:
                 # The timer itself ran late: this process was not running (a stall of the loop,
@@ -241,15 +247,19 @@ class RedisStore:
             log.info("shared cache answering again: in use")
         return task.result()
 
-    async def _background(self, command: Callable[..., Awaitable[T]], *args: object) -> T:
+    async def _background(self, command: Callable[..., Awaitable[T]], *args: object,
+                          settled: asyncio.Future[None] | None = None) -> T:
         """``command(*args)`` on one of the ``CONNECTIONS``, in ``IO_SECONDS`` at most; the
-        caller may stop waiting before (``_run``), never cancelling it halfway through."""
+        caller may stop waiting before (``_run``), never cancelling it halfway through.
+        ``settled`` is resolved as it ends, however it ends."""
         self._waiting += 1
         try:
             async with asyncio.timeout(IO_SECONDS), self._slots:
                 return await command(*args)
         finally:
             self._waiting -= 1
+            if settled is not None:
+                _settle(settled)
 
     def _rejected(self, reason: str) -> None:
         # Whoever writes to Redis decides how often this happens: one line per WARN_EVERY
@@ -267,6 +277,11 @@ class RedisStore:
         if self.breaker.failed():
             log.warning("shared cache unavailable (%s): answering from this pod's cache and webhooks, asked again "
                         "in %g s", why, self.breaker.seconds, extra={"error": why})
+
+
+def _settle(settled: asyncio.Future[None]) -> None:
+    if not settled.done():
+        settled.set_result(None)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
