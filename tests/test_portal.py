@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import json
@@ -171,6 +172,9 @@ def _shape(url: str) -> tuple[str, tuple[str, ...]]:
     return _NUMBER.sub("N", parts.path), tuple(sorted(names))
 
 
+CRAWL_AT_ONCE = 6
+
+
 async def _crawl(base: str, start: list[str], *, per_shape: int = 1, limit: int = 400) -> dict[str, tuple[int, bytes]]:
     """Every page reachable from ``start`` by the portal's own links (at most ``per_shape`` of
     each kind of page: rows, sort orders and facet values repeat), with its status and body."""
@@ -178,19 +182,28 @@ async def _crawl(base: str, start: list[str], *, per_shape: int = 1, limit: int 
     shapes: dict[tuple[str, tuple[str, ...]], int] = {}
     queue = list(start)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        while queue and len(seen) < limit:
-            url = queue.pop(0)
-            shape = _shape(url)
-            if url in seen or (shapes.get(shape, 0) >= per_shape and url not in start):
-                continue
-            shapes[shape] = shapes.get(shape, 0) + 1
+        async def fetch(url: str) -> tuple[int, bytes, list[str]]:
             async with session.get(base + url, allow_redirects=False) as resp:
                 body = await resp.read()
-                seen[url] = (resp.status, body)
                 if "html" in resp.headers.get("content-type", ""):
-                    queue.extend(_links(url, body.decode("utf-8", "replace")))
-                elif resp.status in (301, 302) and "location" in resp.headers:
-                    queue.append(resp.headers["location"])
+                    return resp.status, body, _links(url, body.decode("utf-8", "replace"))
+                if resp.status in (301, 302) and "location" in resp.headers:
+                    return resp.status, body, [resp.headers["location"]]
+                return resp.status, body, []
+
+        while queue and len(seen) < limit:
+            # A few pages at once, in the order found: the portal answers them in parallel.
+            batch: list[str] = []
+            while queue and len(batch) < CRAWL_AT_ONCE:
+                url = queue.pop(0)
+                shape = _shape(url)
+                if url in seen or url in batch or (shapes.get(shape, 0) >= per_shape and url not in start):
+                    continue
+                shapes[shape] = shapes.get(shape, 0) + 1
+                batch.append(url)
+            for url, (status, body, links) in zip(batch, await asyncio.gather(*map(fetch, batch)), strict=True):
+                seen[url] = (status, body)
+                queue.extend(links)
     assert len(seen) < limit, "the crawl did not end"
     return seen
 
