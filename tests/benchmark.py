@@ -312,7 +312,7 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
                 done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
                 codes = re.search(r"status codes: (\d+) 2xx", out)
                 if not done or int(done.group(1)) != count or not codes or int(codes.group(1)) != count:
-                    raise RuntimeError(f"h2load failed against {target.url}:\n{out}")
+                    raise RuntimeError(f"h2load failed against {target.url} ({_described(target.pid)}):\n{out}")
         finally:
             for run in runs:  # a failed run must not leave the others loading servers being stopped
                 if run.poll() is None:
@@ -332,6 +332,15 @@ def fixed_rate(targets: list[Target], workdir: Path, *, requests: int = FIXED_CH
         results.append(FixedRate(used / requests * 1e6, percentile(latencies, 0.5), percentile(latencies, 0.99),
                                  max(latencies), rate, proxy_used / requests * 1e6, latencies))
     return results
+
+
+def _described(pid: int) -> str:
+    """Which server a target's is (its command line), or that it is gone: a failed load says
+    which of the servers loaded side by side failed it."""
+    try:
+        return "server: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return f"server {pid} has exited"
 
 
 async def _drive_unique(port: int, duration: float, concurrency: int) -> tuple[float, float, float]:
