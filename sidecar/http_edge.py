@@ -220,12 +220,13 @@ _CACHED_REASON = 512
 
 
 def _lines(headers: Iterable[tuple[str, str]]) -> bytes:
-    """Header lines; a CR, LF or NUL (which would end a header early and start one of the
-    client's choosing) raises ValueError: the pipeline answers ``internal_error`` instead."""
-    text = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    if _UNSAFE.search(text.replace("\r\n", "")):
+    """Header lines; a CR, LF or NUL in a name or value (which would end a header early and
+    start one of the client's choosing) raises ValueError: the pipeline answers
+    ``internal_error`` instead."""
+    pairs = tuple(headers)
+    if any(_UNSAFE.search(name) or _UNSAFE.search(value) for name, value in pairs):
         raise ValueError("a header name or value holds a line break or NUL")
-    return text.encode()
+    return "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
 
 
 def _fixed(decision: Decision, envoy: bool) -> tuple[bytes, bytes]:

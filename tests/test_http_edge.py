@@ -133,3 +133,10 @@ def test_for_envoy_the_answer_also_says_what_to_remove_and_the_decision() -> Non
     audit = build_response(Decision.deny(Code.VALUE_MISMATCH, "no", "app").audited(), "r3", envoy=True)
     assert (audit.status, audit.headers()["safous-decision"], audit.headers()["x-safous-audit-deny"]) == (
         200, "audit_deny", "value_mismatch")
+
+
+@pytest.mark.parametrize("value", ["gold\r\nx-injected: 1", "gold\nx-injected: 1", "gold\r", "go\x00ld"])
+def test_a_header_value_that_would_start_another_header_is_never_written(value: str) -> None:
+    allow = Decision.allow(Code.RULES_PASSED, "ok", "app", (("x-safous-tier", value),))
+    with pytest.raises(ValueError, match="line break or NUL"):
+        build_response(allow, "r1")
