@@ -87,6 +87,9 @@ class Settings(BaseSettings):
         None, description="PEM CA: require gRPC clients (Envoy) to present a certificate it signed")
     workers: int = Field(
         1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), each with its own event loop")
+    workers_refresh: float = Field(
+        5.0, ge=0.5, le=300, description="--workers with --http: seconds between the supervisor's reads of the "
+        "workers' metrics when no scrape reads them (a worker that dies loses what it counted since)")
     log_format: Literal["json", "text"] = Field("json", description="log lines on stderr")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
     event_loop: Literal["uvloop", "asyncio"] = Field(

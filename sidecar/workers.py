@@ -11,8 +11,8 @@ pod; each worker serves its own on a private Unix socket, which the supervisor r
 ``/readyz`` is ready only when every worker is (and says which is not), ``/metrics`` is the
 workers' expositions merged (``sidecar.pod_metrics``), so a scrape never sees one worker's
 counters and then another's. The supervisor also reads the workers' pages every
-``REFRESH_SECONDS`` between scrapes: what a worker that dies had counted since the last read is
-lost with it, and that is a few seconds of counts rather than a scrape interval's.
+``--workers-refresh`` seconds between scrapes: what a worker that dies had counted since the
+last read is lost with it, and that is a few seconds of counts rather than a scrape interval's.
 
 The sockets are in a directory of their own (mode 0700, removed when the pod stops), made in the
 system's temporary directory (``TMPDIR``, else ``/tmp``...) or, where none is writable (the
@@ -62,8 +62,6 @@ row, at most ``START_RETRY_MAX_SECONDS``)."""
 START_RETRY_MAX_SECONDS = 5.0
 ANSWER_MAX_BYTES = 16 * 1024 * 1024
 """A worker's /metrics or /readyz answer, at most: a larger one is refused, not read."""
-REFRESH_SECONDS = 5.0
-"""With ``--http``, how often the supervisor reads the workers' pages when no scrape does."""
 SOCKET_PATH_MAX_BYTES = 103
 """The longest Unix socket path used: ``sun_path`` holds 108 bytes on Linux and 104 on macOS
 and the BSDs, the terminating NUL included."""
@@ -362,11 +360,11 @@ class Supervisor:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _refresh(self) -> None:
-        """Read the workers' pages every ``REFRESH_SECONDS`` between scrapes: what a worker
+        """Read the workers' pages every ``--workers-refresh`` seconds between scrapes: what a worker
         counted after the last read is lost if it dies, and Prometheus scrapes every 15 to 60 s."""
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), REFRESH_SECONDS)
+                await asyncio.wait_for(self._stopping.wait(), self.settings.workers_refresh)
             if self._stopping.is_set():
                 return
             try:

@@ -45,7 +45,7 @@ SECRETS = (PASSWORD, NEW_PASSWORD, CLIENT_SECRET, HEADER_TOKEN, OBJECT_HEADER_TO
 
 USERS = ("alice", "bob", "carol", "dave", "erin")
 WAVES = 12  # the checks are sent in waves, WAVE_GAP apart, so the time chart has bars to draw
-WAVE_GAP = 0.5
+WAVE_GAP = 0.25
 
 
 def admin(db: Path, *args: str) -> str:

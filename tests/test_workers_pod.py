@@ -37,6 +37,7 @@ from tests.helpers import FRESH, OK, ServerLog, eventually, free_port, metric, o
 from tests.signed_bundles import ALLOW_ALL, Keys, bundle_of
 
 WORKERS = 2
+REFRESH = 1.0  # --workers-refresh where a test waits for a read between scrapes
 
 
 def decisions(text: str) -> float:
@@ -146,9 +147,9 @@ async def test_the_pods_readiness_shows_each_workers_bundle_revision(tmp_path: P
 
 @pytest.mark.timeout(60)
 async def test_a_worker_that_dies_between_scrapes_keeps_its_counts(tmp_path: Path) -> None:
-    """The supervisor reads the workers' pages between scrapes too: checks a worker counted
-    seconds before it died, with no scrape since, still count."""
-    async with pod(tmp_path, "--default-action", "allow") as (log, port, http):
+    """The supervisor reads the workers' pages between scrapes too (every --workers-refresh
+    seconds): checks a worker counted seconds before it died, with no scrape since, still count."""
+    async with pod(tmp_path, "--default-action", "allow", "--workers-refresh", str(REFRESH)) as (log, port, http):
         proc = log.proc
         await send_checks(port, 20)
 
@@ -159,7 +160,7 @@ async def test_a_worker_that_dies_between_scrapes_keeps_its_counts(tmp_path: Pat
         assert started is not None
         victim = started["pids"][min(await eventually(served))]  # a worker that counted some
         # Counted by the workers (their activity log's batches), then read by the supervisor.
-        await asyncio.sleep(workers.REFRESH_SECONDS + 2)
+        await asyncio.sleep(REFRESH + 1.5)
         os.kill(victim, signal.SIGKILL)
         await eventually(lambda: victim not in worker_pids(proc.pid), timeout=5)
 
