@@ -26,6 +26,7 @@ from sidecar.server import Sidecar
 from sidecar.settings import Settings
 from tests.certs import TlsDir, make_tls_dir
 from tests.helpers import closed_port, serving
+from tests.packaging_build import release
 from tests.webhook_servers import Api, Handler, RawServer, Seen, Serve
 
 
@@ -84,6 +85,14 @@ def denial_reason(response: pb.CheckResponse) -> str | None:
         if option.header.key == "x-safous-denial-reason":
             return option.header.value
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_in_background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """When the session holds packaging tests, their build and install start with it, at the
+    lowest priority (tests/packaging_build.py)."""
+    if any(item.get_closest_marker("packaging") for item in request.session.items):
+        release(tmp_path_factory)
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -51,13 +50,19 @@ from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from sidecar._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from tests.envoy_harness import ENVOY_YAML, PROJECT_ROOT, render_config, run_envoy
 from tests.helpers import FRESH, PERMISSION_DENIED, eventually, free_port, metric, ops_get
+from tests.packaging_build import (
+    STEP_TIMEOUT,
+    Built,
+    Installed,
+    clean_env,
+    copy_sources,
+    release,
+    run,
+    stages,
+)
 
-# Building with an isolated build environment and installing the wheel's dependencies both go
-# through pip: minutes on a cold cache and a slow index, seconds on a warm one.
-STEP_TIMEOUT = 300
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(2 * STEP_TIMEOUT + 60)]
 
-DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 # The Dockerfile's build stage runs exactly this in its copy of the sources, and its final stage
 # installs exactly the wheel it leaves in /dist (test_dockerfile_* below hold it to that).
 DOCKER_BUILD = "python -m build --outdir /dist ."
@@ -67,30 +72,6 @@ REASON_HEADER = "x-safous-denial-reason"
 
 
 # --------------------------------------------------------------------------- the Dockerfile
-
-
-def _stages() -> list[list[str]]:
-    """The Dockerfile's stages, each a list of instructions (continuation lines joined)."""
-    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    stages: list[list[str]] = []
-    for line in lines:
-        if line.startswith("FROM "):
-            stages.append([])
-        if stages:
-            stages[-1].append(line)
-    return stages
-
-
-def _copy_sources() -> list[str]:
-    """What the build stage copies from the build context (COPY SRC... DEST)."""
-    sources: list[str] = []
-    for instruction in _stages()[0]:
-        if instruction.startswith("COPY "):
-            *srcs, _dest = instruction.split()[1:]
-            assert not any(s.startswith("--") for s in srcs), instruction
-            sources += [s.rstrip("/") for s in srcs]
-    return sources
 
 
 def _pyproject() -> dict:
@@ -105,7 +86,7 @@ def _pin(requirements: list[str], name: str) -> str:
 
 
 def test_dockerfile_builds_and_installs_what_this_module_tests():
-    build, final = _stages()[0], _stages()[-1]
+    build, final = stages()[0], stages()[-1]
     assert f"RUN {DOCKER_BUILD}" in build
     installs = [i for i in final if i.startswith("RUN ") and "pip install" in i]
     assert len(installs) == 1 and installs[0].endswith(f"pip install --no-cache-dir {DOCKER_INSTALL_WHEEL}"), installs
@@ -121,7 +102,7 @@ def test_dockerignore_lets_in_what_the_build_stage_copies():
     lines = [line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()]
     rules = [line for line in lines if line and not line.startswith("#")]
     assert rules[0] == "*", "the context is an allow-list"
-    for source in _copy_sources():
+    for source in copy_sources():
         assert f"!{source}" in rules or f"!{source}/" in rules, f".dockerignore leaves out {source}"
 
 
@@ -136,78 +117,17 @@ def test_one_grpcio_tools_for_the_build_and_for_make_proto():
 # --------------------------------------------------------------------------- build and install
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment without anything that would put the repository or .venv on sys.path."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONSAFEPATH")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env.update(extra)
-    return env
-
-
-def _run(argv: list[str], *, cwd: Path, timeout: float = STEP_TIMEOUT, env: dict[str, str] | None = None) \
-        -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, cwd=cwd, env=env or _clean_env(), capture_output=True, text=True,
-                            timeout=timeout, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, \
-        f"{argv} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def _checkout_files() -> list[str]:
-    """The files a fresh clone of this checkout would hold, with the work in progress: tracked
-    and untracked, less what .gitignore keeps out."""
-    if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():
-        pytest.skip("needs a git checkout to know which files a fresh clone has")
-    out = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT).stdout
-    return sorted(f for f in out.split("\0") if f and (PROJECT_ROOT / f).is_file())
-
-
-@dataclass(frozen=True)
-class Built:
-    checkout: list[str]
-    sdist: Path
-    wheel: Path
-
-
-@dataclass(frozen=True)
-class Installed:
-    venv: Path
-    home: Path  # a directory outside the repository, the installed programs' working directory
-
-    def bin(self, name: str) -> str:
-        return str(self.venv / "bin" / name)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """The Dockerfile's build context from this checkout, and ``python -m build`` run in it."""
-    checkout = _checkout_files()
-    context = tmp_path_factory.mktemp("context")
-    sources = _copy_sources()
-    for name in checkout:
-        if any(name == s or name.startswith(s + "/") for s in sources):
-            (context / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, context / name)
-    assert not (context / "sidecar" / "_pb").exists()
-    dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--outdir", str(dist), str(context)], cwd=context)  # DOCKER_BUILD
-    (sdist,) = dist.glob("*.tar.gz")
-    (wheel,) = dist.glob("*.whl")
-    return Built(checkout, sdist, wheel)
+    """The Dockerfile's build context from this checkout, and ``python -m build`` run in it
+    (started with the session: tests/packaging_build.py)."""
+    return release(tmp_path_factory).built.result()
 
 
 @pytest.fixture(scope="module")
 def installed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """The wheel installed with pip into a new virtualenv (no repository on its sys.path)."""
-    root = tmp_path_factory.mktemp("installed")
-    venv, home = root / "venv", root / "home"
-    home.mkdir()
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=home)
-    # --no-compile: the programs compile what they import when they first run (3 s less here).
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile", str(built.wheel)],
-         cwd=home)
-    return Installed(venv, home)
+    return release(tmp_path_factory).installed.result()
 
 
 # --------------------------------------------------------------------------- what ships
@@ -281,11 +201,11 @@ def test_wheel_requires_the_runtimes_its_generated_code_demands(built: Built):
 
 
 def test_installed_programs_are_the_wheel_and_say_its_version(installed: Installed):
-    where = _run([installed.bin("python"), "-c", "import sidecar; print(sidecar.__file__)"], cwd=installed.home)
+    where = run([installed.bin("python"), "-c", "import sidecar; print(sidecar.__file__)"], cwd=installed.home)
     assert Path(where.stdout.strip()).is_relative_to(installed.venv), where.stdout
-    assert _run([installed.bin("safous-sidecar"), "--version"], cwd=installed.home).stdout == \
+    assert run([installed.bin("safous-sidecar"), "--version"], cwd=installed.home).stdout == \
         f"safous-sidecar {VERSION}\n"
-    assert _run([installed.bin("safous-admin"), "--version"], cwd=installed.home).stdout == \
+    assert run([installed.bin("safous-admin"), "--version"], cwd=installed.home).stdout == \
         f"safous-admin {VERSION}\n"
 
 
@@ -334,14 +254,14 @@ async def _serve(installed: Installed, argv: list[str], env: dict[str, str]) -> 
 async def test_installed_wheel_answers_a_real_envoy(installed: Installed, upstream, tmp_path: Path):
     db = tmp_path / "rules.db"
     admin = [installed.bin("safous-admin"), "--db", str(db), "--actor", "packaging-test"]
-    _run([*admin, "policy", "add", "public", "--path-prefix", "/public/"], cwd=installed.home)
-    listed = _run([*admin, "policy", "list"], cwd=installed.home).stdout
+    run([*admin, "policy", "add", "public", "--path-prefix", "/public/"], cwd=installed.home)
+    listed = run([*admin, "policy", "list"], cwd=installed.home).stdout
     assert "public" in listed and "/public/" in listed, listed
 
     http_port = free_port()
     argv = [installed.bin("safous-sidecar"), "serve", "--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",
             "--reload-interval", "0.2"]
-    async with _serve(installed, argv, _clean_env(SAFOUS_DB=str(db))) as server:
+    async with _serve(installed, argv, clean_env(SAFOUS_DB=str(db))) as server:
         assert server.started["version"] == VERSION  # which release is running, in its first lines
         config = render_config(ENVOY_YAML, sidecar_port=server.port, upstream_port=upstream.port)
         async with run_envoy(config, tmp_path) as envoy, \
@@ -376,7 +296,7 @@ def read_only_root(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     no_temp = f"cd / && ! {sys.executable} -c 'import tempfile; tempfile.gettempdir()' 2>/dev/null"
     if shutil.which("unshare") is None or subprocess.run(
             [*prefix, "sh", "-c", f"! touch {tmp_path}/probe 2>/dev/null && touch {volume}/probe && {no_temp}"],
-            capture_output=True, timeout=10, env=_clean_env()).returncode != 0:
+            capture_output=True, timeout=10, env=clean_env()).returncode != 0:
         pytest.skip("cannot make the root filesystem, temporary directories included, read-only here "
                     "(unshare --mount needs root or user namespaces)")
     (volume / "probe").unlink()
@@ -403,7 +323,7 @@ async def test_installed_server_writes_only_its_volume(installed: Installed, rea
     outside the volume, and read-only."""
     volume, prefix = read_only_root
     db = volume / "rules.db"
-    env = _clean_env(SAFOUS_DB=str(db), PYTHONDONTWRITEBYTECODE="1")  # the Dockerfile's ENV
+    env = clean_env(SAFOUS_DB=str(db), PYTHONDONTWRITEBYTECODE="1")  # the Dockerfile's ENV
     for name in ("TMPDIR", "TEMP", "TMP"):
         env.pop(name, None)
     argv = [*prefix, installed.bin("safous-sidecar"), "serve", "--listen", "127.0.0.1:0"]
