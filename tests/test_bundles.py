@@ -219,7 +219,7 @@ def processes() -> Iterator[list[Process]]:
 
 
 INTERVAL = 0.2
-SOURCE_DOWN_SECONDS = 10  # a long outage (six failed polls, backing off): nothing may change while it lasts
+SOURCE_DOWN_SECONDS = 5  # a long outage (five failed polls, the last two at the backoff's cap): nothing may change
 
 
 def start(processes: list[Process], db: Path, source: str, public: Path) -> Process:
