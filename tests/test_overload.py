@@ -216,7 +216,7 @@ async def test_more_calls_than_the_cpu_takes_are_never_cancelled(tmp_path: Path,
         after = pb_grpc.AuthorizationStub(channel)
         assert after.Check(check_request("/before"), timeout=10).status.code == OK
         load = await asyncio.create_subprocess_exec(
-            h2load, "-D", "3", "-c", "16", "-m", str(streams), "-t", "1", "-d", str(payload),
+            h2load, "-D", "2", "-c", "16", "-m", str(streams), "-t", "1", "-d", str(payload),
             "-H", "content-type: application/grpc", "-H", "te: trailers", f"http://127.0.0.1:{port}{CHECK_PATH}",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         outcomes: list[str] = []
@@ -265,7 +265,7 @@ async def test_the_http_endpoint_past_what_the_cpu_takes_answers_every_request(
     with sidecar_process(db, port, "--authz-http", f"127.0.0.1:{http}", "--authz-http-profile", "forward-auth"
                          ) as proc:
         load = await asyncio.create_subprocess_exec(
-            h2load, "--h1", "-D", "3", "-c", str(connections), "-m", "1", "-t", "1",
+            h2load, "--h1", "-D", "2", "-c", str(connections), "-m", "1", "-t", "1",
             *[arg for name, value in asked.items() for arg in ("-H", f"{name}: {value}")],
             f"http://127.0.0.1:{http}/auth", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         outcomes: list[str] = []
