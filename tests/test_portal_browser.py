@@ -13,13 +13,12 @@ import html
 import os
 import re
 import shutil
-import struct
 import subprocess
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sidecar.admin.portal.app import ACTIVITY_COLUMNS
 from tests.helpers import ROOT
@@ -51,43 +50,12 @@ def chromium(tmp_path: Path, *args: str, size: tuple[int, int] = (1280, 1000)) -
 
 
 def pixels(png: Path) -> tuple[int, int, Counter[tuple[int, int, int]]]:
-    """Width, height and the count of each RGB colour of an 8-bit, non-interlaced RGB or RGBA
-    PNG (what Chromium writes)."""
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
-    pos, chunks, idat = 8, {}, b""
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IDAT":
-            idat += body
-        else:
-            chunks[kind] = body
-    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
-    assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
-    step = 4 if color == 6 else 3
-    raw, stride = zlib.decompress(idat), width * step
-    counts: Counter[tuple[int, int, int]] = Counter()
-    previous = bytearray(stride)
-    for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-        for i in range(stride):
-            left = line[i - step] if i >= step else 0
-            up, corner = previous[i], previous[i - step] if i >= step else 0
-            if kind == 1:
-                line[i] = (line[i] + left) & 0xFF
-            elif kind == 2:
-                line[i] = (line[i] + up) & 0xFF
-            elif kind == 3:
-                line[i] = (line[i] + (left + up) // 2) & 0xFF
-            elif kind == 4:
-                p = left + up - corner
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
-                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
-        counts.update(zip(line[0::step], line[1::step], line[2::step], strict=True))
-        previous = line
-    return width, height, counts
+    """Width, height and the count of each RGB colour of a PNG."""
+    with Image.open(png) as image:
+        rgb = image.convert("RGB")
+    colours = rgb.getcolors(rgb.width * rgb.height)  # at most one per pixel: never None
+    assert colours is not None
+    return rgb.width, rgb.height, Counter({colour: count for count, colour in colours})
 
 
 def test_the_activity_page_shows_a_denial_with_its_reason_and_draws_its_charts(
