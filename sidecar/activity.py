@@ -45,8 +45,13 @@ longest a check waits for the interpreter because of it (64, 0.4 ms, still showe
 path's p99 through Envoy: 1.24x the bare servicer's against 1.14x, median of 5 runs each)."""
 PAUSE = 0.0005
 """The writer's pause between two chunks, in which the event loop has the interpreter to itself
-(a flush held it for 1-2 ms at a time, which showed in the checks' p99). With CHUNK, the writer
-keeps up with ~25,000 decisions a second, several times what one process decides."""
+(a flush held it for 1-2 ms at a time, which showed in the checks' p99)."""
+MAX_SLICES = 32
+"""Chunks in one flush at most: past 32 x CHUNK decisions a flush, the chunks grow instead. Each
+pause costs more than its 0.5 ms when the event loop is busy (the writer then waits up to the
+switch interval for the interpreter), so 16-decision chunks wrote only ~8,000 decisions a second
+while the HTTP endpoint answered 16,000 (and the rest were dropped); a check then waits for the
+interpreter a little longer, but only in a process that is that loaded."""
 RETRY_MAX_DELAY = 5.0
 """Seconds at most between two tries of a batch the database refused."""
 MAX_PENDING_TRACE_BYTES = 16 << 20
@@ -116,14 +121,15 @@ class ActivityLog:
         """In the worker thread: the log lines of the records past the first ``announced`` (and
         their shipping), then the rows. Formatting here, not on the event loop, keeps a flush of a
         thousand decisions from stalling the checks; a slice at a time with a pause between
-        slices (``CHUNK``, ``PAUSE``), so that the event loop never waits long for the
-        interpreter while it runs."""
+        slices (``CHUNK``, ``PAUSE``, ``MAX_SLICES``), so that the event loop never waits long
+        for the interpreter while it runs."""
         rows: list[tuple[Any, ...]] = []
         docs: list[str | None] = []
-        for start in range(0, len(batch), CHUNK):
+        step = max(CHUNK, -(-len(batch) // MAX_SLICES))
+        for start in range(0, len(batch), step):
             if start:
                 time.sleep(PAUSE)
-            chunk = batch[start:start + CHUNK]
+            chunk = batch[start:start + step]
             prepared = db.prepare_activity(chunk)
             if start + len(chunk) > announced:
                 fresh = max(0, announced - start)
