@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import http.server
@@ -150,10 +151,35 @@ def process(args: list[str], port: int | None = None, *, cpus: set[int] | None =
             proc.wait()
 
 
-def sidecar(db: Path, port: int, *extra: str, env: dict[str, str] | None = None,
-            cpus: set[int] | None = None) -> contextlib.AbstractContextManager[subprocess.Popen]:
-    return process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
-                    f"127.0.0.1:{port}", *extra], port, env=env, cpus=cpus)
+@contextlib.contextmanager
+def sidecar(db: Path, port: int, *extra: str, env: dict[str, str] | None = None, cpus: set[int] | None = None,
+            listening: int | None = None) -> Iterator[subprocess.Popen]:
+    """The sidecar on ``db`` with its gRPC listener on ``port``, yielded once the port
+    ``listening`` (else ``port``) is open and it serves: until rules.db is loaded every check is
+    a not_ready deny, which a load started at once would measure (a few hundred of them on a
+    busy machine)."""
+    with process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen", f"127.0.0.1:{port}",
+                  *extra], listening or port, env=env, cpus=cpus) as proc:
+        wait_serving(port)
+        yield proc
+
+
+def wait_serving(port: int, timeout: float = 30) -> None:
+    """Until the gRPC health service on ``port`` says SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sidecar on port {port} did not serve within {timeout:g} s")
+            time.sleep(0.05)
 
 
 def server(db: Path | None, port: int, *extra: str,
@@ -719,9 +745,8 @@ def envoy_over(db: Path | None, work: Path) -> Iterator[Target]:
     if db is None:
         authorizer = server(None, authz_port)
     else:
-        authorizer = process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen",
-                              f"127.0.0.1:{free_port()}", "--authz-http", f"127.0.0.1:{authz_port}",
-                              "--authz-http-profile", "envoy"], authz_port)
+        authorizer = sidecar(db, free_port(), "--authz-http", f"127.0.0.1:{authz_port}",
+                             "--authz-http-profile", "envoy", listening=authz_port)
     with authorizer as proc, process([envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "error",
                                       "--concurrency", "1"], envoy_port) as envoy:
         yield Target(f"http://127.0.0.1:{envoy_port}/app", proc.pid, headers=(":authority: app.example.com",),
@@ -1192,8 +1217,8 @@ def http_overload(db: Path, duration: float, work: Path) -> Result:
     past what one process answers), with probes on connections of their own."""
     port, http = free_port(), free_port()
     log = Path(tempfile.mktemp(suffix=".tsv", dir=work))
-    with process([sys.executable, "-m", "sidecar", "serve", "--db", str(db), "--listen", f"127.0.0.1:{port}",
-                  "--authz-http", f"127.0.0.1:{http}", "--authz-http-profile", "forward-auth"], http) as proc:
+    with sidecar(db, port, "--authz-http", f"127.0.0.1:{http}", "--authz-http-profile", "forward-auth",
+                 listening=http) as proc:
         load = subprocess.Popen(
             ["h2load", "--h1", "-D", f"{duration:g}", "-c", "256", "-m", "1", "-t", "1", "-H",
              "X-Forwarded-Host: app.example.com", "--log-file", str(log), f"http://127.0.0.1:{http}/auth"],
@@ -1201,8 +1226,10 @@ def http_overload(db: Path, duration: float, work: Path) -> Result:
         time.sleep(0.5)
         outcomes, peak = asyncio.run(_http_probes(http, proc.pid, functools.partial(_running, load)))
         out = load.communicate(timeout=60)[0]
-    latencies = [int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2]
+    lines = [line.split("\t") for line in log.read_text().splitlines() if line.count("\t") >= 2]
     log.unlink()
+    latencies = [int(fields[2]) / 1000 for fields in lines]
+    statuses = collections.Counter(fields[1] for fields in lines if fields[1] != "200")
     rate = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     failed = re.search(r"(\d+) failed, (\d+) errored", out)
@@ -1211,8 +1238,10 @@ def http_overload(db: Path, duration: float, work: Path) -> Result:
     result = Result("overload, CPU: h2load --h1, 256 connections at the HTTP endpoint", rate,
                     percentile(latencies, 0.5), percentile(latencies, 0.99))
     result.target, result.met = "every request answered 200", bad == 0 and not_2xx == 0
-    result.note = (f"{bad} of {len(outcomes)} probes not 200, {not_2xx} of h2load's requests not 2xx; sidecar RSS "
-                   f"{peak:.0f} MB at most; p99 is the queue's")
+    breakdown = (f" ({codes[3]} 4xx, {codes[4]} 5xx, {failed[1]} failed; statuses {dict(statuses)})"
+                 if not_2xx > 0 and codes and failed else "")
+    result.note = (f"{bad} of {len(outcomes)} probes not 200, {not_2xx} of h2load's requests not 2xx{breakdown}; "
+                   f"sidecar RSS {peak:.0f} MB at most; p99 is the queue's")
     print(f"  {result.scenario}: {result.note}", flush=True)
     return result
 
